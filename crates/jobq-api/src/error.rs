@@ -1,0 +1,117 @@
+//! API errors: one JSON shape everywhere, `{"error": {"code", "message", "details"}}`.
+//! Caller mistakes are 4xx; an outage of Redis or Postgres is 503; only bugs are 500.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+/// An error answered to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is not well-formed (bad JSON, bad id).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: over a size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed but invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// 503: Redis or Postgres unavailable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: a bug; details are logged, not returned.
+    #[error(transparent)]
+    Internal(anyhow::Error),
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<jobq_core::Error> for ApiError {
+    fn from(e: jobq_core::Error) -> Self {
+        use jobq_core::Error as E;
+        match e {
+            E::JobNotFound(id) => Self::NotFound(format!("job {id} not found")),
+            E::Invalid(m) => Self::Invalid(m),
+            E::Conflict(m) => Self::Conflict(m),
+            E::Redis(e) => {
+                tracing::warn!(error = %e, "Redis unavailable");
+                Self::Unavailable("Redis is unavailable; retry later".into())
+            }
+            E::Database(e) => {
+                tracing::warn!(error = %e, "Postgres unavailable");
+                Self::Unavailable("Postgres is unavailable; retry later".into())
+            }
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let text = r.body_text();
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge(format!("request body is over the limit: {text}")),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                Self::UnsupportedMediaType("send JSON with `Content-Type: application/json`".into())
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => Self::Invalid(text),
+            _ => Self::BadRequest(text),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::BadRequest(r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::BadRequest(r.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        let message = match &self {
+            Self::Internal(err) => {
+                tracing::error!(error = ?err, "request failed");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        error_response(status, code, &message, Value::Null)
+    }
+}
+
+/// Builds the error body.
+pub fn error_response(status: StatusCode, code: &str, message: &str, details: Value) -> Response {
+    (status, Json(json!({ "error": { "code": code, "message": message, "details": details } }))).into_response()
+}

@@ -1,0 +1,21 @@
+//! `jobq-api`: the REST API.
+
+use clap::Parser;
+
+/// Serves the REST API until SIGTERM/SIGINT.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Settings file (TOML or YAML); environment variables override it.
+    #[arg(long, env = "JOBQ_CONFIG")]
+    config: Option<std::path::PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings = jobq_core::config::load(args.config.as_deref())?;
+    jobq_core::telemetry::init(&settings.log);
+    let shutdown = jobq_core::shutdown::token_from_signals();
+    jobq_api::run(settings, shutdown).await
+}

@@ -1,0 +1,5 @@
+//! Routes of the REST API.
+
+pub mod dlq;
+pub mod health;
+pub mod jobs;

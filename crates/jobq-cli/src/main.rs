@@ -1,0 +1,108 @@
+//! `jobq`: the admin CLI of jobq, and `jobq dev` (api + worker + scheduler in one process).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use jobq_core::config::Settings;
+use tokio_util::sync::CancellationToken;
+
+/// Admin CLI of the jobq background-job system.
+#[derive(Parser)]
+#[command(name = "jobq", version, about)]
+struct Cli {
+    /// Settings file (TOML or YAML); environment variables override it.
+    #[arg(long, global = true, env = "JOBQ_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the Postgres migrations (creating the database if it is missing).
+    Migrate,
+    /// Run api + worker + scheduler in one process, migrations applied.
+    Dev,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match jobq_core::config::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    jobq_core::telemetry::init(&settings.log);
+    let result = match cli.command {
+        Command::Migrate => migrate(&settings).await,
+        Command::Dev => dev(settings).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = jobq_core::store::Store::connect(&settings.database).await.context("invalid Postgres settings")?;
+    store.migrate().await.context("applying migrations failed")?;
+    println!("migrations applied to {}", redact(&settings.database.url));
+    Ok(())
+}
+
+async fn dev(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = jobq_core::shutdown::token_from_signals();
+    let store = jobq_core::store::Store::connect(&settings.database).await.context("invalid Postgres settings")?;
+    store.migrate_with_retry(&shutdown).await.context("applying migrations failed")?;
+    let listener = tokio::net::TcpListener::bind(settings.api.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (set JOBQ_API_ADDR)", settings.api.addr))?;
+    println!(
+        "jobq dev: api on http://{}  (worker queues: {}; Ctrl+C to stop)",
+        listener.local_addr()?,
+        queue_list(&settings)
+    );
+    let stop_all = |token: CancellationToken| {
+        move |r: anyhow::Result<()>| {
+            token.cancel();
+            r
+        }
+    };
+    let api = jobq_api::serve(settings.clone(), listener, shutdown.clone());
+    let worker = jobq_worker::run(settings.clone(), jobq_worker::Registry::with_builtins(), shutdown.clone());
+    let scheduler = jobq_scheduler::run(settings, shutdown.clone());
+    let (a, w, s) = tokio::join!(
+        async { stop_all(shutdown.clone())(api.await) },
+        async { stop_all(shutdown.clone())(worker.await) },
+        async { stop_all(shutdown.clone())(scheduler.await) },
+    );
+    a.context("api")?;
+    w.context("worker")?;
+    s.context("scheduler")?;
+    Ok(())
+}
+
+fn queue_list(settings: &Settings) -> String {
+    settings.worker.queues.iter().map(|q| q.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,407 @@
+//! Settings: embedded defaults (`config/default.toml`) → optional file → environment.
+//!
+//! Environment variables have flat names users can type (`JOBQ_WORKER_CONCURRENCY`), plus the
+//! conventional `REDIS_URL` and `DATABASE_URL`; [`ENV_VARS`] lists every one. A bad value stops
+//! the program at start with a message naming the setting and its variable.
+//!
+//! ```
+//! let settings = jobq_core::config::load_from(None, |name| (name == "JOBQ_WORKER_CONCURRENCY").then(|| "8".into())).unwrap();
+//! assert_eq!(settings.worker.concurrency, 8);
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backoff::Backoff;
+use crate::duration::serde_human;
+use crate::job::QueueName;
+
+const DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+/// Environment variable → setting key. Earlier entries win over later ones for the same key.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("JOBQ_NAMESPACE", "namespace"),
+    ("JOBQ_REDIS_URL", "redis.url"),
+    ("REDIS_URL", "redis.url"),
+    ("JOBQ_REDIS_ALLOW_EVICTION", "redis.allow_eviction"),
+    ("JOBQ_REDIS_TIMEOUT", "redis.timeout"),
+    ("JOBQ_DATABASE_URL", "database.url"),
+    ("DATABASE_URL", "database.url"),
+    ("JOBQ_DATABASE_MAX_CONNECTIONS", "database.max_connections"),
+    ("JOBQ_DATABASE_MIGRATE", "database.migrate"),
+    ("JOBQ_DATABASE_CREATE", "database.create"),
+    ("JOBQ_API_ADDR", "api.addr"),
+    ("JOBQ_API_BODY_LIMIT", "api.body_limit"),
+    ("JOBQ_API_PAYLOAD_LIMIT", "api.payload_limit"),
+    ("JOBQ_WORKER_CONCURRENCY", "worker.concurrency"),
+    ("JOBQ_WORKER_QUEUES", "worker.queues"),
+    ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "worker.shutdown_timeout"),
+    ("JOBQ_WORKER_POLL_INTERVAL", "worker.poll_interval"),
+    ("JOBQ_WORKER_ID", "worker.id"),
+    ("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "scheduler.promote_interval"),
+    ("JOBQ_SCHEDULER_PROMOTE_BATCH", "scheduler.promote_batch"),
+    ("JOBQ_SCHEDULER_RECORD_BATCH", "scheduler.record_batch"),
+    ("JOBQ_SCHEDULER_RECLAIM_IDLE", "scheduler.reclaim_idle"),
+    ("JOBQ_JOBS_MAX_ATTEMPTS", "jobs.max_attempts"),
+    ("JOBQ_JOBS_TIMEOUT", "jobs.timeout"),
+    ("JOBQ_RETENTION_SUCCEEDED", "retention.succeeded"),
+    ("JOBQ_RETENTION_DEAD", "retention.dead"),
+    ("JOBQ_LOG_FORMAT", "log.format"),
+    ("JOBQ_LOG_LEVEL", "log.level"),
+];
+
+/// A setting that could not be read or makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Every setting of every jobq process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Prefix of every Redis key.
+    pub namespace: String,
+    /// Redis connection.
+    pub redis: RedisSettings,
+    /// Postgres connection.
+    pub database: DatabaseSettings,
+    /// REST API.
+    pub api: ApiSettings,
+    /// Worker processes.
+    pub worker: WorkerSettings,
+    /// Scheduler processes.
+    pub scheduler: SchedulerSettings,
+    /// Defaults of jobs that set none.
+    pub jobs: JobDefaults,
+    /// How long finished jobs are kept.
+    pub retention: RetentionSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Run even when Redis may evict keys.
+    pub allow_eviction: bool,
+    /// Longest wait for a reply.
+    #[serde(with = "serde_human")]
+    pub timeout: Duration,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user@host:port/db`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Apply migrations at start.
+    pub migrate: bool,
+    /// Create the database if missing.
+    pub create: bool,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// Largest job payload in bytes.
+    pub payload_limit: usize,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs at once.
+    pub concurrency: usize,
+    /// Served queues, highest first.
+    #[serde(deserialize_with = "queue_list")]
+    pub queues: Vec<QueueName>,
+    /// Grace period for in-flight jobs on shutdown.
+    #[serde(with = "serde_human")]
+    pub shutdown_timeout: Duration,
+    /// Longest idle wait.
+    #[serde(with = "serde_human")]
+    pub poll_interval: Duration,
+    /// Consumer name ("" = generated).
+    pub id: String,
+}
+
+/// `[scheduler]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// Promotion period.
+    #[serde(with = "serde_human")]
+    pub promote_interval: Duration,
+    /// Jobs promoted per queue per call.
+    pub promote_batch: usize,
+    /// Events per Postgres transaction.
+    pub record_batch: usize,
+    /// Take over outbox entries idle this long.
+    #[serde(with = "serde_human")]
+    pub reclaim_idle: Duration,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDefaults {
+    /// Attempt budget.
+    pub max_attempts: u32,
+    /// Per-attempt timeout.
+    #[serde(with = "serde_human")]
+    pub timeout: Duration,
+    /// Retry policy.
+    pub backoff: Backoff,
+}
+
+/// `[retention]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Succeeded job hashes.
+    #[serde(with = "serde_human")]
+    pub succeeded: Duration,
+    /// Dead job hashes.
+    #[serde(with = "serde_human")]
+    pub dead: Duration,
+}
+
+/// Output format of logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Pretty,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// json | pretty.
+    pub format: LogFormat,
+    /// tracing filter.
+    pub level: String,
+}
+
+fn queue_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<QueueName>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        List(Vec<String>),
+    }
+    let names = match Raw::deserialize(d)? {
+        Raw::Text(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+        Raw::List(l) => l,
+    };
+    let queues =
+        names.into_iter().map(QueueName::try_from).collect::<Result<Vec<_>, _>>().map_err(serde::de::Error::custom)?;
+    if queues.is_empty() {
+        return Err(serde::de::Error::custom("at least one queue is required"));
+    }
+    Ok(queues)
+}
+
+/// Loads settings from the defaults, the optional file and the process environment.
+pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+    load_from(file, |name| std::env::var(name).ok())
+}
+
+/// Like [`load`], reading variables through `env` (tests pass a closure instead of mutating
+/// the process environment).
+pub fn load_from(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError(format!("config file {} does not exist", path.display())));
+        }
+        builder = builder.add_source(config::File::from(path));
+    }
+    let mut set = std::collections::HashSet::new();
+    for (var, key) in ENV_VARS {
+        if let Some(value) = env(var) {
+            if set.insert(*key) {
+                builder = builder.set_override(*key, value).map_err(|e| ConfigError(e.to_string()))?;
+            }
+        }
+    }
+    let settings: Settings =
+        builder.build().and_then(|c| c.try_deserialize()).map_err(|e| ConfigError(explain(&e.to_string())))?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// Adds the environment variable to a message that names a setting key.
+fn explain(message: &str) -> String {
+    for (var, key) in ENV_VARS {
+        if message.contains(&format!("`{key}`")) || message.contains(&format!("key {key}")) {
+            return format!("{message} (environment variable {var})");
+        }
+    }
+    message.to_owned()
+}
+
+fn var_of(key: &str) -> &'static str {
+    ENV_VARS.iter().find(|(_, k)| *k == key).map(|(v, _)| *v).unwrap_or("")
+}
+
+impl Settings {
+    /// Checks values and relations between values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}` ({}) {why}", var_of(key))));
+        let ns_ok = self.namespace.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        if self.namespace.is_empty() || !ns_ok || self.namespace.contains('{') {
+            return bad(
+                "namespace",
+                format!("must be non-empty and use A-Z, a-z, 0-9, '_', '-', '.', ':', got `{}`", self.namespace),
+            );
+        }
+        if !self.redis.url.starts_with("redis://")
+            && !self.redis.url.starts_with("rediss://")
+            && !self.redis.url.starts_with("unix://")
+        {
+            return bad(
+                "redis.url",
+                format!("must start with redis://, rediss:// or unix://, got `{}`", self.redis.url),
+            );
+        }
+        if !self.database.url.starts_with("postgres://") && !self.database.url.starts_with("postgresql://") {
+            return bad("database.url", "must start with postgres:// or postgresql://".into());
+        }
+        if self.database.max_connections == 0 {
+            return bad("database.max_connections", "must be at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.worker.concurrency) {
+            return bad("worker.concurrency", format!("must be between 1 and 10000, got {}", self.worker.concurrency));
+        }
+        if self.worker.poll_interval < Duration::from_millis(10) {
+            return bad("worker.poll_interval", "must be at least 10ms".into());
+        }
+        if self.scheduler.promote_interval < Duration::from_millis(10) {
+            return bad("scheduler.promote_interval", "must be at least 10ms".into());
+        }
+        if self.scheduler.promote_batch == 0 || self.scheduler.record_batch == 0 {
+            return bad("scheduler.record_batch", "batches must hold at least one item".into());
+        }
+        if !(1..=1000).contains(&self.jobs.max_attempts) {
+            return bad("jobs.max_attempts", format!("must be between 1 and 1000, got {}", self.jobs.max_attempts));
+        }
+        if self.jobs.timeout.is_zero() {
+            return bad("jobs.timeout", "must be greater than zero".into());
+        }
+        self.jobs.backoff.validate().map_err(|e| ConfigError(format!("jobs.backoff: {e}")))?;
+        if self.api.payload_limit > self.api.body_limit {
+            return bad("api.payload_limit", "must not exceed api.body_limit".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad("log.level", format!("is not a valid filter: `{}`", self.log.level));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        load_from(None, |n| map.get(n).cloned())
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.namespace, "jobq");
+        assert_eq!(s.api.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.worker.queues, vec![QueueName::default_queue()]);
+        assert_eq!(s.worker.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(s.jobs.backoff, Backoff::default());
+    }
+
+    #[test]
+    fn documented_environment_names_override_defaults() {
+        let s = with(&[
+            ("REDIS_URL", "redis://10.0.0.1:6380"),
+            ("DATABASE_URL", "postgres://u@db/x"),
+            ("JOBQ_NAMESPACE", "staging"),
+            ("JOBQ_API_ADDR", "0.0.0.0:9000"),
+            ("JOBQ_WORKER_CONCURRENCY", "7"),
+            ("JOBQ_WORKER_QUEUES", "critical, default,low"),
+            ("JOBQ_LOG_FORMAT", "json"),
+            ("JOBQ_LOG_LEVEL", "debug"),
+            ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "5s"),
+        ])
+        .unwrap();
+        assert_eq!(s.redis.url, "redis://10.0.0.1:6380");
+        assert_eq!(s.database.url, "postgres://u@db/x");
+        assert_eq!(s.namespace, "staging");
+        assert_eq!(s.api.addr.port(), 9000);
+        assert_eq!(s.worker.concurrency, 7);
+        let q: Vec<_> = s.worker.queues.iter().map(|q| q.as_str()).collect();
+        assert_eq!(q, ["critical", "default", "low"]);
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.worker.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn prefixed_variable_wins_over_conventional_one() {
+        let s = with(&[("REDIS_URL", "redis://a"), ("JOBQ_REDIS_URL", "redis://b")]).unwrap();
+        assert_eq!(s.redis.url, "redis://b");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_its_variable() {
+        for (var, value) in [
+            ("JOBQ_WORKER_CONCURRENCY", "many"),
+            ("JOBQ_WORKER_CONCURRENCY", "0"),
+            ("JOBQ_API_ADDR", "nowhere"),
+            ("JOBQ_LOG_FORMAT", "xml"),
+            ("JOBQ_WORKER_QUEUES", "a b"),
+            ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "soon"),
+            ("REDIS_URL", "http://x"),
+            ("JOBQ_NAMESPACE", "a{b}"),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_env_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("jobq-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jobq.toml");
+        std::fs::write(&path, "namespace = \"fromfile\"\n[worker]\nconcurrency = 3\n").unwrap();
+        let s = load_from(Some(&path), |n| (n == "JOBQ_WORKER_CONCURRENCY").then(|| "4".into())).unwrap();
+        assert_eq!(s.namespace, "fromfile");
+        assert_eq!(s.worker.concurrency, 4);
+        let yaml = dir.join("jobq.yaml");
+        std::fs::write(&yaml, "worker:\n  queues: [mail, default]\n").unwrap();
+        let s = load_from(Some(&yaml), |_| None).unwrap();
+        assert_eq!(s.worker.queues.len(), 2);
+        std::fs::write(&path, "[worker]\nconcurency = 3\n").unwrap();
+        assert!(load_from(Some(&path), |_| None).unwrap_err().to_string().contains("concurency"));
+        assert!(load_from(Some(&dir.join("missing.toml")), |_| None).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,465 @@
+//! The job: identifiers, priorities, states, the stored envelope and the enqueue request.
+//!
+//! A job is stored in one Redis hash (`jobq:{q:<queue>}:job:<id>`): the immutable
+//! [`Envelope`] as JSON in field `envelope`, and the mutable fields (state, attempt, times,
+//! lease, last error, result) beside it, so each Lua script changes them atomically.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+
+/// Version of the [`Envelope`] layout (field `v`).
+pub const ENVELOPE_VERSION: u32 = 1;
+/// Longest accepted job type.
+pub const MAX_TYPE_LEN: usize = 128;
+/// Longest accepted queue name.
+pub const MAX_QUEUE_LEN: usize = 64;
+
+/// Job identifier: a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// A queue name: 1–64 characters of `[A-Za-z0-9_.-]` (it becomes part of Redis keys).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct QueueName(String);
+
+impl QueueName {
+    /// The queue used when a job names none.
+    pub fn default_queue() -> Self {
+        Self("default".to_owned())
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for QueueName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok_chars = s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if s.is_empty() || s.len() > MAX_QUEUE_LEN || !ok_chars {
+            return Err(format!(
+                "invalid queue name `{s}`: use 1-{MAX_QUEUE_LEN} characters of A-Z, a-z, 0-9, '_', '-', '.'"
+            ));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl FromStr for QueueName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<QueueName> for String {
+    fn from(q: QueueName) -> String {
+        q.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Priority inside a queue. Each has its own stream; workers drain them strictly in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Always first.
+    Critical,
+    /// Before normal work.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// Only when nothing else waits.
+    Low,
+}
+
+impl Priority {
+    /// All priorities, highest first (the fetch order).
+    pub const ALL: [Priority; 4] = [Priority::Critical, Priority::High, Priority::Normal, Priority::Low];
+
+    /// The lowercase name used in keys and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("invalid priority `{s}`: expected critical, high, normal or low"))
+    }
+}
+
+/// Where a job is in its life (see `docs/architecture.md` for the state machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waits for its `run_at` in the scheduled set.
+    Scheduled,
+    /// In a priority stream, ready to start.
+    Queued,
+    /// Started by a worker that holds its lease.
+    Running,
+    /// Finished successfully (terminal).
+    Succeeded,
+    /// Failed an attempt; waits for its backoff in the scheduled set.
+    Retrying,
+    /// Out of attempts, or failed fatally; recorded in the dead-letter queue (terminal).
+    Dead,
+    /// Cancelled before it finished (terminal).
+    Cancelled,
+    /// Waits for the jobs it depends on.
+    Waiting,
+}
+
+impl JobState {
+    /// The lowercase name stored in Redis and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Retrying => "retrying",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+            JobState::Waiting => "waiting",
+        }
+    }
+
+    /// True for states a job never leaves by itself.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Dead | JobState::Cancelled)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| format!("invalid job state `{s}`"))
+    }
+}
+
+/// The immutable part of a job, stored as JSON in the job hash and in `dead_jobs.envelope`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Layout version, [`ENVELOPE_VERSION`].
+    pub v: u32,
+    /// The job's id.
+    pub id: JobId,
+    /// The handler to run ("email.send").
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The queue the job lives in.
+    pub queue: QueueName,
+    /// Its priority inside the queue.
+    pub priority: Priority,
+    /// Arbitrary JSON given to the handler.
+    pub payload: serde_json::Value,
+    /// Attempts allowed before the job is dead (per run; a DLQ retry starts a new run).
+    pub max_attempts: u32,
+    /// How long to wait between failed attempts.
+    pub backoff: Backoff,
+    /// Longest time one attempt may run.
+    #[serde(with = "crate::duration::serde_human_opt", default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// When the job was accepted.
+    pub created_at: DateTime<Utc>,
+    /// Free-form string map (carries trace context).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// When a new job should first become ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    /// Right away.
+    #[default]
+    Now,
+    /// After this delay, measured on the Redis clock.
+    After(Duration),
+    /// At this instant.
+    At(DateTime<Utc>),
+}
+
+/// A job to enqueue. Unset options take the configured defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Handler name.
+    pub kind: String,
+    /// Handler input.
+    pub payload: serde_json::Value,
+    /// Queue (default `default`).
+    pub queue: QueueName,
+    /// Priority (default `normal`).
+    pub priority: Priority,
+    /// Attempt budget (default from settings).
+    pub max_attempts: Option<u32>,
+    /// Retry policy (default from settings).
+    pub backoff: Option<Backoff>,
+    /// Per-attempt timeout (default from settings).
+    pub timeout: Option<Duration>,
+    /// When it may start.
+    pub start: Start,
+    /// String map carried to the handler.
+    pub metadata: BTreeMap<String, String>,
+    /// Labels.
+    pub tags: Vec<String>,
+}
+
+impl NewJob {
+    /// A job of `kind` with `payload`, every option at its default.
+    pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
+        Self {
+            kind: kind.into(),
+            payload,
+            queue: QueueName::default_queue(),
+            priority: Priority::Normal,
+            max_attempts: None,
+            backoff: None,
+            timeout: None,
+            start: Start::Now,
+            metadata: BTreeMap::new(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Sets the queue.
+    pub fn queue(mut self, queue: QueueName) -> Self {
+        self.queue = queue;
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the attempt budget.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// Delays the first run.
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.start = Start::After(d);
+        self
+    }
+
+    /// Checks the fields a caller controls; the error names the field.
+    pub fn validate(&self) -> crate::Result<()> {
+        let invalid = |m: String| Err(crate::Error::Invalid(m));
+        if self.kind.is_empty() || self.kind.len() > MAX_TYPE_LEN {
+            return invalid(format!("`type` must be 1-{MAX_TYPE_LEN} characters"));
+        }
+        if self.kind.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return invalid("`type` must not contain whitespace or control characters".into());
+        }
+        if let Some(n) = self.max_attempts {
+            if !(1..=1000).contains(&n) {
+                return invalid(format!("`max_attempts` must be between 1 and 1000, got {n}"));
+            }
+        }
+        if let Some(b) = &self.backoff {
+            b.validate().map_err(crate::Error::Invalid)?;
+        }
+        if let Some(t) = self.timeout {
+            if t.is_zero() {
+                return invalid("`timeout` must be greater than zero".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The full view of a job: envelope plus the mutable state, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Id.
+    pub id: JobId,
+    /// Handler name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Queue.
+    pub queue: QueueName,
+    /// Priority.
+    pub priority: Priority,
+    /// Current state.
+    pub state: JobState,
+    /// Attempts started in the current run.
+    pub attempt: u32,
+    /// Attempt budget per run.
+    pub max_attempts: u32,
+    /// 1, plus one per retry from the dead-letter queue.
+    pub run: u32,
+    /// Handler input.
+    pub payload: serde_json::Value,
+    /// Handler output of the successful attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Retry policy.
+    pub backoff: Backoff,
+    /// Per-attempt timeout.
+    #[serde(with = "crate::duration::serde_human_opt", skip_serializing_if = "Option::is_none", default)]
+    pub timeout: Option<Duration>,
+    /// Accepted at.
+    pub created_at: DateTime<Utc>,
+    /// When it became (or becomes) ready to run.
+    pub run_at: Option<DateTime<Utc>>,
+    /// Start of the latest attempt.
+    pub started_at: Option<DateTime<Utc>>,
+    /// End of the latest attempt.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Error of the latest failed attempt.
+    pub last_error: Option<String>,
+    /// Metadata.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// Milliseconds since the epoch to a UTC time.
+pub fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::Backoff;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            v: ENVELOPE_VERSION,
+            id: JobId::new(),
+            kind: "email.send".into(),
+            queue: "mail".parse().unwrap(),
+            priority: Priority::High,
+            payload: serde_json::json!({"to": "a@b.c"}),
+            max_attempts: 5,
+            backoff: Backoff::default(),
+            timeout: Some(Duration::from_secs(30)),
+            created_at: Utc::now(),
+            metadata: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
+            tags: vec!["t".into()],
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_through_json_with_its_version() {
+        let env = envelope();
+        let json = serde_json::to_value(&env).unwrap();
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["type"], "email.send");
+        assert_eq!(json["priority"], "high");
+        assert_eq!(json["timeout"], "30s");
+        let back: Envelope = serde_json::from_value(json).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn queue_names_that_would_break_keys_are_refused() {
+        assert!("default".parse::<QueueName>().is_ok());
+        assert!("mail.v2-eu_1".parse::<QueueName>().is_ok());
+        for bad in ["", "a b", "q}", "{q", "a:b", &"x".repeat(65)] {
+            let err = bad.parse::<QueueName>().unwrap_err();
+            assert!(err.contains("invalid queue name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn priorities_and_states_use_their_design_names() {
+        let names: Vec<_> = Priority::ALL.iter().map(|p| p.to_string()).collect();
+        assert_eq!(names, ["critical", "high", "normal", "low"]);
+        assert!(Priority::Critical < Priority::Low);
+        assert_eq!("dead".parse::<JobState>().unwrap(), JobState::Dead);
+        assert!("bogus".parse::<JobState>().is_err());
+        assert!(JobState::Succeeded.is_terminal() && !JobState::Retrying.is_terminal());
+    }
+
+    #[test]
+    fn new_job_validation_names_the_field() {
+        let err = NewJob::new("", serde_json::Value::Null).validate().unwrap_err();
+        assert!(err.to_string().contains("`type`"));
+        let err = NewJob::new("x", serde_json::Value::Null).max_attempts(0).validate().unwrap_err();
+        assert!(err.to_string().contains("`max_attempts`"));
+        assert!(NewJob::new("echo", serde_json::json!({})).validate().is_ok());
+    }
+}

@@ -1,0 +1,401 @@
+//! The Postgres store: every SQL statement of jobq lives here.
+//!
+//! * `job_executions`: one row per finished attempt (written by the recorder, in batches).
+//! * `dead_jobs`: the dead-letter queue.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor, PgPool, Row};
+use std::str::FromStr;
+use uuid::Uuid;
+
+use crate::config::DatabaseSettings;
+use crate::error::{Error, Result};
+use crate::job::{Envelope, JobId};
+use crate::stream::outbox::Event;
+use crate::stream::{Broker, Requeued};
+
+/// Largest page of a list endpoint.
+pub const MAX_PAGE: i64 = 500;
+
+/// Handle to Postgres. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// One dead-letter queue entry.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadJob {
+    /// Job id.
+    pub job_id: JobId,
+    /// Queue.
+    pub queue: String,
+    /// Job type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Priority.
+    pub priority: String,
+    /// Payload of the run that died.
+    pub payload: serde_json::Value,
+    /// Run that died.
+    pub run: i32,
+    /// Attempts made in that run.
+    pub attempts: i32,
+    /// Error of the last attempt.
+    pub last_error: Option<String>,
+    /// Why it died: `max_attempts`, `unknown_type`, `fatal`...
+    pub reason: String,
+    /// When it died.
+    pub failed_at: DateTime<Utc>,
+    /// Times it was retried from the DLQ before.
+    pub retry_count: i32,
+}
+
+/// Filters and cursor of a DLQ listing.
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this type.
+    pub kind: Option<String>,
+    /// Page size (clamped to 1..=[`MAX_PAGE`]).
+    pub limit: i64,
+    /// Continue after this cursor (from a previous page).
+    pub cursor: Option<String>,
+}
+
+/// A page of results and the cursor of the next page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    /// Items, newest first.
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Execution {
+    /// Run number.
+    pub run: i32,
+    /// Attempt in the run.
+    pub attempt: i32,
+    /// succeeded | failed | dead.
+    pub outcome: String,
+    /// Error message.
+    pub error: Option<String>,
+    /// Consumer that ran it.
+    pub worker: Option<String>,
+    /// Start.
+    pub started_at: Option<DateTime<Utc>>,
+    /// End.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What a DLQ retry did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DlqRetried {
+    /// Job id.
+    pub job_id: JobId,
+    /// The new run number.
+    pub run: u32,
+}
+
+fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
+    format!("{}_{id}", t.timestamp_micros())
+}
+
+fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, Uuid)> {
+    let bad = || Error::Invalid(format!("invalid cursor `{c}`"));
+    let (t, id) = c.split_once('_').ok_or_else(bad)?;
+    let t = t.parse::<i64>().ok().and_then(DateTime::<Utc>::from_timestamp_micros).ok_or_else(bad)?;
+    Ok((t, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+impl Store {
+    /// Connects (creating the database first when `create` is set and it is missing).
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self> {
+        let options = PgConnectOptions::from_str(&settings.url)?.log_statements(tracing::log::LevelFilter::Debug);
+        if settings.create {
+            create_database_if_missing(&options).await?;
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<()> {
+        crate::MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Applies migrations, retrying while Postgres is unreachable (until `shutdown`).
+    pub async fn migrate_with_retry(&self, shutdown: &tokio_util::sync::CancellationToken) -> Result<()> {
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            match self.migrate().await {
+                Ok(()) => return Ok(()),
+                Err(Error::Database(e)) => {
+                    tracing::warn!(error = %e, "Postgres is not reachable yet; retrying migrations")
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
+    /// `SELECT 1`.
+    pub async fn ping(&self) -> Result<()> {
+        self.pool.execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Writes a batch of outbox events in one transaction: one `job_executions` row per event
+    /// and one `dead_jobs` row per dead event. Idempotent: events written before insert nothing.
+    pub async fn record(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let col = |f: fn(&Event) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO job_executions (job_id, run, attempt, queue, job_type, outcome, error, worker, started_at, finished_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                                  $9::timestamptz[], $10::timestamptz[])
+             ON CONFLICT (job_id, run, attempt) DO NOTHING",
+        )
+        .bind(events.iter().map(|e| e.job_id.0).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.run).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.attempt).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.queue.to_string()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.outcome.clone()).collect::<Vec<_>>())
+        .bind(col(|e| e.error.clone()))
+        .bind(col(|e| e.worker.clone()))
+        .bind(events.iter().map(|e| e.started_at).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.finished_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+
+        // Latest death per job (a job can die, be retried and die again within one batch).
+        let mut dead: std::collections::HashMap<JobId, &Event> = std::collections::HashMap::new();
+        for e in events.iter().filter(|e| e.outcome == "dead") {
+            match dead.get(&e.job_id) {
+                Some(prev) if prev.run >= e.run => {}
+                _ => {
+                    dead.insert(e.job_id, e);
+                }
+            }
+        }
+        if !dead.is_empty() {
+            let dead: Vec<&Event> = dead.into_values().collect();
+            let envs: Vec<serde_json::Value> =
+                dead.iter().map(|e| e.envelope.clone().unwrap_or(serde_json::Value::Null)).collect();
+            sqlx::query(
+                "INSERT INTO dead_jobs (job_id, queue, job_type, priority, payload, envelope, run, attempts, last_error, reason, failed_at)
+                 SELECT d.job_id, d.queue, d.job_type, COALESCE(j.env->>'priority', 'normal'), COALESCE(j.env->'payload', 'null'::jsonb),
+                        j.env, d.run, d.attempts, d.last_error, d.reason, d.failed_at
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[], $8::text[],
+                             $9::timestamptz[])
+                      AS d(job_id, queue, job_type, env_text, run, attempts, last_error, reason, failed_at)
+                      CROSS JOIN LATERAL (SELECT d.env_text::jsonb AS env) AS j
+                 ON CONFLICT (job_id) DO UPDATE SET
+                     queue = EXCLUDED.queue, job_type = EXCLUDED.job_type, priority = EXCLUDED.priority,
+                     payload = EXCLUDED.payload, envelope = EXCLUDED.envelope, run = EXCLUDED.run,
+                     attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, reason = EXCLUDED.reason,
+                     failed_at = EXCLUDED.failed_at, retried_at = NULL
+                 WHERE dead_jobs.run < EXCLUDED.run",
+            )
+            .bind(dead.iter().map(|e| e.job_id.0).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.queue.to_string()).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+            .bind(envs.iter().map(|v| v.to_string()).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.run).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.attempt).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.error.clone()).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.reason.clone().unwrap_or_else(|| "unknown".into())).collect::<Vec<_>>())
+            .bind(dead.iter().map(|e| e.finished_at.unwrap_or_else(Utc::now)).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Dead jobs not retried yet, newest first, filtered and paged.
+    pub async fn dead_jobs(&self, filter: &DlqFilter) -> Result<Page<DeadJob>> {
+        let limit = filter.limit.clamp(1, MAX_PAGE);
+        let cursor = filter.cursor.as_deref().map(decode_cursor).transpose()?;
+        let rows = sqlx::query(
+            "SELECT job_id, queue, job_type, priority, payload, run, attempts, last_error, reason, failed_at, retry_count
+             FROM dead_jobs
+             WHERE retried_at IS NULL
+               AND ($1::text IS NULL OR queue = $1)
+               AND ($2::text IS NULL OR job_type = $2)
+               AND ($3::timestamptz IS NULL OR (failed_at, job_id) < ($3, $4))
+             ORDER BY failed_at DESC, job_id DESC
+             LIMIT $5",
+        )
+        .bind(&filter.queue)
+        .bind(&filter.kind)
+        .bind(cursor.map(|c| c.0))
+        .bind(cursor.map(|c| c.1))
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = rows.iter().map(dead_job_of_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|d| encode_cursor(d.failed_at, d.job_id.0))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    /// One DLQ entry (also when already retried).
+    pub async fn dead_job(&self, id: JobId) -> Result<Option<DeadJob>> {
+        let row = sqlx::query(
+            "SELECT job_id, queue, job_type, priority, payload, run, attempts, last_error, reason, failed_at, retry_count
+             FROM dead_jobs WHERE job_id = $1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(dead_job_of_row).transpose()
+    }
+
+    /// Every recorded attempt of a job, oldest first.
+    pub async fn executions(&self, id: JobId) -> Result<Vec<Execution>> {
+        let rows = sqlx::query(
+            "SELECT run, attempt, outcome, error, worker, started_at, finished_at
+             FROM job_executions WHERE job_id = $1 ORDER BY run, attempt",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Execution {
+                    run: r.try_get("run")?,
+                    attempt: r.try_get("attempt")?,
+                    outcome: r.try_get("outcome")?,
+                    error: r.try_get("error")?,
+                    worker: r.try_get("worker")?,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Retries a dead job: in one transaction, locks its DLQ row, re-enqueues it in Redis as a
+    /// new run and marks the row retried. A failed enqueue rolls the transaction back; a row
+    /// already retried is a conflict, so retrying twice enqueues once.
+    pub async fn retry_dead(&self, broker: &Broker, id: JobId) -> Result<DlqRetried> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT envelope, run, retried_at FROM dead_jobs WHERE job_id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::JobNotFound(id))?;
+        let retried_at: Option<DateTime<Utc>> = row.try_get("retried_at")?;
+        if let Some(at) = retried_at {
+            return Err(Error::Conflict(format!("job {id} was already retried at {}", at.to_rfc3339())));
+        }
+        let envelope: Envelope = serde_json::from_value(row.try_get("envelope")?)?;
+        let dead_run: i32 = row.try_get("run")?;
+        let run = match broker.retry_dead(&envelope, dead_run as u32).await? {
+            Requeued::Queued { run } => run,
+            // Enqueued by an earlier retry whose commit failed: just mark the row.
+            Requeued::NotDead { run, state } => {
+                tracing::info!(job.id = %id, state, "dead job was already re-enqueued; marking its DLQ row");
+                run
+            }
+        };
+        sqlx::query("UPDATE dead_jobs SET retried_at = now(), retry_count = retry_count + 1 WHERE job_id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(DlqRetried { job_id: id, run })
+    }
+}
+
+fn dead_job_of_row(r: &sqlx::postgres::PgRow) -> Result<DeadJob> {
+    Ok(DeadJob {
+        job_id: JobId(r.try_get("job_id")?),
+        queue: r.try_get("queue")?,
+        kind: r.try_get("job_type")?,
+        priority: r.try_get("priority")?,
+        payload: r.try_get("payload")?,
+        run: r.try_get("run")?,
+        attempts: r.try_get("attempts")?,
+        last_error: r.try_get("last_error")?,
+        reason: r.try_get("reason")?,
+        failed_at: r.try_get("failed_at")?,
+        retry_count: r.try_get("retry_count")?,
+    })
+}
+
+/// Creates the database named in `options` when it does not exist.
+async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()> {
+    let Some(name) = options.get_database().map(str::to_owned) else { return Ok(()) };
+    let admin = options.clone().database("postgres");
+    let mut conn = match admin.connect().await {
+        Ok(c) => c,
+        // Not reachable now: the pool reports it later (readiness, retries); nothing to create.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach Postgres to check the database exists");
+            return Ok(());
+        }
+    };
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match conn.execute(format!("CREATE DATABASE {quoted}").as_str()).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it at the same moment.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_invalid() {
+        let t = DateTime::<Utc>::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(t, id)).unwrap(), (t, id));
+        assert!(matches!(decode_cursor("nope"), Err(Error::Invalid(_))));
+        assert!(matches!(decode_cursor("12_notauuid"), Err(Error::Invalid(_))));
+    }
+}

@@ -1,0 +1,88 @@
+//! Every Redis key name jobq uses. `docs/redis-keys.md` describes each one.
+//!
+//! All keys of one queue carry the hash tag `{q:<queue>}`, so a queue lives in one Cluster slot
+//! and every Lua script touches one slot.
+
+use crate::job::{JobId, Priority, QueueName};
+
+/// Builds key names under one namespace (`jobq` in production, random in tests).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    /// Consumer group of the workers on every priority stream.
+    pub const GROUP: &'static str = "jobq-workers";
+    /// Consumer group of the recorders on every outbox stream.
+    pub const RECORDER_GROUP: &'static str = "jobq-recorder";
+
+    /// Keys under `namespace`.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self { ns: namespace.into() }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Stream of ready jobs of one queue and priority. Entries (`id` → job id) are XDEL'ed on ack.
+    pub fn stream(&self, queue: &QueueName, p: Priority) -> String {
+        format!("{}:{{q:{queue}}}:stream:{p}", self.ns)
+    }
+
+    /// The four priority streams of a queue, highest first (the order the scripts expect).
+    pub fn streams(&self, queue: &QueueName) -> [String; 4] {
+        Priority::ALL.map(|p| self.stream(queue, p))
+    }
+
+    /// Hash holding a job's envelope and state; the source of truth.
+    pub fn job(&self, queue: &QueueName, id: JobId) -> String {
+        format!("{}{id}", self.job_prefix(queue))
+    }
+
+    /// Prefix of the job hashes of a queue (scripts append the id).
+    pub fn job_prefix(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:job:", self.ns)
+    }
+
+    /// Sorted set of delayed and retrying jobs, scored by run-at milliseconds.
+    pub fn scheduled(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:scheduled", self.ns)
+    }
+
+    /// Outbox stream of attempt events, read by the recorder, XDEL'ed once written to Postgres.
+    pub fn events(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:events", self.ns)
+    }
+
+    /// Set of every queue name ever used in this namespace.
+    pub fn queues(&self) -> String {
+        format!("{}:queues", self.ns)
+    }
+
+    /// Pattern matching every key of the namespace (for `SCAN MATCH`).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_queue_key_carries_the_queue_hash_tag() {
+        let k = Keys::new("jobq");
+        let q: QueueName = "mail".parse().unwrap();
+        let id = JobId::new();
+        assert_eq!(k.stream(&q, Priority::High), "jobq:{q:mail}:stream:high");
+        assert_eq!(k.job(&q, id), format!("jobq:{{q:mail}}:job:{id}"));
+        assert_eq!(k.scheduled(&q), "jobq:{q:mail}:scheduled");
+        assert_eq!(k.events(&q), "jobq:{q:mail}:events");
+        for key in k.streams(&q).iter().chain([&k.job(&q, id), &k.scheduled(&q), &k.events(&q)]) {
+            assert!(key.contains("{q:mail}"), "{key}");
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The broker: every Redis command jobq sends lives here.
+//!
+//! State changes of a job (enqueue, start, complete, fail/retry/dead-letter, promote, DLQ
+//! re-enqueue) are each one Lua script in `lua/`, so the job hash, the stream or scheduled-set
+//! membership and the outbox event change together or not at all. Scripts are sent with
+//! EVALSHA in pipelines; after a Redis restart (empty script cache) they are loaded again and
+//! the refused calls re-sent, so `NOSCRIPT` never reaches a caller.
+
+pub mod keys;
+pub mod outbox;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, Script, Value};
+use serde_json::Value as Json;
+
+pub use keys::Keys;
+
+use crate::config::{JobDefaults, RetentionSettings, Settings};
+use crate::error::{Error, Result};
+use crate::job::{
+    from_millis, Envelope, JobId, JobInfo, JobState, NewJob, Priority, QueueName, Start, ENVELOPE_VERSION,
+};
+
+/// Longest stored handler result (JSON bytes); larger results are replaced by a marker.
+pub const MAX_RESULT_BYTES: usize = 64 * 1024;
+
+struct Scripts {
+    enqueue: Script,
+    fetch: Script,
+    complete: Script,
+    fail: Script,
+    promote: Script,
+    retry_dead: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    enqueue: Script::new(include_str!("lua/enqueue.lua")),
+    fetch: Script::new(include_str!("lua/fetch.lua")),
+    complete: Script::new(include_str!("lua/complete.lua")),
+    fail: Script::new(include_str!("lua/fail.lua")),
+    promote: Script::new(include_str!("lua/promote.lua")),
+    retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
+});
+
+fn all_scripts() -> [&'static Script; 6] {
+    let s = &*SCRIPTS;
+    [&s.enqueue, &s.fetch, &s.complete, &s.fail, &s.promote, &s.retry_dead]
+}
+
+/// One EVALSHA call, ready to be pipelined.
+struct Call(Cmd);
+
+impl Call {
+    fn new(script: &Script, keys: &[&str]) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        Self(cmd)
+    }
+
+    fn arg(mut self, a: impl redis::ToRedisArgs) -> Self {
+        self.0.arg(a);
+        self
+    }
+}
+
+/// A started job handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The job's queue.
+    pub queue: QueueName,
+    /// Stream entry id (acked and deleted on completion).
+    pub entry: String,
+    /// The stream the entry is in.
+    pub priority: Priority,
+    /// Attempt number in this run, starting at 1.
+    pub attempt: u32,
+    /// Attempts over every run of the job, this one included.
+    pub attempts_total: u32,
+    /// Lease token; complete/fail refuse any other.
+    pub lease: String,
+    /// Run number (1, +1 per DLQ retry).
+    pub run: u32,
+    /// The job itself.
+    pub envelope: Envelope,
+}
+
+/// What [`Broker::fetch`] found.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Jobs now running under this consumer.
+    pub jobs: Vec<Delivery>,
+    /// When nothing was started: (stream, last generated id) to block on.
+    pub last_ids: Vec<(String, String)>,
+}
+
+/// Why an attempt failed and what should follow.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Shown as `last_error` and stored in history.
+    pub message: String,
+    /// `Some(delay)`: retry after the delay if attempts remain. `None`: dead now.
+    pub retry_in: Option<Duration>,
+    /// Recorded as the dead-letter reason when not retried (`handler_error`, `unknown_type`...).
+    pub reason: &'static str,
+}
+
+/// The end of one attempt, to be written by [`Broker::settle`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The attempt.
+    pub delivery: Delivery,
+    /// Its result.
+    pub result: std::result::Result<Option<Json>, Failure>,
+}
+
+/// What became of an [`Outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Job succeeded.
+    Succeeded,
+    /// Job waits for a retry.
+    Retrying,
+    /// Job is in the dead-letter queue.
+    Dead,
+    /// The lease was stale: another owner has the job; nothing was written.
+    Stale,
+}
+
+/// Result of [`Broker::enqueue`].
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    /// The job as stored.
+    pub job: JobInfo,
+    /// False when a job with this id existed already.
+    pub created: bool,
+}
+
+/// Result of promoting one queue.
+#[derive(Debug, Clone)]
+pub struct Promoted {
+    /// Queue.
+    pub queue: QueueName,
+    /// Jobs moved to their streams.
+    pub count: u64,
+    /// Milliseconds the oldest still-due job is late (0 when none is left).
+    pub lag_ms: i64,
+}
+
+/// Result of [`Broker::retry_dead`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeued {
+    /// Enqueued again as this run.
+    Queued { run: u32 },
+    /// The job was not dead in that run any more (already retried): nothing enqueued.
+    NotDead { state: String, run: u32 },
+}
+
+/// Handle to Redis for every jobq operation. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    conn: ConnectionManager,
+    client: redis::Client,
+    keys: Keys,
+    defaults: JobDefaults,
+    retention: RetentionSettings,
+    timeout: Duration,
+    registered: std::sync::Arc<Mutex<HashSet<QueueName>>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("namespace", &self.keys.namespace()).finish()
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs().max(if d.is_zero() { 0 } else { 1 })
+}
+
+fn protocol(what: impl std::fmt::Display) -> Error {
+    Error::Protocol(what.to_string())
+}
+
+impl Broker {
+    /// Connects (lazily: commands fail with a Redis error while Redis is down and work again
+    /// once it is back) with the settings' namespace, defaults and retention.
+    pub async fn connect(settings: &Settings) -> Result<Self> {
+        let client = redis::Client::open(settings.redis.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.redis.timeout))
+            .set_connection_timeout(Some(settings.redis.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Self {
+            conn,
+            client,
+            keys: Keys::new(settings.namespace.clone()),
+            defaults: settings.jobs.clone(),
+            retention: settings.retention.clone(),
+            timeout: settings.redis.timeout,
+            registered: Default::default(),
+        })
+    }
+
+    /// Key names of this namespace.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A shared connection for ad-hoc commands.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A dedicated connection for blocking reads (XREAD BLOCK / XREADGROUP BLOCK), which would
+    /// stall every other command on a shared one.
+    pub async fn blocking_connection(&self, block: Duration) -> Result<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(block + self.timeout));
+        Ok(self.client.get_multiplexed_async_connection_with_config(&config).await?)
+    }
+
+    /// PING.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Checks the server: Redis 7+ and `maxmemory-policy noeviction` (unless allowed).
+    pub async fn check_server(&self, allow_eviction: bool) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO").query_async(&mut conn).await?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                .map(str::trim)
+                .unwrap_or("")
+        };
+        let version = field("redis_version");
+        let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        if major < 7 {
+            return Err(Error::Invalid(format!("Redis {version} is too old: jobq needs Redis 7.0 or newer")));
+        }
+        let policy = field("maxmemory_policy");
+        if policy != "noeviction" {
+            if allow_eviction {
+                tracing::warn!(policy, "Redis may evict keys: jobs can be lost (allowed by JOBQ_REDIS_ALLOW_EVICTION)");
+            } else {
+                return Err(Error::Invalid(format!(
+                    "Redis runs with maxmemory-policy `{policy}`: an evicted key is a lost job. \
+                     Set `maxmemory-policy noeviction`, or JOBQ_REDIS_ALLOW_EVICTION=true to run anyway"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until Redis answers and passes [`Broker::check_server`], retrying with backoff
+    /// while it is unreachable. A misconfigured server is an error; `false` when shut down first.
+    pub async fn wait_until_ready(
+        &self,
+        allow_eviction: bool,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.check_server(allow_eviction).await {
+                Ok(()) => return Ok(true),
+                Err(e @ Error::Invalid(_)) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Sends the calls in one pipeline; loads the scripts and re-sends what came back NOSCRIPT.
+    async fn run(&self, calls: Vec<Call>) -> Result<Vec<redis::RedisResult<Value>>> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for c in &calls {
+            pipe.add_command(c.0.clone());
+        }
+        let mut results: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut conn).await?;
+        let is_noscript = |r: &redis::RedisResult<Value>| matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+        let missing: Vec<usize> = (0..results.len()).filter(|&i| is_noscript(&results[i])).collect();
+        if !missing.is_empty() {
+            tracing::info!(count = missing.len(), "loading scripts into Redis (first use, or Redis restarted)");
+            for s in all_scripts() {
+                s.prepare_invoke().load_async(&mut conn).await?;
+            }
+            let mut retry = redis::pipe();
+            retry.ignore_errors();
+            for &i in &missing {
+                retry.add_command(calls[i].0.clone());
+            }
+            let again: Vec<redis::RedisResult<Value>> = retry.query_async(&mut conn).await?;
+            for (i, r) in missing.into_iter().zip(again) {
+                results[i] = r;
+            }
+        }
+        Ok(results)
+    }
+
+    async fn run_one(&self, call: Call) -> Result<Value> {
+        let mut results = self.run(vec![call]).await?;
+        Ok(results.pop().ok_or_else(|| protocol("empty pipeline reply"))??)
+    }
+
+    /// Adds the queue to the namespace's queue set (once per process and queue).
+    pub async fn register_queue(&self, queue: &QueueName) -> Result<()> {
+        if self.registered.lock().map(|s| s.contains(queue)).unwrap_or(false) {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("SADD").arg(self.keys.queues()).arg(queue.as_str()).query_async::<()>(&mut conn).await?;
+        if let Ok(mut s) = self.registered.lock() {
+            s.insert(queue.clone());
+        }
+        Ok(())
+    }
+
+    /// Every queue known in this namespace.
+    pub async fn queues(&self) -> Result<Vec<QueueName>> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = redis::cmd("SMEMBERS").arg(self.keys.queues()).query_async(&mut conn).await?;
+        let mut queues: Vec<QueueName> = names.into_iter().filter_map(|n| n.parse().ok()).collect();
+        queues.sort();
+        Ok(queues)
+    }
+
+    /// Creates the worker consumer group on the queue's priority streams (idempotent).
+    pub async fn ensure_groups(&self, queue: &QueueName) -> Result<()> {
+        self.register_queue(queue).await?;
+        let mut conn = self.conn.clone();
+        for stream in self.keys.streams(queue) {
+            create_group(&mut conn, &stream, Keys::GROUP).await?;
+        }
+        Ok(())
+    }
+
+    /// Builds the stored envelope of a new job, applying defaults.
+    pub fn envelope(&self, job: &NewJob) -> Envelope {
+        Envelope {
+            v: ENVELOPE_VERSION,
+            id: JobId::new(),
+            kind: job.kind.clone(),
+            queue: job.queue.clone(),
+            priority: job.priority,
+            payload: job.payload.clone(),
+            max_attempts: job.max_attempts.unwrap_or(self.defaults.max_attempts),
+            backoff: job.backoff.unwrap_or(self.defaults.backoff),
+            timeout: job.timeout,
+            created_at: Utc::now(),
+            metadata: job.metadata.clone(),
+            tags: job.tags.clone(),
+        }
+    }
+
+    /// Enqueues one job (validated first).
+    pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued> {
+        job.validate()?;
+        let envelope = self.envelope(&job);
+        self.register_queue(&envelope.queue).await?;
+        let call = self.enqueue_call(&envelope, job.start)?;
+        let reply = self.run_one(call).await?;
+        self.enqueued(envelope, reply).await
+    }
+
+    fn enqueue_call(&self, env: &Envelope, start: Start) -> Result<Call> {
+        let (delay, run_at) = match start {
+            Start::Now => (String::new(), String::new()),
+            Start::After(d) => (d.as_millis().to_string(), String::new()),
+            Start::At(t) => (String::new(), t.timestamp_millis().to_string()),
+        };
+        let job_key = self.keys.job(&env.queue, env.id);
+        let stream = self.keys.stream(&env.queue, env.priority);
+        let scheduled = self.keys.scheduled(&env.queue);
+        Ok(Call::new(&SCRIPTS.enqueue, &[&job_key, &stream, &scheduled])
+            .arg(env.id.to_string())
+            .arg(serde_json::to_string(env)?)
+            .arg(env.priority.as_str())
+            .arg(&env.kind)
+            .arg(env.max_attempts)
+            .arg(delay)
+            .arg(run_at)
+            .arg(Keys::GROUP))
+    }
+
+    async fn enqueued(&self, envelope: Envelope, reply: Value) -> Result<Enqueued> {
+        let (created, state, run_at): (i64, String, i64) = redis::from_redis_value(reply).map_err(protocol)?;
+        if created == 0 {
+            let job = self.job_in(&envelope.queue, envelope.id).await?.ok_or(Error::JobNotFound(envelope.id))?;
+            return Ok(Enqueued { job, created: false });
+        }
+        let state: JobState = state.parse().map_err(protocol)?;
+        Ok(Enqueued { job: info_of_new(envelope, state, run_at), created: true })
+    }
+
+    /// Looks a job up in every known queue.
+    pub async fn job(&self, id: JobId) -> Result<Option<JobInfo>> {
+        let queues = self.queues().await?;
+        if queues.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            pipe.hgetall(self.keys.job(q, id));
+        }
+        let mut conn = self.conn.clone();
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        hashes.into_iter().find(|h| !h.is_empty()).map(|h| info_of_hash(&h)).transpose()
+    }
+
+    /// Looks a job up in one queue.
+    pub async fn job_in(&self, queue: &QueueName, id: JobId) -> Result<Option<JobInfo>> {
+        let mut conn = self.conn.clone();
+        let h: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(self.keys.job(queue, id)).query_async(&mut conn).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        info_of_hash(&h).map(Some)
+    }
+
+    /// Starts up to `count` jobs of `queue` for `consumer`, strictly by priority (one script).
+    pub async fn fetch(&self, queue: &QueueName, consumer: &str, count: usize) -> Result<Fetched> {
+        let streams = self.keys.streams(queue);
+        let keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+        let call =
+            Call::new(&SCRIPTS.fetch, &keys).arg(Keys::GROUP).arg(consumer).arg(count).arg(self.keys.job_prefix(queue));
+        let reply = self.run_one(call).await?;
+        let (flat, last): (Vec<Value>, Vec<String>) = redis::from_redis_value(reply).map_err(protocol)?;
+        let mut fetched = Fetched::default();
+        let mut it = flat.into_iter();
+        while let Some(id) = it.next() {
+            let mut field = || it.next().ok_or_else(|| protocol("short fetch reply"));
+            let (_id, entry, prio, attempt, lease, run, envelope, total) =
+                (id, field()?, field()?, field()?, field()?, field()?, field()?, field()?);
+            let entry: String = redis::from_redis_value(entry).map_err(protocol)?;
+            let prio: usize = redis::from_redis_value(prio).map_err(protocol)?;
+            let attempt: u32 = redis::from_redis_value(attempt).map_err(protocol)?;
+            let lease: i64 = redis::from_redis_value(lease).map_err(protocol)?;
+            let run: u32 = redis::from_redis_value(run).map_err(protocol)?;
+            let envelope: String = redis::from_redis_value(envelope).map_err(protocol)?;
+            let envelope: Envelope = serde_json::from_str(&envelope)?;
+            let attempts_total: u32 = redis::from_redis_value(total).map_err(protocol)?;
+            let priority = *Priority::ALL.get(prio.wrapping_sub(1)).ok_or_else(|| protocol("bad priority index"))?;
+            fetched.jobs.push(Delivery {
+                queue: queue.clone(),
+                entry,
+                priority,
+                attempt,
+                attempts_total,
+                lease: lease.to_string(),
+                run,
+                envelope,
+            });
+        }
+        if fetched.jobs.is_empty() {
+            fetched.last_ids = streams.into_iter().zip(last).collect();
+        }
+        Ok(fetched)
+    }
+
+    /// Blocks on `conn` until a stream gets an entry newer than the given ids, or `block` passes.
+    pub async fn wait_for_work(
+        conn: &mut MultiplexedConnection,
+        last_ids: &[(String, String)],
+        block: Duration,
+    ) -> Result<()> {
+        if last_ids.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(1).arg("BLOCK").arg(block.as_millis().max(1) as u64).arg("STREAMS");
+        for (k, _) in last_ids {
+            cmd.arg(k);
+        }
+        for (_, id) in last_ids {
+            cmd.arg(id);
+        }
+        cmd.query_async::<Value>(conn).await?;
+        Ok(())
+    }
+
+    /// Writes the end of many attempts in one pipeline (complete / fail scripts). Each entry
+    /// of the result matches the outcome at the same index.
+    pub async fn settle(&self, outcomes: &[Outcome]) -> Result<Vec<Settled>> {
+        let mut calls = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            let d = &o.delivery;
+            let id = d.envelope.id;
+            let job_key = self.keys.job(&d.queue, id);
+            let stream = self.keys.stream(&d.queue, d.priority);
+            let events = self.keys.events(&d.queue);
+            calls.push(match &o.result {
+                Ok(result) => Call::new(&SCRIPTS.complete, &[&job_key, &stream, &events])
+                    .arg(id.to_string())
+                    .arg(&d.lease)
+                    .arg(&d.entry)
+                    .arg(Keys::GROUP)
+                    .arg(result.as_ref().map(bounded_result).unwrap_or_default())
+                    .arg(secs(self.retention.succeeded)),
+                Err(f) => {
+                    let scheduled = self.keys.scheduled(&d.queue);
+                    let delay = f.retry_in.map(|d| d.as_millis() as i64).unwrap_or(-1);
+                    Call::new(&SCRIPTS.fail, &[&job_key, &stream, &events, &scheduled])
+                        .arg(id.to_string())
+                        .arg(&d.lease)
+                        .arg(&d.entry)
+                        .arg(Keys::GROUP)
+                        .arg(truncate(&f.message, 8 * 1024))
+                        .arg(delay)
+                        .arg(secs(self.retention.dead))
+                        .arg(f.reason)
+                }
+            });
+        }
+        let results = self.run(calls).await?;
+        results
+            .into_iter()
+            .map(|r| {
+                let v = r?;
+                Ok(match v {
+                    Value::Int(1) => Settled::Succeeded,
+                    Value::Int(_) => Settled::Stale,
+                    other => {
+                        let (ok, state): (i64, String) = redis::from_redis_value(other).map_err(protocol)?;
+                        match (ok, state.as_str()) {
+                            (0, _) => Settled::Stale,
+                            (_, "retrying") => Settled::Retrying,
+                            _ => Settled::Dead,
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Moves due delayed and retrying jobs of each queue into their streams (one pipeline).
+    pub async fn promote(&self, queues: &[QueueName], limit: usize) -> Result<Vec<Promoted>> {
+        let calls = queues
+            .iter()
+            .map(|q| {
+                let scheduled = self.keys.scheduled(q);
+                let streams = self.keys.streams(q);
+                let mut keys = vec![scheduled.as_str()];
+                keys.extend(streams.iter().map(String::as_str));
+                Call::new(&SCRIPTS.promote, &keys).arg(limit).arg(self.keys.job_prefix(q)).arg(Keys::GROUP)
+            })
+            .collect();
+        let results = self.run(calls).await?;
+        queues
+            .iter()
+            .zip(results)
+            .map(|(q, r)| {
+                let (count, oldest, now): (u64, i64, i64) = redis::from_redis_value(r?).map_err(protocol)?;
+                Ok(Promoted { queue: q.clone(), count, lag_ms: if oldest < 0 { 0 } else { now - oldest } })
+            })
+            .collect()
+    }
+
+    /// Re-enqueues a dead job (from its DLQ envelope) as a new run with a fresh attempt count,
+    /// unless it is no longer dead in run `dead_run`.
+    pub async fn retry_dead(&self, envelope: &Envelope, dead_run: u32) -> Result<Requeued> {
+        self.register_queue(&envelope.queue).await?;
+        let job_key = self.keys.job(&envelope.queue, envelope.id);
+        let stream = self.keys.stream(&envelope.queue, envelope.priority);
+        let call = Call::new(&SCRIPTS.retry_dead, &[&job_key, &stream])
+            .arg(envelope.id.to_string())
+            .arg(serde_json::to_string(envelope)?)
+            .arg(envelope.priority.as_str())
+            .arg(&envelope.kind)
+            .arg(envelope.max_attempts)
+            .arg(dead_run)
+            .arg(Keys::GROUP);
+        let (ok, state, run): (i64, String, u32) =
+            redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        Ok(if ok == 1 { Requeued::Queued { run } } else { Requeued::NotDead { state, run } })
+    }
+}
+
+/// XGROUP CREATE ... MKSTREAM, treating an existing group as success.
+pub(crate) async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) -> Result<()> {
+    let r: redis::RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
+    match r {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn bounded_result(v: &Json) -> String {
+    let s = v.to_string();
+    if s.len() <= MAX_RESULT_BYTES {
+        s
+    } else {
+        serde_json::json!({"truncated": true, "bytes": s.len()}).to_string()
+    }
+}
+
+fn info_of_new(env: Envelope, state: JobState, run_at: i64) -> JobInfo {
+    JobInfo {
+        id: env.id,
+        kind: env.kind,
+        queue: env.queue,
+        priority: env.priority,
+        state,
+        attempt: 0,
+        max_attempts: env.max_attempts,
+        run: 1,
+        payload: env.payload,
+        result: None,
+        backoff: env.backoff,
+        timeout: env.timeout,
+        created_at: env.created_at,
+        run_at: from_millis(run_at),
+        started_at: None,
+        finished_at: None,
+        last_error: None,
+        metadata: env.metadata,
+        tags: env.tags,
+    }
+}
+
+fn info_of_hash(h: &HashMap<String, String>) -> Result<JobInfo> {
+    let env: Envelope = serde_json::from_str(h.get("envelope").ok_or_else(|| protocol("job hash without envelope"))?)?;
+    let num = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok());
+    let state: JobState = h.get("state").map(String::as_str).unwrap_or("").parse().map_err(protocol)?;
+    let mut info = info_of_new(env, state, num("run_at").unwrap_or(0));
+    info.attempt = num("attempt").unwrap_or(0) as u32;
+    info.run = num("run").unwrap_or(1) as u32;
+    info.max_attempts = num("max_attempts").map(|m| m as u32).unwrap_or(info.max_attempts);
+    info.started_at = num("started_at").and_then(from_millis);
+    info.finished_at = num("finished_at").and_then(from_millis);
+    info.last_error = h.get("last_error").cloned();
+    info.result = h.get("result").and_then(|r| serde_json::from_str(r).ok());
+    Ok(info)
+}

@@ -1,0 +1,200 @@
+//! The outbox: attempt events the scripts XADD to `jobq:{q:Q}:events`, read by the recorder in
+//! the `jobq-recorder` consumer group, then XACK'ed and XDEL'ed once written to Postgres.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::Value;
+
+use super::{create_group, protocol, Broker, Keys};
+use crate::error::Result;
+use crate::job::{from_millis, JobId, QueueName};
+
+/// One finished attempt, as written by the complete/fail scripts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Queue of the job.
+    pub queue: QueueName,
+    /// Outbox entry id.
+    pub entry: String,
+    /// Job.
+    pub job_id: JobId,
+    /// Run number.
+    pub run: i32,
+    /// Attempt number in the run.
+    pub attempt: i32,
+    /// `succeeded`, `failed` (will retry) or `dead`.
+    pub outcome: String,
+    /// Job type.
+    pub kind: String,
+    /// Attempt start.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Attempt end.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Consumer that ran it.
+    pub worker: Option<String>,
+    /// Error message of a failed attempt.
+    pub error: Option<String>,
+    /// Why the job died (`max_attempts`, `unknown_type`, ...).
+    pub reason: Option<String>,
+    /// Envelope JSON (dead events only).
+    pub envelope: Option<serde_json::Value>,
+}
+
+/// Events read from the outbox; `malformed` entries could not be decoded (logged, then acked).
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    /// Decoded events.
+    pub events: Vec<Event>,
+    /// (queue, entry) of undecodable entries.
+    pub malformed: Vec<(QueueName, String)>,
+}
+
+impl EventBatch {
+    fn push(&mut self, queue: &QueueName, e: StreamId) {
+        match decode(queue, &e) {
+            Some(ev) => self.events.push(ev),
+            None => self.malformed.push((queue.clone(), e.id)),
+        }
+    }
+
+    /// Number of outbox entries in the batch.
+    pub fn len(&self) -> usize {
+        self.events.len() + self.malformed.len()
+    }
+
+    /// True when nothing was read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn decode(queue: &QueueName, e: &StreamId) -> Option<Event> {
+    let s =
+        |f: &str| e.map.get(f).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).filter(|v| !v.is_empty());
+    let n = |f: &str| s(f).and_then(|v| v.parse::<i64>().ok());
+    Some(Event {
+        queue: queue.clone(),
+        entry: e.id.clone(),
+        job_id: s("id")?.parse().ok()?,
+        run: n("run")? as i32,
+        attempt: n("attempt")? as i32,
+        outcome: s("outcome")?,
+        kind: s("type").unwrap_or_default(),
+        started_at: n("started_at").and_then(from_millis),
+        finished_at: n("finished_at").and_then(from_millis),
+        worker: s("worker"),
+        error: s("error"),
+        reason: s("reason"),
+        envelope: s("envelope").and_then(|v| serde_json::from_str(&v).ok()),
+    })
+}
+
+impl Broker {
+    /// Creates the recorder group on each queue's outbox (idempotent).
+    pub async fn ensure_recorder_groups(&self, queues: &[QueueName]) -> Result<()> {
+        let mut conn = self.connection();
+        for q in queues {
+            create_group(&mut conn, &self.keys.events(q), Keys::RECORDER_GROUP).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads new events of all `queues` for `consumer`, blocking up to `block` on `conn`.
+    pub async fn read_events(
+        &self,
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        queues: &[QueueName],
+        count: usize,
+        block: Duration,
+    ) -> Result<EventBatch> {
+        let mut batch = EventBatch::default();
+        if queues.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(batch);
+        }
+        let by_key: HashMap<String, &QueueName> = queues.iter().map(|q| (self.keys.events(q), q)).collect();
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(Keys::RECORDER_GROUP).arg(consumer).arg("COUNT").arg(count);
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64).arg("STREAMS");
+        for q in queues {
+            cmd.arg(self.keys.events(q));
+        }
+        for _ in queues {
+            cmd.arg(">");
+        }
+        let reply: Value = cmd.query_async(conn).await?;
+        if matches!(reply, Value::Nil) {
+            return Ok(batch);
+        }
+        let reply: StreamReadReply = redis::from_redis_value(reply).map_err(protocol)?;
+        for key in reply.keys {
+            let Some(queue) = by_key.get(&key.key) else { continue };
+            for e in key.ids {
+                batch.push(queue, e);
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Takes over events of `queue` pending longer than `min_idle` on any recorder (a crashed
+    /// one, or this process before a restart), up to `count`.
+    pub async fn claim_events(
+        &self,
+        consumer: &str,
+        queue: &QueueName,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<EventBatch> {
+        let mut conn = self.connection();
+        let mut batch = EventBatch::default();
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(self.keys.events(queue))
+                .arg(Keys::RECORDER_GROUP)
+                .arg(consumer)
+                .arg(min_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut conn)
+                .await?;
+            if !reply.deleted_ids.is_empty() {
+                tracing::error!(queue.name = %queue, count = reply.deleted_ids.len(), "outbox entries were deleted while pending; their history is lost");
+            }
+            for e in reply.claimed {
+                batch.push(queue, e);
+            }
+            cursor = reply.next_stream_id;
+            if cursor == "0-0" || batch.len() >= count {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Acks and deletes written events (one pipeline).
+    pub async fn ack_events(&self, entries: &[(QueueName, String)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut by_queue: BTreeMap<&QueueName, Vec<&str>> = BTreeMap::new();
+        for (q, e) in entries {
+            by_queue.entry(q).or_default().push(e);
+        }
+        let mut pipe = redis::pipe();
+        for (q, ids) in by_queue {
+            let key = self.keys.events(q);
+            pipe.cmd("XACK").arg(&key).arg(Keys::RECORDER_GROUP).arg(&ids).ignore();
+            pipe.cmd("XDEL").arg(&key).arg(&ids).ignore();
+        }
+        let mut conn = self.connection();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}

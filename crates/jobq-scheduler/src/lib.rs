@@ -1,0 +1,50 @@
+//! The jobq scheduler: promotes due delayed and retrying jobs into their streams, and runs the
+//! recorder that writes the Redis outbox (one event per finished attempt) into Postgres.
+//!
+//! Any number of replicas can run: promotion is an atomic script per queue, and recorders share
+//! the outbox through a consumer group (writes are idempotent per (job, run, attempt)).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let settings = jobq_core::config::load(None)?;
+//! jobq_scheduler::run(settings, jobq_core::shutdown::token_from_signals()).await
+//! # }
+//! ```
+
+mod promoter;
+mod recorder;
+
+use anyhow::Context as _;
+use jobq_core::config::Settings;
+use jobq_core::store::Store;
+use jobq_core::stream::Broker;
+use tokio_util::sync::CancellationToken;
+
+pub use promoter::promote_once;
+pub use recorder::record_once;
+
+/// Connects, applies migrations when configured, and runs promoter and recorder until
+/// `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let broker = Broker::connect(&settings).await.context("invalid Redis settings")?;
+    let store = Store::connect(&settings.database).await.context("invalid Postgres settings")?;
+    if !broker.wait_until_ready(settings.redis.allow_eviction, &shutdown).await? {
+        return Ok(());
+    }
+    if settings.database.migrate {
+        store.migrate_with_retry(&shutdown).await?;
+    }
+    let consumer = if settings.worker.id.is_empty() {
+        format!("scheduler-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..6])
+    } else {
+        format!("scheduler-{}", settings.worker.id)
+    };
+    tracing::info!(consumer, "scheduler started");
+    let promoter = tokio::spawn(promoter::run(broker.clone(), settings.scheduler.clone(), shutdown.clone()));
+    let recorder = tokio::spawn(recorder::run(broker, store, settings.scheduler.clone(), consumer, shutdown.clone()));
+    let (p, r) = tokio::join!(promoter, recorder);
+    p.context("promoter panicked")?;
+    r.context("recorder panicked")?;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

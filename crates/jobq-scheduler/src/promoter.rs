@@ -1,0 +1,39 @@
+//! Moves due delayed and retrying jobs into their priority streams, in batches per queue.
+
+use std::time::Duration;
+
+use jobq_core::config::SchedulerSettings;
+use jobq_core::stream::{Broker, Promoted};
+use tokio_util::sync::CancellationToken;
+
+/// One pass over every known queue; returns what each promotion did.
+pub async fn promote_once(broker: &Broker, batch: usize) -> jobq_core::Result<Vec<Promoted>> {
+    let queues = broker.queues().await?;
+    broker.promote(&queues, batch).await
+}
+
+pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: CancellationToken) {
+    let mut delay = settings.promote_interval;
+    loop {
+        match promote_once(&broker, settings.promote_batch).await {
+            Ok(results) => {
+                let moved: u64 = results.iter().map(|p| p.count).sum();
+                let lag = results.iter().map(|p| p.lag_ms).max().unwrap_or(0);
+                if moved > 0 {
+                    tracing::debug!(promoted = moved, lag_ms = lag, "promoted due jobs");
+                }
+                // A full batch means more are due: go again at once.
+                let full = results.iter().any(|p| p.count as usize >= settings.promote_batch);
+                delay = if full { Duration::ZERO } else { settings.promote_interval };
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "promotion failed; retrying");
+                delay = (delay * 2).clamp(settings.promote_interval, Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Writes the outbox into Postgres: reads events in the `jobq-recorder` group, writes a batch in
+//! one transaction, then XACKs and XDELs it. While Postgres is down the batch is retried and
+//! nothing more is read: events wait in Redis, nothing is lost.
+
+use std::time::{Duration, Instant};
+
+use jobq_core::config::SchedulerSettings;
+use jobq_core::job::QueueName;
+use jobq_core::store::Store;
+use jobq_core::stream::outbox::EventBatch;
+use jobq_core::stream::Broker;
+use tokio_util::sync::CancellationToken;
+
+const QUEUE_REFRESH: Duration = Duration::from_secs(2);
+const CLAIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Writes one batch to Postgres and acks it. Returns the number of outbox entries handled.
+pub async fn record_once(broker: &Broker, store: &Store, batch: &EventBatch) -> jobq_core::Result<usize> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    for (q, entry) in &batch.malformed {
+        tracing::error!(queue.name = %q, entry, "undecodable outbox entry; dropping it");
+    }
+    store.record(&batch.events).await?;
+    let mut entries: Vec<(QueueName, String)> =
+        batch.events.iter().map(|e| (e.queue.clone(), e.entry.clone())).collect();
+    entries.extend(batch.malformed.iter().cloned());
+    broker.ack_events(&entries).await?;
+    Ok(entries.len())
+}
+
+pub(crate) async fn run(
+    broker: Broker,
+    store: Store,
+    settings: SchedulerSettings,
+    consumer: String,
+    shutdown: CancellationToken,
+) {
+    let block = Duration::from_millis(500);
+    let mut conn = None;
+    let mut queues: Vec<QueueName> = Vec::new();
+    let mut refreshed = Instant::now() - QUEUE_REFRESH;
+    let mut claimed = Instant::now() - CLAIM_EVERY;
+    let mut delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        if refreshed.elapsed() >= QUEUE_REFRESH {
+            match broker.queues().await {
+                Ok(q) => match broker.ensure_recorder_groups(&q).await {
+                    Ok(()) => {
+                        queues = q;
+                        refreshed = Instant::now();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "creating recorder groups failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "listing queues failed"),
+            }
+        }
+        let batch = if claimed.elapsed() >= CLAIM_EVERY {
+            claimed = Instant::now();
+            let mut all = EventBatch::default();
+            for q in &queues {
+                match broker.claim_events(&consumer, q, settings.reclaim_idle, settings.record_batch).await {
+                    Ok(b) => {
+                        all.events.extend(b.events);
+                        all.malformed.extend(b.malformed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, queue.name = %q, "claiming stale outbox entries failed"),
+                }
+            }
+            if !all.is_empty() {
+                tracing::info!(events = all.len(), "took over outbox entries of a stopped recorder");
+            }
+            Ok(all)
+        } else {
+            if conn.is_none() {
+                conn = broker
+                    .blocking_connection(block)
+                    .await
+                    .map_err(|e| tracing::warn!(error = %e, "cannot connect to Redis"))
+                    .ok();
+            }
+            match conn.as_mut() {
+                Some(c) => tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = broker.read_events(c, &consumer, &queues, settings.record_batch, block) => r,
+                },
+                None => Err(jobq_core::Error::Protocol("no connection".into())),
+            }
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the outbox failed; retrying");
+                conn = None;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        // Write this batch until it lands; read nothing else meanwhile.
+        loop {
+            match record_once(&broker, &store, &batch).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::debug!(events = n, "recorded outbox events");
+                    }
+                    delay = Duration::from_millis(100);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, events = batch.len(), "recording failed; the events stay in the outbox and are retried");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

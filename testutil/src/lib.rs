@@ -1,0 +1,1 @@
+//! Test harness for jobq (filled in by the integration suites).
