@@ -1,1 +1,302 @@
-//! Test harness for jobq (filled in by the integration suites).
+//! Test harness for jobq: every test gets its own Redis namespace and its own Postgres database
+//! (migrated), removed afterwards, so the suite runs in parallel and leaves nothing behind.
+//! [`Proc`] starts the real binaries for end-to-end tests.
+//!
+//! `REDIS_URL` and `DATABASE_URL` choose the servers (defaults: `redis://127.0.0.1:6379`,
+//! `postgres://postgres@127.0.0.1:5432/postgres`; the database part names the admin database
+//! used to create and drop the per-test ones).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use jobq_core::config::Settings;
+use jobq_core::store::Store;
+use jobq_core::stream::{Broker, Keys};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
+use std::str::FromStr;
+
+/// Redis URL of the tests.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Admin Postgres URL of the tests.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// One test's isolated world: a Redis namespace and a migrated Postgres database.
+pub struct TestEnv {
+    /// Namespace (key prefix) of this test.
+    pub namespace: String,
+    /// Name of this test's database.
+    pub database: String,
+    /// URL of this test's database.
+    pub database_url: String,
+    /// Pool on this test's database.
+    pub pool: PgPool,
+    /// Broker on this test's namespace.
+    pub broker: Broker,
+    /// Store on this test's database.
+    pub store: Store,
+    overrides: HashMap<String, String>,
+}
+
+impl TestEnv {
+    /// Creates a namespace and a migrated database. Panics with a clear message when Redis or
+    /// Postgres does not answer.
+    pub async fn new() -> Self {
+        Self::with(&[]).await
+    }
+
+    /// Like [`TestEnv::new`], with extra settings as environment variables
+    /// (`("JOBQ_WORKER_CONCURRENCY", "4")`) for [`TestEnv::settings`] and [`TestEnv::env`].
+    pub async fn with(vars: &[(&str, &str)]) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let namespace = format!("test-{id}");
+        let database = format!("jobq_test_{id}");
+        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL is not a valid Postgres URL");
+        let mut conn = admin.connect().await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at DATABASE_URL={} ({e}); start it or set DATABASE_URL", database_url())
+        });
+        sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut conn).await.expect("create test database");
+        conn.close().await.ok();
+        let options = admin.clone().database(&database);
+        let database_url = db_url(&database);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(5)
+            .connect_with(options)
+            .await
+            .expect("connect test db");
+        jobq_core::MIGRATOR.run(&pool).await.expect("migrate test database");
+        let mut env = Self {
+            namespace,
+            database,
+            database_url,
+            pool: pool.clone(),
+            broker: Broker::connect(&base_settings()).await.expect("redis settings"),
+            store: Store::from_pool(pool),
+            overrides: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let settings = env.settings();
+        env.broker = Broker::connect(&settings).await.expect("redis settings");
+        env.broker.ping().await.unwrap_or_else(|e| {
+            panic!("Redis is not reachable at REDIS_URL={} ({e}); start it or set REDIS_URL", redis_url())
+        });
+        env
+    }
+
+    /// Environment variables that point a jobq process at this test's namespace and database,
+    /// with fast intervals suited to tests.
+    pub fn env(&self) -> HashMap<String, String> {
+        let mut vars: HashMap<String, String> = [
+            ("JOBQ_NAMESPACE", self.namespace.as_str()),
+            ("REDIS_URL", &redis_url()),
+            ("DATABASE_URL", &self.database_url),
+            ("JOBQ_DATABASE_CREATE", "false"),
+            ("JOBQ_WORKER_POLL_INTERVAL", "1s"),
+            ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "5s"),
+            ("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "20ms"),
+            ("JOBQ_LOG_LEVEL", "info"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        vars.extend(self.overrides.clone());
+        vars
+    }
+
+    /// Settings built from [`TestEnv::env`] (the process environment is not read).
+    pub fn settings(&self) -> Settings {
+        let vars = self.env();
+        jobq_core::config::load_from(None, |name| vars.get(name).cloned()).expect("test settings")
+    }
+
+    /// Key names of this namespace.
+    pub fn keys(&self) -> &Keys {
+        self.broker.keys()
+    }
+
+    /// Deletes the namespace's keys and drops the database.
+    pub async fn cleanup(self) {
+        let mut conn = self.broker.connection();
+        let pattern = self.keys().pattern();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            if !keys.is_empty() {
+                redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await.expect("unlink");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        self.pool.close().await;
+        if let Ok(mut admin) = PgConnectOptions::from_str(&database_url()).expect("url").connect().await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}
+
+fn base_settings() -> Settings {
+    jobq_core::config::load_from(None, |name| (name == "REDIS_URL").then(redis_url)).expect("default settings")
+}
+
+fn db_url(database: &str) -> String {
+    let admin = database_url();
+    match admin.rfind('/') {
+        Some(i) if admin[..i].contains("://") && i > admin.find("://").unwrap_or(0) + 2 => {
+            let rest = &admin[i + 1..];
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{}/{database}{query}", &admin[..i])
+        }
+        _ => format!("{admin}/{database}"),
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Path of a workspace binary (`jobq-api`, `jobq-worker`, `jobq-scheduler`, `jobq`), built
+/// with cargo first if it is missing.
+pub fn bin_path(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<bin>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--bins", "--workspace"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build --bins failed");
+        });
+    }
+    assert!(path.exists(), "binary {} not found; run `cargo build --bins`", path.display());
+    path
+}
+
+/// A real jobq process, killed when dropped.
+pub struct Proc {
+    child: tokio::process::Child,
+    name: String,
+}
+
+impl Proc {
+    /// Starts binary `name` with `env` added to the environment. Its output goes to the test's.
+    pub fn spawn(name: &str, env: &HashMap<String, String>) -> Self {
+        let mut cmd = tokio::process::Command::new(bin_path(name));
+        for (var, _) in std::env::vars() {
+            if var.starts_with("JOBQ_") {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.envs(env).stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::inherit()).kill_on_drop(true);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { child, name: name.to_owned() }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process still running")
+    }
+
+    /// Sends a signal (`"TERM"`, `"KILL"`, `"STOP"`, `"CONT"`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+        assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{sig} {} failed", self.name);
+    }
+
+    /// Waits for the process to exit (at most `timeout`) and returns its exit code.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {timeout:?}", self.name))
+            .expect("wait");
+        status.code()
+    }
+}
+
+/// HTTP client helpers for a running API.
+pub struct Api {
+    /// Base URL, `http://127.0.0.1:port`.
+    pub base: String,
+    /// The client.
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    /// A client for the API at `127.0.0.1:port`.
+    pub fn new(port: u16) -> Self {
+        Self { base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() }
+    }
+
+    /// Waits until `GET /ready` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        wait_until(timeout, "the API to be ready", || async {
+            let r = self.client.get(format!("{}/ready", self.base)).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await
+    }
+
+    /// GET a path, returning (status, JSON body).
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self.client.get(format!("{}{path}", self.base)).send().await.expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POST JSON to a path, returning (status, JSON body).
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self.client.post(format!("{}{path}", self.base)).json(body).send().await.expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Waits until job `id` is in `state` and returns it.
+    pub async fn wait_for_state(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        wait_until(timeout, &format!("job {id} to be {state}"), || async {
+            let (status, job) = self.get(&format!("/api/v1/jobs/{id}")).await;
+            (status == 200 && job["state"] == state).then_some(job)
+        })
+        .await
+    }
+}

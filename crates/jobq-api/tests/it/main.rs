@@ -1,0 +1,220 @@
+//! Handler tests through the router (no socket) against real Redis and PostgreSQL.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use jobq_api::{router, AppState};
+use jobq_testutil::TestEnv;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn app(env: &TestEnv) -> Router {
+    let s = env.settings();
+    router(
+        AppState { broker: env.broker.clone(), store: env.store.clone(), payload_limit: s.api.payload_limit },
+        s.api.body_limit,
+    )
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req.body(body.map(|b| Body::from(b.to_owned())).unwrap_or_else(Body::empty)).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn assert_error(body: &Value, code: &str, mentions: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(mentions), "message {message:?} should mention {mentions:?}");
+}
+
+#[tokio::test]
+async fn enqueue_returns_201_and_get_returns_every_documented_field() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (status, job) = call(
+        &app,
+        "POST",
+        "/api/v1/jobs",
+        Some(r#"{"type":"echo","payload":{"n":1},"queue":"mail","priority":"high","max_attempts":3,"timeout":"10s","backoff":{"strategy":"linear","base":"2s"}}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    assert_eq!(job["state"], "queued");
+    let id = job["id"].as_str().unwrap();
+    let (status, got) = call(&app, "GET", &format!("/api/v1/jobs/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    for field in [
+        "id",
+        "type",
+        "queue",
+        "priority",
+        "state",
+        "attempt",
+        "max_attempts",
+        "payload",
+        "created_at",
+        "run_at",
+        "started_at",
+        "finished_at",
+        "last_error",
+    ] {
+        assert!(got.get(field).is_some(), "missing {field} in {got}");
+    }
+    assert_eq!(
+        (got["type"].as_str(), got["queue"].as_str(), got["priority"].as_str()),
+        (Some("echo"), Some("mail"), Some("high"))
+    );
+    assert_eq!(got["max_attempts"], 3);
+    assert_eq!(got["timeout"], "10s");
+    assert_eq!(got["backoff"]["strategy"], "linear");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn delay_and_run_at_schedule_the_job() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (status, job) = call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo","delay":"5m"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(job["state"], "scheduled");
+    let run_at = chrono::DateTime::parse_from_rfc3339(job["run_at"].as_str().unwrap()).unwrap();
+    let ahead = run_at.timestamp() - chrono::Utc::now().timestamp();
+    assert!((290..=301).contains(&ahead), "{ahead}");
+    let at = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let (status, job) =
+        call(&app, "POST", "/api/v1/jobs", Some(&json!({"type": "echo", "run_at": at}).to_string())).await;
+    assert_eq!((status, job["state"].as_str()), (StatusCode::CREATED, Some("scheduled")));
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let (_, job) = call(&app, "POST", "/api/v1/jobs", Some(&json!({"type": "echo", "run_at": past}).to_string())).await;
+    assert_eq!(job["state"], "queued", "a run_at in the past runs now");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let cases: &[(&str, StatusCode, &str, &str)] = &[
+        ("{not json", StatusCode::BAD_REQUEST, "bad_request", ""),
+        (r#"{"payload":{}}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "type"),
+        (r#"{"type":"echo","colour":"red"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "colour"),
+        (r#"{"type":7}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "type"),
+        (r#"{"type":"echo","priority":"urgent"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "urgent"),
+        (r#"{"type":"echo","queue":"a b"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "queue"),
+        (r#"{"type":"echo","delay":"soon"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "soon"),
+        (
+            r#"{"type":"echo","delay":"1s","run_at":"2030-01-01T00:00:00Z"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "run_at",
+        ),
+        (r#"{"type":"echo","run_at":"tomorrow"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "run_at"),
+        (r#"{"type":"echo","max_attempts":0}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "max_attempts"),
+        (r#"{"type":"echo","max_attempts":-1}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "max_attempts"),
+        (r#"{"type":""}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "type"),
+        (
+            r#"{"type":"echo","backoff":{"base":"10s","max":"1s"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "backoff.max",
+        ),
+        (r#"{"type":"echo","backoff":{"factor":2}}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "factor"),
+    ];
+    for (body, status, code, mentions) in cases {
+        let (got, err) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
+        assert_eq!(got, *status, "{body} -> {err}");
+        assert_error(&err, code, mentions);
+    }
+    assert!(env.broker.queues().await.unwrap().is_empty(), "nothing was enqueued");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn size_limits_are_413_with_the_limit_in_the_message() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let limit = env.settings().api.payload_limit;
+    let big = "x".repeat(limit);
+    let (status, err) =
+        call(&app, "POST", "/api/v1/jobs", Some(&json!({"type": "echo", "payload": big}).to_string())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&err, "payload_too_large", &limit.to_string());
+    let huge = "y".repeat(env.settings().api.body_limit + 1);
+    let (status, err) =
+        call(&app, "POST", "/api/v1/jobs", Some(&json!({"type": "echo", "payload": huge}).to_string())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    let req = Request::builder().method("POST").uri("/api/v1/jobs").body(Body::from(r#"{"type":"echo"}"#)).unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn unknown_jobs_routes_and_ids_are_4xx_json() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (status, err) = call(&app, "GET", &format!("/api/v1/jobs/{}", uuid::Uuid::now_v7()), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error(&err, "not_found", "not found");
+    let (status, err) = call(&app, "GET", "/api/v1/jobs/not-a-uuid", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_error(&err, "bad_request", "not-a-uuid");
+    let (status, err) = call(&app, "GET", "/api/v1/nothing", None).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let (status, err) = call(&app, "DELETE", "/api/v1/dlq", None).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    let (status, err) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", uuid::Uuid::now_v7()), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dlq_listing_validates_its_query() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (status, page) = call(&app, "GET", "/api/v1/dlq?queue=default&type=echo&limit=10", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["items"], json!([]));
+    let (status, err) = call(&app, "GET", "/api/v1/dlq?limit=0", None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&err, "invalid_request", "limit");
+    let (status, _) = call(&app, "GET", "/api/v1/dlq?limit=many", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, err) = call(&app, "GET", "/api/v1/dlq?cursor=garbage", None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&err, "invalid_request", "cursor");
+    let (status, _) = call(&app, "GET", "/api/v1/dlq?sort=asc", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn health_is_up_and_ready_reports_each_dependency() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (status, body) = call(&app, "GET", "/health", None).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (status, body) = call(&app, "GET", "/ready", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"], json!({"redis": "ok", "postgres": "ok"}));
+
+    let mut settings = env.settings();
+    settings.redis.url = "redis://127.0.0.1:1".into();
+    settings.redis.timeout = std::time::Duration::from_millis(300);
+    let broken = jobq_core::stream::Broker::connect(&settings).await.unwrap();
+    let down = router(AppState { broker: broken, store: env.store.clone(), payload_limit: 1024 }, 4096);
+    let (status, body) = call(&down, "GET", "/ready", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["postgres"], "ok");
+    assert_ne!(body["checks"]["redis"], "ok");
+    let (status, err) = call(&down, "POST", "/api/v1/jobs", Some(r#"{"type":"echo"}"#)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "an outage is a 503, never a 201 or 500");
+    assert_error(&err, "unavailable", "Redis");
+    env.cleanup().await;
+}

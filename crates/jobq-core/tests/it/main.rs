@@ -1,0 +1,5 @@
+//! Integration tests of the broker's Lua scripts and the Postgres store, against real Redis and
+//! PostgreSQL (one namespace and one database per test).
+
+mod scripts;
+mod store;

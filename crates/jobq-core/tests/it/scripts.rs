@@ -1,0 +1,302 @@
+use std::collections::HashSet;
+use std::time::Duration;
+
+use jobq_core::job::{JobState, NewJob, Priority, QueueName};
+use jobq_core::stream::{Broker, Delivery, Failure, Keys, Outcome, Requeued, Settled};
+use jobq_testutil::TestEnv;
+use redis::AsyncCommands;
+use serde_json::json;
+
+fn q() -> QueueName {
+    QueueName::default_queue()
+}
+
+async fn hget(env: &TestEnv, key: &str, field: &str) -> Option<String> {
+    env.broker.connection().hget(key, field).await.unwrap()
+}
+
+async fn xlen(env: &TestEnv, key: &str) -> u64 {
+    env.broker.connection().xlen(key).await.unwrap()
+}
+
+async fn pending(env: &TestEnv, key: &str) -> u64 {
+    let v: redis::Value =
+        redis::cmd("XPENDING").arg(key).arg(Keys::GROUP).query_async(&mut env.broker.connection()).await.unwrap();
+    match v {
+        redis::Value::Array(items) => redis::from_redis_value(items[0].clone()).unwrap(),
+        other => panic!("unexpected XPENDING reply {other:?}"),
+    }
+}
+
+async fn fetch_one(broker: &Broker) -> Delivery {
+    let mut f = broker.fetch(&q(), "c1", 1).await.unwrap();
+    assert_eq!(f.jobs.len(), 1, "expected one job");
+    f.jobs.pop().unwrap()
+}
+
+fn fail(d: &Delivery, retry_in: Option<Duration>) -> Outcome {
+    Outcome {
+        delivery: d.clone(),
+        result: Err(Failure {
+            message: "boom".into(),
+            retry_in,
+            reason: if retry_in.is_some() { "max_attempts" } else { "fatal" },
+        }),
+    }
+}
+
+#[tokio::test]
+async fn enqueue_puts_a_ready_job_in_its_priority_stream() {
+    let env = TestEnv::new().await;
+    let job = env.broker.enqueue(NewJob::new("echo", json!({"a": 1})).priority(Priority::High)).await.unwrap();
+    assert!(job.created);
+    assert_eq!(job.job.state, JobState::Queued);
+    assert_eq!(xlen(&env, &env.keys().stream(&q(), Priority::High)).await, 1);
+    assert_eq!(xlen(&env, &env.keys().stream(&q(), Priority::Normal)).await, 0);
+    let stored = env.broker.job(job.job.id).await.unwrap().expect("stored");
+    assert_eq!(stored.payload, json!({"a": 1}));
+    assert_eq!(stored.state, JobState::Queued);
+    let queues = env.broker.queues().await.unwrap();
+    assert_eq!(queues, vec![q()]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_jobs_are_refused_before_touching_redis() {
+    let env = TestEnv::new().await;
+    let err = env.broker.enqueue(NewJob::new("", json!(null))).await.unwrap_err();
+    assert!(matches!(err, jobq_core::Error::Invalid(_)));
+    assert!(env.broker.queues().await.unwrap().is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn delayed_job_waits_in_the_scheduled_set_until_due_then_is_promoted() {
+    let env = TestEnv::new().await;
+    let job = env.broker.enqueue(NewJob::new("echo", json!({})).delay(Duration::from_millis(300))).await.unwrap().job;
+    assert_eq!(job.state, JobState::Scheduled);
+    let zset = env.keys().scheduled(&q());
+    let score: Option<f64> = env.broker.connection().zscore(&zset, job.id.to_string()).await.unwrap();
+    assert!(score.is_some());
+    let promoted = env.broker.promote(&[q()], 100).await.unwrap();
+    assert_eq!(promoted[0].count, 0, "not due yet");
+    assert!(env.broker.fetch(&q(), "c1", 10).await.unwrap().jobs.is_empty());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let promoted = env.broker.promote(&[q()], 100).await.unwrap();
+    assert_eq!(promoted[0].count, 1);
+    assert_eq!(env.broker.job(job.id).await.unwrap().unwrap().state, JobState::Queued);
+    assert_eq!(fetch_one(&env.broker).await.envelope.id, job.id);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn fetch_starts_jobs_strictly_by_priority() {
+    let env = TestEnv::new().await;
+    for p in [Priority::Low, Priority::Normal, Priority::High, Priority::Critical] {
+        for _ in 0..2 {
+            env.broker.enqueue(NewJob::new("echo", json!({"p": p.as_str()})).priority(p)).await.unwrap();
+        }
+    }
+    let first = env.broker.fetch(&q(), "c1", 3).await.unwrap();
+    let got: Vec<Priority> = first.jobs.iter().map(|d| d.priority).collect();
+    assert_eq!(got, [Priority::Critical, Priority::Critical, Priority::High]);
+    let rest = env.broker.fetch(&q(), "c1", 10).await.unwrap();
+    let got: Vec<Priority> = rest.jobs.iter().map(|d| d.priority).collect();
+    assert_eq!(got, [Priority::High, Priority::Normal, Priority::Normal, Priority::Low, Priority::Low]);
+    for d in first.jobs.iter().chain(&rest.jobs) {
+        assert_eq!(d.attempt, 1);
+        assert_eq!(d.envelope.payload["p"], d.priority.as_str());
+        assert_eq!(env.broker.job(d.envelope.id).await.unwrap().unwrap().state, JobState::Running);
+    }
+    let empty = env.broker.fetch(&q(), "c1", 10).await.unwrap();
+    assert!(empty.jobs.is_empty());
+    assert_eq!(empty.last_ids.len(), 4, "an empty fetch reports each stream's last id to block on");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_consumers_racing_for_the_same_jobs_start_each_once() {
+    let env = TestEnv::new().await;
+    let mut ids = HashSet::new();
+    for i in 0..200 {
+        ids.insert(env.broker.enqueue(NewJob::new("echo", json!({"i": i}))).await.unwrap().job.id);
+    }
+    let a = Broker::connect(&env.settings()).await.unwrap();
+    let b = Broker::connect(&env.settings()).await.unwrap();
+    let race = |broker: Broker, name: &'static str| async move {
+        let mut got = Vec::new();
+        loop {
+            let f = broker.fetch(&QueueName::default_queue(), name, 3).await.unwrap();
+            if f.jobs.is_empty() {
+                return got;
+            }
+            got.extend(f.jobs.into_iter().map(|d| d.envelope.id));
+        }
+    };
+    let (ga, gb) = tokio::join!(race(a, "a"), race(b, "b"));
+    assert!(!ga.is_empty() && !gb.is_empty(), "both consumers should win some jobs ({} / {})", ga.len(), gb.len());
+    let all: Vec<_> = ga.iter().chain(&gb).copied().collect();
+    let unique: HashSet<_> = all.iter().copied().collect();
+    assert_eq!(all.len(), 200, "every job started exactly once");
+    assert_eq!(unique, ids);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn complete_acks_deletes_the_entry_writes_the_outbox_and_sets_retention() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("echo", json!({"x": 1}))).await.unwrap().job.id;
+    let d = fetch_one(&env.broker).await;
+    let stream = env.keys().stream(&q(), Priority::Normal);
+    assert_eq!(pending(&env, &stream).await, 1);
+    let settled = env.broker.settle(&[Outcome { delivery: d, result: Ok(Some(json!({"ok": true}))) }]).await.unwrap();
+    assert_eq!(settled, [Settled::Succeeded]);
+    assert_eq!(xlen(&env, &stream).await, 0, "acked entries are deleted");
+    assert_eq!(pending(&env, &stream).await, 0);
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.result, Some(json!({"ok": true})));
+    assert!(job.finished_at.is_some());
+    let ttl: i64 = env.broker.connection().ttl(env.keys().job(&q(), id)).await.unwrap();
+    assert!(ttl > 0, "succeeded hashes expire per retention, ttl {ttl}");
+    let events: Vec<redis::streams::StreamId> = env
+        .broker
+        .connection()
+        .xrange_all::<_, redis::streams::StreamRangeReply>(env.keys().events(&q()))
+        .await
+        .unwrap()
+        .ids;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].get::<String>("outcome").as_deref(), Some("succeeded"));
+    assert_eq!(events[0].get::<String>("id"), Some(id.to_string()));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_stale_lease_can_neither_complete_nor_fail_the_job() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let mut d = fetch_one(&env.broker).await;
+    d.lease = "999".into();
+    let ok = Outcome { delivery: d.clone(), result: Ok(None) };
+    assert_eq!(env.broker.settle(&[ok, fail(&d, None)]).await.unwrap(), [Settled::Stale, Settled::Stale]);
+    assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Running);
+    assert_eq!(
+        pending(&env, &env.keys().stream(&q(), Priority::Normal)).await,
+        1,
+        "the real owner's entry stays pending"
+    );
+    assert_eq!(xlen(&env, &env.keys().events(&q())).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn failures_retry_with_backoff_then_dead_letter_with_the_envelope() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("flaky", json!({"k": "v"})).max_attempts(2)).await.unwrap().job.id;
+    let d = fetch_one(&env.broker).await;
+    assert_eq!(env.broker.settle(&[fail(&d, Some(Duration::from_secs(60)))]).await.unwrap(), [Settled::Retrying]);
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Retrying);
+    assert_eq!(job.last_error.as_deref(), Some("boom"));
+    let zset = env.keys().scheduled(&q());
+    let score: f64 = env.broker.connection().zscore(&zset, id.to_string()).await.unwrap();
+    let wait = score as i64 - chrono::Utc::now().timestamp_millis();
+    assert!((55_000..=61_000).contains(&wait), "retry scheduled after its backoff, got {wait} ms");
+    assert_eq!(xlen(&env, &env.keys().stream(&q(), Priority::Normal)).await, 0);
+    // Make it due now and promote it.
+    let _: () = env.broker.connection().zadd(&zset, id.to_string(), 0).await.unwrap();
+    assert_eq!(env.broker.promote(&[q()], 10).await.unwrap()[0].count, 1);
+    let d = fetch_one(&env.broker).await;
+    assert_eq!(d.attempt, 2);
+    assert_eq!(env.broker.settle(&[fail(&d, Some(Duration::from_secs(1)))]).await.unwrap(), [Settled::Dead]);
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Dead);
+    assert_eq!(hget(&env, &env.keys().job(&q(), id), "dead_reason").await.as_deref(), Some("max_attempts"));
+    let events = env
+        .broker
+        .connection()
+        .xrange_all::<_, redis::streams::StreamRangeReply>(env.keys().events(&q()))
+        .await
+        .unwrap()
+        .ids;
+    let outcomes: Vec<String> = events.iter().filter_map(|e| e.get("outcome")).collect();
+    assert_eq!(outcomes, ["failed", "dead"]);
+    let envelope: String = events[1].get("envelope").expect("dead event carries the envelope");
+    assert!(envelope.contains("\"flaky\""));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_fatal_failure_dead_letters_at_once_and_a_dlq_retry_requeues_once() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(5)).await.unwrap().job.id;
+    let d = fetch_one(&env.broker).await;
+    assert_eq!(env.broker.settle(&[fail(&d, None)]).await.unwrap(), [Settled::Dead]);
+    assert_eq!(hget(&env, &env.keys().job(&q(), id), "dead_reason").await.as_deref(), Some("fatal"));
+    assert_eq!(env.broker.retry_dead(&d.envelope, 1).await.unwrap(), Requeued::Queued { run: 2 });
+    assert!(matches!(env.broker.retry_dead(&d.envelope, 1).await.unwrap(), Requeued::NotDead { .. }));
+    let again = fetch_one(&env.broker).await;
+    assert_eq!((again.run, again.attempt, again.attempts_total), (2, 1, 2));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dlq_retry_rebuilds_an_expired_job_hash_from_the_envelope() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("x", json!({"keep": 1}))).await.unwrap().job.id;
+    let d = fetch_one(&env.broker).await;
+    env.broker.settle(&[fail(&d, None)]).await.unwrap();
+    let _: () = env.broker.connection().del(env.keys().job(&q(), id)).await.unwrap();
+    assert_eq!(env.broker.retry_dead(&d.envelope, 1).await.unwrap(), Requeued::Queued { run: 2 });
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.payload), (JobState::Queued, json!({"keep": 1})));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_redis_loses_its_script_cache() {
+    let env = TestEnv::new().await;
+    env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap();
+    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut env.broker.connection()).await.unwrap();
+    let job = env.broker.enqueue(NewJob::new("echo", json!({}))).await.expect("NOSCRIPT is handled");
+    assert!(job.created);
+    assert_eq!(env.broker.fetch(&q(), "c1", 10).await.unwrap().jobs.len(), 2);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn stream_entries_of_vanished_jobs_are_dropped_by_fetch() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let keep = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let _: () = env.broker.connection().del(env.keys().job(&q(), id)).await.unwrap();
+    let f = env.broker.fetch(&q(), "c1", 10).await.unwrap();
+    assert_eq!(f.jobs.iter().map(|d| d.envelope.id).collect::<Vec<_>>(), [keep]);
+    let stream = env.keys().stream(&q(), Priority::Normal);
+    assert_eq!(xlen(&env, &stream).await, 1, "the orphan entry was deleted");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn outbox_events_are_read_once_per_group_and_deleted_on_ack() {
+    let env = TestEnv::new().await;
+    env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap();
+    let d = fetch_one(&env.broker).await;
+    env.broker.settle(&[Outcome { delivery: d, result: Ok(None) }]).await.unwrap();
+    env.broker.ensure_recorder_groups(&[q()]).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r1", &[q()], 100, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].outcome, "succeeded");
+    let again = env.broker.read_events(&mut conn, "r2", &[q()], 100, Duration::from_millis(50)).await.unwrap();
+    assert!(again.is_empty(), "another recorder does not get the same event");
+    // Not acked yet: a recorder can take it over once idle.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let claimed = env.broker.claim_events("r2", &q(), Duration::from_millis(50), 100).await.unwrap();
+    assert_eq!(claimed.events.len(), 1);
+    let entries: Vec<_> = claimed.events.iter().map(|e| (e.queue.clone(), e.entry.clone())).collect();
+    env.broker.ack_events(&entries).await.unwrap();
+    assert_eq!(xlen(&env, &env.keys().events(&q())).await, 0);
+    env.cleanup().await;
+}

@@ -1,0 +1,116 @@
+use std::time::Duration;
+
+use jobq_core::job::{JobState, NewJob, QueueName};
+use jobq_core::store::DlqFilter;
+use jobq_core::stream::{Failure, Outcome};
+use jobq_testutil::TestEnv;
+use serde_json::json;
+
+/// Enqueues `n` jobs of `kind` with one attempt each, fails them fatally and returns the events.
+async fn dead_jobs(env: &TestEnv, kind: &str, n: usize) -> Vec<jobq_core::stream::outbox::Event> {
+    let q = QueueName::default_queue();
+    for i in 0..n {
+        env.broker.enqueue(NewJob::new(kind, json!({"i": i})).max_attempts(1)).await.unwrap();
+    }
+    let f = env.broker.fetch(&q, "c", n).await.unwrap();
+    let outcomes: Vec<Outcome> = f
+        .jobs
+        .into_iter()
+        .map(|d| Outcome {
+            delivery: d,
+            result: Err(Failure { message: "nope".into(), retry_in: Some(Duration::ZERO), reason: "max_attempts" }),
+        })
+        .collect();
+    env.broker.settle(&outcomes).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", &[q], 1000, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(batch.events.len(), n);
+    batch.events
+}
+
+#[tokio::test]
+async fn recording_is_idempotent_per_attempt_and_fills_the_dlq() {
+    let env = TestEnv::new().await;
+    let events = dead_jobs(&env, "mail", 3).await;
+    env.store.record(&events).await.unwrap();
+    env.store.record(&events).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(rows, 3, "one row per attempt even when an event is written twice");
+    let page = env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(page.items.len(), 3);
+    assert!(page.items.iter().all(|d| d.kind == "mail" && d.reason == "max_attempts" && d.attempts == 1));
+    let execs = env.store.executions(events[0].job_id).await.unwrap();
+    assert_eq!(execs.len(), 1);
+    assert_eq!(execs[0].outcome, "dead");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dlq_pages_newest_first_with_filters_and_a_cursor() {
+    let env = TestEnv::new().await;
+    let mut events = dead_jobs(&env, "a", 5).await;
+    events.extend(dead_jobs(&env, "b", 2).await);
+    env.store.record(&events).await.unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = env
+            .store
+            .dead_jobs(&DlqFilter { kind: Some("a".into()), limit: 2, cursor, ..Default::default() })
+            .await
+            .unwrap();
+        seen.extend(page.items.iter().map(|d| (d.failed_at, d.job_id)));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let mut sorted = seen.clone();
+    sorted.sort_by(|x, y| y.cmp(x));
+    assert_eq!(seen, sorted, "newest first, no duplicates across pages");
+    let other =
+        env.store.dead_jobs(&DlqFilter { queue: Some("nope".into()), limit: 10, ..Default::default() }).await.unwrap();
+    assert!(other.items.is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dlq_retry_enqueues_once_and_hides_the_row() {
+    let env = TestEnv::new().await;
+    let events = dead_jobs(&env, "a", 1).await;
+    env.store.record(&events).await.unwrap();
+    let id = events[0].job_id;
+    let retried = env.store.retry_dead(&env.broker, id).await.unwrap();
+    assert_eq!(retried.run, 2);
+    let second = env.store.retry_dead(&env.broker, id).await.unwrap_err();
+    assert!(matches!(second, jobq_core::Error::Conflict(_)), "{second}");
+    assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Queued);
+    let f = env.broker.fetch(&QueueName::default_queue(), "c", 10).await.unwrap();
+    assert_eq!(f.jobs.len(), 1, "enqueued exactly once");
+    assert!(env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.unwrap().items.is_empty());
+    assert_eq!(env.store.dead_job(id).await.unwrap().unwrap().retry_count, 1);
+    let unknown = env.store.retry_dead(&env.broker, jobq_core::job::JobId::new()).await.unwrap_err();
+    assert!(matches!(unknown, jobq_core::Error::JobNotFound(_)));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failed_enqueue_rolls_the_dlq_retry_back() {
+    let env = TestEnv::new().await;
+    let events = dead_jobs(&env, "a", 1).await;
+    env.store.record(&events).await.unwrap();
+    let id = events[0].job_id;
+    // A broker pointed at a Redis that is not there.
+    let mut settings = env.settings();
+    settings.redis.url = "redis://127.0.0.1:1".into();
+    settings.redis.timeout = Duration::from_millis(300);
+    let down = jobq_core::stream::Broker::connect(&settings).await.unwrap();
+    let err = env.store.retry_dead(&down, id).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    let row = env.store.dead_job(id).await.unwrap().unwrap();
+    assert_eq!(row.retry_count, 0, "the row is not marked");
+    assert_eq!(env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.unwrap().items.len(), 1);
+    env.cleanup().await;
+}
