@@ -222,7 +222,13 @@ pub struct Proc {
 impl Proc {
     /// Starts binary `name` with `env` added to the environment. Its output goes to the test's.
     pub fn spawn(name: &str, env: &HashMap<String, String>) -> Self {
+        Self::spawn_args(name, &[], env)
+    }
+
+    /// Like [`Proc::spawn`], with command-line arguments.
+    pub fn spawn_args(name: &str, args: &[&str], env: &HashMap<String, String>) -> Self {
         let mut cmd = tokio::process::Command::new(bin_path(name));
+        cmd.args(args);
         for (var, _) in std::env::vars() {
             if var.starts_with("JOBQ_") {
                 cmd.env_remove(var);

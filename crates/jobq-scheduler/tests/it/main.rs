@@ -1,0 +1,71 @@
+//! The scheduler in-process against real Redis and PostgreSQL.
+
+use std::time::Duration;
+
+use jobq_core::job::{JobState, NewJob, QueueName};
+use jobq_core::store::{DlqFilter, Store};
+use jobq_core::stream::{Failure, Outcome};
+use jobq_testutil::{wait_until, TestEnv};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn the_scheduler_promotes_due_jobs_and_records_attempts() {
+    let env = TestEnv::new().await;
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(jobq_scheduler::run(env.settings(), token.clone()));
+    let q = QueueName::default_queue();
+    let id = env.broker.enqueue(NewJob::new("x", json!({})).delay(Duration::from_millis(200))).await.unwrap().job.id;
+    wait_until(WAIT, "promotion", || async { (env.broker.job(id).await.unwrap()?.state == JobState::Queued).then_some(()) }).await;
+    let f = env.broker.fetch(&q, "w", 1).await.unwrap();
+    let fail = Failure { message: "bad".into(), retry_in: None, reason: "fatal" };
+    env.broker.settle(&[Outcome { delivery: f.jobs[0].clone(), result: Err(fail) }]).await.unwrap();
+    wait_until(WAIT, "the dead job in the DLQ", || async {
+        let page = env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.ok()?;
+        (page.items.len() == 1).then_some(())
+    })
+    .await;
+    let outbox: u64 = redis::AsyncCommands::xlen(&mut env.broker.connection(), env.keys().events(&q)).await.unwrap();
+    assert_eq!(outbox, 0, "recorded events are deleted from the outbox");
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_wait_in_the_outbox_while_postgres_is_down_and_are_written_once_after() {
+    let env = TestEnv::new().await;
+    let q = QueueName::default_queue();
+    for _ in 0..20 {
+        env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(1)).await.unwrap();
+    }
+    let f = env.broker.fetch(&q, "w", 20).await.unwrap();
+    let outcomes: Vec<Outcome> = f
+        .jobs
+        .into_iter()
+        .map(|d| Outcome { delivery: d, result: Err(Failure { message: "x".into(), retry_in: Some(Duration::ZERO), reason: "max_attempts" }) })
+        .collect();
+    env.broker.settle(&outcomes).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", std::slice::from_ref(&q), 100, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(batch.events.len(), 20);
+
+    let mut down = env.settings().database;
+    down.url = "postgres://postgres@127.0.0.1:1/nowhere".into();
+    down.create = false;
+    let unreachable = Store::connect(&down).await.unwrap();
+    assert!(jobq_scheduler::record_once(&env.broker, &unreachable, &batch).await.is_err());
+    let outbox: u64 = redis::AsyncCommands::xlen(&mut env.broker.connection(), env.keys().events(&q)).await.unwrap();
+    assert_eq!(outbox, 20, "nothing acked while Postgres is down");
+
+    // Postgres is back; a redelivery after a partial success is harmless too.
+    assert_eq!(jobq_scheduler::record_once(&env.broker, &env.store, &batch).await.unwrap(), 20);
+    assert_eq!(jobq_scheduler::record_once(&env.broker, &env.store, &batch).await.unwrap(), 20);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_jobs").fetch_one(&env.pool).await.unwrap();
+    let execs: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&env.pool).await.unwrap();
+    assert_eq!((dead, execs), (20, 20));
+    env.cleanup().await;
+}

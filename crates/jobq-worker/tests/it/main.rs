@@ -1,0 +1,152 @@
+//! The worker in-process against real Redis: handlers, failures, timeouts, panics.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobq_core::backoff::{Backoff, Jitter, Strategy};
+use jobq_core::job::{JobId, JobInfo, JobState, NewJob};
+use jobq_testutil::{wait_until, TestEnv};
+use jobq_worker::{HandlerError, JobContext, Registry, Worker};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn fast_retry() -> Backoff {
+    Backoff { strategy: Strategy::Constant, jitter: Jitter::None, base: Duration::from_millis(20), max: Duration::from_millis(20) }
+}
+
+/// Runs a worker (and a promoter loop for retries) until the returned token is cancelled.
+fn start(env: &TestEnv, registry: Registry) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let settings = env.settings();
+    let token = CancellationToken::new();
+    let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_millis(300));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let (broker, t) = (env.broker.clone(), token.clone());
+    tokio::spawn(async move {
+        while !t.is_cancelled() {
+            let queues = broker.queues().await.unwrap_or_default();
+            let _ = broker.promote(&queues, 100).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    (token, handle)
+}
+
+async fn wait_state(env: &TestEnv, id: JobId, state: JobState) -> JobInfo {
+    wait_until(WAIT, &format!("job to be {state}"), || async {
+        let job = env.broker.job(id).await.unwrap()?;
+        (job.state == state).then_some(job)
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+#[tokio::test]
+async fn typed_handlers_get_their_payload_and_store_their_result() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::new();
+    registry.register_typed("add", |p: Add, ctx: JobContext| async move { Ok::<_, HandlerError>(json!({"sum": p.a + p.b, "attempt": ctx.attempt})) });
+    let (token, handle) = start(&env, registry);
+    let id = env.broker.enqueue(NewJob::new("add", json!({"a": 2, "b": 40}))).await.unwrap().job.id;
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!(job.result, Some(json!({"sum": 42, "attempt": 1})));
+
+    let bad = env.broker.enqueue(NewJob::new("add", json!({"a": "two"})).max_attempts(5)).await.unwrap().job.id;
+    let job = wait_state(&env, bad, JobState::Dead).await;
+    assert_eq!(job.attempt, 1, "a payload that does not deserialize is not retried");
+    assert!(job.last_error.unwrap().contains("does not match its schema"));
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_its_attempt_and_the_worker_lives_on() {
+    let env = TestEnv::new().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::with_builtins();
+    let c = calls.clone();
+    registry.register("explode", move |_ctx: JobContext| {
+        let c = c.clone();
+        async move {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("kaboom");
+            }
+            Ok(None)
+        }
+    });
+    let (token, handle) = start(&env, registry);
+    let id = env.broker.enqueue(NewJob::new("explode", json!({})).backoff(fast_retry())).await.unwrap().job.id;
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!(job.attempt, 2, "the panic spent one attempt and was retried");
+    let echo = env.broker.enqueue(NewJob::new("echo", json!(1))).await.unwrap().job.id;
+    wait_state(&env, echo, JobState::Succeeded).await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_handler_past_its_timeout_is_cancelled_and_the_attempt_fails() {
+    let env = TestEnv::new().await;
+    let (token, handle) = start(&env, Registry::with_builtins());
+    let mut job = NewJob::new("sleep", json!({"ms": 5000})).max_attempts(2).backoff(fast_retry());
+    job.timeout = Some(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let id = env.broker.enqueue(job).await.unwrap().job.id;
+    let job = wait_state(&env, id, JobState::Dead).await;
+    assert!(started.elapsed() < Duration::from_secs(4), "both attempts were cut at their timeout");
+    assert_eq!(job.attempt, 2);
+    assert!(job.last_error.unwrap().contains("timed out after 100ms"));
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
+    let env = TestEnv::new().await;
+    let (token, handle) = start(&env, Registry::with_builtins());
+    let id = env.broker.enqueue(NewJob::new("fail", json!({"times": 2})).backoff(fast_retry())).await.unwrap().job.id;
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!(job.attempt, 3);
+    let always = env.broker.enqueue(NewJob::new("fail", json!({"message": "nope"})).max_attempts(3).backoff(fast_retry())).await.unwrap();
+    let job = wait_state(&env, always.job.id, JobState::Dead).await;
+    assert_eq!(job.attempt, 3);
+    assert!(job.last_error.unwrap().starts_with("nope"));
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn jobs_are_served_in_the_configured_queue_order() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", "1")]).await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    let o = order.clone();
+    registry.register("record", move |ctx: JobContext| {
+        let o = o.clone();
+        async move {
+            o.lock().unwrap().push(ctx.queue.to_string());
+            Ok(None)
+        }
+    });
+    for _ in 0..3 {
+        env.broker.enqueue(NewJob::new("record", json!({}))).await.unwrap();
+        env.broker.enqueue(NewJob::new("record", json!({})).queue("urgent".parse().unwrap())).await.unwrap();
+    }
+    let (token, handle) = start(&env, registry);
+    wait_until(WAIT, "six jobs", || async { (order.lock().unwrap().len() == 6).then_some(()) }).await;
+    assert_eq!(*order.lock().unwrap(), ["urgent", "urgent", "urgent", "default", "default", "default"]);
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
