@@ -109,8 +109,10 @@ async fn a_failing_job_retries_with_backoff_dies_is_listed_retried_and_succeeds(
     assert_eq!((job["run"].as_u64(), job["attempt"].as_u64()), (Some(2), Some(1)), "a fresh attempt count");
     let (_, page) = sys.api.get("/api/v1/dlq").await;
     assert!(page["items"].as_array().unwrap().iter().all(|d| d["job_id"] != id.as_str()), "no longer listed");
-    jobq_testutil::wait_until(WAIT, "the third attempt to be recorded", || async { (sys.executions(&id).await.len() == 3).then_some(()) })
-        .await;
+    jobq_testutil::wait_until(WAIT, "the third attempt to be recorded", || async {
+        (sys.executions(&id).await.len() == 3).then_some(())
+    })
+    .await;
     sys.stop().await;
 }
 
@@ -138,10 +140,11 @@ async fn several_workers_share_a_queue_without_running_a_job_twice() {
         ids.insert(sys.enqueue(json!({"type": "sleep", "payload": {"ms": 5 + i % 10}})).await);
     }
     let rows: Vec<(String, String)> = jobq_testutil::wait_until(WAIT, "every attempt to be recorded", || async {
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT job_id::text, worker FROM job_executions WHERE outcome = 'succeeded'")
-            .fetch_all(&sys.env.pool)
-            .await
-            .unwrap();
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT job_id::text, worker FROM job_executions WHERE outcome = 'succeeded'")
+                .fetch_all(&sys.env.pool)
+                .await
+                .unwrap();
         (rows.len() >= 300).then_some(rows)
     })
     .await;
@@ -171,7 +174,11 @@ async fn sigterm_lets_the_running_job_finish_and_exits_zero() {
     worker.signal("TERM");
     let queued = env.broker.enqueue(jobq_core::job::NewJob::new("echo", json!({}))).await.unwrap().job.id;
     assert_eq!(worker.wait(Duration::from_secs(10)).await, Some(0));
-    assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, jobq_core::job::JobState::Succeeded, "in-flight job finished");
+    assert_eq!(
+        env.broker.job(id).await.unwrap().unwrap().state,
+        jobq_core::job::JobState::Succeeded,
+        "in-flight job finished"
+    );
     assert_eq!(
         env.broker.job(queued).await.unwrap().unwrap().state,
         jobq_core::job::JobState::Queued,

@@ -18,7 +18,10 @@ async fn the_scheduler_promotes_due_jobs_and_records_attempts() {
     let handle = tokio::spawn(jobq_scheduler::run(env.settings(), token.clone()));
     let q = QueueName::default_queue();
     let id = env.broker.enqueue(NewJob::new("x", json!({})).delay(Duration::from_millis(200))).await.unwrap().job.id;
-    wait_until(WAIT, "promotion", || async { (env.broker.job(id).await.unwrap()?.state == JobState::Queued).then_some(()) }).await;
+    wait_until(WAIT, "promotion", || async {
+        (env.broker.job(id).await.unwrap()?.state == JobState::Queued).then_some(())
+    })
+    .await;
     let f = env.broker.fetch(&q, "w", 1).await.unwrap();
     let fail = Failure { message: "bad".into(), retry_in: None, reason: "fatal" };
     env.broker.settle(&[Outcome { delivery: f.jobs[0].clone(), result: Err(fail) }]).await.unwrap();
@@ -45,12 +48,19 @@ async fn events_wait_in_the_outbox_while_postgres_is_down_and_are_written_once_a
     let outcomes: Vec<Outcome> = f
         .jobs
         .into_iter()
-        .map(|d| Outcome { delivery: d, result: Err(Failure { message: "x".into(), retry_in: Some(Duration::ZERO), reason: "max_attempts" }) })
+        .map(|d| Outcome {
+            delivery: d,
+            result: Err(Failure { message: "x".into(), retry_in: Some(Duration::ZERO), reason: "max_attempts" }),
+        })
         .collect();
     env.broker.settle(&outcomes).await.unwrap();
     env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
     let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
-    let batch = env.broker.read_events(&mut conn, "r", std::slice::from_ref(&q), 100, Duration::from_millis(100)).await.unwrap();
+    let batch = env
+        .broker
+        .read_events(&mut conn, "r", std::slice::from_ref(&q), 100, Duration::from_millis(100))
+        .await
+        .unwrap();
     assert_eq!(batch.events.len(), 20);
 
     let mut down = env.settings().database;

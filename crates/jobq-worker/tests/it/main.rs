@@ -14,7 +14,12 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn fast_retry() -> Backoff {
-    Backoff { strategy: Strategy::Constant, jitter: Jitter::None, base: Duration::from_millis(20), max: Duration::from_millis(20) }
+    Backoff {
+        strategy: Strategy::Constant,
+        jitter: Jitter::None,
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(20),
+    }
 }
 
 /// Runs a worker (and a promoter loop for retries) until the returned token is cancelled.
@@ -52,7 +57,9 @@ struct Add {
 async fn typed_handlers_get_their_payload_and_store_their_result() {
     let env = TestEnv::new().await;
     let mut registry = Registry::new();
-    registry.register_typed("add", |p: Add, ctx: JobContext| async move { Ok::<_, HandlerError>(json!({"sum": p.a + p.b, "attempt": ctx.attempt})) });
+    registry.register_typed("add", |p: Add, ctx: JobContext| async move {
+        Ok::<_, HandlerError>(json!({"sum": p.a + p.b, "attempt": ctx.attempt}))
+    });
     let (token, handle) = start(&env, registry);
     let id = env.broker.enqueue(NewJob::new("add", json!({"a": 2, "b": 40}))).await.unwrap().job.id;
     let job = wait_state(&env, id, JobState::Succeeded).await;
@@ -117,7 +124,11 @@ async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
     let id = env.broker.enqueue(NewJob::new("fail", json!({"times": 2})).backoff(fast_retry())).await.unwrap().job.id;
     let job = wait_state(&env, id, JobState::Succeeded).await;
     assert_eq!(job.attempt, 3);
-    let always = env.broker.enqueue(NewJob::new("fail", json!({"message": "nope"})).max_attempts(3).backoff(fast_retry())).await.unwrap();
+    let always = env
+        .broker
+        .enqueue(NewJob::new("fail", json!({"message": "nope"})).max_attempts(3).backoff(fast_retry()))
+        .await
+        .unwrap();
     let job = wait_state(&env, always.job.id, JobState::Dead).await;
     assert_eq!(job.attempt, 3);
     assert!(job.last_error.unwrap().starts_with("nope"));
