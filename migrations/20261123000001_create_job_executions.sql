@@ -6,7 +6,7 @@ CREATE TABLE job_executions (
     attempt     integer     NOT NULL,
     queue       text        NOT NULL,
     job_type    text        NOT NULL,
-    outcome     text        NOT NULL CHECK (outcome IN ('succeeded', 'failed', 'dead')),
+    outcome     text        NOT NULL CHECK (outcome IN ('succeeded', 'failed', 'dead', 'cancelled')),
     error       text,
     worker      text,
     started_at  timestamptz,

@@ -90,7 +90,7 @@ async fn dev(settings: Settings) -> anyhow::Result<()> {
 }
 
 fn queue_list(settings: &Settings) -> String {
-    settings.worker.queues.iter().map(|q| q.as_str()).collect::<Vec<_>>().join(",")
+    settings.worker.queues.names().iter().map(|q| q.as_str()).collect::<Vec<_>>().join(",")
 }
 
 /// The URL without its password.

@@ -41,6 +41,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "worker.shutdown_timeout"),
     ("JOBQ_WORKER_POLL_INTERVAL", "worker.poll_interval"),
     ("JOBQ_WORKER_ID", "worker.id"),
+    ("JOBQ_WORKER_LEASE", "worker.lease"),
+    ("JOBQ_WORKER_HEARTBEAT", "worker.heartbeat"),
+    ("JOBQ_WORKER_REAPER_INTERVAL", "worker.reaper_interval"),
+    ("JOBQ_WORKER_MAX_RECLAIMS", "worker.max_reclaims"),
     ("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "scheduler.promote_interval"),
     ("JOBQ_SCHEDULER_PROMOTE_BATCH", "scheduler.promote_batch"),
     ("JOBQ_SCHEDULER_RECORD_BATCH", "scheduler.record_batch"),
@@ -127,9 +131,9 @@ pub struct ApiSettings {
 pub struct WorkerSettings {
     /// Jobs at once.
     pub concurrency: usize,
-    /// Served queues, highest first.
+    /// Served queues: in strict order (highest first), or weighted when weights are given.
     #[serde(deserialize_with = "queue_list")]
-    pub queues: Vec<QueueName>,
+    pub queues: QueueSelection,
     /// Grace period for in-flight jobs on shutdown.
     #[serde(with = "serde_human")]
     pub shutdown_timeout: Duration,
@@ -138,6 +142,34 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// Consumer name ("" = generated).
     pub id: String,
+    /// A running job whose worker has not renewed its lease for this long is reclaimed.
+    #[serde(with = "serde_human")]
+    pub lease: Duration,
+    /// How often a worker renews the leases of its running jobs.
+    #[serde(with = "serde_human")]
+    pub heartbeat: Duration,
+    /// How often a worker looks for jobs with lapsed leases.
+    #[serde(with = "serde_human")]
+    pub reaper_interval: Duration,
+    /// Reclaims after which a job is dead (reason `max_reclaims`): a job that kills its worker.
+    pub max_reclaims: u32,
+}
+
+/// The queues a worker serves and how it picks among them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSelection {
+    /// Queue names with their weights (all 1 in strict mode).
+    pub queues: Vec<(QueueName, u32)>,
+    /// Strict: always the first queue with work. Weighted: each fetch orders the queues at
+    /// random in proportion to their weights (asynq's model).
+    pub weighted: bool,
+}
+
+impl QueueSelection {
+    /// The queue names, in configured order.
+    pub fn names(&self) -> Vec<QueueName> {
+        self.queues.iter().map(|(q, _)| q.clone()).collect()
+    }
 }
 
 /// `[scheduler]`.
@@ -201,7 +233,39 @@ pub struct LogSettings {
     pub level: String,
 }
 
-fn queue_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<QueueName>, D::Error> {
+/// Parses `"critical,default,low"` (strict order) or `"critical=6,default=3,low=1"` (weights).
+pub fn parse_queues(names: &[String]) -> Result<QueueSelection, String> {
+    let mut queues = Vec::new();
+    let mut weights = 0;
+    for n in names {
+        let (name, weight) = match n.split_once('=') {
+            Some((name, w)) => {
+                weights += 1;
+                let w: u32 =
+                    w.trim().parse().map_err(|_| format!("invalid weight in `{n}`: expected a whole number"))?;
+                if !(1..=1000).contains(&w) {
+                    return Err(format!("weight of `{name}` must be between 1 and 1000"));
+                }
+                (name.trim(), w)
+            }
+            None => (n.trim(), 1),
+        };
+        let q = QueueName::try_from(name.to_owned())?;
+        if queues.iter().any(|(x, _)| *x == q) {
+            return Err(format!("queue `{q}` is listed twice"));
+        }
+        queues.push((q, weight));
+    }
+    if queues.is_empty() {
+        return Err("at least one queue is required".into());
+    }
+    if weights != 0 && weights != queues.len() {
+        return Err("give every queue a weight (`a=3,b=1`) or none (strict order)".into());
+    }
+    Ok(QueueSelection { queues, weighted: weights > 0 })
+}
+
+fn queue_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<QueueSelection, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -212,12 +276,7 @@ fn queue_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<QueueName>, 
         Raw::Text(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
         Raw::List(l) => l,
     };
-    let queues =
-        names.into_iter().map(QueueName::try_from).collect::<Result<Vec<_>, _>>().map_err(serde::de::Error::custom)?;
-    if queues.is_empty() {
-        return Err(serde::de::Error::custom("at least one queue is required"));
-    }
-    Ok(queues)
+    parse_queues(&names).map_err(serde::de::Error::custom)
 }
 
 /// Loads settings from the defaults, the optional file and the process environment.
@@ -292,6 +351,21 @@ impl Settings {
         if !(1..=10_000).contains(&self.worker.concurrency) {
             return bad("worker.concurrency", format!("must be between 1 and 10000, got {}", self.worker.concurrency));
         }
+        if self.worker.lease < Duration::from_millis(100) {
+            return bad("worker.lease", "must be at least 100ms".into());
+        }
+        if self.worker.heartbeat.is_zero() || self.worker.heartbeat * 2 > self.worker.lease {
+            return bad(
+                "worker.heartbeat",
+                format!(
+                    "must be above zero and at most half of JOBQ_WORKER_LEASE ({}), so a lease is renewed well before it lapses",
+                    crate::duration::format(self.worker.lease)
+                ),
+            );
+        }
+        if self.worker.reaper_interval < Duration::from_millis(10) {
+            return bad("worker.reaper_interval", "must be at least 10ms".into());
+        }
         if self.worker.poll_interval < Duration::from_millis(10) {
             return bad("worker.poll_interval", "must be at least 10ms".into());
         }
@@ -333,7 +407,9 @@ mod tests {
         let s = with(&[]).unwrap();
         assert_eq!(s.namespace, "jobq");
         assert_eq!(s.api.addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(s.worker.queues, vec![QueueName::default_queue()]);
+        assert_eq!(s.worker.queues.names(), vec![QueueName::default_queue()]);
+        assert!(!s.worker.queues.weighted);
+        assert_eq!(s.worker.lease, Duration::from_secs(30));
         assert_eq!(s.worker.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(s.jobs.backoff, Backoff::default());
     }
@@ -357,10 +433,18 @@ mod tests {
         assert_eq!(s.namespace, "staging");
         assert_eq!(s.api.addr.port(), 9000);
         assert_eq!(s.worker.concurrency, 7);
-        let q: Vec<_> = s.worker.queues.iter().map(|q| q.as_str()).collect();
+        let q: Vec<_> = s.worker.queues.names().iter().map(|q| q.to_string()).collect();
         assert_eq!(q, ["critical", "default", "low"]);
         assert_eq!(s.log.format, LogFormat::Json);
         assert_eq!(s.worker.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn weighted_queues_parse_with_their_weights() {
+        let s = with(&[("JOBQ_WORKER_QUEUES", "critical=6, default=3,low=1")]).unwrap();
+        assert!(s.worker.queues.weighted);
+        let w: Vec<u32> = s.worker.queues.queues.iter().map(|(_, w)| *w).collect();
+        assert_eq!(w, [6, 3, 1]);
     }
 
     #[test]
@@ -380,6 +464,10 @@ mod tests {
             ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "soon"),
             ("REDIS_URL", "http://x"),
             ("JOBQ_NAMESPACE", "a{b}"),
+            ("JOBQ_WORKER_QUEUES", "a=3,b"),
+            ("JOBQ_WORKER_QUEUES", "a=x"),
+            ("JOBQ_WORKER_QUEUES", "a,a"),
+            ("JOBQ_WORKER_HEARTBEAT", "20s"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{var}={value}: {err}");
@@ -398,7 +486,7 @@ mod tests {
         let yaml = dir.join("jobq.yaml");
         std::fs::write(&yaml, "worker:\n  queues: [mail, default]\n").unwrap();
         let s = load_from(Some(&yaml), |_| None).unwrap();
-        assert_eq!(s.worker.queues.len(), 2);
+        assert_eq!(s.worker.queues.queues.len(), 2);
         std::fs::write(&path, "[worker]\nconcurency = 3\n").unwrap();
         assert!(load_from(Some(&path), |_| None).unwrap_err().to_string().contains("concurency"));
         assert!(load_from(Some(&dir.join("missing.toml")), |_| None).is_err());

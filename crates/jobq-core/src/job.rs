@@ -229,6 +229,12 @@ pub struct Envelope {
     pub timeout: Option<Duration>,
     /// When the job was accepted.
     pub created_at: DateTime<Utc>,
+    /// Deadline to start: a job not started by then is dead with reason `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Deduplication key: while held, enqueueing another job with it returns this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
     /// Free-form string map (carries trace context).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -268,6 +274,12 @@ pub struct NewJob {
     pub timeout: Option<Duration>,
     /// When it may start.
     pub start: Start,
+    /// Deadline to start.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Deduplication key.
+    pub unique_key: Option<String>,
+    /// How long the unique key is held; `None` holds it until the job is finished.
+    pub unique_ttl: Option<Duration>,
     /// String map carried to the handler.
     pub metadata: BTreeMap<String, String>,
     /// Labels.
@@ -286,6 +298,9 @@ impl NewJob {
             backoff: None,
             timeout: None,
             start: Start::Now,
+            expires_at: None,
+            unique_key: None,
+            unique_ttl: None,
             metadata: BTreeMap::new(),
             tags: Vec::new(),
         }
@@ -321,6 +336,19 @@ impl NewJob {
         self
     }
 
+    /// Sets a deadline to start.
+    pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Makes the job unique by `key` (held for `ttl`, or until the job finishes when `None`).
+    pub fn unique(mut self, key: impl Into<String>, ttl: Option<Duration>) -> Self {
+        self.unique_key = Some(key.into());
+        self.unique_ttl = ttl;
+        self
+    }
+
     /// Checks the fields a caller controls; the error names the field.
     pub fn validate(&self) -> crate::Result<()> {
         let invalid = |m: String| Err(crate::Error::Invalid(m));
@@ -341,6 +369,30 @@ impl NewJob {
         if let Some(t) = self.timeout {
             if t.is_zero() {
                 return invalid("`timeout` must be greater than zero".into());
+            }
+        }
+        if let Some(k) = &self.unique_key {
+            if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
+                return invalid("`unique_key` must be 1-256 characters without control characters".into());
+            }
+        }
+        if self.unique_ttl.is_some() && self.unique_key.is_none() {
+            return invalid("`unique_ttl` needs a `unique_key`".into());
+        }
+        if self.unique_ttl.is_some_and(|t| t < Duration::from_millis(1)) {
+            return invalid("`unique_ttl` must be at least 1ms".into());
+        }
+        if let Some(at) = self.expires_at {
+            if at <= Utc::now() {
+                return invalid("`expires_at` is in the past".into());
+            }
+            let starts = match self.start {
+                Start::Now => None,
+                Start::After(d) => chrono::Duration::from_std(d).ok().map(|d| Utc::now() + d),
+                Start::At(t) => Some(t),
+            };
+            if starts.is_some_and(|s| s >= at) {
+                return invalid("`expires_at` must be after the job's start (`delay` / `run_at`)".into());
             }
         }
         Ok(())
@@ -387,6 +439,20 @@ pub struct JobInfo {
     pub finished_at: Option<DateTime<Utc>>,
     /// Error of the latest failed attempt.
     pub last_error: Option<String>,
+    /// Deadline to start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Deduplication key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+    /// Times the job was taken back from a worker that stopped while running it.
+    pub reclaims: u32,
+    /// A cancel was requested while the job was running.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub cancel_requested: bool,
+    /// Why the job is dead (`max_attempts`, `fatal`, `unknown_type`, `expired`, `max_reclaims`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_reason: Option<String>,
     /// Metadata.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -417,6 +483,8 @@ mod tests {
             backoff: Backoff::default(),
             timeout: Some(Duration::from_secs(30)),
             created_at: Utc::now(),
+            expires_at: None,
+            unique_key: Some("u1".into()),
             metadata: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
             tags: vec!["t".into()],
         }

@@ -1,17 +1,20 @@
 //! Running one attempt and writing outcomes back in batches.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jobq_core::stream::{Broker, Delivery, Failure, Outcome, Settled};
+use jobq_core::stream::{Broker, Delivery, Failure, Lease, Outcome, Settled};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{HandlerError, JobContext, Registry};
+use crate::leases::{Running, Slot, Stop};
+use crate::{HandlerError, HandlerResult, JobContext, Registry};
 
 /// Most outcomes written in one pipeline.
 const BATCH: usize = 512;
+/// How long a handler may take to return after its job was cancelled before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) type Done = (Outcome, OwnedSemaphorePermit);
 
@@ -22,11 +25,21 @@ pub(crate) struct Executor {
     pub(crate) done: mpsc::UnboundedSender<Done>,
     /// Cancelled when in-flight jobs are given up (shutdown grace elapsed).
     pub(crate) abandon: CancellationToken,
+    pub(crate) running: Running,
+}
+
+/// How the handler's task ended.
+enum Ended {
+    Returned(HandlerResult),
+    Panicked(String),
+    TimedOut(Duration),
+    /// Stopped by a cancel request or a lost lease and did not return within the grace.
+    Dropped,
 }
 
 impl Executor {
     /// Runs the attempt and hands its outcome (with the slot) to the completer. An attempt
-    /// abandoned at shutdown reports nothing: its entry stays pending for reclaim.
+    /// abandoned at shutdown, or whose lease was lost, reports nothing.
     pub(crate) async fn execute(self: Arc<Self>, d: Delivery, permit: OwnedSemaphorePermit) {
         let span = tracing::info_span!(
             "job",
@@ -37,13 +50,25 @@ impl Executor {
         );
         async move {
             let started = std::time::Instant::now();
-            let Some(result) = self.attempt(&d).await else { return };
+            let slot = Arc::new(Slot {
+                lease: Lease {
+                    queue: d.queue.clone(),
+                    priority: d.priority,
+                    entry: d.entry.clone(),
+                    id: d.envelope.id,
+                    token: d.lease.clone(),
+                },
+                cancel: self.abandon.child_token(),
+                stop: Mutex::new(None),
+            });
+            self.running.insert(d.envelope.id, slot.clone());
+            let result = self.attempt(&d, &slot).await;
+            self.running.remove(&d.envelope.id);
+            let Some(result) = result else { return };
             let duration_ms = started.elapsed().as_millis() as u64;
             match &result {
                 Ok(_) => tracing::debug!(duration_ms, "job succeeded"),
-                Err(f) => {
-                    tracing::info!(duration_ms, error = %f.message, retry = f.retry_in.is_some(), "job attempt failed")
-                }
+                Err(f) => tracing::info!(duration_ms, error = %f.message, reason = f.reason, "job attempt failed"),
             }
             let _ = self.done.send((Outcome { delivery: d, result }, permit));
         }
@@ -51,7 +76,7 @@ impl Executor {
         .await
     }
 
-    async fn attempt(&self, d: &Delivery) -> Option<Result<Option<serde_json::Value>, Failure>> {
+    async fn attempt(&self, d: &Delivery, slot: &Slot) -> Option<Result<Option<serde_json::Value>, Failure>> {
         let env = &d.envelope;
         let Some(handler) = self.registry.get(&env.kind) else {
             return Some(Err(Failure {
@@ -73,37 +98,57 @@ impl Executor {
             run: d.run,
             payload: env.payload.clone(),
             metadata: env.metadata.clone(),
-            cancel: self.abandon.child_token(),
+            cancel: slot.cancel.clone(),
         };
         let timeout = env.timeout.unwrap_or(self.default_timeout);
         // Its own task, so a panicking handler fails the attempt and not the worker.
-        let task = tokio::spawn(handler.call(ctx).in_current_span());
+        let mut task = tokio::spawn(handler.call(ctx).in_current_span());
         let abort = task.abort_handle();
-        let joined = tokio::select! {
-            r = tokio::time::timeout(timeout, task) => r,
-            _ = self.abandon.cancelled() => {
-                abort.abort();
-                return None;
+        let joined = async {
+            tokio::select! {
+                r = tokio::time::timeout(timeout, &mut task) => r.map_err(|_| ()),
+                _ = slot.cancel.cancelled() => tokio::time::timeout(CANCEL_GRACE, &mut task).await.map_err(|_| ()),
             }
         };
-        let retry = |message: String| Failure { retry_in: Some(self.retry_delay(d)), message, reason: "max_attempts" };
-        Some(match joined {
-            Err(_elapsed) => {
-                abort.abort();
-                Err(retry(format!("timed out after {}", jobq_core::duration::format(timeout))))
-            }
+        let ended = match joined.await {
+            Ok(Ok(r)) => Ended::Returned(r),
             Ok(Err(join)) if join.is_panic() => {
                 let p = join.into_panic();
                 let msg =
                     p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-                Err(retry(format!("handler panicked: {}", msg.unwrap_or_else(|| "non-string panic".into()))))
+                Ended::Panicked(msg.unwrap_or_else(|| "non-string panic".into()))
             }
-            Ok(Err(_cancelled)) => return None,
-            Ok(Ok(Ok(value))) => Ok(value),
-            Ok(Ok(Err(HandlerError::Retry(e)))) => Err(retry(format!("{e:#}"))),
-            Ok(Ok(Err(HandlerError::Fail(e)))) => {
+            Ok(Err(_aborted)) => Ended::Dropped,
+            Err(()) if slot.cancel.is_cancelled() => Ended::Dropped,
+            Err(()) => Ended::TimedOut(timeout),
+        };
+        abort.abort();
+        if self.abandon.is_cancelled() {
+            // Shutdown gave up on this attempt: leave it pending for reclaim.
+            return None;
+        }
+        let retry = |message: String| Failure { retry_in: Some(self.retry_delay(d)), message, reason: "max_attempts" };
+        let succeeded = matches!(ended, Ended::Returned(Ok(_)));
+        match slot.stopped() {
+            Some(Stop::LeaseLost) => return None,
+            Some(Stop::CancelRequested) if !succeeded => {
+                return Some(Err(Failure {
+                    message: "cancelled on request".into(),
+                    retry_in: None,
+                    reason: "cancelled",
+                }));
+            }
+            _ => {}
+        }
+        Some(match ended {
+            Ended::Returned(Ok(value)) => Ok(value),
+            Ended::Returned(Err(HandlerError::Retry(e))) => Err(retry(format!("{e:#}"))),
+            Ended::Returned(Err(HandlerError::Fail(e))) => {
                 Err(Failure { message: format!("{e:#}"), retry_in: None, reason: "fatal" })
             }
+            Ended::Panicked(msg) => Err(retry(format!("handler panicked: {msg}"))),
+            Ended::TimedOut(t) => Err(retry(format!("timed out after {}", jobq_core::duration::format(t)))),
+            Ended::Dropped => return None,
         })
     }
 

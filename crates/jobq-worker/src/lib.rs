@@ -3,15 +3,19 @@
 //!
 //! # Loop
 //!
-//! 1. Take every free slot (`concurrency` permits) and run the fetch script on each queue in
-//!    order until the slots are used: strict priority across and inside queues.
+//! 1. Take every free slot (`concurrency` permits) and run the fetch script on each queue,
+//!    in strict order or in a weighted random order, until the slots are used.
 //! 2. When nothing was ready, block on XREAD for entries newer than the ones the fetch saw
 //!    (no race: anything added after the fetch wakes the worker), at most `poll_interval`.
 //! 3. Each job runs in its own task with its timeout; its outcome goes to the completer, which
 //!    writes outcomes in batches (one Redis round trip per batch) and then frees the slot.
 //!
+//! Beside the loop: the heartbeat renews the lease of every running job (and learns of cancel
+//! requests and lost leases), the reaper re-queues jobs whose worker stopped renewing theirs,
+//! and a pub/sub listener delivers cancel requests at once. See `docs/guarantees.md`.
+//!
 //! On shutdown the worker stops fetching, gives in-flight jobs `shutdown_timeout`, cancels the
-//! rest without acking them (they stay pending for reclaim), flushes outcomes and returns.
+//! rest without acking them (they stay pending and are reclaimed), flushes outcomes and returns.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -24,14 +28,17 @@
 
 mod executor;
 pub mod handlers;
+mod leases;
 mod registry;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use jobq_core::config::{Settings, WorkerSettings};
+use jobq_core::config::{QueueSelection, Settings, WorkerSettings};
+use jobq_core::job::QueueName;
 use jobq_core::stream::Broker;
+use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,6 +67,34 @@ pub fn default_consumer_name() -> String {
     format!("{host}-{}-{}", std::process::id(), &tag[..6])
 }
 
+/// The order in which one fetch round visits the queues: the configured order in strict mode;
+/// in weighted mode a random order where each queue comes first with probability
+/// weight / total (sampling without replacement).
+pub fn fetch_order(selection: &QueueSelection, rng: &mut impl Rng) -> Vec<QueueName> {
+    if !selection.weighted {
+        return selection.names();
+    }
+    let mut left: Vec<(QueueName, u32)> = selection.queues.clone();
+    let mut order = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let total: u32 = left.iter().map(|(_, w)| w).sum();
+        let mut pick = rng.random_range(0..total);
+        let i = left
+            .iter()
+            .position(|(_, w)| {
+                if pick < *w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            })
+            .unwrap_or(0);
+        order.push(left.remove(i).0);
+    }
+    order
+}
+
 /// One worker process's fetch/execute/ack machinery.
 pub struct Worker {
     broker: Broker,
@@ -83,21 +118,41 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled, then drains as described in the crate docs.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let queues = self.settings.queues.clone();
+        let queues = self.settings.queues.names();
         for q in &queues {
-            retry_redis("create consumer groups", &shutdown, || self.broker.ensure_groups(q)).await;
+            if retry_redis("create consumer groups", &shutdown, || self.broker.ensure_groups(q)).await.is_none() {
+                return Ok(());
+            }
         }
         tracing::info!(
             consumer = %self.consumer,
-            queues = ?queues.iter().map(|q| q.as_str()).collect::<Vec<_>>(),
+            queues = ?self.settings.queues.queues.iter().map(|(q, w)| format!("{q}={w}")).collect::<Vec<_>>(),
+            weighted = self.settings.queues.weighted,
             concurrency = self.settings.concurrency,
             handlers = ?self.registry.types(),
             "worker started"
         );
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
         let abandon = CancellationToken::new();
+        let background = CancellationToken::new();
+        let running = leases::Running::default();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(executor::complete_loop(self.broker.clone(), done_rx, abandon.clone()));
+        let heartbeat = tokio::spawn(leases::heartbeat_loop(
+            self.broker.clone(),
+            self.consumer.clone(),
+            running.clone(),
+            self.settings.heartbeat,
+            background.clone(),
+        ));
+        let listener = tokio::spawn(leases::cancel_listener(self.broker.clone(), running.clone(), background.clone()));
+        let reaper = tokio::spawn(leases::reaper_loop(
+            self.broker.clone(),
+            self.consumer.clone(),
+            queues.clone(),
+            self.settings.clone(),
+            shutdown.clone(),
+        ));
         let tracker = TaskTracker::new();
         let exec = Arc::new(executor::Executor {
             registry: self.registry.clone(),
@@ -105,6 +160,7 @@ impl Worker {
             default_timeout: self.default_timeout,
             done: done_tx,
             abandon: abandon.clone(),
+            running: running.clone(),
         });
         let mut blocking = None;
         let mut backoff = Duration::from_millis(50);
@@ -118,13 +174,16 @@ impl Worker {
                 permits.push(p);
             }
             let mut started = 0usize;
+            let mut paused = 0usize;
             let mut last_ids = Vec::new();
-            for q in &queues {
+            let order = fetch_order(&self.settings.queues, &mut rand::rng());
+            for q in &order {
                 if permits.is_empty() || shutdown.is_cancelled() {
                     break;
                 }
                 match self.broker.fetch(q, &self.consumer, permits.len()).await {
                     Ok(fetched) => {
+                        paused += usize::from(fetched.paused);
                         last_ids.extend(fetched.last_ids);
                         for delivery in fetched.jobs {
                             let permit = permits.pop().context("fetched more jobs than free slots")?;
@@ -149,7 +208,13 @@ impl Worker {
             if started > 0 {
                 continue;
             }
-            // Nothing ready: wait for an entry newer than what the fetch scripts saw.
+            // Nothing ready: wait for an entry newer than what the fetch scripts saw. A paused
+            // queue is looked at again within a second of being resumed.
+            let block = if paused > 0 {
+                self.settings.poll_interval.min(Duration::from_secs(1))
+            } else {
+                self.settings.poll_interval
+            };
             if blocking.is_none() {
                 match self.broker.blocking_connection(self.settings.poll_interval).await {
                     Ok(c) => blocking = Some(c),
@@ -158,7 +223,7 @@ impl Worker {
             }
             let wait = async {
                 match blocking.as_mut() {
-                    Some(conn) => Broker::wait_for_work(conn, &last_ids, self.settings.poll_interval).await,
+                    Some(conn) => Broker::wait_for_work(conn, &last_ids, block).await,
                     None => {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         Ok(())
@@ -187,13 +252,14 @@ impl Worker {
         }
         drop(exec);
         // The completer ends once every outcome is written (or Redis stays down too long).
-        let flush = Duration::from_secs(10);
         let mut completer = completer;
-        if tokio::time::timeout(flush, &mut completer).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), &mut completer).await.is_err() {
             tracing::warn!("could not write every outcome in time; those jobs stay pending and will be reclaimed");
             abandon.cancel();
             let _ = completer.await;
         }
+        background.cancel();
+        let _ = tokio::join!(heartbeat, listener, reaper);
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -216,5 +282,34 @@ where
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_order_is_the_configured_order() {
+        let sel = jobq_core::config::parse_queues(&["a".into(), "b".into(), "c".into()]).unwrap();
+        let order: Vec<String> = fetch_order(&sel, &mut rand::rng()).iter().map(|q| q.to_string()).collect();
+        assert_eq!(order, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn weighted_order_puts_each_queue_first_in_proportion_to_its_weight() {
+        let sel = jobq_core::config::parse_queues(&["a=6".into(), "b=3".into(), "c=1".into()]).unwrap();
+        let mut rng = rand::rng();
+        let mut first = std::collections::HashMap::new();
+        let n = 100_000;
+        for _ in 0..n {
+            let order = fetch_order(&sel, &mut rng);
+            assert_eq!(order.len(), 3);
+            *first.entry(order[0].to_string()).or_insert(0usize) += 1;
+        }
+        for (q, w) in [("a", 0.6), ("b", 0.3), ("c", 0.1)] {
+            let share = first[q] as f64 / n as f64;
+            assert!((share - w).abs() < 0.01, "{q}: {share}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use jobq_core::backoff::Backoff;
 use jobq_core::job::{NewJob, Priority, QueueName, Start};
+use jobq_core::stream::Cancel;
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -19,7 +20,7 @@ use crate::AppState;
 
 /// The job routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/jobs", post(enqueue)).route("/api/v1/jobs/{id}", get(get_job))
+    Router::new().route("/api/v1/jobs", post(enqueue)).route("/api/v1/jobs/{id}", get(get_job).delete(cancel))
 }
 
 /// Body of `POST /api/v1/jobs`.
@@ -48,6 +49,16 @@ pub struct EnqueueRequest {
     pub timeout: Option<Duration>,
     /// Retry policy.
     pub backoff: Option<Backoff>,
+    /// Deadline to start (RFC 3339); a job not started by then is dead with reason `expired`.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Like `expires_at`, relative to now (`"10m"`).
+    #[serde(default, with = "jobq_core::duration::serde_human_opt")]
+    pub ttl: Option<Duration>,
+    /// Deduplication key: while held, enqueueing with the same key returns the existing job (200).
+    pub unique_key: Option<String>,
+    /// How long the unique key is held (default: until the job is finished).
+    #[serde(default, with = "jobq_core::duration::serde_human_opt")]
+    pub unique_ttl: Option<Duration>,
     /// String map carried to the handler.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -69,6 +80,15 @@ impl EnqueueRequest {
             (None, Some(t)) => Start::At(t),
             (None, None) => Start::Now,
         };
+        let expires_at = match (self.expires_at, self.ttl) {
+            (Some(_), Some(_)) => return Err(ApiError::Invalid("set `expires_at` or `ttl`, not both".into())),
+            (Some(t), None) => Some(t),
+            (None, Some(d)) => {
+                let d = chrono::Duration::from_std(d).map_err(|_| ApiError::Invalid("`ttl` is too long".into()))?;
+                Some(Utc::now() + d)
+            }
+            (None, None) => None,
+        };
         if self.tags.len() > 32 || self.tags.iter().any(|t| t.len() > 128) {
             return Err(ApiError::Invalid("`tags`: at most 32 tags of at most 128 characters".into()));
         }
@@ -86,6 +106,9 @@ impl EnqueueRequest {
             backoff: self.backoff,
             timeout: self.timeout,
             start,
+            expires_at,
+            unique_key: self.unique_key,
+            unique_ttl: self.unique_ttl,
             metadata: self.metadata,
             tags: self.tags,
         };
@@ -108,4 +131,18 @@ async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     let id = job_id(&id)?;
     let job = state.broker.job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
     Ok(Json(job))
+}
+
+/// `DELETE /api/v1/jobs/{id}`: a queued or scheduled job is cancelled and never starts (200,
+/// state `cancelled`); a running one is asked to stop (202, state `running`,
+/// `cancel_requested`); a finished one is a 409.
+async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let id = job_id(&id)?;
+    let status = match state.broker.cancel(id).await? {
+        Cancel::Cancelled => StatusCode::OK,
+        Cancel::Requested => StatusCode::ACCEPTED,
+        Cancel::Finished(s) => return Err(ApiError::Conflict(format!("job {id} is already {s}"))),
+    };
+    let job = state.broker.job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
+    Ok((status, Json(job)))
 }

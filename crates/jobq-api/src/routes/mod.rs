@@ -3,3 +3,4 @@
 pub mod dlq;
 pub mod health;
 pub mod jobs;
+pub mod queues;

@@ -57,6 +57,31 @@ impl Keys {
         format!("{}:{{q:{queue}}}:events", self.ns)
     }
 
+    /// Sorted set of jobs with an `expires_at`, scored by it (swept by the promoter).
+    pub fn expiring(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:expiring", self.ns)
+    }
+
+    /// Flag that pauses a queue: while it exists, workers start none of the queue's jobs.
+    pub fn paused(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:paused", self.ns)
+    }
+
+    /// Lock of a unique key: holds the id of the job that owns it.
+    pub fn unique(&self, queue: &QueueName, key: &str) -> String {
+        format!("{}:{{q:{queue}}}:unique:{key}", self.ns)
+    }
+
+    /// Prefix of the queue's priority streams (scripts append the priority).
+    pub fn stream_prefix(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:stream:", self.ns)
+    }
+
+    /// Pub/sub channel on which cancel requests of running jobs are published (job id).
+    pub fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.ns)
+    }
+
     /// Set of every queue name ever used in this namespace.
     pub fn queues(&self) -> String {
         format!("{}:queues", self.ns)

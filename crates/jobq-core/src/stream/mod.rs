@@ -36,20 +36,33 @@ struct Scripts {
     fail: Script,
     promote: Script,
     retry_dead: Script,
+    heartbeat: Script,
+    reclaim: Script,
+    cancel: Script,
+}
+
+/// Helpers prepended to every script.
+const LIB: &str = include_str!("lua/lib.lua");
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{LIB}\n{body}"))
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(include_str!("lua/enqueue.lua")),
-    fetch: Script::new(include_str!("lua/fetch.lua")),
-    complete: Script::new(include_str!("lua/complete.lua")),
-    fail: Script::new(include_str!("lua/fail.lua")),
-    promote: Script::new(include_str!("lua/promote.lua")),
-    retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
+    enqueue: script(include_str!("lua/enqueue.lua")),
+    fetch: script(include_str!("lua/fetch.lua")),
+    complete: script(include_str!("lua/complete.lua")),
+    fail: script(include_str!("lua/fail.lua")),
+    promote: script(include_str!("lua/promote.lua")),
+    retry_dead: script(include_str!("lua/retry_dead.lua")),
+    heartbeat: script(include_str!("lua/heartbeat.lua")),
+    reclaim: script(include_str!("lua/reclaim.lua")),
+    cancel: script(include_str!("lua/cancel.lua")),
 });
 
-fn all_scripts() -> [&'static Script; 6] {
+fn all_scripts() -> [&'static Script; 9] {
     let s = &*SCRIPTS;
-    [&s.enqueue, &s.fetch, &s.complete, &s.fail, &s.promote, &s.retry_dead]
+    [&s.enqueue, &s.fetch, &s.complete, &s.fail, &s.promote, &s.retry_dead, &s.heartbeat, &s.reclaim, &s.cancel]
 }
 
 /// One EVALSHA call, ready to be pipelined.
@@ -96,6 +109,8 @@ pub struct Fetched {
     pub jobs: Vec<Delivery>,
     /// When nothing was started: (stream, last generated id) to block on.
     pub last_ids: Vec<(String, String)>,
+    /// The queue is paused: nothing was started and nothing should be awaited.
+    pub paused: bool,
 }
 
 /// Why an attempt failed and what should follow.
@@ -127,6 +142,8 @@ pub enum Settled {
     Retrying,
     /// Job is in the dead-letter queue.
     Dead,
+    /// Job was cancelled (a cancel request stopped the attempt).
+    Cancelled,
     /// The lease was stale: another owner has the job; nothing was written.
     Stale,
 }
@@ -149,6 +166,8 @@ pub struct Promoted {
     pub count: u64,
     /// Milliseconds the oldest still-due job is late (0 when none is left).
     pub lag_ms: i64,
+    /// Jobs dead-lettered because their `expires_at` passed before they started.
+    pub expired: u64,
 }
 
 /// Result of [`Broker::retry_dead`].
@@ -367,6 +386,8 @@ impl Broker {
             backoff: job.backoff.unwrap_or(self.defaults.backoff),
             timeout: job.timeout,
             created_at: Utc::now(),
+            expires_at: job.expires_at,
+            unique_key: job.unique_key.clone(),
             metadata: job.metadata.clone(),
             tags: job.tags.clone(),
         }
@@ -377,21 +398,26 @@ impl Broker {
         job.validate()?;
         let envelope = self.envelope(&job);
         self.register_queue(&envelope.queue).await?;
-        let call = self.enqueue_call(&envelope, job.start)?;
+        let call = self.enqueue_call(&envelope, job.start, job.unique_ttl)?;
         let reply = self.run_one(call).await?;
         self.enqueued(envelope, reply).await
     }
 
-    fn enqueue_call(&self, env: &Envelope, start: Start) -> Result<Call> {
+    fn enqueue_call(&self, env: &Envelope, start: Start, unique_ttl: Option<Duration>) -> Result<Call> {
         let (delay, run_at) = match start {
             Start::Now => (String::new(), String::new()),
             Start::After(d) => (d.as_millis().to_string(), String::new()),
             Start::At(t) => (String::new(), t.timestamp_millis().to_string()),
         };
-        let job_key = self.keys.job(&env.queue, env.id);
-        let stream = self.keys.stream(&env.queue, env.priority);
-        let scheduled = self.keys.scheduled(&env.queue);
-        Ok(Call::new(&SCRIPTS.enqueue, &[&job_key, &stream, &scheduled])
+        let q = &env.queue;
+        let job_key = self.keys.job(q, env.id);
+        let stream = self.keys.stream(q, env.priority);
+        let scheduled = self.keys.scheduled(q);
+        let expiring = self.keys.expiring(q);
+        let unique = env.unique_key.as_deref().map(|k| self.keys.unique(q, k));
+        let mut keys = vec![job_key.as_str(), &stream, &scheduled, &expiring];
+        keys.extend(unique.as_deref());
+        Ok(Call::new(&SCRIPTS.enqueue, &keys)
             .arg(env.id.to_string())
             .arg(serde_json::to_string(env)?)
             .arg(env.priority.as_str())
@@ -399,13 +425,18 @@ impl Broker {
             .arg(env.max_attempts)
             .arg(delay)
             .arg(run_at)
-            .arg(Keys::GROUP))
+            .arg(Keys::GROUP)
+            .arg(env.expires_at.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
+            .arg(unique_ttl.map(|t| t.as_millis().max(1).to_string()).unwrap_or_default())
+            .arg(self.keys.job_prefix(q)))
     }
 
     async fn enqueued(&self, envelope: Envelope, reply: Value) -> Result<Enqueued> {
-        let (created, state, run_at): (i64, String, i64) = redis::from_redis_value(reply).map_err(protocol)?;
+        let (created, state, run_at, id): (i64, String, i64, String) =
+            redis::from_redis_value(reply).map_err(protocol)?;
         if created == 0 {
-            let job = self.job_in(&envelope.queue, envelope.id).await?.ok_or(Error::JobNotFound(envelope.id))?;
+            let id: JobId = id.parse().map_err(protocol)?;
+            let job = self.job_in(&envelope.queue, id).await?.ok_or(Error::JobNotFound(id))?;
             return Ok(Enqueued { job, created: false });
         }
         let state: JobState = state.parse().map_err(protocol)?;
@@ -441,12 +472,18 @@ impl Broker {
     /// Starts up to `count` jobs of `queue` for `consumer`, strictly by priority (one script).
     pub async fn fetch(&self, queue: &QueueName, consumer: &str, count: usize) -> Result<Fetched> {
         let streams = self.keys.streams(queue);
-        let keys: Vec<&str> = streams.iter().map(String::as_str).collect();
-        let call =
-            Call::new(&SCRIPTS.fetch, &keys).arg(Keys::GROUP).arg(consumer).arg(count).arg(self.keys.job_prefix(queue));
+        let (events, paused) = (self.keys.events(queue), self.keys.paused(queue));
+        let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+        keys.extend([events.as_str(), paused.as_str()]);
+        let call = Call::new(&SCRIPTS.fetch, &keys)
+            .arg(Keys::GROUP)
+            .arg(consumer)
+            .arg(count)
+            .arg(self.keys.job_prefix(queue))
+            .arg(secs(self.retention.dead));
         let reply = self.run_one(call).await?;
-        let (flat, last): (Vec<Value>, Vec<String>) = redis::from_redis_value(reply).map_err(protocol)?;
-        let mut fetched = Fetched::default();
+        let (flat, last, paused): (Vec<Value>, Vec<String>, i64) = redis::from_redis_value(reply).map_err(protocol)?;
+        let mut fetched = Fetched { paused: paused == 1, ..Fetched::default() };
         let mut it = flat.into_iter();
         while let Some(id) = it.next() {
             let mut field = || it.next().ok_or_else(|| protocol("short fetch reply"));
@@ -472,7 +509,7 @@ impl Broker {
                 envelope,
             });
         }
-        if fetched.jobs.is_empty() {
+        if fetched.jobs.is_empty() && !fetched.paused {
             fetched.last_ids = streams.into_iter().zip(last).collect();
         }
         Ok(fetched)
@@ -546,6 +583,7 @@ impl Broker {
                         match (ok, state.as_str()) {
                             (0, _) => Settled::Stale,
                             (_, "retrying") => Settled::Retrying,
+                            (_, "cancelled") => Settled::Cancelled,
                             _ => Settled::Dead,
                         }
                     }
@@ -561,9 +599,15 @@ impl Broker {
             .map(|q| {
                 let scheduled = self.keys.scheduled(q);
                 let streams = self.keys.streams(q);
+                let (expiring, events) = (self.keys.expiring(q), self.keys.events(q));
                 let mut keys = vec![scheduled.as_str()];
                 keys.extend(streams.iter().map(String::as_str));
-                Call::new(&SCRIPTS.promote, &keys).arg(limit).arg(self.keys.job_prefix(q)).arg(Keys::GROUP)
+                keys.extend([expiring.as_str(), events.as_str()]);
+                Call::new(&SCRIPTS.promote, &keys)
+                    .arg(limit)
+                    .arg(self.keys.job_prefix(q))
+                    .arg(Keys::GROUP)
+                    .arg(secs(self.retention.dead))
             })
             .collect();
         let results = self.run(calls).await?;
@@ -571,8 +615,9 @@ impl Broker {
             .iter()
             .zip(results)
             .map(|(q, r)| {
-                let (count, oldest, now): (u64, i64, i64) = redis::from_redis_value(r?).map_err(protocol)?;
-                Ok(Promoted { queue: q.clone(), count, lag_ms: if oldest < 0 { 0 } else { now - oldest } })
+                let (count, oldest, now, expired): (u64, i64, i64, u64) =
+                    redis::from_redis_value(r?).map_err(protocol)?;
+                Ok(Promoted { queue: q.clone(), count, lag_ms: if oldest < 0 { 0 } else { now - oldest }, expired })
             })
             .collect()
     }
@@ -594,6 +639,177 @@ impl Broker {
         let (ok, state, run): (i64, String, u32) =
             redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         Ok(if ok == 1 { Requeued::Queued { run } } else { Requeued::NotDead { state, run } })
+    }
+}
+
+/// A running job whose lease a worker renews.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// Queue.
+    pub queue: QueueName,
+    /// Stream of the entry.
+    pub priority: Priority,
+    /// Stream entry.
+    pub entry: String,
+    /// Job.
+    pub id: JobId,
+    /// Lease token.
+    pub token: String,
+}
+
+/// What a heartbeat learned about one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Renewed.
+    Held,
+    /// Renewed, and a cancel was requested: stop the job.
+    CancelRequested,
+    /// Lost: the job was reclaimed or finished elsewhere; stop it, its outcome will be refused.
+    Lost,
+}
+
+/// What one reclaim pass did on a queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Jobs put back in their stream.
+    pub requeued: u64,
+    /// Jobs dead-lettered after too many reclaims.
+    pub dead: u64,
+    /// Jobs cancelled (cancel requested before their worker stopped).
+    pub cancelled: u64,
+    /// Pending entries whose content was deleted (should never happen; an alarm).
+    pub deleted: u64,
+}
+
+/// Result of [`Broker::cancel`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    /// The job will never start.
+    Cancelled,
+    /// The job is running; its worker is told to stop it.
+    Requested,
+    /// The job had already finished in this state.
+    Finished(JobState),
+}
+
+impl Broker {
+    /// Renews leases (one heartbeat script per queue, one pipeline). Statuses match `leases`.
+    pub async fn heartbeat(&self, consumer: &str, leases: &[Lease]) -> Result<Vec<LeaseStatus>> {
+        let mut by_queue: std::collections::BTreeMap<&QueueName, Vec<usize>> = Default::default();
+        for (i, l) in leases.iter().enumerate() {
+            by_queue.entry(&l.queue).or_default().push(i);
+        }
+        let mut calls = Vec::new();
+        for (q, idx) in &by_queue {
+            let streams = self.keys.streams(q);
+            let keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+            let mut call =
+                Call::new(&SCRIPTS.heartbeat, &keys).arg(Keys::GROUP).arg(consumer).arg(self.keys.job_prefix(q));
+            for &i in idx {
+                let l = &leases[i];
+                let prio = Priority::ALL.iter().position(|p| *p == l.priority).unwrap_or(2) + 1;
+                call = call.arg(prio).arg(&l.entry).arg(l.id.to_string()).arg(&l.token);
+            }
+            calls.push(call);
+        }
+        let results = self.run(calls).await?;
+        let mut out = vec![LeaseStatus::Lost; leases.len()];
+        for ((_, idx), r) in by_queue.iter().zip(results) {
+            let codes: Vec<i64> = redis::from_redis_value(r?).map_err(protocol)?;
+            for (&i, code) in idx.iter().zip(codes) {
+                out[i] = match code {
+                    0 => LeaseStatus::Held,
+                    1 => LeaseStatus::CancelRequested,
+                    _ => LeaseStatus::Lost,
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reclaims jobs of `queues` whose lease (pending idle time) exceeds `lease`: re-queues
+    /// them, or dead-letters those reclaimed more than `max_reclaims` times.
+    pub async fn reclaim(
+        &self,
+        consumer: &str,
+        queues: &[QueueName],
+        lease: Duration,
+        max_reclaims: u32,
+    ) -> Result<Vec<Reclaimed>> {
+        let calls = queues
+            .iter()
+            .map(|q| {
+                let streams = self.keys.streams(q);
+                let events = self.keys.events(q);
+                let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+                keys.push(&events);
+                Call::new(&SCRIPTS.reclaim, &keys)
+                    .arg(Keys::GROUP)
+                    .arg(consumer)
+                    .arg(lease.as_millis() as u64)
+                    .arg(500)
+                    .arg(self.keys.job_prefix(q))
+                    .arg(max_reclaims)
+                    .arg(secs(self.retention.dead))
+            })
+            .collect();
+        self.run(calls)
+            .await?
+            .into_iter()
+            .map(|r| {
+                let (requeued, dead, cancelled, deleted): (u64, u64, u64, u64) =
+                    redis::from_redis_value(r?).map_err(protocol)?;
+                Ok(Reclaimed { requeued, dead, cancelled, deleted })
+            })
+            .collect()
+    }
+
+    /// Cancels a job: a queued or scheduled job never starts; a running one is asked to stop.
+    pub async fn cancel(&self, id: JobId) -> Result<Cancel> {
+        let job = self.job(id).await?.ok_or(Error::JobNotFound(id))?;
+        let q = &job.queue;
+        let (job_key, scheduled) = (self.keys.job(q, id), self.keys.scheduled(q));
+        let call = Call::new(&SCRIPTS.cancel, &[&job_key, &scheduled])
+            .arg(id.to_string())
+            .arg(self.keys.stream_prefix(q))
+            .arg(self.keys.cancel_channel())
+            .arg(secs(self.retention.dead));
+        let (ok, state): (i64, String) = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        match (ok, state.as_str()) {
+            (_, "") => Err(Error::JobNotFound(id)),
+            (1, "running") => Ok(Cancel::Requested),
+            (1, _) => Ok(Cancel::Cancelled),
+            (_, s) => Ok(Cancel::Finished(s.parse().map_err(protocol)?)),
+        }
+    }
+
+    /// Pauses a queue: workers start none of its jobs until [`Broker::resume`]. Enqueueing works.
+    pub async fn pause(&self, queue: &QueueName) -> Result<()> {
+        self.register_queue(queue).await?;
+        let mut conn = self.conn.clone();
+        redis::cmd("SET").arg(self.keys.paused(queue)).arg(1).query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Resumes a paused queue.
+    pub async fn resume(&self, queue: &QueueName) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL").arg(self.keys.paused(queue)).query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Subscribes to cancel requests of running jobs (the fast path; heartbeats are the sure one).
+    pub async fn cancel_requests(&self) -> Result<impl futures_util::Stream<Item = JobId> + Send + 'static> {
+        use futures_util::StreamExt as _;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(self.keys.cancel_channel()).await?;
+        Ok(pubsub.into_on_message().filter_map(|m| async move { m.get_payload::<String>().ok()?.parse().ok() }))
+    }
+
+    /// True when the queue is paused.
+    pub async fn is_paused(&self, queue: &QueueName) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("EXISTS").arg(self.keys.paused(queue)).query_async::<i64>(&mut conn).await? == 1)
     }
 }
 
@@ -646,6 +862,11 @@ fn info_of_new(env: Envelope, state: JobState, run_at: i64) -> JobInfo {
         started_at: None,
         finished_at: None,
         last_error: None,
+        expires_at: env.expires_at,
+        unique_key: env.unique_key,
+        reclaims: 0,
+        cancel_requested: false,
+        dead_reason: None,
         metadata: env.metadata,
         tags: env.tags,
     }
@@ -663,5 +884,8 @@ fn info_of_hash(h: &HashMap<String, String>) -> Result<JobInfo> {
     info.finished_at = num("finished_at").and_then(from_millis);
     info.last_error = h.get("last_error").cloned();
     info.result = h.get("result").and_then(|r| serde_json::from_str(r).ok());
+    info.reclaims = num("reclaims").unwrap_or(0) as u32;
+    info.cancel_requested = h.get("cancel_requested").is_some_and(|v| v == "1");
+    info.dead_reason = h.get("dead_reason").cloned();
     Ok(info)
 }

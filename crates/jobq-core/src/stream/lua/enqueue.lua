@@ -1,31 +1,64 @@
 -- Enqueue one job: create its hash, then put it in its priority stream (ready now) or in the
--- scheduled set (later). Refuses an id that exists and returns its state instead.
--- KEYS: 1 job hash, 2 priority stream, 3 scheduled zset
+-- scheduled set (later). An id that exists, or a unique key held by a live job, enqueues
+-- nothing and returns that job instead.
+-- KEYS: 1 job hash, 2 priority stream, 3 scheduled zset, 4 expiring zset, [5 unique key]
 -- ARGV: 1 id, 2 envelope json, 3 priority, 4 type, 5 max_attempts, 6 delay ms or '',
---       7 run_at ms or '', 8 consumer group
--- Returns {created 0|1, state, run_at ms}
+--       7 run_at ms or '', 8 consumer group, 9 expires_at ms or '', 10 unique ttl ms or '',
+--       11 job key prefix
+-- Returns {created 0|1, state, run_at ms, job id}
 local existing = redis.call('HGET', KEYS[1], 'state')
 if existing then
-  return {0, existing, tonumber(redis.call('HGET', KEYS[1], 'run_at') or '0')}
+  return {0, existing, tonumber(redis.call('HGET', KEYS[1], 'run_at') or '0'), ARGV[1]}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if KEYS[5] then
+  local holder = redis.call('GET', KEYS[5])
+  if holder then
+    local hk = ARGV[11] .. holder
+    local hstate = redis.call('HGET', hk, 'state')
+    if hstate then
+      return {0, hstate, tonumber(redis.call('HGET', hk, 'run_at') or '0'), holder}
+    end
+  end
+end
+local now = now_ms()
 local run_at = now
 if ARGV[6] ~= '' then
   run_at = now + tonumber(ARGV[6])
 elseif ARGV[7] ~= '' then
   run_at = tonumber(ARGV[7])
 end
+local fields = {'envelope', ARGV[2], 'prio', ARGV[3], 'type', ARGV[4], 'max_attempts', ARGV[5],
+  'attempt', 0, 'attempts_total', 0, 'reclaims', 0, 'run', 1, 'run_at', run_at, 'enqueued_at', now}
+if ARGV[9] ~= '' then
+  fields[#fields + 1] = 'expires_at'
+  fields[#fields + 1] = ARGV[9]
+  redis.call('ZADD', KEYS[4], ARGV[9], ARGV[1])
+end
+if KEYS[5] then
+  if ARGV[10] ~= '' then
+    redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[10])
+  else
+    redis.call('SET', KEYS[5], ARGV[1])
+  end
+  fields[#fields + 1] = 'unique_key'
+  fields[#fields + 1] = KEYS[5]
+  fields[#fields + 1] = 'unique_hold'
+  fields[#fields + 1] = (ARGV[10] ~= '' and 'ttl') or 'terminal'
+end
 if run_at > now then
   redis.call('ZADD', KEYS[3], run_at, ARGV[1])
-  redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', 'scheduled', 'prio', ARGV[3], 'type', ARGV[4],
-    'max_attempts', ARGV[5], 'attempt', 0, 'run', 1, 'run_at', run_at, 'enqueued_at', now)
-  return {1, 'scheduled', run_at}
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = 'scheduled'
+  redis.call('HSET', KEYS[1], unpack(fields))
+  return {1, 'scheduled', run_at, ARGV[1]}
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[8], '0', 'MKSTREAM')
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
-redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', 'queued', 'prio', ARGV[3], 'type', ARGV[4],
-  'max_attempts', ARGV[5], 'attempt', 0, 'run', 1, 'run_at', run_at, 'enqueued_at', now, 'entry', entry)
-return {1, 'queued', run_at}
+fields[#fields + 1] = 'state'
+fields[#fields + 1] = 'queued'
+fields[#fields + 1] = 'entry'
+fields[#fields + 1] = entry
+redis.call('HSET', KEYS[1], unpack(fields))
+return {1, 'queued', run_at, ARGV[1]}

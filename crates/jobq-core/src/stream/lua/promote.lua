@@ -1,12 +1,27 @@
 -- Move due jobs (scheduled and retrying whose run_at <= Redis TIME) from the scheduled set into
--- their priority streams, at most LIMIT per call.
--- KEYS: 1 scheduled zset, 2..5 priority streams (critical, high, normal, low)
--- ARGV: 1 limit, 2 job key prefix, 3 group
--- Returns {promoted, oldest still-due run_at ms or -1, now ms}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+-- their priority streams, at most LIMIT per call, and dead-letter jobs whose expires_at passed
+-- before they started (reason expired).
+-- KEYS: 1 scheduled zset, 2..5 priority streams (critical, high, normal, low),
+--       6 expiring zset, 7 events stream
+-- ARGV: 1 limit, 2 job key prefix, 3 group, 4 dead retention seconds
+-- Returns {promoted, oldest still-due run_at ms or -1, now ms, expired}
+local now = now_ms()
 local index = { critical = 2, high = 3, normal = 4, low = 5 }
+local expired = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
+  local jk = ARGV[2] .. id
+  local h = redis.call('HMGET', jk, 'state', 'entry', 'prio')
+  if h[1] == 'queued' or h[1] == 'scheduled' or h[1] == 'retrying' then
+    if h[1] == 'queued' and h[2] and index[h[3]] then
+      redis.call('XDEL', KEYS[index[h[3]]], h[2])
+    end
+    redis.call('ZREM', KEYS[1], id)
+    dead_letter(jk, KEYS[7], id, 'expired', 'expired before it started', now, ARGV[4])
+    expired = expired + 1
+  end
+  redis.call('ZREM', KEYS[6], id)
+end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local promoted = 0
 for _, id in ipairs(ids) do
   local jk = ARGV[2] .. id
@@ -25,4 +40,4 @@ end
 local oldest = -1
 local next_due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
 if next_due[2] then oldest = tonumber(next_due[2]) end
-return {promoted, oldest, now}
+return {promoted, oldest, now, expired}

@@ -8,15 +8,15 @@ local h = redis.call('HMGET', KEYS[1], 'state', 'run')
 if h[1] and (h[1] ~= 'dead' or tonumber(h[2]) ~= tonumber(ARGV[6])) then
   return {0, h[1], tonumber(h[2] or '0')}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local run = tonumber(ARGV[6]) + 1
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[7], '0', 'MKSTREAM')
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
-redis.call('HDEL', KEYS[1], 'last_error', 'result', 'started_at', 'finished_at', 'lease', 'dead_reason', 'worker')
+redis.call('HDEL', KEYS[1], 'last_error', 'result', 'started_at', 'finished_at', 'lease', 'dead_reason', 'worker',
+  'expires_at', 'cancel_requested', 'unique_key', 'unique_hold')
 redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', 'queued', 'prio', ARGV[3], 'type', ARGV[4],
-  'max_attempts', ARGV[5], 'attempt', 0, 'run', run, 'run_at', now, 'enqueued_at', now, 'entry', entry)
+  'max_attempts', ARGV[5], 'attempt', 0, 'reclaims', 0, 'run', run, 'run_at', now, 'enqueued_at', now, 'entry', entry)
 redis.call('PERSIST', KEYS[1])
 return {1, 'queued', run}

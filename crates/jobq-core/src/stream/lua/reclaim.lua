@@ -1,0 +1,54 @@
+-- Reclaim jobs whose worker stopped heartbeating: XAUTOCLAIM entries idle past the lease, then
+-- for each job still running on that entry: re-queue it (new entry, lease revoked, the crashed
+-- attempt not counted), or cancel it (a cancel was requested), or dead-letter it once it has
+-- been reclaimed more than MAX_RECLAIMS times (a poison job that kills its worker).
+-- Entries whose content Redis reports deleted are counted (an alarm: it should not happen).
+-- KEYS: 1..4 priority streams, 5 events stream
+-- ARGV: 1 group, 2 consumer, 3 min idle ms, 4 count, 5 job key prefix, 6 max reclaims,
+--       7 dead retention seconds
+-- Returns {requeued, dead, cancelled, deleted}
+local now = now_ms()
+local requeued, dead, cancelled, deleted = 0, 0, 0, 0
+local budget = tonumber(ARGV[4])
+for i = 1, 4 do
+  if budget <= 0 then break end
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local cursor = '0-0'
+    repeat
+      local r = redis.call('XAUTOCLAIM', KEYS[i], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', budget)
+      cursor = r[1]
+      deleted = deleted + #r[3]
+      for _, e in ipairs(r[2]) do
+        budget = budget - 1
+        local entry = e[1]
+        redis.call('XACK', KEYS[i], ARGV[1], entry)
+        redis.call('XDEL', KEYS[i], entry)
+        if e[2] then
+          local id = e[2][2]
+          local jk = ARGV[5] .. id
+          local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel_requested')
+          if h[1] == 'running' and h[2] == entry then
+            local n = redis.call('HINCRBY', jk, 'reclaims', 1)
+            redis.call('HSET', jk, 'last_reclaimed_at', now)
+            if h[3] == '1' then
+              attempt_event(KEYS[5], jk, id, 'cancelled', now, {'error', 'cancelled; its worker stopped'})
+              finish(jk, id, 'cancelled', now, ARGV[7], 'cancelled; its worker stopped')
+              cancelled = cancelled + 1
+            elseif n > tonumber(ARGV[6]) then
+              dead_letter(jk, KEYS[5], id, 'max_reclaims',
+                'its worker stopped while running it ' .. n .. ' times (max_reclaims ' .. ARGV[6] .. ')', now, ARGV[7])
+              dead = dead + 1
+            else
+              local fresh = redis.call('XADD', KEYS[i], '*', 'id', id)
+              redis.call('HINCRBY', jk, 'attempt', -1)
+              redis.call('HSET', jk, 'state', 'queued', 'entry', fresh)
+              redis.call('HDEL', jk, 'lease')
+              requeued = requeued + 1
+            end
+          end
+        end
+      end
+    until cursor == '0-0' or budget <= 0
+  end
+end
+return {requeued, dead, cancelled, deleted}

@@ -1,0 +1,171 @@
+//! Leases of running jobs: the heartbeat that renews them, the reaper that reclaims lapsed
+//! ones, and the listener of cancel requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use jobq_core::config::WorkerSettings;
+use jobq_core::job::{JobId, QueueName};
+use jobq_core::stream::{Broker, Lease, LeaseStatus};
+use tokio_util::sync::CancellationToken;
+
+/// Why a running job is being stopped before its handler returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// `DELETE /api/v1/jobs/{id}` (or `Broker::cancel`) asked for it.
+    CancelRequested,
+    /// Another worker owns the job now; this attempt's outcome would be refused.
+    LeaseLost,
+}
+
+/// A job running on this worker.
+pub(crate) struct Slot {
+    pub(crate) lease: Lease,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) stop: Mutex<Option<Stop>>,
+}
+
+impl Slot {
+    pub(crate) fn stop(&self, why: Stop) {
+        if let Ok(mut s) = self.stop.lock() {
+            s.get_or_insert(why);
+        }
+        self.cancel.cancel();
+    }
+
+    pub(crate) fn stopped(&self) -> Option<Stop> {
+        self.stop.lock().ok().and_then(|s| *s)
+    }
+}
+
+/// The jobs running on this worker, by id.
+#[derive(Clone, Default)]
+pub(crate) struct Running(Arc<Mutex<HashMap<JobId, Arc<Slot>>>>);
+
+impl Running {
+    pub(crate) fn insert(&self, id: JobId, slot: Arc<Slot>) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(id, slot);
+        }
+    }
+
+    pub(crate) fn remove(&self, id: &JobId) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(id);
+        }
+    }
+
+    fn get(&self, id: &JobId) -> Option<Arc<Slot>> {
+        self.0.lock().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Slot>> {
+        self.0.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// Renews the lease of every running job each `every`, until `stop`.
+pub(crate) async fn heartbeat_loop(
+    broker: Broker,
+    consumer: String,
+    running: Running,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let slots = running.snapshot();
+        if slots.is_empty() {
+            continue;
+        }
+        let leases: Vec<Lease> = slots.iter().map(|s| s.lease.clone()).collect();
+        match broker.heartbeat(&consumer, &leases).await {
+            Ok(statuses) => {
+                for (slot, status) in slots.iter().zip(statuses) {
+                    match status {
+                        LeaseStatus::Held => {}
+                        LeaseStatus::CancelRequested => slot.stop(Stop::CancelRequested),
+                        LeaseStatus::Lost => {
+                            tracing::warn!(job.id = %slot.lease.id, "lease lost: another worker owns this job now; stopping it here");
+                            slot.stop(Stop::LeaseLost);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = leases.len(), "heartbeat failed; leases may lapse if Redis stays unreachable")
+            }
+        }
+    }
+}
+
+/// Delivers published cancel requests to running jobs at once, reconnecting on errors.
+pub(crate) async fn cancel_listener(broker: Broker, running: Running, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        match broker.cancel_requests().await {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        n = stream.next() => n,
+                    };
+                    match next {
+                        Some(id) => {
+                            if let Some(slot) = running.get(&id) {
+                                tracing::info!(job.id = %id, "cancel requested");
+                                slot.stop(Stop::CancelRequested);
+                            }
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cancel subscription failed; heartbeats still deliver cancels"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Every `reaper_interval`, reclaims jobs of `queues` whose lease lapsed.
+pub(crate) async fn reaper_loop(
+    broker: Broker,
+    consumer: String,
+    queues: Vec<QueueName>,
+    settings: WorkerSettings,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(settings.reaper_interval) => {}
+        }
+        match broker.reclaim(&consumer, &queues, settings.lease, settings.max_reclaims).await {
+            Ok(results) => {
+                for (q, r) in queues.iter().zip(results) {
+                    if r.requeued + r.dead + r.cancelled > 0 {
+                        tracing::warn!(
+                            queue.name = %q,
+                            requeued = r.requeued,
+                            dead = r.dead,
+                            cancelled = r.cancelled,
+                            "reclaimed jobs whose worker stopped renewing their lease"
+                        );
+                    }
+                    if r.deleted > 0 {
+                        tracing::error!(queue.name = %q, entries = r.deleted, "pending stream entries were deleted without an ack");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reclaim failed; retrying"),
+        }
+    }
+}
