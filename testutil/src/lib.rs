@@ -192,18 +192,24 @@ pub fn free_port() -> u16 {
 }
 
 /// Path of a workspace binary (`jobq-api`, `jobq-worker`, `jobq-scheduler`, `jobq`), built
-/// with cargo first if it is missing.
+/// with cargo first if it is missing or older than the running test (which was rebuilt after
+/// a change the binary may not have).
 pub fn bin_path(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/<profile>/<bin>
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
     let path = dir.join(name);
-    if !path.exists() {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match (modified(&path), modified(&exe)) {
+        (Some(bin), Some(test)) => bin < test,
+        _ => true,
+    };
+    if stale {
         BUILT.get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = std::process::Command::new(cargo)
-                .args(["build", "--bins", "--workspace"])
+                .args(["build", "--bins", "--workspace", "--quiet"])
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "cargo build --bins failed");
@@ -304,5 +310,64 @@ impl Api {
             (status == 200 && job["state"] == state).then_some(job)
         })
         .await
+    }
+}
+
+/// A TCP proxy the test owns, to cut a process off from Redis or Postgres and restore it.
+pub struct TcpProxy {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Listens on a free loopback port and forwards every connection to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, c) = (down.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                c.lock().expect("lock").push(task.abort_handle());
+            }
+        });
+        Self { port, down, conns, accept }
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every open connection and refuses new ones until [`TcpProxy::restore`].
+    pub fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
     }
 }

@@ -160,6 +160,57 @@ mod tests {
         }
     }
 
+    fn strategies() -> impl proptest::strategy::Strategy<Value = Strategy> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(Strategy::Exponential),
+            proptest::strategy::Just(Strategy::Linear),
+            proptest::strategy::Just(Strategy::Constant)
+        ]
+    }
+
+    fn jitters() -> impl proptest::strategy::Strategy<Value = Jitter> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(Jitter::None),
+            proptest::strategy::Just(Jitter::Full),
+            proptest::strategy::Just(Jitter::Equal),
+            proptest::strategy::Just(Jitter::Decorrelated)
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_delay_is_within_the_policy_bounds(
+            strategy in strategies(),
+            jitter in jitters(),
+            base_ms in 1u64..60_000,
+            extra_ms in 0u64..86_400_000,
+            attempt in 1u32..10_000,
+            previous_ms in proptest::option::of(0u64..86_400_000),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            use rand::SeedableRng;
+            let b = Backoff {
+                strategy,
+                jitter,
+                base: Duration::from_millis(base_ms),
+                max: Duration::from_millis(base_ms + extra_ms),
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let d = b.delay(attempt, previous_ms.map(Duration::from_millis), &mut rng);
+            let nominal = b.nominal(attempt);
+            proptest::prop_assert!(d <= b.max);
+            proptest::prop_assert!(nominal >= b.base.min(b.max) && nominal <= b.max);
+            match jitter {
+                Jitter::None => proptest::prop_assert_eq!(d, nominal),
+                Jitter::Full => proptest::prop_assert!(d <= nominal),
+                Jitter::Equal => proptest::prop_assert!(d >= nominal / 2 && d <= nominal),
+                Jitter::Decorrelated => proptest::prop_assert!(d >= b.base),
+            }
+            // Growth never shrinks the nominal delay.
+            proptest::prop_assert!(b.nominal(attempt + 1) >= nominal);
+        }
+    }
+
     #[test]
     fn backoff_json_uses_human_durations_and_rejects_unknown_fields() {
         let b: Backoff = serde_json::from_str(r#"{"strategy":"linear","base":"2s","max":"1m"}"#).unwrap();

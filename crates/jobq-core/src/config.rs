@@ -160,8 +160,8 @@ pub struct WorkerSettings {
 pub struct QueueSelection {
     /// Queue names with their weights (all 1 in strict mode).
     pub queues: Vec<(QueueName, u32)>,
-    /// Strict: always the first queue with work. Weighted: each fetch orders the queues at
-    /// random in proportion to their weights (asynq's model).
+    /// Strict: always the first queue with work. Weighted: the queues share the worker's slots
+    /// in proportion to their weights (smooth weighted round-robin, see `jobq_worker::QueuePlanner`).
     pub weighted: bool,
 }
 

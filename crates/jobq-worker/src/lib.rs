@@ -38,7 +38,6 @@ use anyhow::Context as _;
 use jobq_core::config::{QueueSelection, Settings, WorkerSettings};
 use jobq_core::job::QueueName;
 use jobq_core::stream::Broker;
-use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -67,32 +66,53 @@ pub fn default_consumer_name() -> String {
     format!("{host}-{}-{}", std::process::id(), &tag[..6])
 }
 
-/// The order in which one fetch round visits the queues: the configured order in strict mode;
-/// in weighted mode a random order where each queue comes first with probability
-/// weight / total (sampling without replacement).
-pub fn fetch_order(selection: &QueueSelection, rng: &mut impl Rng) -> Vec<QueueName> {
-    if !selection.weighted {
-        return selection.names();
+/// Decides how many of the free slots each queue gets in one fetch round.
+///
+/// Strict mode: the queues in configured order, each offered every slot still free. Weighted
+/// mode: each free slot goes to a queue by smooth weighted round-robin (the state carries over
+/// between rounds), so over any run of jobs the queues get their weights' share exactly, also
+/// with one free slot at a time; a queue with fewer jobs than its share leaves its slots to the
+/// others in the same round.
+#[derive(Debug, Clone)]
+pub struct QueuePlanner {
+    selection: QueueSelection,
+    current: Vec<i64>,
+}
+
+impl QueuePlanner {
+    /// A planner for `selection`.
+    pub fn new(selection: QueueSelection) -> Self {
+        let current = vec![0; selection.queues.len()];
+        Self { selection, current }
     }
-    let mut left: Vec<(QueueName, u32)> = selection.queues.clone();
-    let mut order = Vec::with_capacity(left.len());
-    while !left.is_empty() {
-        let total: u32 = left.iter().map(|(_, w)| w).sum();
-        let mut pick = rng.random_range(0..total);
-        let i = left
-            .iter()
-            .position(|(_, w)| {
-                if pick < *w {
-                    true
-                } else {
-                    pick -= w;
-                    false
-                }
-            })
-            .unwrap_or(0);
-        order.push(left.remove(i).0);
+
+    /// (queue, slots) to offer, in the order to fetch them. In strict mode every queue is
+    /// offered all `free` slots (the fetch loop passes on what is left).
+    pub fn plan(&mut self, free: usize) -> Vec<(QueueName, usize)> {
+        if !self.selection.weighted {
+            return self.selection.queues.iter().map(|(q, _)| (q.clone(), free)).collect();
+        }
+        let total: i64 = self.selection.queues.iter().map(|(_, w)| i64::from(*w)).sum();
+        let mut counts = vec![0usize; self.current.len()];
+        for _ in 0..free {
+            for (c, (_, w)) in self.current.iter_mut().zip(&self.selection.queues) {
+                *c += i64::from(*w);
+            }
+            let best = (0..self.current.len()).max_by_key(|&i| (self.current[i], std::cmp::Reverse(i))).unwrap_or(0);
+            self.current[best] -= total;
+            counts[best] += 1;
+        }
+        let mut plan: Vec<(usize, usize)> = counts.into_iter().enumerate().filter(|(_, n)| *n > 0).collect();
+        plan.sort_by_key(|&(i, n)| (std::cmp::Reverse(n), i));
+        plan.into_iter().map(|(i, n)| (self.selection.queues[i].0.clone(), n)).collect()
     }
-    order
+
+    /// Every queue, highest weight first: where slots left over in a round go.
+    pub fn fallback(&self) -> Vec<QueueName> {
+        let mut q = self.selection.queues.clone();
+        q.sort_by_key(|(_, w)| std::cmp::Reverse(*w));
+        q.into_iter().map(|(q, _)| q).collect()
+    }
 }
 
 /// One worker process's fetch/execute/ack machinery.
@@ -164,6 +184,7 @@ impl Worker {
         });
         let mut blocking = None;
         let mut backoff = Duration::from_millis(50);
+        let mut planner = QueuePlanner::new(self.settings.queues.clone());
         'outer: loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -176,15 +197,27 @@ impl Worker {
             let mut started = 0usize;
             let mut paused = 0usize;
             let mut last_ids = Vec::new();
-            let order = fetch_order(&self.settings.queues, &mut rand::rng());
-            for q in &order {
+            let mut plan = planner.plan(permits.len());
+            if self.settings.queues.weighted {
+                // Slots a queue could not use go to the others, highest weight first.
+                plan.extend(planner.fallback().into_iter().map(|q| (q, usize::MAX)));
+            }
+            let mut empty: Vec<&QueueName> = Vec::new();
+            for (q, share) in &plan {
                 if permits.is_empty() || shutdown.is_cancelled() {
                     break;
                 }
-                match self.broker.fetch(q, &self.consumer, permits.len()).await {
+                if empty.contains(&q) {
+                    continue;
+                }
+                let want = permits.len().min(*share);
+                match self.broker.fetch(q, &self.consumer, want).await {
                     Ok(fetched) => {
-                        paused += usize::from(fetched.paused);
-                        last_ids.extend(fetched.last_ids);
+                        if fetched.jobs.len() < want {
+                            empty.push(q);
+                            paused += usize::from(fetched.paused);
+                            last_ids.extend(fetched.last_ids);
+                        }
                         for delivery in fetched.jobs {
                             let permit = permits.pop().context("fetched more jobs than free slots")?;
                             started += 1;
@@ -289,27 +322,34 @@ where
 mod tests {
     use super::*;
 
-    #[test]
-    fn strict_order_is_the_configured_order() {
-        let sel = jobq_core::config::parse_queues(&["a".into(), "b".into(), "c".into()]).unwrap();
-        let order: Vec<String> = fetch_order(&sel, &mut rand::rng()).iter().map(|q| q.to_string()).collect();
-        assert_eq!(order, ["a", "b", "c"]);
+    fn planner(spec: &[&str]) -> QueuePlanner {
+        let names: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+        QueuePlanner::new(jobq_core::config::parse_queues(&names).unwrap())
     }
 
     #[test]
-    fn weighted_order_puts_each_queue_first_in_proportion_to_its_weight() {
-        let sel = jobq_core::config::parse_queues(&["a=6".into(), "b=3".into(), "c=1".into()]).unwrap();
-        let mut rng = rand::rng();
-        let mut first = std::collections::HashMap::new();
-        let n = 100_000;
-        for _ in 0..n {
-            let order = fetch_order(&sel, &mut rng);
-            assert_eq!(order.len(), 3);
-            *first.entry(order[0].to_string()).or_insert(0usize) += 1;
+    fn strict_mode_offers_every_slot_to_each_queue_in_order() {
+        let plan = planner(&["a", "b", "c"]).plan(4);
+        let got: Vec<(String, usize)> = plan.into_iter().map(|(q, n)| (q.to_string(), n)).collect();
+        assert_eq!(got, [("a".into(), 4), ("b".into(), 4), ("c".into(), 4)]);
+    }
+
+    #[test]
+    fn weighted_mode_shares_slots_exactly_by_weight_one_slot_at_a_time_or_many() {
+        for free in [1, 3, 10, 50] {
+            let mut p = planner(&["critical=6", "default=3", "low=1"]);
+            let mut totals = std::collections::HashMap::new();
+            for _ in 0..100 {
+                for (q, n) in p.plan(free) {
+                    *totals.entry(q.to_string()).or_insert(0usize) += n;
+                }
+            }
+            let all = 100 * free;
+            assert_eq!(totals["critical"], all * 6 / 10, "free={free}");
+            assert_eq!(totals["default"], all * 3 / 10, "free={free}");
+            assert_eq!(totals["low"], all / 10, "free={free}");
         }
-        for (q, w) in [("a", 0.6), ("b", 0.3), ("c", 0.1)] {
-            let share = first[q] as f64 / n as f64;
-            assert!((share - w).abs() < 0.01, "{q}: {share}");
-        }
+        let p = planner(&["a=1", "b=5"]);
+        assert_eq!(p.fallback().iter().map(|q| q.to_string()).collect::<Vec<_>>(), ["b", "a"]);
     }
 }

@@ -1,6 +1,8 @@
 //! End-to-end tests through the real binaries (`jobq-api`, `jobq-worker`, `jobq-scheduler`)
 //! against real Redis and PostgreSQL.
 
+mod delivery;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 

@@ -218,3 +218,50 @@ async fn health_is_up_and_ready_reports_each_dependency() {
     assert_error(&err, "unavailable", "Redis");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn cancel_pause_unique_and_expiry_routes() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (s, paused) = call(&app, "POST", "/api/v1/queues/mail/pause", None).await;
+    assert_eq!((s, paused["paused"].as_bool()), (StatusCode::OK, Some(true)));
+    assert!(env.broker.is_paused(&"mail".parse().unwrap()).await.unwrap());
+    let (s, _) = call(&app, "POST", "/api/v1/queues/mail/resume", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!env.broker.is_paused(&"mail".parse().unwrap()).await.unwrap());
+    let (s, err) = call(&app, "POST", "/api/v1/queues/bad%20name/pause", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{err}");
+
+    let (_, job) = call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo","delay":"1h"}"#)).await;
+    let id = job["id"].as_str().unwrap();
+    let (s, cancelled) = call(&app, "DELETE", &format!("/api/v1/jobs/{id}"), None).await;
+    assert_eq!((s, cancelled["state"].as_str()), (StatusCode::OK, Some("cancelled")));
+    let (s, err) = call(&app, "DELETE", &format!("/api/v1/jobs/{id}"), None).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_error(&err, "conflict", "cancelled");
+    let (s, _) = call(&app, "DELETE", &format!("/api/v1/jobs/{}", uuid::Uuid::now_v7()), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let body = r#"{"type":"echo","unique_key":"k1","unique_ttl":"1m"}"#;
+    let (s1, a) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
+    let (s2, b) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::OK));
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(a["unique_key"], "k1");
+
+    let (s, job) = call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo","ttl":"10m"}"#)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert!(job["expires_at"].is_string());
+    for (body, mentions) in [
+        (r#"{"type":"echo","ttl":"1m","expires_at":"2099-01-01T00:00:00Z"}"#, "ttl"),
+        (r#"{"type":"echo","expires_at":"2001-01-01T00:00:00Z"}"#, "expires_at"),
+        (r#"{"type":"echo","delay":"1h","ttl":"1m"}"#, "expires_at"),
+        (r#"{"type":"echo","unique_ttl":"1m"}"#, "unique_key"),
+        (r#"{"type":"echo","unique_key":""}"#, "unique_key"),
+    ] {
+        let (s, err) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
+        assert_error(&err, "invalid_request", mentions);
+    }
+    env.cleanup().await;
+}

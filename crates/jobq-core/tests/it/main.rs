@@ -1,5 +1,6 @@
 //! Integration tests of the broker's Lua scripts and the Postgres store, against real Redis and
 //! PostgreSQL (one namespace and one database per test).
 
+mod delivery;
 mod scripts;
 mod store;

@@ -29,6 +29,8 @@ for i = 1, 4 do
           local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel_requested')
           if h[1] == 'running' and h[2] == entry then
             local n = redis.call('HINCRBY', jk, 'reclaims', 1)
+            -- The crashed attempt does not count against max_attempts.
+            redis.call('HINCRBY', jk, 'attempt', -1)
             redis.call('HSET', jk, 'last_reclaimed_at', now)
             if h[3] == '1' then
               attempt_event(KEYS[5], jk, id, 'cancelled', now, {'error', 'cancelled; its worker stopped'})
@@ -40,7 +42,6 @@ for i = 1, 4 do
               dead = dead + 1
             else
               local fresh = redis.call('XADD', KEYS[i], '*', 'id', id)
-              redis.call('HINCRBY', jk, 'attempt', -1)
               redis.call('HSET', jk, 'state', 'queued', 'entry', fresh)
               redis.call('HDEL', jk, 'lease')
               requeued = requeued + 1
