@@ -56,6 +56,7 @@ impl From<jobq_core::Error> for ApiError {
         use jobq_core::Error as E;
         match e {
             E::JobNotFound(id) => Self::NotFound(format!("job {id} not found")),
+            E::NotFound(m) => Self::NotFound(m),
             E::Invalid(m) => Self::Invalid(m),
             E::Conflict(m) => Self::Conflict(m),
             E::Redis(e) => {

@@ -44,6 +44,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .merge(routes::jobs::router())
         .merge(routes::dlq::router())
         .merge(routes::queues::router())
+        .merge(routes::schedules::router())
         .fallback(|| async { error::error_response(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {
             error::error_response(

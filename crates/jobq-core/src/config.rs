@@ -49,6 +49,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_SCHEDULER_PROMOTE_BATCH", "scheduler.promote_batch"),
     ("JOBQ_SCHEDULER_RECORD_BATCH", "scheduler.record_batch"),
     ("JOBQ_SCHEDULER_RECLAIM_IDLE", "scheduler.reclaim_idle"),
+    ("JOBQ_SCHEDULER_CRON_POLL", "scheduler.cron_poll"),
+    ("JOBQ_SCHEDULER_MISFIRE_GRACE", "scheduler.misfire_grace"),
     ("JOBQ_JOBS_MAX_ATTEMPTS", "jobs.max_attempts"),
     ("JOBQ_JOBS_TIMEOUT", "jobs.timeout"),
     ("JOBQ_RETENTION_SUCCEEDED", "retention.succeeded"),
@@ -84,6 +86,9 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Cron schedules declared in the config file, upserted by the scheduler at start.
+    #[serde(default)]
+    pub schedules: Vec<crate::schedule::ScheduleSpec>,
 }
 
 /// `[redis]`.
@@ -186,6 +191,12 @@ pub struct SchedulerSettings {
     /// Take over outbox entries idle this long.
     #[serde(with = "serde_human")]
     pub reclaim_idle: Duration,
+    /// How often due cron ticks are looked for.
+    #[serde(with = "serde_human")]
+    pub cron_poll: Duration,
+    /// A tick later than this is a misfire, handled by the schedule's misfire policy.
+    #[serde(with = "serde_human")]
+    pub misfire_grace: Duration,
 }
 
 /// `[jobs]`.
@@ -385,6 +396,19 @@ impl Settings {
         if self.api.payload_limit > self.api.body_limit {
             return bad("api.payload_limit", "must not exceed api.body_limit".into());
         }
+        if self.scheduler.cron_poll < Duration::from_millis(10) {
+            return bad("scheduler.cron_poll", "must be at least 10ms".into());
+        }
+        if self.scheduler.misfire_grace < self.scheduler.cron_poll {
+            return bad("scheduler.misfire_grace", "must be at least JOBQ_SCHEDULER_CRON_POLL".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for spec in &self.schedules {
+            spec.validate().map_err(|e| ConfigError(format!("schedule `{}`: {e}", spec.name)))?;
+            if !names.insert(&spec.name) {
+                return Err(ConfigError(format!("schedule `{}` is declared twice", spec.name)));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return bad("log.level", format!("is not a valid filter: `{}`", self.log.level));
         }
@@ -487,6 +511,17 @@ mod tests {
         std::fs::write(&yaml, "worker:\n  queues: [mail, default]\n").unwrap();
         let s = load_from(Some(&yaml), |_| None).unwrap();
         assert_eq!(s.worker.queues.queues.len(), 2);
+        std::fs::write(
+            &yaml,
+            "schedules:\n  - name: nightly\n    cron: \"0 30 2 * * *\"\n    timezone: Europe/Berlin\n    job: {type: report, payload: {full: true}}\n",
+        )
+        .unwrap();
+        let s = load_from(Some(&yaml), |_| None).unwrap();
+        assert_eq!(s.schedules.len(), 1);
+        assert_eq!(s.schedules[0].job.kind, "report");
+        std::fs::write(&yaml, "schedules:\n  - name: bad\n    cron: \"whenever\"\n    job: {type: x}\n").unwrap();
+        let err = load_from(Some(&yaml), |_| None).unwrap_err().to_string();
+        assert!(err.contains("schedule `bad`") && err.contains("`cron`"), "{err}");
         std::fs::write(&path, "[worker]\nconcurency = 3\n").unwrap();
         assert!(load_from(Some(&path), |_| None).unwrap_err().to_string().contains("concurency"));
         assert!(load_from(Some(&dir.join("missing.toml")), |_| None).is_err());

@@ -9,6 +9,9 @@ pub enum Error {
     /// No job with this id exists (or it expired per retention).
     #[error("job {0} not found")]
     JobNotFound(JobId),
+    /// A named thing (schedule, queue) does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// The request itself is invalid; the message names the field.
     #[error("{0}")]
     Invalid(String),

@@ -1,5 +1,6 @@
-//! The jobq scheduler: promotes due delayed and retrying jobs into their streams, and runs the
-//! recorder that writes the Redis outbox (one event per finished attempt) into Postgres.
+//! The jobq scheduler: promotes due delayed and retrying jobs into their streams, fires cron
+//! schedules, and runs the recorder that writes the Redis outbox (one event per finished
+//! attempt) into Postgres.
 //!
 //! Any number of replicas can run: promotion is an atomic script per queue, and recorders share
 //! the outbox through a consumer group (writes are idempotent per (job, run, attempt)).
@@ -11,6 +12,7 @@
 //! # }
 //! ```
 
+mod cron;
 mod promoter;
 mod recorder;
 
@@ -20,6 +22,7 @@ use jobq_core::store::Store;
 use jobq_core::stream::Broker;
 use tokio_util::sync::CancellationToken;
 
+pub use cron::upsert_declared;
 pub use promoter::promote_once;
 pub use recorder::record_once;
 
@@ -40,10 +43,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         format!("scheduler-{}", settings.worker.id)
     };
     tracing::info!(consumer, "scheduler started");
+    cron::upsert_declared(&store, &settings, &shutdown).await;
     let promoter = tokio::spawn(promoter::run(broker.clone(), settings.scheduler.clone(), shutdown.clone()));
+    let cron = tokio::spawn(cron::run(broker.clone(), store.clone(), settings.scheduler.clone(), shutdown.clone()));
     let recorder = tokio::spawn(recorder::run(broker, store, settings.scheduler.clone(), consumer, shutdown.clone()));
-    let (p, r) = tokio::join!(promoter, recorder);
+    let (p, c, r) = tokio::join!(promoter, cron, recorder);
     p.context("promoter panicked")?;
+    c.context("cron loop panicked")?;
     r.context("recorder panicked")?;
     tracing::info!("scheduler stopped");
     Ok(())

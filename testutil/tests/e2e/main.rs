@@ -1,6 +1,7 @@
 //! End-to-end tests through the real binaries (`jobq-api`, `jobq-worker`, `jobq-scheduler`)
 //! against real Redis and PostgreSQL.
 
+mod cron;
 mod delivery;
 
 use std::collections::{HashMap, HashSet};

@@ -4,3 +4,4 @@ pub mod dlq;
 pub mod health;
 pub mod jobs;
 pub mod queues;
+pub mod schedules;

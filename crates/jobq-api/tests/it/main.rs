@@ -265,3 +265,96 @@ async fn cancel_pause_unique_and_expiry_routes() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn schedules_crud_trigger_and_runs() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let body = r#"{"name":"nightly","cron":"0 30 2 * * *","timezone":"America/New_York","job":{"type":"echo","payload":{"r":1}}}"#;
+    let (s, created) = call(&app, "POST", "/api/v1/schedules", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let next = created["next_fires"].as_array().unwrap();
+    assert_eq!(next.len(), 5);
+    assert!(next.iter().all(|t| t.as_str().unwrap().contains(":30:00")), "{next:?}");
+    assert_eq!(created["misfire"], "fire_once");
+    assert_eq!(created["enabled"], true);
+    let (s, err) = call(&app, "POST", "/api/v1/schedules", Some(body)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+
+    let (s, list) = call(&app, "GET", "/api/v1/schedules", None).await;
+    assert_eq!((s, list["items"].as_array().unwrap().len()), (StatusCode::OK, 1));
+    let (s, paused) = call(&app, "PATCH", "/api/v1/schedules/nightly", Some(r#"{"enabled":false}"#)).await;
+    assert_eq!(
+        (s, paused["enabled"].as_bool(), paused["next_fires"].as_array().unwrap().len()),
+        (StatusCode::OK, Some(false), 0)
+    );
+    let (s, put) = call(
+        &app,
+        "PUT",
+        "/api/v1/schedules/hourly",
+        Some(r#"{"cron":"@hourly","job":{"type":"echo"},"misfire":"skip"}"#),
+    )
+    .await;
+    assert_eq!((s, put["name"].as_str()), (StatusCode::CREATED, Some("hourly")));
+    let (s, _) =
+        call(&app, "PUT", "/api/v1/schedules/hourly", Some(r#"{"cron":"@daily","job":{"type":"echo"}}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+
+    let (s, job) = call(&app, "POST", "/api/v1/schedules/nightly/trigger", None).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(job["payload"], json!({"r": 1}));
+    let (s, runs) = call(&app, "GET", "/api/v1/schedules/nightly/runs", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(runs["items"][0]["trigger"], "manual");
+    assert_eq!(runs["items"][0]["job_id"], job["id"]);
+    assert_eq!(runs["items"][0]["state"], "queued");
+
+    let (s, _) = call(&app, "DELETE", "/api/v1/schedules/nightly", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    for (method, uri) in [
+        ("GET", "/api/v1/schedules/nightly"),
+        ("DELETE", "/api/v1/schedules/nightly"),
+        ("POST", "/api/v1/schedules/nightly/trigger"),
+        ("GET", "/api/v1/schedules/nightly/runs"),
+    ] {
+        let (s, _) = call(&app, method, uri, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{method} {uri}");
+    }
+    let (s, _) = call(&app, "PATCH", "/api/v1/schedules/nightly", Some(r#"{"enabled":true}"#)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_schedules_are_422_naming_the_field_and_never_stored() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    for (body, field) in [
+        (r#"{"name":"a","cron":"every day","job":{"type":"echo"}}"#, "`cron`"),
+        (r#"{"name":"a","cron":"61 * * * *","job":{"type":"echo"}}"#, "`cron`"),
+        (r#"{"name":"a","cron":"@daily","timezone":"Mars/Base","job":{"type":"echo"}}"#, "`timezone`"),
+        (r#"{"name":"a b","cron":"@daily","job":{"type":"echo"}}"#, "`name`"),
+        (r#"{"name":"a","cron":"@daily","job":{"type":""}}"#, "`job`"),
+        (r#"{"name":"a","cron":"@daily","job":{"type":"echo","colour":1}}"#, "colour"),
+        (r#"{"name":"a","cron":"@daily","job":{"type":"echo"},"misfire":"sometimes"}"#, "sometimes"),
+    ] {
+        let (s, err) = call(&app, "POST", "/api/v1/schedules", Some(body)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
+        assert_error(&err, "invalid_request", field);
+    }
+    let (s, _) =
+        call(&app, "POST", "/api/v1/schedules", Some(r#"{"name":"ok","cron":"@daily","job":{"type":"echo"}}"#)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, err) = call(&app, "PATCH", "/api/v1/schedules/ok", Some(r#"{"timezone":"Nowhere/Town"}"#)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&err, "invalid_request", "`timezone`");
+    let (s, err) =
+        call(&app, "PUT", "/api/v1/schedules/ok", Some(r#"{"name":"other","cron":"@daily","job":{"type":"echo"}}"#))
+            .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    let (_, list) = call(&app, "GET", "/api/v1/schedules", None).await;
+    let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ok"]);
+    assert_eq!(list["items"][0]["timezone"], "UTC", "the failed patch changed nothing");
+    env.cleanup().await;
+}

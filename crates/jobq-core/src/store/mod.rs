@@ -2,6 +2,9 @@
 //!
 //! * `job_executions`: one row per finished attempt (written by the recorder, in batches).
 //! * `dead_jobs`: the dead-letter queue.
+//! * `schedules`, `schedule_runs`: cron schedules and the jobs they fired ([`schedules`]).
+
+pub mod schedules;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

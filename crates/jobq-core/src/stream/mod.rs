@@ -458,6 +458,20 @@ impl Broker {
         hashes.into_iter().find(|h| !h.is_empty()).map(|h| info_of_hash(&h)).transpose()
     }
 
+    /// The state of each job (None when its hash is gone), one pipeline.
+    pub async fn states(&self, jobs: &[(QueueName, JobId)]) -> Result<Vec<Option<JobState>>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (q, id) in jobs {
+            pipe.hget(self.keys.job(q, *id), "state");
+        }
+        let mut conn = self.conn.clone();
+        let states: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        Ok(states.into_iter().map(|s| s.and_then(|s| s.parse().ok())).collect())
+    }
+
     /// Looks a job up in one queue.
     pub async fn job_in(&self, queue: &QueueName, id: JobId) -> Result<Option<JobInfo>> {
         let mut conn = self.conn.clone();

@@ -2,5 +2,6 @@
 //! PostgreSQL (one namespace and one database per test).
 
 mod delivery;
+mod schedules;
 mod scripts;
 mod store;

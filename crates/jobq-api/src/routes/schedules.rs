@@ -1,0 +1,181 @@
+//! Cron schedules: `POST/GET /api/v1/schedules`, `GET/PUT/PATCH/DELETE
+//! /api/v1/schedules/{name}`, `POST /api/v1/schedules/{name}/trigger`,
+//! `GET /api/v1/schedules/{name}/runs`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use jobq_core::job::QueueName;
+use jobq_core::schedule::{JobTemplate, Misfire, ScheduleSpec};
+use jobq_core::store::schedules::StoredSchedule;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiQuery};
+use crate::AppState;
+
+/// How many upcoming fire times a schedule view shows.
+const NEXT_FIRES: usize = 5;
+
+/// The schedule routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/schedules", post(create).get(list))
+        .route("/api/v1/schedules/{name}", get(show).put(replace).patch(patch).delete(remove))
+        .route("/api/v1/schedules/{name}/trigger", post(trigger))
+        .route("/api/v1/schedules/{name}/runs", get(runs))
+}
+
+/// The stored schedule plus its next fire times.
+fn view(s: &StoredSchedule) -> Value {
+    let next: Vec<String> = match (s.spec.enabled, s.next_fire_at, s.spec.validate()) {
+        (true, Some(first), Ok(schedule)) => {
+            std::iter::once(first).chain(schedule.upcoming(first)).take(NEXT_FIRES).map(|t| t.to_rfc3339()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    v["next_fires"] = json!(next);
+    v
+}
+
+async fn create(
+    State(state): State<AppState>,
+    ApiJson(spec): ApiJson<ScheduleSpec>,
+) -> Result<impl IntoResponse, ApiError> {
+    let stored = state.store.create_schedule(&spec).await?;
+    Ok((StatusCode::CREATED, Json(view(&stored))))
+}
+
+async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let all = state.store.schedules().await?;
+    Ok(Json(json!({"items": all.iter().map(view).collect::<Vec<_>>()})))
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("schedule `{name}` not found"))
+}
+
+async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let s = state.store.schedule(&name).await?.ok_or_else(|| not_found(&name))?;
+    Ok(Json(view(&s)))
+}
+
+/// Body of `PUT`: a whole definition; `name` may be left out (the path names it).
+async fn replace(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(mut spec): ApiJson<ScheduleSpec>,
+) -> Result<impl IntoResponse, ApiError> {
+    if spec.name.is_empty() {
+        spec.name = name.clone();
+    }
+    if spec.name != name {
+        return Err(ApiError::Invalid(format!("`name` is `{}` but the path names `{name}`", spec.name)));
+    }
+    let (stored, created) = state.store.put_schedule(&spec, "api").await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view(&stored))))
+}
+
+/// Body of `PATCH`: the fields to change.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulePatch {
+    /// New expression.
+    pub cron: Option<String>,
+    /// New zone.
+    pub timezone: Option<String>,
+    /// New job template.
+    pub job: Option<JobTemplate>,
+    /// Pause (false) or resume (true); resuming does not fire the skipped ticks.
+    pub enabled: Option<bool>,
+    /// New misfire policy.
+    pub misfire: Option<Misfire>,
+    /// New catch-up bound.
+    pub catch_up_limit: Option<u32>,
+}
+
+async fn patch(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(p): ApiJson<SchedulePatch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let stored = state
+        .store
+        .patch_schedule(&name, |s| {
+            if let Some(v) = p.cron {
+                s.cron = v;
+            }
+            if let Some(v) = p.timezone {
+                s.timezone = v;
+            }
+            if let Some(v) = p.job {
+                s.job = v;
+            }
+            if let Some(v) = p.enabled {
+                s.enabled = v;
+            }
+            if let Some(v) = p.misfire {
+                s.misfire = v;
+            }
+            if let Some(v) = p.catch_up_limit {
+                s.catch_up_limit = v;
+            }
+        })
+        .await?;
+    Ok(Json(view(&stored)))
+}
+
+async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    if state.store.delete_schedule(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found(&name))
+    }
+}
+
+async fn trigger(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let job = state.store.trigger_schedule(&state.broker, &name).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Query of `GET .../runs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsQuery {
+    /// How many, 1-500 (default 50).
+    pub limit: Option<i64>,
+}
+
+async fn runs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<RunsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    state.store.schedule(&name).await?.ok_or_else(|| not_found(&name))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=jobq_core::store::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Invalid(format!("`limit` must be between 1 and {}", jobq_core::store::MAX_PAGE)));
+    }
+    let runs = state.store.schedule_runs(&name, limit).await?;
+    let keys: Vec<(QueueName, jobq_core::job::JobId)> =
+        runs.iter().filter_map(|r| Some((r.queue.parse().ok()?, r.job_id))).collect();
+    let states = state.broker.states(&keys).await?;
+    let expired: Vec<_> = keys.iter().zip(&states).filter(|(_, s)| s.is_none()).map(|((_, id), _)| *id).collect();
+    let recorded = state.store.last_outcomes(&expired).await?;
+    let items: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            let live = keys.iter().position(|(_, id)| *id == r.job_id).and_then(|i| states[i]);
+            let outcome = live.map(|s| s.to_string()).or_else(|| recorded.get(&r.job_id).cloned());
+            let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+            v["state"] = json!(outcome);
+            v
+        })
+        .collect();
+    Ok(Json(json!({"schedule": name, "items": items, "as_of": Utc::now().to_rfc3339()})))
+}

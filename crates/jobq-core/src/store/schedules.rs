@@ -1,0 +1,364 @@
+//! SQL of cron schedules: definitions, tick claiming and the runs they fired.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::job::{JobId, JobInfo};
+use crate::schedule::{plan_ticks, JobTemplate, ScheduleSpec};
+use crate::stream::Broker;
+
+/// How long an idempotency key of a cron tick is held in Redis. A tick is only ever re-fired
+/// after a rolled-back claim, seconds later.
+const TICK_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A stored schedule.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StoredSchedule {
+    /// The definition.
+    #[serde(flatten)]
+    pub spec: ScheduleSpec,
+    /// `api` or `config` (upserted from the config file at scheduler start).
+    pub source: String,
+    /// The next tick to fire (null while disabled).
+    pub next_fire_at: Option<DateTime<Utc>>,
+    /// The latest tick fired.
+    pub last_fired_at: Option<DateTime<Utc>>,
+    /// Created at.
+    pub created_at: DateTime<Utc>,
+    /// Last changed at.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One job a schedule fired.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ScheduleRun {
+    /// The tick (for manual triggers: when it was triggered).
+    pub tick: DateTime<Utc>,
+    /// `cron` or `manual`.
+    pub trigger: String,
+    /// The job.
+    pub job_id: JobId,
+    /// Its queue.
+    pub queue: String,
+    /// When it was enqueued.
+    pub fired_at: DateTime<Utc>,
+}
+
+/// A tick fired by [`Store::fire_due`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FiredTick {
+    /// Schedule.
+    pub schedule: String,
+    /// Tick.
+    pub tick: DateTime<Utc>,
+    /// Enqueued job (or the existing one, when the tick had been enqueued before a rollback).
+    pub job_id: JobId,
+    /// How late it fired, in milliseconds.
+    pub late_ms: i64,
+}
+
+/// Summary of one [`Store::fire_due`] pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FirePass {
+    /// Ticks fired.
+    pub fired: Vec<FiredTick>,
+    /// Ticks dropped by misfire policies.
+    pub skipped: u64,
+}
+
+const COLUMNS: &str =
+    "name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at, last_fired_at, created_at, updated_at";
+
+fn schedule_of_row(r: &PgRow) -> Result<StoredSchedule> {
+    let misfire: String = r.try_get("misfire")?;
+    Ok(StoredSchedule {
+        spec: ScheduleSpec {
+            name: r.try_get("name")?,
+            cron: r.try_get("cron")?,
+            timezone: r.try_get("timezone")?,
+            job: serde_json::from_value(r.try_get("job")?)?,
+            enabled: r.try_get("enabled")?,
+            misfire: misfire.parse().map_err(Error::Protocol)?,
+            catch_up_limit: r.try_get::<i32, _>("catch_up_limit")? as u32,
+        },
+        source: r.try_get("source")?,
+        next_fire_at: r.try_get("next_fire_at")?,
+        last_fired_at: r.try_get("last_fired_at")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// The first tick after now when enabled.
+fn first_tick(spec: &ScheduleSpec) -> Result<Option<DateTime<Utc>>> {
+    let schedule = spec.validate()?;
+    Ok(if spec.enabled { schedule.next_after(Utc::now()) } else { None })
+}
+
+impl Store {
+    /// Creates a schedule; a name in use is a conflict.
+    pub async fn create_schedule(&self, spec: &ScheduleSpec) -> Result<StoredSchedule> {
+        let next = first_tick(spec)?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO schedules (name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'api', $8)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING {COLUMNS}"
+        ))
+        .bind(&spec.name)
+        .bind(&spec.cron)
+        .bind(&spec.timezone)
+        .bind(serde_json::to_value(&spec.job)?)
+        .bind(spec.enabled)
+        .bind(spec.misfire.as_str())
+        .bind(spec.catch_up_limit as i32)
+        .bind(next)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => schedule_of_row(&r),
+            None => Err(Error::Conflict(format!("schedule `{}` already exists", spec.name))),
+        }
+    }
+
+    /// Creates or replaces a schedule (`source` is `api` or `config`). The pending tick is kept
+    /// unless the expression, the zone or `enabled` changed. Returns it and whether it is new.
+    pub async fn put_schedule(&self, spec: &ScheduleSpec, source: &str) -> Result<(StoredSchedule, bool)> {
+        let next = first_tick(spec)?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO schedules (name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (name) DO UPDATE SET
+                 cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, job = EXCLUDED.job, enabled = EXCLUDED.enabled,
+                 misfire = EXCLUDED.misfire, catch_up_limit = EXCLUDED.catch_up_limit, source = EXCLUDED.source,
+                 updated_at = now(),
+                 next_fire_at = CASE
+                     WHEN schedules.cron <> EXCLUDED.cron OR schedules.timezone <> EXCLUDED.timezone
+                          OR schedules.enabled <> EXCLUDED.enabled OR schedules.next_fire_at IS NULL
+                     THEN EXCLUDED.next_fire_at ELSE schedules.next_fire_at END
+             RETURNING {COLUMNS}, (xmax = 0) AS inserted"
+        ))
+        .bind(&spec.name)
+        .bind(&spec.cron)
+        .bind(&spec.timezone)
+        .bind(serde_json::to_value(&spec.job)?)
+        .bind(spec.enabled)
+        .bind(spec.misfire.as_str())
+        .bind(spec.catch_up_limit as i32)
+        .bind(source)
+        .bind(next)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((schedule_of_row(&row)?, row.try_get("inserted")?))
+    }
+
+    /// Changes a schedule in place (in one transaction). Re-enabling it, or changing its
+    /// expression or zone, restarts it from now: skipped ticks do not fire.
+    pub async fn patch_schedule(&self, name: &str, change: impl FnOnce(&mut ScheduleSpec)) -> Result<StoredSchedule> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM schedules WHERE name = $1 FOR UPDATE"))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("schedule `{name}` not found")))?;
+        let old = schedule_of_row(&row)?;
+        let mut spec = old.spec.clone();
+        change(&mut spec);
+        spec.name = old.spec.name.clone();
+        let restart =
+            spec.cron != old.spec.cron || spec.timezone != old.spec.timezone || spec.enabled != old.spec.enabled;
+        let next = if restart { first_tick(&spec)? } else { spec.validate().map(|_| old.next_fire_at)? };
+        let row = sqlx::query(&format!(
+            "UPDATE schedules SET cron = $2, timezone = $3, job = $4, enabled = $5, misfire = $6, catch_up_limit = $7,
+                 next_fire_at = $8, updated_at = now()
+             WHERE name = $1 RETURNING {COLUMNS}"
+        ))
+        .bind(name)
+        .bind(&spec.cron)
+        .bind(&spec.timezone)
+        .bind(serde_json::to_value(&spec.job)?)
+        .bind(spec.enabled)
+        .bind(spec.misfire.as_str())
+        .bind(spec.catch_up_limit as i32)
+        .bind(next)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        schedule_of_row(&row)
+    }
+
+    /// One schedule.
+    pub async fn schedule(&self, name: &str) -> Result<Option<StoredSchedule>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM schedules WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(schedule_of_row).transpose()
+    }
+
+    /// Every schedule, by name.
+    pub async fn schedules(&self) -> Result<Vec<StoredSchedule>> {
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM schedules ORDER BY name")).fetch_all(&self.pool).await?;
+        rows.iter().map(schedule_of_row).collect()
+    }
+
+    /// Deletes a schedule and its run history; false when there was none.
+    pub async fn delete_schedule(&self, name: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM schedules WHERE name = $1").bind(name).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Recent jobs a schedule fired, newest first.
+    pub async fn schedule_runs(&self, name: &str, limit: i64) -> Result<Vec<ScheduleRun>> {
+        let rows = sqlx::query(
+            "SELECT tick, trigger, job_id, queue, fired_at FROM schedule_runs
+             WHERE schedule_name = $1 ORDER BY fired_at DESC, tick DESC LIMIT $2",
+        )
+        .bind(name)
+        .bind(limit.clamp(1, super::MAX_PAGE))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ScheduleRun {
+                    tick: r.try_get("tick")?,
+                    trigger: r.try_get("trigger")?,
+                    job_id: JobId(r.try_get("job_id")?),
+                    queue: r.try_get("queue")?,
+                    fired_at: r.try_get("fired_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Latest recorded outcome of each job (for jobs whose Redis hash expired).
+    pub async fn last_outcomes(&self, ids: &[JobId]) -> Result<std::collections::HashMap<JobId, String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT ON (job_id) job_id, outcome FROM job_executions
+             WHERE job_id = ANY($1) ORDER BY job_id, run DESC, attempt DESC",
+        )
+        .bind(ids.iter().map(|i| i.0).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((JobId(r.try_get("job_id")?), r.try_get("outcome")?))).collect()
+    }
+
+    /// Enqueues a schedule's job now, outside its ticks, and records the run.
+    pub async fn trigger_schedule(&self, broker: &Broker, name: &str) -> Result<JobInfo> {
+        let s = self.schedule(name).await?.ok_or_else(|| Error::NotFound(format!("schedule `{name}` not found")))?;
+        let mut job = s.spec.job.new_job();
+        job.metadata.insert("schedule".into(), name.to_owned());
+        job.metadata.insert("trigger".into(), "manual".into());
+        let enqueued = broker.enqueue(job).await?;
+        sqlx::query(
+            "INSERT INTO schedule_runs (schedule_name, tick, trigger, job_id, queue) VALUES ($1, now(), 'manual', $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(enqueued.job.id.0)
+        .bind(enqueued.job.queue.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(enqueued.job)
+    }
+
+    /// Fires every due tick, one schedule per transaction: the due row is locked (`FOR UPDATE
+    /// SKIP LOCKED`, so replicas share the work), its ticks are enqueued with the idempotency
+    /// key `cron:<name>:<tick>`, the runs recorded, and `next_fire_at` advanced by
+    /// compare-and-set before the commit. A failure before the commit rolls the claim back; the
+    /// tick is fired again later and the key makes it fire once. `grace` decides which late
+    /// ticks are misfires. At most `max` schedules are handled per pass.
+    pub async fn fire_due(&self, broker: &Broker, grace: chrono::Duration, max: usize) -> Result<FirePass> {
+        let mut pass = FirePass::default();
+        for _ in 0..max {
+            let mut tx = self.pool.begin().await?;
+            // A replica frozen mid-claim must not hold the row: the server ends its session.
+            sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'").execute(&mut *tx).await?;
+            let Some(row) = sqlx::query(&format!(
+                "SELECT {COLUMNS}, now() AS db_now FROM schedules
+                 WHERE enabled AND next_fire_at <= now()
+                 ORDER BY next_fire_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ))
+            .fetch_optional(&mut *tx)
+            .await?
+            else {
+                break;
+            };
+            let s = schedule_of_row(&row)?;
+            let now: DateTime<Utc> = row.try_get("db_now")?;
+            let seen = s.next_fire_at.unwrap_or(now);
+            let (next, fired_here) = match s.spec.validate() {
+                Ok(schedule) => {
+                    let plan = plan_ticks(&schedule, seen, now, s.spec.misfire, s.spec.catch_up_limit, grace);
+                    pass.skipped += plan.skipped;
+                    if plan.skipped > 0 {
+                        tracing::warn!(schedule = %s.spec.name, skipped = plan.skipped, policy = s.spec.misfire.as_str(), "missed ticks");
+                    }
+                    let mut fired = Vec::new();
+                    for tick in plan.fire {
+                        let job_id = fire_tick(&mut tx, broker, &s.spec.name, &s.spec.job, tick).await?;
+                        fired.push(FiredTick {
+                            schedule: s.spec.name.clone(),
+                            tick,
+                            job_id,
+                            late_ms: (now - tick).num_milliseconds(),
+                        });
+                    }
+                    (plan.next, fired)
+                }
+                Err(e) => {
+                    tracing::error!(schedule = %s.spec.name, error = %e, "stored schedule is invalid; disabling it");
+                    (None, Vec::new())
+                }
+            };
+            let last = fired_here.last().map(|f| f.tick);
+            let updated = sqlx::query(
+                "UPDATE schedules SET next_fire_at = $2, last_fired_at = COALESCE($3, last_fired_at),
+                     enabled = enabled AND $4
+                 WHERE name = $1 AND next_fire_at = $5",
+            )
+            .bind(&s.spec.name)
+            .bind(next)
+            .bind(last)
+            .bind(next.is_some())
+            .bind(seen)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() != 1 {
+                // Changed under us (cannot happen while we hold the row lock): leave it alone.
+                continue;
+            }
+            tx.commit().await?;
+            pass.fired.extend(fired_here);
+        }
+        Ok(pass)
+    }
+}
+
+async fn fire_tick(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    broker: &Broker,
+    name: &str,
+    template: &JobTemplate,
+    tick: DateTime<Utc>,
+) -> Result<JobId> {
+    let mut job = template.new_job().unique(format!("cron:{name}:{}", tick.timestamp_millis()), Some(TICK_KEY_TTL));
+    job.metadata.insert("schedule".into(), name.to_owned());
+    job.metadata.insert("tick".into(), tick.to_rfc3339());
+    let enqueued = broker.enqueue(job).await?;
+    sqlx::query(
+        "INSERT INTO schedule_runs (schedule_name, tick, trigger, job_id, queue) VALUES ($1, $2, 'cron', $3, $4)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(name)
+    .bind(tick)
+    .bind(enqueued.job.id.0)
+    .bind(enqueued.job.queue.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(enqueued.job.id)
+}

@@ -1,0 +1,179 @@
+//! Cron schedules in Postgres: exactly-once tick claiming, crash windows, misfires, pause.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use jobq_core::job::{Priority, QueueName};
+use jobq_core::schedule::{JobTemplate, Misfire, ScheduleSpec};
+use jobq_core::store::Store;
+use jobq_testutil::TestEnv;
+use redis::AsyncCommands;
+
+fn spec(name: &str, cron: &str) -> ScheduleSpec {
+    serde_json::from_value(
+        serde_json::json!({"name": name, "cron": cron, "job": {"type": "echo", "payload": {"s": name}}}),
+    )
+    .unwrap()
+}
+
+fn grace() -> chrono::Duration {
+    chrono::Duration::seconds(30)
+}
+
+async fn backlog(env: &TestEnv) -> u64 {
+    env.broker.connection().xlen(env.keys().stream(&QueueName::default_queue(), Priority::Normal)).await.unwrap()
+}
+
+/// Moves a schedule's pending tick into the past, as if no scheduler had run since.
+async fn rewind(env: &TestEnv, name: &str, by: chrono::Duration) -> chrono::DateTime<Utc> {
+    let s = env.store.schedule(name).await.unwrap().unwrap();
+    let cron = s.spec.validate().unwrap();
+    let limit = Utc::now() - by;
+    let target = cron.upcoming(limit - chrono::Duration::hours(2)).take_while(|t| *t <= limit).last().unwrap();
+    sqlx::query("UPDATE schedules SET next_fire_at = $2 WHERE name = $1")
+        .bind(name)
+        .bind(target)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    target
+}
+
+#[tokio::test]
+async fn a_due_tick_fires_once_and_the_next_one_is_scheduled() {
+    let env = TestEnv::new().await;
+    let s = env.store.create_schedule(&spec("every-minute", "* * * * *")).await.unwrap();
+    let first = s.next_fire_at.unwrap();
+    assert!(first > Utc::now() && first <= Utc::now() + chrono::Duration::seconds(61));
+    assert!(env.store.fire_due(&env.broker, grace(), 10).await.unwrap().fired.is_empty(), "nothing due yet");
+    let tick = rewind(&env, "every-minute", chrono::Duration::seconds(1)).await;
+    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    assert_eq!(pass.fired.len(), 1);
+    assert_eq!(pass.fired[0].tick, tick);
+    assert!(env.store.fire_due(&env.broker, grace(), 10).await.unwrap().fired.is_empty(), "a tick fires once");
+    let after = env.store.schedule("every-minute").await.unwrap().unwrap();
+    assert!(after.next_fire_at.unwrap() > Utc::now());
+    assert_eq!(after.last_fired_at, Some(tick));
+    let runs = env.store.schedule_runs("every-minute", 10).await.unwrap();
+    assert_eq!((runs.len(), runs[0].job_id), (1, pass.fired[0].job_id));
+    let job = env.broker.job(runs[0].job_id).await.unwrap().unwrap();
+    assert_eq!(job.metadata.get("schedule").map(String::as_str), Some("every-minute"));
+    assert_eq!(backlog(&env).await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failed_enqueue_rolls_the_claim_back_and_the_tick_fires_later_once() {
+    let env = TestEnv::new().await;
+    env.store.create_schedule(&spec("s", "* * * * *")).await.unwrap();
+    let tick = rewind(&env, "s", chrono::Duration::seconds(1)).await;
+    let mut settings = env.settings();
+    settings.redis.url = "redis://127.0.0.1:1".into();
+    settings.redis.timeout = Duration::from_millis(200);
+    let down = jobq_core::stream::Broker::connect(&settings).await.unwrap();
+    assert!(env.store.fire_due(&down, grace(), 10).await.is_err());
+    assert_eq!(env.store.schedule("s").await.unwrap().unwrap().next_fire_at, Some(tick), "claim rolled back");
+    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    assert_eq!(pass.fired.len(), 1);
+    assert_eq!(backlog(&env).await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_tick_enqueued_before_a_crash_is_not_enqueued_again() {
+    let env = TestEnv::new().await;
+    env.store.create_schedule(&spec("s", "* * * * *")).await.unwrap();
+    let tick = rewind(&env, "s", chrono::Duration::seconds(1)).await;
+    // A replica enqueued the tick, then died before its commit.
+    let template: JobTemplate = env.store.schedule("s").await.unwrap().unwrap().spec.job;
+    let earlier = env
+        .broker
+        .enqueue(
+            template.new_job().unique(format!("cron:s:{}", tick.timestamp_millis()), Some(Duration::from_secs(3600))),
+        )
+        .await
+        .unwrap();
+    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    assert_eq!(pass.fired[0].job_id, earlier.job.id, "the idempotency key returns the existing job");
+    assert_eq!(backlog(&env).await, 1, "fired once");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn replicas_racing_for_the_same_ticks_fire_each_once() {
+    let env = TestEnv::new().await;
+    for i in 0..20 {
+        env.store.create_schedule(&spec(&format!("s{i}"), "* * * * *")).await.unwrap();
+        rewind(&env, &format!("s{i}"), chrono::Duration::seconds(1)).await;
+    }
+    let replicas: Vec<Store> = futures_util::future::join_all((0..4).map(|_| async {
+        Store::from_pool(
+            sqlx::postgres::PgPoolOptions::new().max_connections(3).connect(&env.database_url).await.unwrap(),
+        )
+    }))
+    .await;
+    let passes = futures_util::future::join_all(replicas.iter().map(|r| r.fire_due(&env.broker, grace(), 100))).await;
+    let fired: usize = passes.into_iter().map(|p| p.unwrap().fired.len()).sum();
+    assert_eq!(fired, 20);
+    assert_eq!(backlog(&env).await, 20);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn misfire_policies_decide_what_ticks_missed_while_down_do() {
+    let env = TestEnv::new().await;
+    for (name, misfire) in [("skip", Misfire::Skip), ("once", Misfire::FireOnce), ("catch", Misfire::CatchUp)] {
+        let mut s = spec(name, "* * * * *");
+        s.misfire = misfire;
+        s.catch_up_limit = 3;
+        env.store.create_schedule(&s).await.unwrap();
+        rewind(&env, name, chrono::Duration::minutes(10)).await;
+    }
+    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    let count = |n: &str| pass.fired.iter().filter(|f| f.schedule == n).count();
+    // A tick within the last 30 s (there is one in half of each minute) fires whatever the
+    // policy; the older ones follow it.
+    let recent = count("skip");
+    assert!(recent <= 1, "skip drops missed ticks");
+    assert_eq!(count("once"), 1 + recent, "fire_once fires the latest missed tick once");
+    assert_eq!(count("catch"), 3 + recent, "catch_up fires at most catch_up_limit missed ticks");
+    for name in ["skip", "once", "catch"] {
+        assert!(env.store.schedule(name).await.unwrap().unwrap().next_fire_at.unwrap() > Utc::now());
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn pausing_and_resuming_does_not_fire_the_skipped_ticks() {
+    let env = TestEnv::new().await;
+    env.store.create_schedule(&spec("p", "* * * * * *")).await.unwrap();
+    let paused = env.store.patch_schedule("p", |s| s.enabled = false).await.unwrap();
+    assert_eq!(paused.next_fire_at, None);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(env.store.fire_due(&env.broker, grace(), 10).await.unwrap().fired.is_empty());
+    let resumed = env.store.patch_schedule("p", |s| s.enabled = true).await.unwrap();
+    assert!(resumed.next_fire_at.unwrap() > Utc::now() - chrono::Duration::milliseconds(10));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    assert!(pass.fired.len() <= 2, "only ticks after the resume fire: {:?}", pass.fired);
+    assert!(pass.fired.iter().all(|f| f.tick >= resumed.next_fire_at.unwrap()));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn declared_schedules_upsert_by_name_and_keep_their_pending_tick() {
+    let env = TestEnv::new().await;
+    env.store.create_schedule(&spec("from-api", "@hourly")).await.unwrap();
+    let (a, created) = env.store.put_schedule(&spec("from-config", "@daily"), "config").await.unwrap();
+    assert!(created);
+    let (b, created) = env.store.put_schedule(&spec("from-config", "@daily"), "config").await.unwrap();
+    assert!(!created);
+    assert_eq!(a.next_fire_at, b.next_fire_at, "an unchanged definition keeps its tick");
+    let (c, _) = env.store.put_schedule(&spec("from-config", "@hourly"), "config").await.unwrap();
+    assert_ne!(c.next_fire_at, a.next_fire_at, "a new expression restarts from now");
+    let all: Vec<String> =
+        env.store.schedules().await.unwrap().into_iter().map(|s| format!("{}:{}", s.spec.name, s.source)).collect();
+    assert_eq!(all, ["from-api:api", "from-config:config"]);
+    assert!(env.store.create_schedule(&spec("from-api", "@daily")).await.is_err(), "names are unique");
+    env.cleanup().await;
+}

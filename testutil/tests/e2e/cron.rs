@@ -1,0 +1,44 @@
+//! Cron with several real scheduler processes: every tick fires exactly once, also when one
+//! replica is killed mid-run.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use jobq_core::job::{Priority, QueueName};
+use jobq_testutil::{Proc, TestEnv};
+use redis::AsyncCommands;
+
+#[tokio::test]
+async fn two_schedulers_fire_each_tick_once_even_when_one_is_killed() {
+    let env = TestEnv::with(&[("JOBQ_SCHEDULER_CRON_POLL", "250ms")]).await;
+    let spec = serde_json::from_value(serde_json::json!({
+        "name": "every-second", "cron": "* * * * * *", "job": {"type": "echo"}
+    }))
+    .unwrap();
+    env.store.create_schedule(&spec).await.unwrap();
+    let mut a = Proc::spawn("jobq-scheduler", &env.env());
+    let mut b = Proc::spawn("jobq-scheduler", &env.env());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    a.signal("KILL");
+    a.wait(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    b.signal("TERM");
+    assert_eq!(b.wait(Duration::from_secs(10)).await, Some(0));
+
+    let rows: Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid)> =
+        sqlx::query_as("SELECT tick, job_id FROM schedule_runs WHERE trigger = 'cron' ORDER BY tick")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(rows.len() >= 17, "about 20 ticks in 20 s, got {}", rows.len());
+    let jobs: HashSet<uuid::Uuid> = rows.iter().map(|r| r.1).collect();
+    assert_eq!(jobs.len(), rows.len(), "one job per tick");
+    for pair in rows.windows(2) {
+        assert_eq!((pair[1].0 - pair[0].0).num_seconds(), 1, "no tick lost between {} and {}", pair[0].0, pair[1].0);
+    }
+    let enqueued: u64 =
+        env.broker.connection().xlen(env.keys().stream(&QueueName::default_queue(), Priority::Normal)).await.unwrap();
+    assert_eq!(enqueued as usize, rows.len(), "every tick enqueued exactly once");
+    eprintln!("cron figures: ticks={} doubled=0 lost=0 (20 s, 2 replicas, one killed at 10 s)", rows.len());
+    env.cleanup().await;
+}
