@@ -99,6 +99,7 @@ impl TestEnv {
             ("REDIS_URL", &redis_url()),
             ("DATABASE_URL", &self.database_url),
             ("JOBQ_DATABASE_CREATE", "false"),
+            ("JOBQ_AUTH", "off"),
             ("JOBQ_WORKER_POLL_INTERVAL", "1s"),
             ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "5s"),
             ("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "20ms"),

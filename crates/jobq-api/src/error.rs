@@ -13,6 +13,15 @@ pub enum ApiError {
     /// 400: the request is not well-formed (bad JSON, bad id).
     #[error("{0}")]
     BadRequest(String),
+    /// 401: no key, or an unknown one.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: the key's role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 429: over the key's rate limit; retry after the duration.
+    #[error("rate limit exceeded; retry in {0:?}")]
+    RateLimited(std::time::Duration),
     /// 404.
     #[error("{0}")]
     NotFound(String),
@@ -40,6 +49,9 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -108,7 +120,14 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        error_response(status, code, &message, Value::Null)
+        let mut response = error_response(status, code, &message, Value::Null);
+        if let Self::RateLimited(wait) = &self {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        response
     }
 }
 

@@ -9,8 +9,10 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod error;
 mod extract;
+pub mod limit;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -35,16 +37,51 @@ pub struct AppState {
     pub store: Store,
     /// Largest payload in bytes.
     pub payload_limit: usize,
+    /// API keys.
+    pub auth: std::sync::Arc<AuthConfig>,
+    /// Per-key rate limits.
+    pub limiter: std::sync::Arc<limit::RateLimiter>,
+    /// Jobs per second of a DLQ retry by filter.
+    pub dlq_replay_rate: u32,
 }
 
-/// The whole router, with body limit and request tracing.
+/// Whether keys are required, and which.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Keys required.
+    pub enabled: bool,
+    /// Configured keys.
+    pub keys: Vec<jobq_core::config::ApiKey>,
+}
+
+impl AppState {
+    /// State from settings.
+    pub fn new(broker: Broker, store: Store, settings: &Settings) -> Self {
+        Self {
+            broker,
+            store,
+            payload_limit: settings.api.payload_limit,
+            auth: std::sync::Arc::new(AuthConfig { enabled: settings.api.auth, keys: settings.api.keys.clone() }),
+            limiter: std::sync::Arc::new(limit::RateLimiter::new(settings.api.rate_limit, settings.api.rate_burst)),
+            dlq_replay_rate: settings.api.dlq_replay_rate,
+        }
+    }
+}
+
+/// The whole router: routes, authorization, body limit, request ids and request tracing.
 pub fn router(state: AppState, body_limit: usize) -> Router {
+    let request_id = axum::http::HeaderName::from_static("x-request-id");
+    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+        let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+        tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+    });
     Router::new()
         .merge(routes::health::router())
         .merge(routes::jobs::router())
         .merge(routes::dlq::router())
         .merge(routes::queues::router())
         .merge(routes::schedules::router())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(|| async { error::error_response(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {
             error::error_response(
@@ -55,7 +92,9 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::request_id::PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(trace)
+        .layer(tower_http::request_id::SetRequestIdLayer::new(request_id, tower_http::request_id::MakeRequestUuid))
         .with_state(state)
 }
 
@@ -70,6 +109,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
 /// Like [`run`] on an already bound listener.
 pub async fn serve(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if settings.api.auth && settings.api.keys.is_empty() {
+        anyhow::bail!(
+            "auth is on but no API keys are configured: set JOBQ_API_KEYS (`jobq api-key --name NAME --role ROLE` prints a key and its line) or JOBQ_AUTH=off"
+        );
+    }
+    if !settings.api.auth {
+        tracing::warn!("API authentication is OFF (JOBQ_AUTH=off): anyone who can reach this port can enqueue, cancel and purge jobs");
+    }
     let broker = Broker::connect(&settings).await.context("invalid Redis settings")?;
     let store = Store::connect(&settings.database).await.context("invalid Postgres settings")?;
     if !broker.wait_until_ready(settings.redis.allow_eviction, &shutdown).await? {
@@ -85,7 +132,7 @@ pub async fn serve(settings: Settings, listener: TcpListener, shutdown: Cancella
         });
     }
     let addr: SocketAddr = listener.local_addr()?;
-    let state = AppState { broker, store, payload_limit: settings.api.payload_limit };
+    let state = AppState::new(broker, store, &settings);
     tracing::info!(url = %format!("http://{addr}"), "api listening");
     axum::serve(listener, router(state, settings.api.body_limit))
         .with_graceful_shutdown(shutdown.cancelled_owned())

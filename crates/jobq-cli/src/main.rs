@@ -22,14 +22,33 @@ struct Cli {
 enum Command {
     /// Apply the Postgres migrations (creating the database if it is missing).
     Migrate,
-    /// Run api + worker + scheduler in one process, migrations applied.
+    /// Run api + worker + scheduler in one process, migrations applied (auth off unless
+    /// JOBQ_AUTH says otherwise).
     Dev,
+    /// Make a new API key: prints the key (give it to the client) and the line to configure.
+    ApiKey {
+        /// Name of the key (shown in logs and the audit log).
+        #[arg(long)]
+        name: String,
+        /// Role: admin, producer or reader.
+        #[arg(long, value_parser = ["admin", "producer", "reader"])]
+        role: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let settings = match jobq_core::config::load(cli.config.as_deref()) {
+    if let Command::ApiKey { name, role } = &cli.command {
+        let key = format!("jobq_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        println!("key:    {key}");
+        println!("config: JOBQ_API_KEYS=\"{name}:{role}:{}\"", jobq_api::auth::hash_key(&key));
+        return std::process::ExitCode::SUCCESS;
+    }
+    let is_dev = matches!(cli.command, Command::Dev);
+    let env =
+        |name: &str| std::env::var(name).ok().or_else(|| (is_dev && name == "JOBQ_AUTH").then(|| "off".to_owned()));
+    let settings = match jobq_core::config::load_from(cli.config.as_deref(), env) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -40,6 +59,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Migrate => migrate(&settings).await,
         Command::Dev => dev(settings).await,
+        Command::ApiKey { .. } => Ok(()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,7 +5,12 @@
 //! the program at start with a message naming the setting and its variable.
 //!
 //! ```
-//! let settings = jobq_core::config::load_from(None, |name| (name == "JOBQ_WORKER_CONCURRENCY").then(|| "8".into())).unwrap();
+//! let env = |name: &str| match name {
+//!     "JOBQ_WORKER_CONCURRENCY" => Some("8".to_owned()),
+//!     "JOBQ_AUTH" => Some("off".to_owned()),
+//!     _ => None,
+//! };
+//! let settings = jobq_core::config::load_from(None, env).unwrap();
 //! assert_eq!(settings.worker.concurrency, 8);
 //! ```
 
@@ -36,6 +41,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_API_ADDR", "api.addr"),
     ("JOBQ_API_BODY_LIMIT", "api.body_limit"),
     ("JOBQ_API_PAYLOAD_LIMIT", "api.payload_limit"),
+    ("JOBQ_AUTH", "api.auth"),
+    ("JOBQ_API_KEYS", "api.keys"),
+    ("JOBQ_API_RATE_LIMIT", "api.rate_limit"),
+    ("JOBQ_API_RATE_BURST", "api.rate_burst"),
+    ("JOBQ_API_DLQ_REPLAY_RATE", "api.dlq_replay_rate"),
     ("JOBQ_WORKER_CONCURRENCY", "worker.concurrency"),
     ("JOBQ_WORKER_QUEUES", "worker.queues"),
     ("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "worker.shutdown_timeout"),
@@ -128,6 +138,108 @@ pub struct ApiSettings {
     pub body_limit: usize,
     /// Largest job payload in bytes.
     pub payload_limit: usize,
+    /// `on` (default) or `off`: API keys required.
+    #[serde(deserialize_with = "on_off")]
+    pub auth: bool,
+    /// API keys (hashes) with their roles.
+    #[serde(deserialize_with = "key_list")]
+    pub keys: Vec<ApiKey>,
+    /// Requests per second per key (0 = unlimited).
+    pub rate_limit: u32,
+    /// Burst size of the per-key rate limit.
+    pub rate_burst: u32,
+    /// Jobs per second a DLQ retry-by-filter re-enqueues.
+    pub dlq_replay_rate: u32,
+}
+
+/// What an API key may do (see `jobq_api::auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Enqueue, and read its own jobs.
+    Producer,
+    /// Read everything.
+    Reader,
+}
+
+impl Role {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Producer => "producer",
+            Role::Reader => "reader",
+        }
+    }
+}
+
+/// One API key: a name (for logs and audit), a role, and the hex SHA-256 of the key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Name shown in logs and the audit log.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Lowercase hex SHA-256 of the key (`jobq api-key` makes one).
+    pub sha256: String,
+}
+
+fn on_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bool(b) => Ok(b),
+        Raw::Text(t) => match t.to_ascii_lowercase().as_str() {
+            "on" | "true" | "1" => Ok(true),
+            "off" | "false" | "0" => Ok(false),
+            _ => Err(serde::de::Error::custom(format!("expected on or off, got `{t}`"))),
+        },
+    }
+}
+
+/// `"name:role:sha256,..."` (environment) or a list of tables (file).
+fn key_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ApiKey>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        List(Vec<ApiKey>),
+    }
+    let keys = match Raw::deserialize(d)? {
+        Raw::List(l) => l,
+        Raw::Text(t) => t
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let parts: Vec<&str> = p.split(':').collect();
+                let [name, role, sha256] = parts[..] else {
+                    return Err(serde::de::Error::custom(format!("expected name:role:sha256, got `{p}`")));
+                };
+                let role = serde_json::from_value(serde_json::Value::String(role.to_owned())).map_err(|_| {
+                    serde::de::Error::custom(format!("unknown role `{role}` (admin, producer or reader)"))
+                })?;
+                Ok(ApiKey { name: name.to_owned(), role, sha256: sha256.to_owned() })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    for k in &keys {
+        let hex = k.sha256.len() == 64 && k.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if !hex || k.name.is_empty() {
+            return Err(serde::de::Error::custom(format!(
+                "key `{}`: sha256 must be 64 lowercase hex digits (the hash of the key, not the key)",
+                k.name
+            )));
+        }
+    }
+    Ok(keys)
 }
 
 /// `[worker]`.
@@ -422,13 +534,14 @@ mod tests {
     use std::collections::HashMap;
 
     fn with(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        map.entry("JOBQ_AUTH".into()).or_insert_with(|| "off".into());
         load_from(None, |n| map.get(n).cloned())
     }
 
     #[test]
     fn defaults_load_and_validate() {
-        let s = with(&[]).unwrap();
+        let s = with(&[("JOBQ_AUTH", "off")]).unwrap();
         assert_eq!(s.namespace, "jobq");
         assert_eq!(s.api.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.worker.queues.names(), vec![QueueName::default_queue()]);
@@ -461,6 +574,20 @@ mod tests {
         assert_eq!(q, ["critical", "default", "low"]);
         assert_eq!(s.log.format, LogFormat::Json);
         assert_eq!(s.worker.shutdown_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn api_keys_parse_from_the_environment_and_auth_needs_them() {
+        let hash = "a".repeat(64);
+        let s =
+            with(&[("JOBQ_AUTH", "on"), ("JOBQ_API_KEYS", &format!("ci:producer:{hash}, ops:admin:{hash}"))]).unwrap();
+        assert!(s.api.auth);
+        assert_eq!(s.api.keys.iter().map(|k| k.role).collect::<Vec<_>>(), [Role::Producer, Role::Admin]);
+        for bad in ["ci:producer", "ci:boss:aaaa", &format!("ci:reader:{}", "A".repeat(64))] {
+            let err = with(&[("JOBQ_AUTH", "on"), ("JOBQ_API_KEYS", bad)]).unwrap_err().to_string();
+            assert!(err.contains("JOBQ_API_KEYS") || err.contains("key"), "{bad}: {err}");
+        }
+        assert!(with(&[("JOBQ_AUTH", "maybe")]).unwrap_err().to_string().contains("JOBQ_AUTH"));
     }
 
     #[test]
@@ -504,27 +631,35 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("jobq.toml");
         std::fs::write(&path, "namespace = \"fromfile\"\n[worker]\nconcurrency = 3\n").unwrap();
-        let s = load_from(Some(&path), |n| (n == "JOBQ_WORKER_CONCURRENCY").then(|| "4".into())).unwrap();
+        let s = load_from(Some(&path), |n| match n {
+            "JOBQ_WORKER_CONCURRENCY" => Some("4".into()),
+            "JOBQ_AUTH" => Some("off".into()),
+            _ => None,
+        })
+        .unwrap();
         assert_eq!(s.namespace, "fromfile");
         assert_eq!(s.worker.concurrency, 4);
         let yaml = dir.join("jobq.yaml");
         std::fs::write(&yaml, "worker:\n  queues: [mail, default]\n").unwrap();
-        let s = load_from(Some(&yaml), |_| None).unwrap();
+        let s = load_from(Some(&yaml), |n| (n == "JOBQ_AUTH").then(|| "off".into())).unwrap();
         assert_eq!(s.worker.queues.queues.len(), 2);
         std::fs::write(
             &yaml,
             "schedules:\n  - name: nightly\n    cron: \"0 30 2 * * *\"\n    timezone: Europe/Berlin\n    job: {type: report, payload: {full: true}}\n",
         )
         .unwrap();
-        let s = load_from(Some(&yaml), |_| None).unwrap();
+        let s = load_from(Some(&yaml), |n| (n == "JOBQ_AUTH").then(|| "off".into())).unwrap();
         assert_eq!(s.schedules.len(), 1);
         assert_eq!(s.schedules[0].job.kind, "report");
         std::fs::write(&yaml, "schedules:\n  - name: bad\n    cron: \"whenever\"\n    job: {type: x}\n").unwrap();
-        let err = load_from(Some(&yaml), |_| None).unwrap_err().to_string();
+        let err = load_from(Some(&yaml), |n| (n == "JOBQ_AUTH").then(|| "off".into())).unwrap_err().to_string();
         assert!(err.contains("schedule `bad`") && err.contains("`cron`"), "{err}");
         std::fs::write(&path, "[worker]\nconcurency = 3\n").unwrap();
-        assert!(load_from(Some(&path), |_| None).unwrap_err().to_string().contains("concurency"));
-        assert!(load_from(Some(&dir.join("missing.toml")), |_| None).is_err());
+        assert!(load_from(Some(&path), |n| (n == "JOBQ_AUTH").then(|| "off".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("concurency"));
+        assert!(load_from(Some(&dir.join("missing.toml")), |n| (n == "JOBQ_AUTH").then(|| "off".into())).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -10,10 +10,7 @@ use tower::ServiceExt;
 
 fn app(env: &TestEnv) -> Router {
     let s = env.settings();
-    router(
-        AppState { broker: env.broker.clone(), store: env.store.clone(), payload_limit: s.api.payload_limit },
-        s.api.body_limit,
-    )
+    router(AppState::new(env.broker.clone(), env.store.clone(), &s), s.api.body_limit)
 }
 
 async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
@@ -208,7 +205,7 @@ async fn health_is_up_and_ready_reports_each_dependency() {
     settings.redis.url = "redis://127.0.0.1:1".into();
     settings.redis.timeout = std::time::Duration::from_millis(300);
     let broken = jobq_core::stream::Broker::connect(&settings).await.unwrap();
-    let down = router(AppState { broker: broken, store: env.store.clone(), payload_limit: 1024 }, 4096);
+    let down = router(AppState::new(broken, env.store.clone(), &settings), 4096);
     let (status, body) = call(&down, "GET", "/ready", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["checks"]["postgres"], "ok");

@@ -20,6 +20,11 @@ fn grace() -> chrono::Duration {
     chrono::Duration::seconds(30)
 }
 
+/// A grace so long that a rewound hourly tick is on time, whenever the test runs.
+fn long_grace() -> chrono::Duration {
+    chrono::Duration::hours(3)
+}
+
 async fn backlog(env: &TestEnv) -> u64 {
     env.broker.connection().xlen(env.keys().stream(&QueueName::default_queue(), Priority::Normal)).await.unwrap()
 }
@@ -42,15 +47,15 @@ async fn rewind(env: &TestEnv, name: &str, by: chrono::Duration) -> chrono::Date
 #[tokio::test]
 async fn a_due_tick_fires_once_and_the_next_one_is_scheduled() {
     let env = TestEnv::new().await;
-    let s = env.store.create_schedule(&spec("every-minute", "* * * * *")).await.unwrap();
+    let s = env.store.create_schedule(&spec("every-minute", "@hourly")).await.unwrap();
     let first = s.next_fire_at.unwrap();
-    assert!(first > Utc::now() && first <= Utc::now() + chrono::Duration::seconds(61));
-    assert!(env.store.fire_due(&env.broker, grace(), 10).await.unwrap().fired.is_empty(), "nothing due yet");
+    assert!(first > Utc::now() && first <= Utc::now() + chrono::Duration::seconds(3601));
+    assert!(env.store.fire_due(&env.broker, long_grace(), 10).await.unwrap().fired.is_empty(), "nothing due yet");
     let tick = rewind(&env, "every-minute", chrono::Duration::seconds(1)).await;
-    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    let pass = env.store.fire_due(&env.broker, long_grace(), 10).await.unwrap();
     assert_eq!(pass.fired.len(), 1);
     assert_eq!(pass.fired[0].tick, tick);
-    assert!(env.store.fire_due(&env.broker, grace(), 10).await.unwrap().fired.is_empty(), "a tick fires once");
+    assert!(env.store.fire_due(&env.broker, long_grace(), 10).await.unwrap().fired.is_empty(), "a tick fires once");
     let after = env.store.schedule("every-minute").await.unwrap().unwrap();
     assert!(after.next_fire_at.unwrap() > Utc::now());
     assert_eq!(after.last_fired_at, Some(tick));
@@ -65,15 +70,15 @@ async fn a_due_tick_fires_once_and_the_next_one_is_scheduled() {
 #[tokio::test]
 async fn a_failed_enqueue_rolls_the_claim_back_and_the_tick_fires_later_once() {
     let env = TestEnv::new().await;
-    env.store.create_schedule(&spec("s", "* * * * *")).await.unwrap();
+    env.store.create_schedule(&spec("s", "@hourly")).await.unwrap();
     let tick = rewind(&env, "s", chrono::Duration::seconds(1)).await;
     let mut settings = env.settings();
     settings.redis.url = "redis://127.0.0.1:1".into();
     settings.redis.timeout = Duration::from_millis(200);
     let down = jobq_core::stream::Broker::connect(&settings).await.unwrap();
-    assert!(env.store.fire_due(&down, grace(), 10).await.is_err());
+    assert!(env.store.fire_due(&down, long_grace(), 10).await.is_err());
     assert_eq!(env.store.schedule("s").await.unwrap().unwrap().next_fire_at, Some(tick), "claim rolled back");
-    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    let pass = env.store.fire_due(&env.broker, long_grace(), 10).await.unwrap();
     assert_eq!(pass.fired.len(), 1);
     assert_eq!(backlog(&env).await, 1);
     env.cleanup().await;
@@ -82,7 +87,7 @@ async fn a_failed_enqueue_rolls_the_claim_back_and_the_tick_fires_later_once() {
 #[tokio::test]
 async fn a_tick_enqueued_before_a_crash_is_not_enqueued_again() {
     let env = TestEnv::new().await;
-    env.store.create_schedule(&spec("s", "* * * * *")).await.unwrap();
+    env.store.create_schedule(&spec("s", "@hourly")).await.unwrap();
     let tick = rewind(&env, "s", chrono::Duration::seconds(1)).await;
     // A replica enqueued the tick, then died before its commit.
     let template: JobTemplate = env.store.schedule("s").await.unwrap().unwrap().spec.job;
@@ -93,7 +98,7 @@ async fn a_tick_enqueued_before_a_crash_is_not_enqueued_again() {
         )
         .await
         .unwrap();
-    let pass = env.store.fire_due(&env.broker, grace(), 10).await.unwrap();
+    let pass = env.store.fire_due(&env.broker, long_grace(), 10).await.unwrap();
     assert_eq!(pass.fired[0].job_id, earlier.job.id, "the idempotency key returns the existing job");
     assert_eq!(backlog(&env).await, 1, "fired once");
     env.cleanup().await;
@@ -103,7 +108,7 @@ async fn a_tick_enqueued_before_a_crash_is_not_enqueued_again() {
 async fn replicas_racing_for_the_same_ticks_fire_each_once() {
     let env = TestEnv::new().await;
     for i in 0..20 {
-        env.store.create_schedule(&spec(&format!("s{i}"), "* * * * *")).await.unwrap();
+        env.store.create_schedule(&spec(&format!("s{i}"), "@hourly")).await.unwrap();
         rewind(&env, &format!("s{i}"), chrono::Duration::seconds(1)).await;
     }
     let replicas: Vec<Store> = futures_util::future::join_all((0..4).map(|_| async {
@@ -112,7 +117,8 @@ async fn replicas_racing_for_the_same_ticks_fire_each_once() {
         )
     }))
     .await;
-    let passes = futures_util::future::join_all(replicas.iter().map(|r| r.fire_due(&env.broker, grace(), 100))).await;
+    let passes =
+        futures_util::future::join_all(replicas.iter().map(|r| r.fire_due(&env.broker, long_grace(), 100))).await;
     let fired: usize = passes.into_iter().map(|p| p.unwrap().fired.len()).sum();
     assert_eq!(fired, 20);
     assert_eq!(backlog(&env).await, 20);
