@@ -37,6 +37,9 @@ pub enum ApiError {
     /// 422: well-formed but invalid.
     #[error("{0}")]
     Invalid(String),
+    /// 422 with details (per-item errors of a batch).
+    #[error("{0}")]
+    InvalidWith(String, Value),
     /// 503: Redis or Postgres unavailable.
     #[error("{0}")]
     Unavailable(String),
@@ -46,7 +49,8 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn parts(&self) -> (StatusCode, &'static str) {
+    /// HTTP status and stable error code.
+    pub fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -56,7 +60,7 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::Invalid(_) | Self::InvalidWith(..) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -120,7 +124,8 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response = error_response(status, code, &message, Value::Null);
+        let details = if let Self::InvalidWith(_, d) = &self { d.clone() } else { Value::Null };
+        let mut response = error_response(status, code, &message, details);
         if let Self::RateLimited(wait) = &self {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {

@@ -65,6 +65,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_JOBS_TIMEOUT", "jobs.timeout"),
     ("JOBQ_RETENTION_SUCCEEDED", "retention.succeeded"),
     ("JOBQ_RETENTION_DEAD", "retention.dead"),
+    ("JOBQ_RETENTION_HISTORY", "retention.history"),
+    ("JOBQ_RETENTION_DLQ", "retention.dlq"),
     ("JOBQ_LOG_FORMAT", "log.format"),
     ("JOBQ_LOG_LEVEL", "log.level"),
 ];
@@ -334,6 +336,12 @@ pub struct RetentionSettings {
     /// Dead job hashes.
     #[serde(with = "serde_human")]
     pub dead: Duration,
+    /// `job_executions` rows in Postgres.
+    #[serde(with = "serde_human")]
+    pub history: Duration,
+    /// `dead_jobs` rows in Postgres.
+    #[serde(with = "serde_human")]
+    pub dlq: Duration,
 }
 
 /// Output format of logs.

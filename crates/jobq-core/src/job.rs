@@ -235,6 +235,9 @@ pub struct Envelope {
     /// Deduplication key: while held, enqueueing another job with it returns this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
+    /// Name of the API key that enqueued the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueued_by: Option<String>,
     /// Free-form string map (carries trace context).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -280,6 +283,8 @@ pub struct NewJob {
     pub unique_key: Option<String>,
     /// How long the unique key is held; `None` holds it until the job is finished.
     pub unique_ttl: Option<Duration>,
+    /// Name of the API key that enqueues it.
+    pub enqueued_by: Option<String>,
     /// String map carried to the handler.
     pub metadata: BTreeMap<String, String>,
     /// Labels.
@@ -301,6 +306,7 @@ impl NewJob {
             expires_at: None,
             unique_key: None,
             unique_ttl: None,
+            enqueued_by: None,
             metadata: BTreeMap::new(),
             tags: Vec::new(),
         }
@@ -445,6 +451,9 @@ pub struct JobInfo {
     /// Deduplication key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
+    /// Name of the API key that enqueued it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enqueued_by: Option<String>,
     /// Times the job was taken back from a worker that stopped while running it.
     pub reclaims: u32,
     /// A cancel was requested while the job was running.
@@ -485,6 +494,7 @@ mod tests {
             created_at: Utc::now(),
             expires_at: None,
             unique_key: Some("u1".into()),
+            enqueued_by: None,
             metadata: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
             tags: vec!["t".into()],
         }

@@ -46,11 +46,29 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     cron::upsert_declared(&store, &settings, &shutdown).await;
     let promoter = tokio::spawn(promoter::run(broker.clone(), settings.scheduler.clone(), shutdown.clone()));
     let cron = tokio::spawn(cron::run(broker.clone(), store.clone(), settings.scheduler.clone(), shutdown.clone()));
+    let pruner = tokio::spawn(prune_loop(store.clone(), settings.retention.clone(), shutdown.clone()));
     let recorder = tokio::spawn(recorder::run(broker, store, settings.scheduler.clone(), consumer, shutdown.clone()));
-    let (p, c, r) = tokio::join!(promoter, cron, recorder);
+    let (p, c, r, _) = tokio::join!(promoter, cron, recorder, pruner);
     p.context("promoter panicked")?;
     c.context("cron loop panicked")?;
     r.context("recorder panicked")?;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// Deletes history and DLQ rows past their retention every minute, in batches of 1,000.
+async fn prune_loop(store: Store, retention: jobq_core::config::RetentionSettings, shutdown: CancellationToken) {
+    let age = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(36500));
+    loop {
+        let now = chrono::Utc::now();
+        match store.prune(now - age(retention.history), now - age(retention.dlq), 1000).await {
+            Ok((h, d)) if h + d > 0 => tracing::info!(history = h, dlq = d, "pruned rows past retention"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning failed; retrying in a minute"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
 }

@@ -1,38 +1,114 @@
-//! The dead-letter queue: `GET /api/v1/dlq` and `POST /api/v1/dlq/{job_id}/retry`.
+//! The dead-letter queue (unbounded, in Postgres): list with filters and cursor paging, show,
+//! retry one (optionally with an edited payload), retry by filter (dry run, bounded rate),
+//! delete one, purge by filter. Every retry, edit, delete and purge goes to the audit log.
 
+use std::time::Duration;
+
+use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use chrono::{DateTime, Utc};
 use jobq_core::store::DlqFilter;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{job_id, ApiQuery};
+use crate::extract::{job_id, ApiJson, ApiQuery};
 use crate::AppState;
+
+/// Most jobs one retry-by-filter replays.
+pub const MAX_REPLAY: i64 = 100_000;
 
 /// The DLQ routes.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/v1/dlq", get(list))
-        .route("/api/v1/dlq/{id}", get(show))
+        .route("/api/v1/dlq", get(list).delete(purge))
+        .route("/api/v1/dlq/retry", post(retry_matching))
+        .route("/api/v1/dlq/{id}", get(show).delete(remove))
         .route("/api/v1/dlq/{id}/retry", post(retry))
+        .route("/api/v1/audit", get(audit))
 }
 
-/// Query of `GET /api/v1/dlq`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
+/// Filters shared by listing, retry-by-filter and purge.
+#[derive(Debug, Default)]
+pub struct Filter {
     /// Only this queue.
     pub queue: Option<String>,
     /// Only this job type.
-    #[serde(rename = "type")]
     pub kind: Option<String>,
-    /// Page size, 1-500 (default 50).
-    pub limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
+    /// Only jobs whose last error contains this text (case-insensitive).
+    pub error: Option<String>,
+    /// Only jobs that died at or after this time (RFC 3339).
+    pub failed_after: Option<DateTime<Utc>>,
+    /// Only jobs that died before this time (RFC 3339).
+    pub failed_before: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    fn into_store(self, limit: i64, cursor: Option<String>) -> Result<DlqFilter, ApiError> {
+        if self.error.as_ref().is_some_and(|e| e.len() > 256) {
+            return Err(ApiError::Invalid("`error` filter: at most 256 characters".into()));
+        }
+        Ok(DlqFilter {
+            queue: self.queue,
+            kind: self.kind,
+            error: self.error,
+            failed_after: self.failed_after,
+            failed_before: self.failed_before,
+            limit,
+            cursor,
+        })
+    }
+}
+
+/// Declares a query/body struct with the DLQ filter fields plus `extra` fields, and its
+/// conversion to [`Filter`] (serde's `flatten` cannot be combined with `deny_unknown_fields`).
+macro_rules! with_filter {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// Only this queue.
+            pub queue: Option<String>,
+            /// Only this job type.
+            #[serde(rename = "type")]
+            pub kind: Option<String>,
+            /// Only jobs whose last error contains this text (case-insensitive).
+            pub error: Option<String>,
+            /// Only jobs that died at or after this time (RFC 3339).
+            pub failed_after: Option<DateTime<Utc>>,
+            /// Only jobs that died before this time (RFC 3339).
+            pub failed_before: Option<DateTime<Utc>>,
+            $($(#[$fm])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            fn filter(&self) -> Filter {
+                Filter {
+                    queue: self.queue.clone(),
+                    kind: self.kind.clone(),
+                    error: self.error.clone(),
+                    failed_after: self.failed_after,
+                    failed_before: self.failed_before,
+                }
+            }
+        }
+    };
+}
+
+with_filter! {
+    /// Query of `GET /api/v1/dlq`.
+    ListQuery {
+        /// Page size, 1-500 (default 50).
+        limit: Option<i64>,
+        /// `next_cursor` of the previous page.
+        cursor: Option<String>,
+    }
 }
 
 async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<impl IntoResponse, ApiError> {
@@ -40,26 +116,178 @@ async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -
     if !(1..=jobq_core::store::MAX_PAGE).contains(&limit) {
         return Err(ApiError::Invalid(format!("`limit` must be between 1 and {}", jobq_core::store::MAX_PAGE)));
     }
-    let page = state.store.dead_jobs(&DlqFilter { queue: q.queue, kind: q.kind, limit, cursor: q.cursor }).await?;
-    Ok(Json(page))
+    let filter = q.filter().into_store(limit, q.cursor)?;
+    Ok(Json(state.store.dead_jobs(&filter).await?))
+}
+
+fn not_in_dlq(id: impl std::fmt::Display) -> ApiError {
+    ApiError::NotFound(format!("job {id} is not in the dead-letter queue"))
 }
 
 async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
-    let dead = state
-        .store
-        .dead_job(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("job {id} is not in the dead-letter queue")))?;
+    let dead = state.store.dead_job(id).await?.ok_or_else(|| not_in_dlq(id))?;
+    let envelope = state.store.dead_envelope(id).await?;
     let executions = state.store.executions(id).await?;
-    Ok(Json(json!({"job": dead, "executions": executions})))
+    Ok(Json(json!({"job": dead, "envelope": envelope, "executions": executions})))
 }
 
-async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+/// Optional body of `POST /api/v1/dlq/{id}/retry`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBody {
+    /// Replaces the job's payload for the new run.
+    pub payload: Option<Value>,
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
-    let retried = state.store.retry_dead(&state.broker, id).await.map_err(|e| match e {
-        jobq_core::Error::JobNotFound(id) => ApiError::NotFound(format!("job {id} is not in the dead-letter queue")),
+    // No body (or `null`) retries the job as it was.
+    let body: Option<RetryBody> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(format!("invalid retry body: {e}")))?
+    };
+    let body = body.unwrap_or_default();
+    if let Some(p) = &body.payload {
+        let size = p.to_string().len();
+        if size > state.payload_limit {
+            return Err(ApiError::TooLarge(format!(
+                "`payload` is {size} bytes; the limit is {} bytes",
+                state.payload_limit
+            )));
+        }
+    }
+    let edited = body.payload.is_some();
+    let retried = state.store.retry_dead(&state.broker, id, body.payload.clone()).await.map_err(|e| match e {
+        jobq_core::Error::JobNotFound(id) => not_in_dlq(id),
         e => e.into(),
     })?;
+    let details = edited.then(|| json!({"payload": body.payload}));
+    state
+        .store
+        .audit(&who.name, if edited { "dlq.retry_edited" } else { "dlq.retry" }, Some(id.to_string()), None, 1, details)
+        .await?;
     Ok(Json(json!({"job_id": retried.job_id, "run": retried.run, "state": "queued"})))
+}
+
+with_filter! {
+    /// Body of `POST /api/v1/dlq/retry`.
+    RetryMatching {
+        /// Only count them.
+        #[serde(default)]
+        dry_run: bool,
+        /// At most this many (default and maximum 100,000).
+        limit: Option<i64>,
+    }
+}
+
+/// `POST /api/v1/dlq/retry`: re-enqueues every matching dead job at `JOBQ_API_DLQ_REPLAY_RATE`
+/// jobs per second, in the background (202); progress shows in the audit log. Idempotent:
+/// a job already retried is skipped.
+async fn retry_matching(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    ApiJson(req): ApiJson<RetryMatching>,
+) -> Result<impl IntoResponse, ApiError> {
+    let limit = req.limit.unwrap_or(MAX_REPLAY);
+    if !(1..=MAX_REPLAY).contains(&limit) {
+        return Err(ApiError::Invalid(format!("`limit` must be between 1 and {MAX_REPLAY}")));
+    }
+    let filter = req.filter().into_store(limit, None)?;
+    let matched = state.store.count_dead(&filter).await?.min(limit);
+    if req.dry_run {
+        return Ok((StatusCode::OK, Json(json!({"matched": matched, "dry_run": true}))));
+    }
+    let ids = state.store.dead_ids(&filter, limit).await?;
+    let audit_id = state
+        .store
+        .audit(&who.name, "dlq.retry_filter", None, Some(serde_json::to_value(&filter).unwrap_or(Value::Null)), 0, None)
+        .await?;
+    let rate = state.dlq_replay_rate.max(1);
+    let total = ids.len();
+    tokio::spawn(async move {
+        let pause = Duration::from_secs_f64(1.0 / f64::from(rate));
+        let mut retried = 0i64;
+        let mut skipped = 0i64;
+        let mut failed = 0i64;
+        let mut tick = tokio::time::interval(pause);
+        for id in ids {
+            tick.tick().await;
+            match state.store.retry_dead(&state.broker, id, None).await {
+                Ok(_) => retried += 1,
+                Err(jobq_core::Error::Conflict(_) | jobq_core::Error::JobNotFound(_)) => skipped += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(job.id = %id, error = %e, "DLQ replay of one job failed; it stays in the DLQ");
+                }
+            }
+            if (retried + skipped + failed) % 1000 == 0 {
+                let progress =
+                    json!({"retried": retried, "skipped": skipped, "failed": failed, "of": total, "done": false});
+                let _ = state.store.audit_progress(audit_id, retried, progress).await;
+            }
+        }
+        let done = json!({"retried": retried, "skipped": skipped, "failed": failed, "of": total, "done": true});
+        if let Err(e) = state.store.audit_progress(audit_id, retried, done).await {
+            tracing::warn!(error = %e, "could not record the end of a DLQ replay");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(json!({"matched": total, "rate_per_sec": rate, "audit_id": audit_id}))))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = job_id(&id)?;
+    if !state.store.delete_dead(id).await? {
+        return Err(not_in_dlq(id));
+    }
+    state.store.audit(&who.name, "dlq.delete", Some(id.to_string()), None, 1, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+with_filter! {
+    /// Query of `DELETE /api/v1/dlq`.
+    PurgeQuery {
+        /// Must be `true`.
+        confirm: Option<bool>,
+    }
+}
+
+async fn purge(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    ApiQuery(q): ApiQuery<PurgeQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    if q.confirm != Some(true) {
+        return Err(ApiError::BadRequest("purging the DLQ needs `confirm=true`".into()));
+    }
+    let filter = q.filter().into_store(0, None)?;
+    let deleted = state.store.purge_dead(&filter).await?;
+    let f = serde_json::to_value(&filter).unwrap_or(Value::Null);
+    state.store.audit(&who.name, "dlq.purge", None, Some(f), deleted as i64, None).await?;
+    Ok(Json(json!({"deleted": deleted})))
+}
+
+/// Query of `GET /api/v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// How many, newest first (default 50, at most 500).
+    pub limit: Option<i64>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(json!({"items": state.store.audit_log(q.limit.unwrap_or(50)).await?})))
 }

@@ -7,20 +7,28 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use jobq_core::backoff::Backoff;
-use jobq_core::job::{NewJob, Priority, QueueName, Start};
+use jobq_core::config::Role;
+use jobq_core::job::{JobState, NewJob, Priority, QueueName, Start};
 use jobq_core::stream::Cancel;
 use serde::Deserialize;
+use serde_json::{json, Value};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{job_id, ApiJson};
+use crate::extract::{job_id, ApiJson, ApiQuery};
 use crate::AppState;
 
 /// The job routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/jobs", post(enqueue)).route("/api/v1/jobs/{id}", get(get_job).delete(cancel))
+    Router::new()
+        .route("/api/v1/jobs", post(enqueue).get(list))
+        .route("/api/v1/jobs/batch", post(enqueue_batch))
+        .route("/api/v1/jobs/{id}", get(get_job).delete(cancel))
+        .route("/api/v1/jobs/{id}/executions", get(executions))
 }
 
 /// Body of `POST /api/v1/jobs`.
@@ -109,6 +117,7 @@ impl EnqueueRequest {
             expires_at,
             unique_key: self.unique_key,
             unique_ttl: self.unique_ttl,
+            enqueued_by: None,
             metadata: self.metadata,
             tags: self.tags,
         };
@@ -119,18 +128,148 @@ impl EnqueueRequest {
 
 async fn enqueue(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let job = req.into_new_job(state.payload_limit)?;
+    let mut job = req.into_new_job(state.payload_limit)?;
+    job.enqueued_by = Some(who.name);
     let enqueued = state.broker.enqueue(job).await?;
     let status = if enqueued.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(enqueued.job)))
 }
 
-async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+/// Most jobs in one `POST /api/v1/jobs/batch`.
+pub const MAX_BATCH: usize = 1000;
+
+/// Body of `POST /api/v1/jobs/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Up to 1,000 jobs, each like the body of `POST /api/v1/jobs`.
+    pub jobs: Vec<serde_json::Value>,
+    /// All or nothing: any invalid item rejects the batch (422) and nothing is enqueued.
+    #[serde(default)]
+    pub atomic: bool,
+}
+
+/// `POST /api/v1/jobs/batch`: one Redis round trip for the whole batch; per-item results
+/// (`status` 201 created, 200 existing, 4xx with `error`) in the order given.
+async fn enqueue_batch(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
+        return Err(ApiError::TooLarge(format!("a batch holds 1 to {MAX_BATCH} jobs, got {}", req.jobs.len())));
+    }
+    let mut results: Vec<Option<Value>> = vec![None; req.jobs.len()];
+    let mut jobs = Vec::new();
+    let mut index = Vec::new();
+    let mut errors = Vec::new();
+    for (i, raw) in req.jobs.into_iter().enumerate() {
+        let parsed = serde_json::from_value::<EnqueueRequest>(raw)
+            .map_err(|e| ApiError::Invalid(e.to_string()))
+            .and_then(|r| r.into_new_job(state.payload_limit));
+        match parsed {
+            Ok(mut job) => {
+                job.enqueued_by = Some(who.name.clone());
+                index.push(i);
+                jobs.push(job);
+            }
+            Err(e) => {
+                errors.push(json!({"index": i, "message": e.to_string()}));
+                results[i] = Some(item_error(i, e));
+            }
+        }
+    }
+    if req.atomic && !errors.is_empty() {
+        return Err(ApiError::InvalidWith(
+            "the batch is atomic and some jobs are invalid; nothing was enqueued".into(),
+            json!(errors),
+        ));
+    }
+    let outcome = state.broker.enqueue_many(jobs, req.atomic).await?;
+    let (mut created, mut existing) = (0, 0);
+    for (i, r) in index.into_iter().zip(outcome) {
+        results[i] = Some(match r {
+            Ok(e) => {
+                if e.created {
+                    created += 1;
+                } else {
+                    existing += 1;
+                }
+                json!({"index": i, "status": if e.created { 201 } else { 200 }, "job": e.job})
+            }
+            Err(e) => item_error(i, e.into()),
+        });
+    }
+    let failed = results.len() - created - existing;
+    Ok(Json(json!({"created": created, "existing": existing, "failed": failed, "results": results})))
+}
+
+fn item_error(i: usize, e: ApiError) -> Value {
+    let (status, code) = e.parts();
+    json!({"index": i, "status": status.as_u16(), "error": {"code": code, "message": e.to_string()}})
+}
+
+/// Query of `GET /api/v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this state.
+    pub state: Option<String>,
+    /// Only this type.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Page size, 1-500 (default 50).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `GET /api/v1/jobs`: jobs still in Redis (per retention), filtered; cursor-paged.
+async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<impl IntoResponse, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::Invalid("`limit` must be between 1 and 500".into()));
+    }
+    let queue = q.queue.map(|s| s.parse::<QueueName>().map_err(ApiError::Invalid)).transpose()?;
+    let job_state = q.state.map(|s| s.parse::<JobState>().map_err(ApiError::Invalid)).transpose()?;
+    let (items, next_cursor) =
+        state.broker.list_jobs(queue.as_ref(), job_state, q.kind.as_deref(), limit, q.cursor.as_deref()).await?;
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+/// A producer sees only the jobs its key enqueued; others see every job.
+fn visible(who: &Principal, job: &jobq_core::job::JobInfo) -> bool {
+    who.role != Role::Producer || job.enqueued_by.as_deref() == Some(who.name.as_str())
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
-    let job = state.broker.job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
-    Ok(Json(job))
+    let job = state.broker.job(id).await?.filter(|j| visible(&who, j));
+    Ok(Json(job.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?))
+}
+
+/// `GET /api/v1/jobs/{id}/executions`: every recorded attempt, from Postgres.
+async fn executions(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = job_id(&id)?;
+    if who.role == Role::Producer {
+        let job = state.broker.job(id).await?.filter(|j| visible(&who, j));
+        job.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
+    }
+    let items = state.store.executions(id).await?;
+    Ok(Json(json!({"job_id": id, "items": items})))
 }
 
 /// `DELETE /api/v1/jobs/{id}`: a queued or scheduled job is cancelled and never starts (200,

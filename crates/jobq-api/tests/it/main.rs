@@ -164,7 +164,7 @@ async fn unknown_jobs_routes_and_ids_are_4xx_json() {
     assert_error(&err, "bad_request", "not-a-uuid");
     let (status, err) = call(&app, "GET", "/api/v1/nothing", None).await;
     assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
-    let (status, err) = call(&app, "DELETE", "/api/v1/dlq", None).await;
+    let (status, err) = call(&app, "PUT", "/api/v1/dlq", None).await;
     assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
     let (status, err) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", uuid::Uuid::now_v7()), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err}");

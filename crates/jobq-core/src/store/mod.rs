@@ -57,16 +57,66 @@ pub struct DeadJob {
 }
 
 /// Filters and cursor of a DLQ listing.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct DlqFilter {
     /// Only this queue.
     pub queue: Option<String>,
     /// Only this type.
+    #[serde(rename = "type")]
     pub kind: Option<String>,
+    /// Only jobs whose last error contains this (case-insensitive).
+    pub error: Option<String>,
+    /// Only jobs that died at or after this time.
+    pub failed_after: Option<DateTime<Utc>>,
+    /// Only jobs that died before this time.
+    pub failed_before: Option<DateTime<Utc>>,
     /// Page size (clamped to 1..=[`MAX_PAGE`]).
+    #[serde(skip)]
     pub limit: i64,
     /// Continue after this cursor (from a previous page).
+    #[serde(skip)]
     pub cursor: Option<String>,
+}
+
+/// The WHERE clause of DLQ filters, binding $1..$5 (queue, type, error pattern, after, before).
+const DLQ_WHERE: &str = "retried_at IS NULL
+    AND ($1::text IS NULL OR queue = $1)
+    AND ($2::text IS NULL OR job_type = $2)
+    AND ($3::text IS NULL OR last_error ILIKE $3)
+    AND ($4::timestamptz IS NULL OR failed_at >= $4)
+    AND ($5::timestamptz IS NULL OR failed_at < $5)";
+
+/// `%text%` for ILIKE, with the pattern characters escaped.
+fn contains_pattern(text: &Option<String>) -> Option<String> {
+    text.as_ref().map(|t| format!("%{}%", t.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")))
+}
+
+fn bind_filter<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    f: &'q DlqFilter,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    q.bind(&f.queue).bind(&f.kind).bind(contains_pattern(&f.error)).bind(f.failed_after).bind(f.failed_before)
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AuditEntry {
+    /// Id.
+    pub id: i64,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// API key name.
+    pub actor: String,
+    /// `dlq.retry`, `dlq.retry_filter`, `dlq.delete`, `dlq.purge`.
+    pub action: String,
+    /// Job id, when one job was concerned.
+    pub target: Option<String>,
+    /// Filter of a bulk action.
+    pub filter: Option<serde_json::Value>,
+    /// How many jobs.
+    pub count: i64,
+    /// Anything else (edited payload, progress).
+    pub details: Option<serde_json::Value>,
 }
 
 /// A page of results and the cursor of the next page.
@@ -249,23 +299,20 @@ impl Store {
     pub async fn dead_jobs(&self, filter: &DlqFilter) -> Result<Page<DeadJob>> {
         let limit = filter.limit.clamp(1, MAX_PAGE);
         let cursor = filter.cursor.as_deref().map(decode_cursor).transpose()?;
-        let rows = sqlx::query(
+        let sql = format!(
             "SELECT job_id, queue, job_type, priority, payload, run, attempts, last_error, reason, failed_at, retry_count
              FROM dead_jobs
-             WHERE retried_at IS NULL
-               AND ($1::text IS NULL OR queue = $1)
-               AND ($2::text IS NULL OR job_type = $2)
-               AND ($3::timestamptz IS NULL OR (failed_at, job_id) < ($3, $4))
+             WHERE {DLQ_WHERE}
+               AND ($6::timestamptz IS NULL OR (failed_at, job_id) < ($6, $7))
              ORDER BY failed_at DESC, job_id DESC
-             LIMIT $5",
-        )
-        .bind(&filter.queue)
-        .bind(&filter.kind)
-        .bind(cursor.map(|c| c.0))
-        .bind(cursor.map(|c| c.1))
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await?;
+             LIMIT $8"
+        );
+        let rows = bind_filter(sqlx::query(&sql), filter)
+            .bind(cursor.map(|c| c.0))
+            .bind(cursor.map(|c| c.1))
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let mut items = rows.iter().map(dead_job_of_row).collect::<Result<Vec<_>>>()?;
         let next_cursor = if items.len() as i64 > limit {
             items.truncate(limit as usize);
@@ -315,7 +362,12 @@ impl Store {
     /// Retries a dead job: in one transaction, locks its DLQ row, re-enqueues it in Redis as a
     /// new run and marks the row retried. A failed enqueue rolls the transaction back; a row
     /// already retried is a conflict, so retrying twice enqueues once.
-    pub async fn retry_dead(&self, broker: &Broker, id: JobId) -> Result<DlqRetried> {
+    pub async fn retry_dead(
+        &self,
+        broker: &Broker,
+        id: JobId,
+        payload: Option<serde_json::Value>,
+    ) -> Result<DlqRetried> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query("SELECT envelope, run, retried_at FROM dead_jobs WHERE job_id = $1 FOR UPDATE")
             .bind(id.0)
@@ -326,7 +378,10 @@ impl Store {
         if let Some(at) = retried_at {
             return Err(Error::Conflict(format!("job {id} was already retried at {}", at.to_rfc3339())));
         }
-        let envelope: Envelope = serde_json::from_value(row.try_get("envelope")?)?;
+        let mut envelope: Envelope = serde_json::from_value(row.try_get("envelope")?)?;
+        if let Some(p) = payload {
+            envelope.payload = p;
+        }
         let dead_run: i32 = row.try_get("run")?;
         let run = match broker.retry_dead(&envelope, dead_run as u32).await? {
             Requeued::Queued { run } => run,
@@ -342,6 +397,157 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(DlqRetried { job_id: id, run })
+    }
+}
+
+impl Store {
+    /// The stored envelope of a dead job.
+    pub async fn dead_envelope(&self, id: JobId) -> Result<Option<serde_json::Value>> {
+        Ok(sqlx::query_scalar("SELECT envelope FROM dead_jobs WHERE job_id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Dead jobs (not retried) per queue.
+    pub async fn dead_counts(&self) -> Result<std::collections::HashMap<String, i64>> {
+        let rows = sqlx::query("SELECT queue, count(*) FROM dead_jobs WHERE retried_at IS NULL GROUP BY queue")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    /// How many dead jobs (not retried) match.
+    pub async fn count_dead(&self, filter: &DlqFilter) -> Result<i64> {
+        let sql = format!("SELECT count(*) FROM dead_jobs WHERE {DLQ_WHERE}");
+        Ok(bind_filter(sqlx::query(&sql), filter).fetch_one(&self.pool).await?.try_get(0)?)
+    }
+
+    /// Ids of dead jobs (not retried) matching, oldest first, at most `limit`.
+    pub async fn dead_ids(&self, filter: &DlqFilter, limit: i64) -> Result<Vec<JobId>> {
+        let sql = format!("SELECT job_id FROM dead_jobs WHERE {DLQ_WHERE} ORDER BY failed_at, job_id LIMIT $6");
+        let rows = bind_filter(sqlx::query(&sql), filter).bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(JobId(r.try_get(0)?))).collect()
+    }
+
+    /// Deletes one DLQ row; false when there was none.
+    pub async fn delete_dead(&self, id: JobId) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM dead_jobs WHERE job_id = $1").bind(id.0).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes every DLQ row (not retried) matching, in batches of 1,000; returns how many.
+    pub async fn purge_dead(&self, filter: &DlqFilter) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM dead_jobs WHERE job_id IN (SELECT job_id FROM dead_jobs WHERE {DLQ_WHERE} LIMIT 1000)"
+        );
+        let mut total = 0;
+        loop {
+            let n = bind_filter(sqlx::query(&sql), filter).execute(&self.pool).await?.rows_affected();
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Appends to the audit log; returns the entry id.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: Option<String>,
+        filter: Option<serde_json::Value>,
+        count: i64,
+        details: Option<serde_json::Value>,
+    ) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO audit_log (actor, action, target, filter, count, details) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(filter)
+        .bind(count)
+        .bind(details)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Updates the count and details of an audit entry (progress of a bulk replay).
+    pub async fn audit_progress(&self, id: i64, count: i64, details: serde_json::Value) -> Result<()> {
+        sqlx::query("UPDATE audit_log SET count = $2, details = $3 WHERE id = $1")
+            .bind(id)
+            .bind(count)
+            .bind(details)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Newest audit entries first.
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, target, filter, count, details FROM audit_log ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit.clamp(1, MAX_PAGE))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    filter: r.try_get("filter")?,
+                    count: r.try_get("count")?,
+                    details: r.try_get("details")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes, in batches of `batch`, history rows finished before `history_before` and DLQ
+    /// rows that died before `dlq_before`; returns (history rows, DLQ rows) deleted.
+    pub async fn prune(
+        &self,
+        history_before: DateTime<Utc>,
+        dlq_before: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<(u64, u64)> {
+        let mut deleted = (0, 0);
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM job_executions WHERE ctid IN
+                 (SELECT ctid FROM job_executions WHERE finished_at < $1 LIMIT $2)",
+            )
+            .bind(history_before)
+            .bind(batch)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            deleted.0 += n;
+            if n < batch as u64 {
+                break;
+            }
+        }
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM dead_jobs WHERE job_id IN (SELECT job_id FROM dead_jobs WHERE failed_at < $1 LIMIT $2)",
+            )
+            .bind(dlq_before)
+            .bind(batch)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            deleted.1 += n;
+            if n < batch as u64 {
+                break;
+            }
+        }
+        Ok(deleted)
     }
 }
 

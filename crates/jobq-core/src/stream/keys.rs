@@ -62,6 +62,12 @@ impl Keys {
         format!("{}:{{q:{queue}}}:expiring", self.ns)
     }
 
+    /// Hash of counters of finished attempts by outcome (`succeeded`, `failed`, `dead`,
+    /// `cancelled`), incremented by the scripts that write the outbox.
+    pub fn stats(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:stats", self.ns)
+    }
+
     /// Flag that pauses a queue: while it exists, workers start none of the queue's jobs.
     pub fn paused(&self, queue: &QueueName) -> String {
         format!("{}:{{q:{queue}}}:paused", self.ns)
@@ -106,6 +112,7 @@ mod tests {
         assert_eq!(k.job(&q, id), format!("jobq:{{q:mail}}:job:{id}"));
         assert_eq!(k.scheduled(&q), "jobq:{q:mail}:scheduled");
         assert_eq!(k.events(&q), "jobq:{q:mail}:events");
+        assert_eq!(k.stats(&q), "jobq:{q:mail}:stats", "the scripts derive it from the events key");
         for key in k.streams(&q).iter().chain([&k.job(&q, id), &k.scheduled(&q), &k.events(&q)]) {
             assert!(key.contains("{q:mail}"), "{key}");
         }

@@ -388,6 +388,7 @@ impl Broker {
             created_at: Utc::now(),
             expires_at: job.expires_at,
             unique_key: job.unique_key.clone(),
+            enqueued_by: job.enqueued_by.clone(),
             metadata: job.metadata.clone(),
             tags: job.tags.clone(),
         }
@@ -878,6 +879,7 @@ fn info_of_new(env: Envelope, state: JobState, run_at: i64) -> JobInfo {
         last_error: None,
         expires_at: env.expires_at,
         unique_key: env.unique_key,
+        enqueued_by: env.enqueued_by,
         reclaims: 0,
         cancel_requested: false,
         dead_reason: None,
@@ -902,4 +904,203 @@ fn info_of_hash(h: &HashMap<String, String>) -> Result<JobInfo> {
     info.cancel_requested = h.get("cancel_requested").is_some_and(|v| v == "1");
     info.dead_reason = h.get("dead_reason").cloned();
     Ok(info)
+}
+
+/// Depth and counters of one queue.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct QueueStats {
+    /// Queue.
+    pub queue: QueueName,
+    /// Jobs ready to start, by priority.
+    pub queued: std::collections::BTreeMap<String, u64>,
+    /// Jobs running (pending entries).
+    pub running: u64,
+    /// Delayed and retrying jobs.
+    pub scheduled: u64,
+    /// Paused.
+    pub paused: bool,
+    /// Finished attempts by outcome since the queue was created.
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// Age in milliseconds of the oldest job waiting or running in a stream (0 when none).
+    pub oldest_age_ms: i64,
+}
+
+/// One item of a batch enqueue.
+pub type BatchItem = Result<Enqueued>;
+
+impl Broker {
+    /// Depth, running, scheduled, paused and counters of each queue (two pipelines).
+    pub async fn queue_stats(&self, queues: &[QueueName]) -> Result<Vec<QueueStats>> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for q in queues {
+            for s in self.keys.streams(q) {
+                pipe.cmd("XLEN").arg(&s);
+                pipe.cmd("XPENDING").arg(&s).arg(Keys::GROUP);
+                pipe.cmd("XRANGE").arg(&s).arg("-").arg("+").arg("COUNT").arg(1);
+            }
+            pipe.cmd("ZCARD").arg(self.keys.scheduled(q));
+            pipe.cmd("EXISTS").arg(self.keys.paused(q));
+            pipe.cmd("HGETALL").arg(self.keys.stats(q));
+        }
+        pipe.cmd("TIME");
+        let mut replies: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut conn).await?;
+        let time: (String, String) =
+            redis::from_redis_value(replies.pop().ok_or_else(|| protocol("no TIME"))??).map_err(protocol)?;
+        let now = time.0.parse::<i64>().unwrap_or(0) * 1000 + time.1.parse::<i64>().unwrap_or(0) / 1000;
+        let mut it = replies.into_iter();
+        let mut next = || it.next().unwrap_or(Ok(Value::Nil)).unwrap_or(Value::Nil);
+        let mut out = Vec::with_capacity(queues.len());
+        for q in queues {
+            let mut stats = QueueStats {
+                queue: q.clone(),
+                queued: Default::default(),
+                running: 0,
+                scheduled: 0,
+                paused: false,
+                counts: Default::default(),
+                oldest_age_ms: 0,
+            };
+            let mut oldest: Option<i64> = None;
+            for p in Priority::ALL {
+                let len: u64 = redis::from_redis_value(next()).unwrap_or(0);
+                let pending: u64 = match next() {
+                    Value::Array(v) => v.into_iter().next().and_then(|c| redis::from_redis_value(c).ok()).unwrap_or(0),
+                    _ => 0,
+                };
+                let first: Vec<(String, Value)> = redis::from_redis_value(next()).unwrap_or_default();
+                if let Some(ms) = first.first().and_then(|(id, _)| id.split('-').next()?.parse::<i64>().ok()) {
+                    oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+                }
+                stats.queued.insert(p.to_string(), len.saturating_sub(pending));
+                stats.running += pending;
+            }
+            stats.scheduled = redis::from_redis_value(next()).unwrap_or(0);
+            stats.paused = redis::from_redis_value::<i64>(next()).unwrap_or(0) == 1;
+            stats.counts = redis::from_redis_value(next()).unwrap_or_default();
+            stats.oldest_age_ms = oldest.map(|o| (now - o).max(0)).unwrap_or(0);
+            out.push(stats);
+        }
+        Ok(out)
+    }
+
+    /// Enqueues many jobs in one round trip. Not atomic: each item succeeds or fails on its
+    /// own (invalid items fail without touching Redis). Atomic: every item must be valid, and
+    /// all are written in one MULTI/EXEC transaction, or none.
+    pub async fn enqueue_many(&self, jobs: Vec<NewJob>, atomic: bool) -> Result<Vec<BatchItem>> {
+        let mut items: Vec<Option<BatchItem>> = Vec::with_capacity(jobs.len());
+        let mut prepared = Vec::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            match job.validate() {
+                Ok(()) => {
+                    let env = self.envelope(&job);
+                    prepared.push((i, env, job.start, job.unique_ttl));
+                    items.push(None);
+                }
+                Err(e) if atomic => return Err(Error::Invalid(format!("item {i}: {e}"))),
+                Err(e) => items.push(Some(Err(e))),
+            }
+        }
+        let queues: HashSet<QueueName> = prepared.iter().map(|(_, e, ..)| e.queue.clone()).collect();
+        for q in &queues {
+            self.register_queue(q).await?;
+        }
+        let calls = prepared
+            .iter()
+            .map(|(_, env, start, ttl)| self.enqueue_call(env, *start, *ttl))
+            .collect::<Result<Vec<_>>>()?;
+        let replies = if atomic { self.run_atomic(&SCRIPTS.enqueue, calls).await? } else { self.run(calls).await? };
+        for ((i, env, ..), reply) in prepared.into_iter().zip(replies) {
+            items[i] = Some(match reply {
+                Ok(v) => self.enqueued(env, v).await,
+                Err(e) => Err(e.into()),
+            });
+        }
+        Ok(items.into_iter().map(|i| i.unwrap_or_else(|| Err(protocol("missing batch reply")))).collect())
+    }
+
+    /// Runs calls of one script in a MULTI/EXEC transaction. The script is loaded first, so the
+    /// transaction cannot fail half-way on a missing script.
+    async fn run_atomic(&self, script: &Script, calls: Vec<Call>) -> Result<Vec<redis::RedisResult<Value>>> {
+        let mut conn = self.conn.clone();
+        for attempt in 0..2 {
+            script.prepare_invoke().load_async(&mut conn).await?;
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for c in &calls {
+                pipe.add_command(c.0.clone());
+            }
+            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                Ok(values) => return Ok(values.into_iter().map(Ok).collect()),
+                Err(e) if attempt == 0 && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(protocol("script vanished twice during a transaction"))
+    }
+
+    /// A page of jobs, found by scanning job hashes (bounded work per call): in `queue` or
+    /// every queue, filtered by state and type. `cursor` continues a previous page.
+    pub async fn list_jobs(
+        &self,
+        queue: Option<&QueueName>,
+        state: Option<JobState>,
+        kind: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<JobInfo>, Option<String>)> {
+        let queues = match queue {
+            Some(q) => vec![q.clone()],
+            None => self.queues().await?,
+        };
+        let (mut qi, mut scan): (usize, u64) = match cursor {
+            None => (0, 0),
+            Some(c) => {
+                let bad = || Error::Invalid(format!("invalid cursor `{c}`"));
+                let (a, b) = c.split_once('.').ok_or_else(bad)?;
+                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)
+            }
+        };
+        let mut conn = self.conn.clone();
+        let mut items = Vec::new();
+        let mut budget = 20_000usize;
+        while qi < queues.len() && items.len() < limit && budget > 0 {
+            let pattern = format!("{}*", self.keys.job_prefix(&queues[qi]));
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(scan)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(limit.clamp(10, 500))
+                .query_async(&mut conn)
+                .await?;
+            budget = budget.saturating_sub(500);
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.hgetall(k);
+                }
+                let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+                for h in hashes.iter().filter(|h| !h.is_empty()) {
+                    let info = info_of_hash(h)?;
+                    if state.is_some_and(|s| s != info.state) || kind.is_some_and(|k| k != info.kind) {
+                        continue;
+                    }
+                    items.push(info);
+                }
+            }
+            if next == 0 {
+                qi += 1;
+                scan = 0;
+            } else {
+                scan = next;
+            }
+        }
+        items.sort_by_key(|j| std::cmp::Reverse(j.id));
+        let more = qi < queues.len();
+        Ok((items, more.then(|| format!("{qi}.{scan}"))))
+    }
 }

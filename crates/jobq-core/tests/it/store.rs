@@ -82,16 +82,16 @@ async fn a_dlq_retry_enqueues_once_and_hides_the_row() {
     let events = dead_jobs(&env, "a", 1).await;
     env.store.record(&events).await.unwrap();
     let id = events[0].job_id;
-    let retried = env.store.retry_dead(&env.broker, id).await.unwrap();
+    let retried = env.store.retry_dead(&env.broker, id, None).await.unwrap();
     assert_eq!(retried.run, 2);
-    let second = env.store.retry_dead(&env.broker, id).await.unwrap_err();
+    let second = env.store.retry_dead(&env.broker, id, None).await.unwrap_err();
     assert!(matches!(second, jobq_core::Error::Conflict(_)), "{second}");
     assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Queued);
     let f = env.broker.fetch(&QueueName::default_queue(), "c", 10).await.unwrap();
     assert_eq!(f.jobs.len(), 1, "enqueued exactly once");
     assert!(env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.unwrap().items.is_empty());
     assert_eq!(env.store.dead_job(id).await.unwrap().unwrap().retry_count, 1);
-    let unknown = env.store.retry_dead(&env.broker, jobq_core::job::JobId::new()).await.unwrap_err();
+    let unknown = env.store.retry_dead(&env.broker, jobq_core::job::JobId::new(), None).await.unwrap_err();
     assert!(matches!(unknown, jobq_core::Error::JobNotFound(_)));
     env.cleanup().await;
 }
@@ -107,7 +107,7 @@ async fn a_failed_enqueue_rolls_the_dlq_retry_back() {
     settings.redis.url = "redis://127.0.0.1:1".into();
     settings.redis.timeout = Duration::from_millis(300);
     let down = jobq_core::stream::Broker::connect(&settings).await.unwrap();
-    let err = env.store.retry_dead(&down, id).await.unwrap_err();
+    let err = env.store.retry_dead(&down, id, None).await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     let row = env.store.dead_job(id).await.unwrap().unwrap();
     assert_eq!(row.retry_count, 0, "the row is not marked");

@@ -20,6 +20,8 @@ local function attempt_event(events, jk, id, outcome, now, extra)
     'started_at', h[4] or '', 'finished_at', now, 'worker', h[5] or ''}
   for _, v in ipairs(extra) do fields[#fields + 1] = v end
   redis.call('XADD', events, '*', unpack(fields))
+  -- Per-queue counters by outcome, in the queue's stats hash (same slot as the outbox).
+  redis.call('HINCRBY', string.sub(events, 1, -7) .. 'stats', outcome, 1)
 end
 
 -- Moves a job to a terminal state: hash fields, unique lock, retention. Stream membership and
