@@ -1,5 +1,8 @@
 //! Handler tests through the router (no socket) against real Redis and PostgreSQL.
 
+mod endpoints;
+mod security;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -8,12 +11,12 @@ use jobq_testutil::TestEnv;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-fn app(env: &TestEnv) -> Router {
+pub(crate) fn app(env: &TestEnv) -> Router {
     let s = env.settings();
     router(AppState::new(env.broker.clone(), env.store.clone(), &s), s.api.body_limit)
 }
 
-async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
+pub(crate) async fn call(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(uri);
     if body.is_some() {
         req = req.header("content-type", "application/json");

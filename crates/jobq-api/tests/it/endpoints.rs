@@ -1,0 +1,211 @@
+//! Batch, listing, history, queue stats, the full DLQ and the audit log.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use jobq_core::job::{NewJob, QueueName};
+use jobq_core::stream::{Failure, Outcome};
+use jobq_testutil::{wait_until, TestEnv};
+use serde_json::{json, Value};
+
+use crate::{app, call};
+
+/// Runs `n` jobs of `kind` to their death (one attempt each) and records them in Postgres.
+async fn kill_jobs(env: &TestEnv, kind: &str, error: &str, n: usize) -> Vec<String> {
+    let q = QueueName::default_queue();
+    for i in 0..n {
+        env.broker.enqueue(NewJob::new(kind, json!({"i": i})).max_attempts(1)).await.unwrap();
+    }
+    let f = env.broker.fetch(&q, "w", n).await.unwrap();
+    let outcomes: Vec<Outcome> = f
+        .jobs
+        .into_iter()
+        .map(|d| Outcome {
+            delivery: d,
+            result: Err(Failure { message: error.into(), retry_in: None, reason: "fatal" }),
+        })
+        .collect();
+    env.broker.settle(&outcomes).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", &[q], 1000, Duration::from_millis(100)).await.unwrap();
+    env.store.record(&batch.events).await.unwrap();
+    batch.events.iter().map(|e| e.job_id.to_string()).collect()
+}
+
+#[tokio::test]
+async fn batch_enqueue_reports_each_item_and_atomic_batches_are_all_or_nothing() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let body = json!({"jobs": [
+        {"type": "echo", "payload": 1},
+        {"type": "", "payload": 2},
+        {"type": "echo", "colour": "red"},
+        {"type": "echo", "unique_key": "u", "queue": "mail"},
+        {"type": "echo", "unique_key": "u", "queue": "mail"},
+        {"type": "echo", "delay": "1h"}
+    ]});
+    let (s, r) = call(&app, "POST", "/api/v1/jobs/batch", Some(&body.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let statuses: Vec<u64> = r["results"].as_array().unwrap().iter().map(|i| i["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, [201, 422, 422, 201, 200, 201]);
+    assert_eq!((r["created"].as_u64(), r["existing"].as_u64(), r["failed"].as_u64()), (Some(3), Some(1), Some(2)));
+    assert_eq!(r["results"][4]["job"]["id"], r["results"][3]["job"]["id"]);
+    assert!(r["results"][2]["error"]["message"].as_str().unwrap().contains("colour"));
+    assert_eq!(r["results"][5]["job"]["state"], "scheduled");
+
+    let before = env.broker.queues().await.unwrap();
+    let atomic = json!({"atomic": true, "jobs": [{"type": "echo", "queue": "atomic"}, {"type": "echo", "max_attempts": 0, "queue": "atomic"}]});
+    let (s, err) = call(&app, "POST", "/api/v1/jobs/batch", Some(&atomic.to_string())).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(err["error"]["details"][0]["index"], 1);
+    assert_eq!(env.broker.queues().await.unwrap(), before, "nothing of the atomic batch was enqueued");
+    let ok = json!({"atomic": true, "jobs": (0..50).map(|i| json!({"type": "echo", "payload": i, "queue": "atomic"})).collect::<Vec<_>>()});
+    let (s, r) = call(&app, "POST", "/api/v1/jobs/batch", Some(&ok.to_string())).await;
+    assert_eq!((s, r["created"].as_u64()), (StatusCode::OK, Some(50)));
+
+    let too_many = json!({"jobs": vec![json!({"type": "echo"}); 1001]});
+    let (s, err) = call(&app, "POST", "/api/v1/jobs/batch", Some(&too_many.to_string())).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(err["error"]["message"].as_str().unwrap().contains("1000"));
+    let (s, _) = call(&app, "POST", "/api/v1/jobs/batch", Some(r#"{"jobs": []}"#)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn jobs_are_listed_by_queue_state_and_type_with_a_cursor() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..7 {
+        let q = if i % 2 == 0 { "a" } else { "b" };
+        let kind = if i < 5 { "echo" } else { "report" };
+        let (_, j) = call(&app, "POST", "/api/v1/jobs", Some(&json!({"type": kind, "queue": q}).to_string())).await;
+        ids.insert(j["id"].as_str().unwrap().to_owned());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let uri = match &cursor {
+            Some(c) => format!("/api/v1/jobs?limit=2&cursor={c}"),
+            None => "/api/v1/jobs?limit=2".into(),
+        };
+        let (s, page) = call(&app, "GET", &uri, None).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        for j in page["items"].as_array().unwrap() {
+            assert!(seen.insert(j["id"].as_str().unwrap().to_owned()), "no job twice");
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    let (_, page) = call(&app, "GET", "/api/v1/jobs?queue=a&type=echo&state=queued", None).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    for bad in ["/api/v1/jobs?state=happy", "/api/v1/jobs?limit=0", "/api/v1/jobs?queue=a%20b", "/api/v1/jobs?cursor=x"]
+    {
+        let (s, _) = call(&app, "GET", bad, None).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn executions_queue_stats_and_the_whole_dlq() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let dead = kill_jobs(&env, "mail", "SMTP 550 mailbox full", 3).await;
+    kill_jobs(&env, "sms", "gateway timeout", 2).await;
+    let (s, h) = call(&app, "GET", &format!("/api/v1/jobs/{}/executions", dead[0]), None).await;
+    assert_eq!((s, h["items"][0]["outcome"].as_str()), (StatusCode::OK, Some("dead")));
+
+    env.broker.enqueue(NewJob::new("echo", json!({})).delay(Duration::from_secs(60))).await.unwrap();
+    env.broker.pause(&QueueName::default_queue()).await.unwrap();
+    let (s, qs) = call(&app, "GET", "/api/v1/queues/default", None).await;
+    assert_eq!(s, StatusCode::OK, "{qs}");
+    assert_eq!((qs["scheduled"].as_u64(), qs["paused"].as_bool(), qs["dead"].as_u64()), (Some(1), Some(true), Some(5)));
+    assert_eq!(qs["counts"]["dead"], 5);
+    let (s, all) = call(&app, "GET", "/api/v1/queues", None).await;
+    assert_eq!((s, all["items"].as_array().unwrap().len()), (StatusCode::OK, 1));
+    let (s, _) = call(&app, "GET", "/api/v1/queues/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Filters.
+    let (_, page) = call(&app, "GET", "/api/v1/dlq?error=MAILBOX", None).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "error substring, case-insensitive");
+    let (_, page) = call(&app, "GET", "/api/v1/dlq?error=100%25", None).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 0, "pattern characters match literally");
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339().replace('+', "%2B");
+    let (_, page) = call(&app, "GET", &format!("/api/v1/dlq?failed_after={future}"), None).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 0);
+    let (_, page) = call(&app, "GET", &format!("/api/v1/dlq?failed_before={future}&type=sms"), None).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+
+    // Show, retry with an edited payload.
+    let (s, shown) = call(&app, "GET", &format!("/api/v1/dlq/{}", dead[0]), None).await;
+    assert_eq!((s, shown["envelope"]["type"].as_str()), (StatusCode::OK, Some("mail")));
+    let (s, r) =
+        call(&app, "POST", &format!("/api/v1/dlq/{}/retry", dead[0]), Some(r#"{"payload": {"fixed": true}}"#)).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let (_, job) = call(&app, "GET", &format!("/api/v1/jobs/{}", dead[0]), None).await;
+    assert_eq!((job["payload"].clone(), job["state"].as_str()), (json!({"fixed": true}), Some("queued")));
+    let (s, _) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", dead[0]), Some(r#"{"payload": 1, "x": 2}"#)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Retry by filter: a dry run counts, the real one replays in the background.
+    let (s, dry) = call(&app, "POST", "/api/v1/dlq/retry", Some(r#"{"type": "mail", "dry_run": true}"#)).await;
+    assert_eq!((s, dry["matched"].as_i64()), (StatusCode::OK, Some(2)));
+    let (s, started) = call(&app, "POST", "/api/v1/dlq/retry", Some(r#"{"type": "mail"}"#)).await;
+    assert_eq!((s, started["matched"].as_i64()), (StatusCode::ACCEPTED, Some(2)));
+    wait_until(Duration::from_secs(10), "the replay to finish", || async {
+        let (_, log) = call(&app, "GET", "/api/v1/audit", None).await;
+        log["items"]
+            .as_array()?
+            .iter()
+            .find(|e| e["action"] == "dlq.retry_filter" && e["details"]["done"] == true)
+            .cloned()
+    })
+    .await;
+    let (_, page) = call(&app, "GET", "/api/v1/dlq?type=mail", None).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 0);
+    let (s, again) = call(&app, "POST", "/api/v1/dlq/retry", Some(r#"{"type": "mail", "dry_run": true}"#)).await;
+    assert_eq!((s, again["matched"].as_i64()), (StatusCode::OK, Some(0)), "idempotent: nothing left to replay");
+
+    // Delete one, purge the rest (only with confirm=true).
+    let (_, page) = call(&app, "GET", "/api/v1/dlq?type=sms", None).await;
+    let one = page["items"][0]["job_id"].as_str().unwrap().to_owned();
+    let (s, _) = call(&app, "DELETE", &format!("/api/v1/dlq/{one}"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = call(&app, "DELETE", &format!("/api/v1/dlq/{one}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, err) = call(&app, "DELETE", "/api/v1/dlq?type=sms", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(err["error"]["message"].as_str().unwrap().contains("confirm=true"));
+    let (s, purged) = call(&app, "DELETE", "/api/v1/dlq?type=sms&confirm=true", None).await;
+    assert_eq!((s, purged["deleted"].as_u64()), (StatusCode::OK, Some(1)));
+
+    let (_, log) = call(&app, "GET", "/api/v1/audit", None).await;
+    let actions: Vec<&str> = log["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    for a in ["dlq.retry_edited", "dlq.retry_filter", "dlq.delete", "dlq.purge"] {
+        assert!(actions.contains(&a), "{a} audited: {actions:?}");
+    }
+    let purge: &Value = log["items"].as_array().unwrap().iter().find(|e| e["action"] == "dlq.purge").unwrap();
+    assert_eq!(
+        (purge["count"].as_i64(), purge["filter"]["type"].as_str(), purge["actor"].as_str()),
+        (Some(1), Some("sms"), Some("anonymous"))
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn retention_prunes_history_and_dlq_rows_in_batches() {
+    let env = TestEnv::new().await;
+    kill_jobs(&env, "old", "x", 5).await;
+    let future = chrono::Utc::now() + chrono::Duration::minutes(1);
+    let past = chrono::Utc::now() - chrono::Duration::days(1);
+    assert_eq!(env.store.prune(past, past, 2).await.unwrap(), (0, 0));
+    assert_eq!(env.store.prune(future, future, 2).await.unwrap(), (5, 5));
+    env.cleanup().await;
+}
