@@ -13,6 +13,7 @@ pub mod auth;
 pub mod error;
 mod extract;
 pub mod limit;
+pub mod openapi;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -81,6 +82,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .merge(routes::dlq::router())
         .merge(routes::queues::router())
         .merge(routes::schedules::router())
+        .merge(openapi::router())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(|| async { error::error_response(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {

@@ -7,6 +7,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// How the delay grows with the attempt number.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
@@ -20,6 +21,7 @@ pub enum Strategy {
 }
 
 /// How randomness is applied to the computed delay `d` (AWS architecture blog's names).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Jitter {
@@ -35,6 +37,7 @@ pub enum Jitter {
 }
 
 /// A retry policy. `{"strategy": "exponential", "base": "1s", "max": "1h", "jitter": "equal"}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
@@ -45,9 +48,11 @@ pub struct Backoff {
     #[serde(default)]
     pub jitter: Jitter,
     /// First delay.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "30s"))]
     #[serde(with = "crate::duration::serde_human", default = "default_base")]
     pub base: Duration,
     /// Cap on any delay.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "30s"))]
     #[serde(with = "crate::duration::serde_human", default = "default_max")]
     pub max: Duration,
 }

@@ -23,6 +23,8 @@ pub const MAX_TYPE_LEN: usize = 128;
 pub const MAX_QUEUE_LEN: usize = 64;
 
 /// Job identifier: a UUIDv7, so ids sort by creation time.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobId(pub Uuid);
@@ -54,6 +56,7 @@ impl FromStr for JobId {
 }
 
 /// A queue name: 1–64 characters of `[A-Za-z0-9_.-]` (it becomes part of Redis keys).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct QueueName(String);
@@ -103,6 +106,7 @@ impl fmt::Display for QueueName {
 }
 
 /// Priority inside a queue. Each has its own stream; workers drain them strictly in this order.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
@@ -149,6 +153,7 @@ impl FromStr for Priority {
 }
 
 /// Where a job is in its life (see `docs/architecture.md` for the state machine).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -406,6 +411,7 @@ impl NewJob {
 }
 
 /// The full view of a job: envelope plus the mutable state, as the API returns it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
     /// Id.
@@ -433,6 +439,7 @@ pub struct JobInfo {
     /// Retry policy.
     pub backoff: Backoff,
     /// Per-attempt timeout.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
     #[serde(with = "crate::duration::serde_human_opt", skip_serializing_if = "Option::is_none", default)]
     pub timeout: Option<Duration>,
     /// Accepted at.

@@ -179,6 +179,7 @@ impl CronSchedule {
 }
 
 /// What to do with ticks missed by more than the misfire grace (no scheduler was running).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Misfire {
@@ -215,6 +216,7 @@ impl FromStr for Misfire {
 }
 
 /// The job a schedule enqueues at each tick.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobTemplate {
@@ -234,6 +236,7 @@ pub struct JobTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// Per-attempt timeout.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
     #[serde(default, with = "crate::duration::serde_human_opt", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<std::time::Duration>,
     /// Retry policy.
@@ -280,6 +283,7 @@ fn default_catch_up() -> u32 {
 }
 
 /// A schedule definition, as the API and the config file's `schedules` section give it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {

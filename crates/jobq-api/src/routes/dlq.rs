@@ -18,7 +18,10 @@ use serde_json::{json, Value};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{job_id, ApiJson, ApiQuery};
+use crate::openapi::ApiErrorBody;
 use crate::AppState;
+#[allow(unused_imports)]
+use jobq_core::store::DlqRetried;
 
 /// Most jobs one retry-by-filter replays.
 pub const MAX_REPLAY: i64 = 100_000;
@@ -70,7 +73,8 @@ impl Filter {
 macro_rules! with_filter {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+        #[into_params(parameter_in = Query)]
         #[serde(deny_unknown_fields)]
         pub struct $name {
             /// Only this queue.
@@ -111,7 +115,12 @@ with_filter! {
     }
 }
 
-async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/dlq", tag = "dlq", params(ListQuery),
+    responses((status = 200, description = "items (newest first) and next_cursor", body = serde_json::Value), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<impl IntoResponse, ApiError> {
     let limit = q.limit.unwrap_or(50);
     if !(1..=jobq_core::store::MAX_PAGE).contains(&limit) {
         return Err(ApiError::Invalid(format!("`limit` must be between 1 and {}", jobq_core::store::MAX_PAGE)));
@@ -124,7 +133,9 @@ fn not_in_dlq(id: impl std::fmt::Display) -> ApiError {
     ApiError::NotFound(format!("job {id} is not in the dead-letter queue"))
 }
 
-async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = String, Path)),
+    responses((status = 200, description = "row, envelope and every attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     let dead = state.store.dead_job(id).await?.ok_or_else(|| not_in_dlq(id))?;
     let envelope = state.store.dead_envelope(id).await?;
@@ -133,14 +144,16 @@ async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<i
 }
 
 /// Optional body of `POST /api/v1/dlq/{id}/retry`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBody {
     /// Replaces the job's payload for the new run.
     pub payload: Option<Value>,
 }
 
-async fn retry(
+#[utoipa::path(post, path = "/api/v1/dlq/{id}/retry", tag = "dlq", params(("id" = String, Path)), request_body(content = Option<RetryBody>, description = "optional edited payload"),
+    responses((status = 200, body = DlqRetried), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+pub(crate) async fn retry(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
@@ -190,7 +203,9 @@ with_filter! {
 /// `POST /api/v1/dlq/retry`: re-enqueues every matching dead job at `JOBQ_API_DLQ_REPLAY_RATE`
 /// jobs per second, in the background (202); progress shows in the audit log. Idempotent:
 /// a job already retried is skipped.
-async fn retry_matching(
+#[utoipa::path(post, path = "/api/v1/dlq/retry", tag = "dlq", request_body = RetryMatching,
+    responses((status = 200, description = "dry run: matched count", body = serde_json::Value), (status = 202, description = "replay started", body = serde_json::Value), (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn retry_matching(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<RetryMatching>,
@@ -241,7 +256,9 @@ async fn retry_matching(
     Ok((StatusCode::ACCEPTED, Json(json!({"matched": total, "rate_per_sec": rate, "audit_id": audit_id}))))
 }
 
-async fn remove(
+#[utoipa::path(delete, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn remove(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
@@ -262,7 +279,9 @@ with_filter! {
     }
 }
 
-async fn purge(
+#[utoipa::path(delete, path = "/api/v1/dlq", tag = "dlq", params(PurgeQuery),
+    responses((status = 200, description = "deleted count", body = serde_json::Value), (status = 400, description = "confirm=true missing", body = ApiErrorBody)))]
+pub(crate) async fn purge(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<PurgeQuery>,
@@ -278,14 +297,16 @@ async fn purge(
 }
 
 /// Query of `GET /api/v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// How many, newest first (default 50, at most 500).
     pub limit: Option<i64>,
 }
 
-async fn audit(
+#[utoipa::path(get, path = "/api/v1/audit", tag = "dlq", params(AuditQuery), responses((status = 200, description = "audit entries, newest first", body = serde_json::Value)))]
+pub(crate) async fn audit(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -15,11 +15,13 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/health", get(health)).route("/ready", get(ready))
 }
 
-async fn health() -> impl IntoResponse {
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, description = "process up", body = serde_json::Value)))]
+pub(crate) async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/ready", tag = "health", responses((status = 200, description = "Redis and Postgres reachable", body = serde_json::Value), (status = 503, description = "a dependency is down; the body says which", body = serde_json::Value)))]
+pub(crate) async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
     let limit = Duration::from_secs(2);
     let check = |r: Result<jobq_core::Result<()>, tokio::time::error::Elapsed>| match r {
         Ok(Ok(())) => "ok".to_owned(),

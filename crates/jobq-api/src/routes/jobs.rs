@@ -20,7 +20,10 @@ use serde_json::{json, Value};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{job_id, ApiJson, ApiQuery};
+use crate::openapi::ApiErrorBody;
 use crate::AppState;
+#[allow(unused_imports)]
+use jobq_core::job::JobInfo;
 
 /// The job routes.
 pub fn router() -> Router<AppState> {
@@ -32,7 +35,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `POST /api/v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
     /// Handler name.
@@ -48,11 +51,13 @@ pub struct EnqueueRequest {
     /// Attempt budget.
     pub max_attempts: Option<u32>,
     /// Start after this delay (`"30s"`, `"5m"`, or milliseconds).
+    #[schema(value_type = Option<String>, example = "30s")]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub delay: Option<Duration>,
     /// Start at this time (RFC 3339).
     pub run_at: Option<DateTime<Utc>>,
     /// Per-attempt timeout.
+    #[schema(value_type = Option<String>, example = "5m")]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub timeout: Option<Duration>,
     /// Retry policy.
@@ -60,11 +65,13 @@ pub struct EnqueueRequest {
     /// Deadline to start (RFC 3339); a job not started by then is dead with reason `expired`.
     pub expires_at: Option<DateTime<Utc>>,
     /// Like `expires_at`, relative to now (`"10m"`).
+    #[schema(value_type = Option<String>, example = "10m")]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub ttl: Option<Duration>,
     /// Deduplication key: while held, enqueueing with the same key returns the existing job (200).
     pub unique_key: Option<String>,
     /// How long the unique key is held (default: until the job is finished).
+    #[schema(value_type = Option<String>, example = "1h")]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub unique_ttl: Option<Duration>,
     /// String map carried to the handler.
@@ -126,7 +133,10 @@ impl EnqueueRequest {
     }
 }
 
-async fn enqueue(
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = EnqueueRequest,
+    responses((status = 201, description = "enqueued", body = JobInfo), (status = 200, description = "a job with this unique key exists", body = JobInfo),
+        (status = 400, body = ApiErrorBody), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+pub(crate) async fn enqueue(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<EnqueueRequest>,
@@ -142,7 +152,7 @@ async fn enqueue(
 pub const MAX_BATCH: usize = 1000;
 
 /// Body of `POST /api/v1/jobs/batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// Up to 1,000 jobs, each like the body of `POST /api/v1/jobs`.
@@ -154,7 +164,9 @@ pub struct BatchRequest {
 
 /// `POST /api/v1/jobs/batch`: one Redis round trip for the whole batch; per-item results
 /// (`status` 201 created, 200 existing, 4xx with `error`) in the order given.
-async fn enqueue_batch(
+#[utoipa::path(post, path = "/api/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
+    responses((status = 200, description = "per-item results", body = serde_json::Value), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+pub(crate) async fn enqueue_batch(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<BatchRequest>,
@@ -213,7 +225,8 @@ fn item_error(i: usize, e: ApiError) -> Value {
 }
 
 /// Query of `GET /api/v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only this queue.
@@ -230,7 +243,12 @@ pub struct ListQuery {
 }
 
 /// `GET /api/v1/jobs`: jobs still in Redis (per retention), filtered; cursor-paged.
-async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(ListQuery),
+    responses((status = 200, description = "items and next_cursor", body = serde_json::Value), (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<impl IntoResponse, ApiError> {
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::Invalid("`limit` must be between 1 and 500".into()));
@@ -247,7 +265,9 @@ fn visible(who: &Principal, job: &jobq_core::job::JobInfo) -> bool {
     who.role != Role::Producer || job.enqueued_by.as_deref() == Some(who.name.as_str())
 }
 
-async fn get_job(
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id (UUID)")),
+    responses((status = 200, body = JobInfo), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn get_job(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
@@ -258,7 +278,9 @@ async fn get_job(
 }
 
 /// `GET /api/v1/jobs/{id}/executions`: every recorded attempt, from Postgres.
-async fn executions(
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/executions", tag = "jobs", params(("id" = String, Path, description = "job id (UUID)")),
+    responses((status = 200, description = "every recorded attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn executions(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
@@ -275,7 +297,13 @@ async fn executions(
 /// `DELETE /api/v1/jobs/{id}`: a queued or scheduled job is cancelled and never starts (200,
 /// state `cancelled`); a running one is asked to stop (202, state `running`,
 /// `cancel_requested`); a finished one is a 409.
-async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id (UUID)")),
+    responses((status = 200, description = "cancelled; never starts", body = JobInfo), (status = 202, description = "running; asked to stop", body = JobInfo),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     let status = match state.broker.cancel(id).await? {
         Cancel::Cancelled => StatusCode::OK,

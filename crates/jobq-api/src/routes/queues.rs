@@ -8,7 +8,10 @@ use jobq_core::job::QueueName;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::openapi::ApiErrorBody;
 use crate::AppState;
+#[allow(unused_imports)]
+use jobq_core::stream::QueueStats;
 
 /// The queue routes.
 pub fn router() -> Router<AppState> {
@@ -46,13 +49,16 @@ async fn stats(state: &AppState, queues: &[QueueName]) -> Result<Vec<Value>, Api
 
 /// `GET /api/v1/queues`: every queue with depth per priority, running, scheduled, dead,
 /// paused, counts by outcome and the oldest job's age.
-async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/queues", tag = "queues", responses((status = 200, description = "stats of every queue", body = serde_json::Value)))]
+pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let queues = state.broker.queues().await?;
     Ok(Json(json!({"items": stats(&state, &queues).await?})))
 }
 
 /// `GET /api/v1/queues/{queue}`.
-async fn show(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues", params(("queue" = String, Path)),
+    responses((status = 200, body = QueueStats), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn show(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
     if !state.broker.queues().await?.contains(&q) {
         return Err(ApiError::NotFound(format!("queue `{q}` not found")));
@@ -62,14 +68,21 @@ async fn show(State(state): State<AppState>, Path(q): Path<String>) -> Result<im
 }
 
 /// Workers stop starting the queue's jobs; enqueueing still works; running jobs finish.
-async fn pause(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/pause", tag = "queues", params(("queue" = String, Path)),
+    responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
+pub(crate) async fn pause(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
     state.broker.pause(&q).await?;
     Ok(Json(json!({"queue": q, "paused": true})))
 }
 
 /// Workers start the queue's jobs again (within a second).
-async fn resume(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/resume", tag = "queues", params(("queue" = String, Path)),
+    responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
+pub(crate) async fn resume(
+    State(state): State<AppState>,
+    Path(q): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
     state.broker.resume(&q).await?;
     Ok(Json(json!({"queue": q, "paused": false})))

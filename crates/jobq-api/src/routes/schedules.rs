@@ -16,7 +16,10 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiQuery};
+use crate::openapi::ApiErrorBody;
 use crate::AppState;
+#[allow(unused_imports)]
+use jobq_core::job::JobInfo;
 
 /// How many upcoming fire times a schedule view shows.
 const NEXT_FIRES: usize = 5;
@@ -43,7 +46,9 @@ fn view(s: &StoredSchedule) -> Value {
     v
 }
 
-async fn create(
+#[utoipa::path(post, path = "/api/v1/schedules", tag = "schedules", request_body = ScheduleSpec,
+    responses((status = 201, body = StoredSchedule), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn create(
     State(state): State<AppState>,
     ApiJson(spec): ApiJson<ScheduleSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -51,7 +56,8 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view(&stored))))
 }
 
-async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/schedules", tag = "schedules", responses((status = 200, description = "every schedule with its next 5 fire times", body = serde_json::Value)))]
+pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let all = state.store.schedules().await?;
     Ok(Json(json!({"items": all.iter().map(view).collect::<Vec<_>>()})))
 }
@@ -60,13 +66,20 @@ fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("schedule `{name}` not found"))
 }
 
-async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(get, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)),
+    responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let s = state.store.schedule(&name).await?.ok_or_else(|| not_found(&name))?;
     Ok(Json(view(&s)))
 }
 
 /// Body of `PUT`: a whole definition; `name` may be left out (the path names it).
-async fn replace(
+#[utoipa::path(put, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)), request_body = ScheduleSpec,
+    responses((status = 200, body = StoredSchedule), (status = 201, body = StoredSchedule), (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn replace(
     State(state): State<AppState>,
     Path(name): Path<String>,
     ApiJson(mut spec): ApiJson<ScheduleSpec>,
@@ -82,7 +95,7 @@ async fn replace(
 }
 
 /// Body of `PATCH`: the fields to change.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulePatch {
     /// New expression.
@@ -99,7 +112,9 @@ pub struct SchedulePatch {
     pub catch_up_limit: Option<u32>,
 }
 
-async fn patch(
+#[utoipa::path(patch, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)), request_body = SchedulePatch,
+    responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn patch(
     State(state): State<AppState>,
     Path(name): Path<String>,
     ApiJson(p): ApiJson<SchedulePatch>,
@@ -130,7 +145,12 @@ async fn patch(
     Ok(Json(view(&stored)))
 }
 
-async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(delete, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     if state.store.delete_schedule(&name).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -138,20 +158,28 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
     }
 }
 
-async fn trigger(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(post, path = "/api/v1/schedules/{name}/trigger", tag = "schedules", params(("name" = String, Path)),
+    responses((status = 201, body = JobInfo), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn trigger(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let job = state.store.trigger_schedule(&state.broker, &name).await?;
     Ok((StatusCode::CREATED, Json(job)))
 }
 
 /// Query of `GET .../runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RunsQuery {
     /// How many, 1-500 (default 50).
     pub limit: Option<i64>,
 }
 
-async fn runs(
+#[utoipa::path(get, path = "/api/v1/schedules/{name}/runs", tag = "schedules", params(("name" = String, Path), RunsQuery),
+    responses((status = 200, description = "recent runs with their job state", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
+pub(crate) async fn runs(
     State(state): State<AppState>,
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<RunsQuery>,

@@ -1,6 +1,7 @@
 //! Handler tests through the router (no socket) against real Redis and PostgreSQL.
 
 mod endpoints;
+mod openapi;
 mod security;
 
 use axum::body::Body;

@@ -29,6 +29,7 @@ pub struct Store {
 }
 
 /// One dead-letter queue entry.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DeadJob {
     /// Job id.
@@ -99,6 +100,7 @@ fn bind_filter<'q>(
 }
 
 /// One audit log entry.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AuditEntry {
     /// Id.
@@ -130,6 +132,7 @@ pub struct Page<T> {
 }
 
 /// One recorded attempt.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Execution {
     /// Run number.
@@ -149,6 +152,7 @@ pub struct Execution {
 }
 
 /// What a DLQ retry did.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DlqRetried {
     /// Job id.

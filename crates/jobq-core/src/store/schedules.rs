@@ -16,6 +16,7 @@ use crate::stream::Broker;
 const TICK_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A stored schedule.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StoredSchedule {
     /// The definition.
@@ -34,6 +35,7 @@ pub struct StoredSchedule {
 }
 
 /// One job a schedule fired.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ScheduleRun {
     /// The tick (for manual triggers: when it was triggered).

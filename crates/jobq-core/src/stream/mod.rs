@@ -907,6 +907,7 @@ fn info_of_hash(h: &HashMap<String, String>) -> Result<JobInfo> {
 }
 
 /// Depth and counters of one queue.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, serde::Serialize, PartialEq)]
 pub struct QueueStats {
     /// Queue.

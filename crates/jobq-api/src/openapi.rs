@@ -1,0 +1,103 @@
+//! The OpenAPI 3.1 document, generated from the handlers' annotations and types
+//! (`GET /api/v1/openapi.json`), and a self-contained reference page (`GET /api/v1/docs`)
+//! that renders it without loading anything from elsewhere.
+
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+
+use crate::routes::{dlq, health, jobs, queues, schedules};
+use crate::AppState;
+
+/// The error body of every 4xx/5xx answer.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ApiErrorBody {
+    /// `{"code": "invalid_request", "message": "...", "details": ...}`
+    error: ApiErrorDetail,
+}
+
+/// Inside [`ApiErrorBody`].
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ApiErrorDetail {
+    /// Stable machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict,
+    /// payload_too_large, unsupported_media_type, invalid_request, rate_limited, unavailable,
+    /// internal.
+    code: String,
+    /// What went wrong, naming the field or limit.
+    message: String,
+    /// Extra data (per-item errors of an atomic batch), or null.
+    details: Option<serde_json::Value>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "jobq", description = "REST API of the jobq background-job system. Send an API key as `Authorization: Bearer <key>` or `X-API-Key`."),
+    paths(
+        health::health, health::ready, spec, page,
+        jobs::enqueue, jobs::enqueue_batch, jobs::list, jobs::get_job, jobs::executions, jobs::cancel,
+        queues::list, queues::show, queues::pause, queues::resume,
+        dlq::list, dlq::show, dlq::retry, dlq::retry_matching, dlq::remove, dlq::purge, dlq::audit,
+        schedules::create, schedules::list, schedules::show, schedules::replace, schedules::patch,
+        schedules::remove, schedules::trigger, schedules::runs,
+    ),
+    components(schemas(
+        ApiErrorBody, ApiErrorDetail,
+        jobq_core::store::DeadJob, jobq_core::store::Execution, jobq_core::store::AuditEntry,
+        jobq_core::store::schedules::ScheduleRun, jobq_core::stream::QueueStats, jobq_core::job::JobState,
+    )),
+    modifiers(&ApiKeyAuth),
+    tags(
+        (name = "jobs", description = "enqueue, inspect, cancel"),
+        (name = "queues", description = "depth, counters, pause"),
+        (name = "dlq", description = "the dead-letter queue and its audit log"),
+        (name = "schedules", description = "cron schedules"),
+        (name = "health", description = "liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+struct ApiKeyAuth;
+
+impl utoipa::Modify for ApiKeyAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components
+            .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
+        doc.security = Some(vec![
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("api_key", Vec::<String>::new()),
+        ]);
+    }
+}
+
+/// The generated document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// `GET /api/v1/openapi.json` and `GET /api/v1/docs`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/openapi.json", get(spec)).route("/api/v1/docs", get(page))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "health", responses((status = 200, description = "the OpenAPI 3.1 document", body = serde_json::Value)))]
+pub(crate) async fn spec() -> impl IntoResponse {
+    Json(document())
+}
+
+/// A browsable reference page rendering this document (no external resources).
+#[utoipa::path(get, path = "/api/v1/docs", tag = "health", responses((status = 200, description = "HTML", content_type = "text/html")))]
+pub(crate) async fn page() -> impl IntoResponse {
+    Html(include_str!("docs.html"))
+}
