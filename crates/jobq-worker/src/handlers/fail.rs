@@ -5,14 +5,16 @@ use serde::Deserialize;
 
 use crate::{HandlerError, JobContext};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub(super) struct Fail {
     times: Option<u32>,
     message: Option<String>,
 }
 
-pub(super) async fn run(p: Fail, ctx: JobContext) -> Result<serde_json::Value, HandlerError> {
+/// A missing (null) payload means "always fail".
+pub(super) async fn run(p: Option<Fail>, ctx: JobContext) -> Result<serde_json::Value, HandlerError> {
+    let p = p.unwrap_or_default();
     let failing = p.times.is_none_or(|n| ctx.attempts_total <= n);
     if failing {
         let message = p.message.unwrap_or_else(|| "fail handler failed as asked".to_owned());
