@@ -1,5 +1,7 @@
 //! `jobq`: the admin CLI of jobq, and `jobq dev` (api + worker + scheduler in one process).
 
+mod bench;
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -25,6 +27,8 @@ enum Command {
     /// Run api + worker + scheduler in one process, migrations applied (auth off unless
     /// JOBQ_AUTH says otherwise).
     Dev,
+    /// Measure throughput and latency (own namespace and database, removed afterwards).
+    Bench(bench::BenchArgs),
     /// Make a new API key: prints the key (give it to the client) and the line to configure.
     ApiKey {
         /// Name of the key (shown in logs and the audit log).
@@ -60,6 +64,7 @@ async fn main() -> std::process::ExitCode {
         Command::Migrate => migrate(&settings).await,
         Command::Dev => dev(settings).await,
         Command::ApiKey { .. } => Ok(()),
+        Command::Bench(args) => bench::run(&settings, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

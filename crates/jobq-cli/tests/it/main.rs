@@ -62,3 +62,32 @@ async fn dev_runs_api_worker_and_scheduler_in_one_process() {
     assert_eq!(dev.wait(Duration::from_secs(15)).await, Some(0));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
+    let env = TestEnv::new().await;
+    let vars = env.env();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["bench", "-n", "300", "--scenario", "all"])
+        .envs(&vars)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["enqueue-lib", "enqueue-api", "drain", "latency"]);
+    for l in &lines[..3] {
+        assert!(l["jobs_per_s"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    assert!(lines[2]["recorded_jobs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(lines[3]["start_ms_p99"].as_f64().unwrap() >= 0.0);
+    assert!(stdout.contains("scenario") && stdout.contains("jobs/s"), "the table follows");
+    // Nothing left behind in the test's own namespace by the bench's.
+    let leftover: Vec<String> =
+        redis::cmd("KEYS").arg("bench-*").query_async(&mut env.broker.connection()).await.unwrap();
+    assert!(leftover.is_empty(), "{leftover:?}");
+    env.cleanup().await;
+}

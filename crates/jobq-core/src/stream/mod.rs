@@ -32,7 +32,7 @@ pub const MAX_RESULT_BYTES: usize = 64 * 1024;
 struct Scripts {
     enqueue: Script,
     fetch: Script,
-    complete: Script,
+    complete_many: Script,
     fail: Script,
     promote: Script,
     retry_dead: Script,
@@ -51,7 +51,7 @@ fn script(body: &str) -> Script {
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     enqueue: script(include_str!("lua/enqueue.lua")),
     fetch: script(include_str!("lua/fetch.lua")),
-    complete: script(include_str!("lua/complete.lua")),
+    complete_many: script(include_str!("lua/complete_many.lua")),
     fail: script(include_str!("lua/fail.lua")),
     promote: script(include_str!("lua/promote.lua")),
     retry_dead: script(include_str!("lua/retry_dead.lua")),
@@ -62,7 +62,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 fn all_scripts() -> [&'static Script; 9] {
     let s = &*SCRIPTS;
-    [&s.enqueue, &s.fetch, &s.complete, &s.fail, &s.promote, &s.retry_dead, &s.heartbeat, &s.reclaim, &s.cancel]
+    [&s.enqueue, &s.fetch, &s.complete_many, &s.fail, &s.promote, &s.retry_dead, &s.heartbeat, &s.reclaim, &s.cancel]
 }
 
 /// One EVALSHA call, ready to be pipelined.
@@ -552,59 +552,79 @@ impl Broker {
         Ok(())
     }
 
-    /// Writes the end of many attempts in one pipeline (complete / fail scripts). Each entry
-    /// of the result matches the outcome at the same index.
+    /// Writes the end of many attempts in one pipeline: the successes of each queue in one
+    /// `complete_many` call, each failure in its own `fail` call. Each entry of the result
+    /// matches the outcome at the same index.
     pub async fn settle(&self, outcomes: &[Outcome]) -> Result<Vec<Settled>> {
-        let mut calls = Vec::with_capacity(outcomes.len());
-        for o in outcomes {
+        let mut calls = Vec::new();
+        // For each call: the outcome indexes it answers for.
+        let mut answers: Vec<Vec<usize>> = Vec::new();
+        let mut successes: std::collections::BTreeMap<&QueueName, Vec<usize>> = Default::default();
+        for (i, o) in outcomes.iter().enumerate() {
             let d = &o.delivery;
-            let id = d.envelope.id;
-            let job_key = self.keys.job(&d.queue, id);
-            let stream = self.keys.stream(&d.queue, d.priority);
-            let events = self.keys.events(&d.queue);
-            calls.push(match &o.result {
-                Ok(result) => Call::new(&SCRIPTS.complete, &[&job_key, &stream, &events])
-                    .arg(id.to_string())
-                    .arg(&d.lease)
-                    .arg(&d.entry)
-                    .arg(Keys::GROUP)
-                    .arg(result.as_ref().map(bounded_result).unwrap_or_default())
-                    .arg(secs(self.retention.succeeded)),
+            match &o.result {
+                Ok(_) => successes.entry(&d.queue).or_default().push(i),
                 Err(f) => {
+                    let id = d.envelope.id;
+                    let job_key = self.keys.job(&d.queue, id);
+                    let stream = self.keys.stream(&d.queue, d.priority);
+                    let events = self.keys.events(&d.queue);
                     let scheduled = self.keys.scheduled(&d.queue);
                     let delay = f.retry_in.map(|d| d.as_millis() as i64).unwrap_or(-1);
-                    Call::new(&SCRIPTS.fail, &[&job_key, &stream, &events, &scheduled])
-                        .arg(id.to_string())
-                        .arg(&d.lease)
-                        .arg(&d.entry)
-                        .arg(Keys::GROUP)
-                        .arg(truncate(&f.message, 8 * 1024))
-                        .arg(delay)
-                        .arg(secs(self.retention.dead))
-                        .arg(f.reason)
+                    calls.push(
+                        Call::new(&SCRIPTS.fail, &[&job_key, &stream, &events, &scheduled])
+                            .arg(id.to_string())
+                            .arg(&d.lease)
+                            .arg(&d.entry)
+                            .arg(Keys::GROUP)
+                            .arg(truncate(&f.message, 8 * 1024))
+                            .arg(delay)
+                            .arg(secs(self.retention.dead))
+                            .arg(f.reason),
+                    );
+                    answers.push(vec![i]);
                 }
-            });
+            }
+        }
+        for (q, idx) in successes {
+            let streams = self.keys.streams(q);
+            let events = self.keys.events(q);
+            let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+            keys.push(&events);
+            let mut call = Call::new(&SCRIPTS.complete_many, &keys)
+                .arg(Keys::GROUP)
+                .arg(secs(self.retention.succeeded))
+                .arg(self.keys.job_prefix(q));
+            for &i in &idx {
+                let o = &outcomes[i];
+                let d = &o.delivery;
+                let prio = Priority::ALL.iter().position(|p| *p == d.priority).unwrap_or(2) + 1;
+                let result = o.result.as_ref().ok().and_then(Option::as_ref).map(bounded_result).unwrap_or_default();
+                call = call.arg(prio).arg(d.envelope.id.to_string()).arg(&d.lease).arg(&d.entry).arg(result);
+            }
+            calls.push(call);
+            answers.push(idx);
         }
         let results = self.run(calls).await?;
-        results
-            .into_iter()
-            .map(|r| {
-                let v = r?;
-                Ok(match v {
-                    Value::Int(1) => Settled::Succeeded,
-                    Value::Int(_) => Settled::Stale,
-                    other => {
-                        let (ok, state): (i64, String) = redis::from_redis_value(other).map_err(protocol)?;
-                        match (ok, state.as_str()) {
-                            (0, _) => Settled::Stale,
-                            (_, "retrying") => Settled::Retrying,
-                            (_, "cancelled") => Settled::Cancelled,
-                            _ => Settled::Dead,
-                        }
-                    }
-                })
-            })
-            .collect()
+        let mut settled = vec![Settled::Stale; outcomes.len()];
+        for (idx, r) in answers.into_iter().zip(results) {
+            let v = r?;
+            if idx.len() == 1 && outcomes[idx[0]].result.is_err() {
+                let (ok, state): (i64, String) = redis::from_redis_value(v).map_err(protocol)?;
+                settled[idx[0]] = match (ok, state.as_str()) {
+                    (0, _) => Settled::Stale,
+                    (_, "retrying") => Settled::Retrying,
+                    (_, "cancelled") => Settled::Cancelled,
+                    _ => Settled::Dead,
+                };
+            } else {
+                let codes: Vec<i64> = redis::from_redis_value(v).map_err(protocol)?;
+                for (i, code) in idx.into_iter().zip(codes) {
+                    settled[i] = if code == 1 { Settled::Succeeded } else { Settled::Stale };
+                }
+            }
+        }
+        Ok(settled)
     }
 
     /// Moves due delayed and retrying jobs of each queue into their streams (one pipeline).

@@ -41,3 +41,22 @@ local function dead_letter(jk, events, id, reason, err, now, retention)
   redis.call('HSET', jk, 'dead_reason', reason)
   finish(jk, id, 'dead', now, retention, err)
 end
+
+-- Completes a running attempt if `lease` still owns it: ack and delete the stream entry, mark
+-- the job succeeded, write the outbox event, release its unique lock, set its retention.
+-- Returns 1, or 0 when the lease is stale.
+local function complete_one(jk, stream, events, id, lease, entry, group, result, retention)
+  local cur = redis.call('HMGET', jk, 'state', 'lease')
+  if cur[1] ~= 'running' or cur[2] ~= lease then
+    return 0
+  end
+  local now = now_ms()
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+  attempt_event(events, jk, id, 'succeeded', now, {})
+  if result ~= '' then
+    redis.call('HSET', jk, 'result', result)
+  end
+  finish(jk, id, 'succeeded', now, retention, nil)
+  return 1
+end

@@ -1,0 +1,344 @@
+//! `jobq bench`: throughput and latency scenarios against the configured Redis and Postgres,
+//! in a namespace and a database of their own (removed afterwards). Each scenario prints one
+//! JSON line; a table follows.
+//!
+//! * `enqueue-lib`: N jobs through the library, in batches (one round trip per batch).
+//! * `enqueue-api`: N jobs through `POST /api/v1/jobs/batch` (batches of 1,000, C clients) of
+//!   an API served in this process.
+//! * `drain`: N pre-filled no-op jobs run by W `jobq-worker` processes, until every attempt is
+//!   also recorded in Postgres by a `jobq-scheduler` process.
+//! * `latency`: 1,000 jobs one at a time into an idle worker: enqueue → start and
+//!   enqueue → succeeded percentiles (Redis clock, millisecond resolution).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use jobq_core::config::Settings;
+use jobq_core::job::{JobId, NewJob, QueueName};
+use jobq_core::store::Store;
+use jobq_core::stream::Broker;
+use serde_json::{json, Value};
+
+/// Scenario names, in the order `all` runs them.
+pub const SCENARIOS: [&str; 4] = ["enqueue-lib", "enqueue-api", "drain", "latency"];
+
+/// Options of `jobq bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// enqueue-lib, enqueue-api, drain, latency, or all.
+    #[arg(long, default_value = "all")]
+    pub scenario: String,
+    /// Jobs per scenario.
+    #[arg(short = 'n', long, default_value_t = 100_000)]
+    pub jobs: usize,
+    /// Worker processes (drain).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Concurrency per worker process (drain) or concurrent clients (enqueue-api).
+    #[arg(long, default_value_t = 50)]
+    pub concurrency: usize,
+}
+
+struct BenchEnv {
+    settings: Settings,
+    broker: Broker,
+    store: Store,
+    database: String,
+    vars: HashMap<String, String>,
+}
+
+impl BenchEnv {
+    async fn new(base: &Settings) -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let mut settings = base.clone();
+        settings.namespace = format!("bench-{tag}");
+        let database = format!("jobq_bench_{tag}");
+        let url =
+            base.database.url.rsplit_once('/').map(|(head, _)| format!("{head}/{database}")).context("database url")?;
+        settings.database.url = url.clone();
+        settings.database.create = true;
+        settings.api.auth = false;
+        let store = Store::connect(&settings.database).await?;
+        store.migrate().await.context("migrating the bench database")?;
+        let broker = Broker::connect(&settings).await?;
+        broker.check_server(settings.redis.allow_eviction).await?;
+        let vars: HashMap<String, String> = [
+            ("JOBQ_NAMESPACE", settings.namespace.clone()),
+            ("REDIS_URL", settings.redis.url.clone()),
+            ("DATABASE_URL", url),
+            ("JOBQ_DATABASE_MIGRATE", "false".into()),
+            ("JOBQ_LOG_LEVEL", "warn".into()),
+            ("JOBQ_AUTH", "off".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Ok(Self { settings, broker, store, database, vars })
+    }
+
+    fn spawn(&self, bin: &str, extra: &[(&str, String)]) -> anyhow::Result<tokio::process::Child> {
+        let path = sibling(bin)?;
+        let mut cmd = tokio::process::Command::new(&path);
+        cmd.envs(&self.vars).envs(extra.iter().map(|(k, v)| (*k, v.clone()))).kill_on_drop(true);
+        cmd.stdin(std::process::Stdio::null());
+        cmd.spawn().with_context(|| format!("starting {}", path.display()))
+    }
+
+    async fn reset(&self) -> anyhow::Result<()> {
+        delete_namespace(&self.broker).await?;
+        sqlx::query("TRUNCATE job_executions, dead_jobs").execute(self.store.pool()).await?;
+        Ok(())
+    }
+
+    async fn cleanup(self, admin_url: &str) {
+        let _ = delete_namespace(&self.broker).await;
+        self.store.pool().close().await;
+        if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+}
+
+/// A binary next to this one (`jobq-worker`, `jobq-scheduler`).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!("{} not found next to jobq; build every binary first (cargo build --release --bins)", path.display());
+    }
+    Ok(path)
+}
+
+async fn delete_namespace(broker: &Broker) -> anyhow::Result<()> {
+    let mut conn = broker.connection();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(broker.keys().pattern())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+fn noop_jobs(n: usize) -> impl Iterator<Item = NewJob> {
+    (0..n).map(|i| NewJob::new("noop", json!({ "n": i })))
+}
+
+async fn prefill(broker: &Broker, n: usize) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(1000);
+        let results = broker.enqueue_many(noop_jobs(chunk).collect(), false).await?;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            bail!("enqueue failed: {e}");
+        }
+        left -= chunk;
+    }
+    Ok(())
+}
+
+async fn enqueue_lib(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    prefill(&env.broker, args.jobs).await?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(
+        json!({"scenario": "enqueue-lib", "n": args.jobs, "batch": 1000, "jobs_per_s": (args.jobs as f64 / secs).round()}),
+    )
+}
+
+async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let token = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(jobq_api::serve(env.settings.clone(), listener, token.clone()));
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client.get(format!("{base}/health")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body: Value =
+        json!({"jobs": (0..1000).map(|i| json!({"type": "noop", "payload": {"n": i}})).collect::<Vec<_>>()});
+    let body = std::sync::Arc::new(serde_json::to_vec(&body)?);
+    let batches = args.jobs.div_ceil(1000);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..args.concurrency.clamp(1, 64) {
+        let (client, body, next, url) =
+            (client.clone(), body.clone(), next.clone(), format!("{base}/api/v1/jobs/batch"));
+        clients.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < batches {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.as_ref().clone())
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("batch answered {}", r.status());
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for c in clients {
+        c.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    token.cancel();
+    let _ = server.await;
+    let n = batches * 1000;
+    Ok(
+        json!({"scenario": "enqueue-api", "n": n, "clients": args.concurrency.clamp(1, 64), "batch": 1000, "jobs_per_s": (n as f64 / secs).round()}),
+    )
+}
+
+async fn counts(broker: &Broker) -> anyhow::Result<u64> {
+    let stats = broker.queue_stats(&[QueueName::default_queue()]).await?;
+    Ok(stats.first().and_then(|s| s.counts.get("succeeded").copied()).unwrap_or(0))
+}
+
+async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    prefill(&env.broker, args.jobs).await?;
+    let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
+    let started = Instant::now();
+    for i in 0..args.workers {
+        procs.push(env.spawn(
+            "jobq-worker",
+            &[("JOBQ_WORKER_CONCURRENCY", args.concurrency.to_string()), ("JOBQ_WORKER_ID", format!("bench-{i}"))],
+        )?);
+    }
+    let n = args.jobs as u64;
+    while counts(&env.broker).await? < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let processed = started.elapsed().as_secs_f64();
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(env.store.pool()).await?;
+        if rows as u64 >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recorded = started.elapsed().as_secs_f64();
+    for p in &mut procs {
+        let _ = p.start_kill();
+    }
+    Ok(json!({
+        "scenario": "drain", "n": n, "workers": args.workers, "concurrency": args.concurrency,
+        "jobs_per_s": (n as f64 / processed).round(),
+        "recorded_jobs_per_s": (n as f64 / recorded).round(),
+    }))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len().saturating_sub(1)) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+async fn latency(env: &BenchEnv) -> anyhow::Result<Value> {
+    let mut worker = env.spawn("jobq-worker", &[("JOBQ_WORKER_CONCURRENCY", "10".into())])?;
+    let q = QueueName::default_queue();
+    // Warm up: the worker is idle and blocked on XREAD when measuring starts.
+    let warm = env.broker.enqueue(NewJob::new("noop", json!({}))).await?.job.id;
+    wait_done(&env.broker, &q, warm).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut to_start, mut to_done) = (Vec::new(), Vec::new());
+    for _ in 0..1000 {
+        let id = env.broker.enqueue(NewJob::new("noop", json!({}))).await?.job.id;
+        let (enq, start, end) = wait_done(&env.broker, &q, id).await?;
+        to_start.push((start - enq) as f64);
+        to_done.push((end - enq) as f64);
+    }
+    let _ = worker.start_kill();
+    to_start.sort_by(f64::total_cmp);
+    to_done.sort_by(f64::total_cmp);
+    Ok(json!({
+        "scenario": "latency", "n": 1000,
+        "start_ms_p50": percentile(&to_start, 0.5), "start_ms_p90": percentile(&to_start, 0.9),
+        "start_ms_p99": percentile(&to_start, 0.99), "start_ms_max": percentile(&to_start, 1.0),
+        "done_ms_p50": percentile(&to_done, 0.5), "done_ms_p99": percentile(&to_done, 0.99),
+    }))
+}
+
+/// Waits for a job to succeed; returns its (enqueued_at, started_at, finished_at) in Redis ms.
+async fn wait_done(broker: &Broker, q: &QueueName, id: JobId) -> anyhow::Result<(i64, i64, i64)> {
+    let key = broker.keys().job(q, id);
+    let mut conn = broker.connection();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let f: (Option<String>, Option<i64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["state", "enqueued_at", "started_at", "finished_at"])
+            .query_async(&mut conn)
+            .await?;
+        if let (Some(s), Some(e), Some(st), Some(fi)) = f {
+            if s == "succeeded" {
+                return Ok((e, st, fi));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("job {id} did not finish within 30 s: is a worker running?");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// Runs the chosen scenarios and prints their results.
+pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
+    let chosen: Vec<&str> = if args.scenario == "all" { SCENARIOS.to_vec() } else { vec![args.scenario.as_str()] };
+    if let Some(bad) = chosen.iter().find(|s| !SCENARIOS.contains(s)) {
+        bail!("unknown scenario `{bad}`: use {} or all", SCENARIOS.join(", "));
+    }
+    let env = BenchEnv::new(settings).await?;
+    let mut results = Vec::new();
+    let outcome: anyhow::Result<()> = async {
+        for s in &chosen {
+            env.reset().await?;
+            let r = match *s {
+                "enqueue-lib" => enqueue_lib(&env, &args).await?,
+                "enqueue-api" => enqueue_api(&env, &args).await?,
+                "drain" => drain(&env, &args).await?,
+                _ => latency(&env).await?,
+            };
+            println!("{r}");
+            results.push(r);
+        }
+        Ok(())
+    }
+    .await;
+    env.cleanup(&settings.database.url.rsplit_once('/').map(|(h, _)| format!("{h}/postgres")).unwrap_or_default())
+        .await;
+    outcome?;
+    println!();
+    println!("{:<12} {:>10} {:>14}  details", "scenario", "jobs", "jobs/s");
+    for r in &results {
+        let rate = r.get("jobs_per_s").map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let mut details: Vec<String> = r
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !matches!(k.as_str(), "scenario" | "n" | "jobs_per_s"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        details.sort();
+        println!("{:<12} {:>10} {:>14}  {}", r["scenario"].as_str().unwrap_or(""), r["n"], rate, details.join(" "));
+    }
+    Ok(())
+}
