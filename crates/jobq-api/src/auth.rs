@@ -59,7 +59,7 @@ fn find<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
 /// The least role a route needs; `None` for open routes.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     match path {
-        "/health" | "/ready" | "/api/v1/openapi.json" | "/api/v1/docs" => None,
+        "/health" | "/ready" | "/metrics" | "/api/v1/openapi.json" | "/api/v1/docs" => None,
         "/api/v1/jobs" | "/api/v1/jobs/batch" if method == Method::POST => Some(Role::Producer),
         "/api/v1/jobs/{id}" | "/api/v1/jobs/{id}/executions" if method == Method::GET => Some(Role::Producer),
         _ if method == Method::GET || method == Method::HEAD => Some(Role::Reader),

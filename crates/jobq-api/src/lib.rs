@@ -119,6 +119,7 @@ pub async fn serve(settings: Settings, listener: TcpListener, shutdown: Cancella
     if !settings.api.auth {
         tracing::warn!("API authentication is OFF (JOBQ_AUTH=off): anyone who can reach this port can enqueue, cancel and purge jobs");
     }
+    jobq_core::ops::prometheus();
     let broker = Broker::connect(&settings).await.context("invalid Redis settings")?;
     let store = Store::connect(&settings.database).await.context("invalid Postgres settings")?;
     if !broker.wait_until_ready(settings.redis.allow_eviction, &shutdown).await? {

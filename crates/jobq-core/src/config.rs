@@ -67,6 +67,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_RETENTION_DEAD", "retention.dead"),
     ("JOBQ_RETENTION_HISTORY", "retention.history"),
     ("JOBQ_RETENTION_DLQ", "retention.dlq"),
+    ("JOBQ_METRICS_ADDR", "metrics_addr"),
     ("JOBQ_LOG_FORMAT", "log.format"),
     ("JOBQ_LOG_LEVEL", "log.level"),
 ];
@@ -82,6 +83,8 @@ pub struct ConfigError(pub String);
 pub struct Settings {
     /// Prefix of every Redis key.
     pub namespace: String,
+    /// Where the worker and the scheduler serve /health, /ready and /metrics ("" = not served).
+    pub metrics_addr: String,
     /// Redis connection.
     pub redis: RedisSettings,
     /// Postgres connection.
@@ -463,6 +466,9 @@ impl Settings {
                 "namespace",
                 format!("must be non-empty and use A-Z, a-z, 0-9, '_', '-', '.', ':', got `{}`", self.namespace),
             );
+        }
+        if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<SocketAddr>().is_err() {
+            return bad("metrics_addr", format!("must be host:port, got `{}`", self.metrics_addr));
         }
         if !self.redis.url.starts_with("redis://")
             && !self.redis.url.starts_with("rediss://")

@@ -24,6 +24,7 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod job;
+pub mod ops;
 pub mod schedule;
 pub mod shutdown;
 pub mod store;

@@ -42,11 +42,16 @@ pub(crate) async fn run(broker: Broker, store: Store, settings: SchedulerSetting
         match store.fire_due(&broker, grace, 100).await {
             Ok(pass) => {
                 for f in &pass.fired {
+                    metrics::counter!("jobq_cron_fires_total", "schedule" => f.schedule.clone()).increment(1);
                     tracing::info!(schedule = %f.schedule, tick = %f.tick.to_rfc3339(), job.id = %f.job_id, late_ms = f.late_ms, "cron tick fired");
+                }
+                if pass.skipped > 0 {
+                    metrics::counter!("jobq_cron_misfires_total").increment(pass.skipped);
                 }
                 delay = settings.cron_poll;
             }
             Err(e) => {
+                metrics::counter!("jobq_cron_errors_total").increment(1);
                 tracing::warn!(error = %e, "firing cron ticks failed; the claim was rolled back and is retried");
                 delay = (delay * 2).clamp(settings.cron_poll, Duration::from_secs(5));
             }

@@ -29,8 +29,24 @@ pub use recorder::record_once;
 /// Connects, applies migrations when configured, and runs promoter and recorder until
 /// `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    jobq_core::ops::prometheus();
     let broker = Broker::connect(&settings).await.context("invalid Redis settings")?;
     let store = Store::connect(&settings.database).await.context("invalid Postgres settings")?;
+    if !settings.metrics_addr.is_empty() {
+        let (b, s) = (broker.clone(), store.clone());
+        let checks = vec![
+            jobq_core::ops::check("redis", move || {
+                let b = b.clone();
+                async move { b.ping().await }
+            }),
+            jobq_core::ops::check("postgres", move || {
+                let s = s.clone();
+                async move { s.ping().await }
+            }),
+        ];
+        let addr = settings.metrics_addr.parse().context("JOBQ_METRICS_ADDR")?;
+        jobq_core::ops::serve(addr, checks, shutdown.clone()).await.context("cannot serve JOBQ_METRICS_ADDR")?;
+    }
     if !broker.wait_until_ready(settings.redis.allow_eviction, &shutdown).await? {
         return Ok(());
     }
@@ -47,6 +63,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let promoter = tokio::spawn(promoter::run(broker.clone(), settings.scheduler.clone(), shutdown.clone()));
     let cron = tokio::spawn(cron::run(broker.clone(), store.clone(), settings.scheduler.clone(), shutdown.clone()));
     let pruner = tokio::spawn(prune_loop(store.clone(), settings.retention.clone(), shutdown.clone()));
+    tokio::spawn(gauges_loop(broker.clone(), shutdown.clone()));
     let recorder = tokio::spawn(recorder::run(broker, store, settings.scheduler.clone(), consumer, shutdown.clone()));
     let (p, c, r, _) = tokio::join!(promoter, cron, recorder, pruner);
     p.context("promoter panicked")?;
@@ -69,6 +86,47 @@ async fn prune_loop(store: Store, retention: jobq_core::config::RetentionSetting
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// Every 5 s, samples queue depth, running, scheduled, paused and oldest age into gauges, and
+/// the outbox backlog the recorder has still to write.
+async fn gauges_loop(broker: Broker, shutdown: CancellationToken) {
+    loop {
+        if let Ok(queues) = broker.queues().await {
+            match broker.queue_stats(&queues).await {
+                Ok(stats) => {
+                    for s in stats {
+                        let q = s.queue.to_string();
+                        for (p, n) in &s.queued {
+                            metrics::gauge!("jobq_queue_depth", "queue" => q.clone(), "priority" => p.clone())
+                                .set(*n as f64);
+                        }
+                        metrics::gauge!("jobq_queue_running", "queue" => q.clone()).set(s.running as f64);
+                        metrics::gauge!("jobq_queue_scheduled", "queue" => q.clone()).set(s.scheduled as f64);
+                        metrics::gauge!("jobq_queue_paused", "queue" => q.clone()).set(if s.paused {
+                            1.0
+                        } else {
+                            0.0
+                        });
+                        metrics::gauge!("jobq_queue_oldest_age_seconds", "queue" => q.clone())
+                            .set(s.oldest_age_ms as f64 / 1000.0);
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("jobq_redis_errors_total", "component" => "scheduler").increment(1);
+                    tracing::debug!(error = %e, "sampling queue gauges failed");
+                }
+            }
+            if let Ok(backlog) = broker.outbox_backlog(&queues).await {
+                metrics::gauge!("jobq_recorder_backlog").set(backlog.0 as f64);
+                metrics::gauge!("jobq_recorder_lag_seconds").set(backlog.1 as f64 / 1000.0);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
         }
     }
 }

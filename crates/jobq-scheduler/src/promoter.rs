@@ -17,6 +17,12 @@ pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: C
     loop {
         match promote_once(&broker, settings.promote_batch).await {
             Ok(results) => {
+                for p in &results {
+                    let q = p.queue.to_string();
+                    metrics::counter!("jobq_promoted_total", "queue" => q.clone()).increment(p.count);
+                    metrics::counter!("jobq_expired_total", "queue" => q.clone()).increment(p.expired);
+                    metrics::gauge!("jobq_promotion_lag_seconds", "queue" => q).set(p.lag_ms as f64 / 1000.0);
+                }
                 let moved: u64 = results.iter().map(|p| p.count).sum();
                 let lag = results.iter().map(|p| p.lag_ms).max().unwrap_or(0);
                 if moved > 0 {
@@ -27,6 +33,7 @@ pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: C
                 delay = if full { Duration::ZERO } else { settings.promote_interval };
             }
             Err(e) => {
+                metrics::counter!("jobq_redis_errors_total", "component" => "promoter").increment(1);
                 tracing::warn!(error = %e, "promotion failed; retrying");
                 delay = (delay * 2).clamp(settings.promote_interval, Duration::from_secs(5));
             }

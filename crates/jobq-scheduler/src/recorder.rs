@@ -22,7 +22,10 @@ pub async fn record_once(broker: &Broker, store: &Store, batch: &EventBatch) -> 
     for (q, entry) in &batch.malformed {
         tracing::error!(queue.name = %q, entry, "undecodable outbox entry; dropping it");
     }
-    store.record(&batch.events).await?;
+    store.record(&batch.events).await.inspect_err(|_| {
+        metrics::counter!("jobq_postgres_errors_total", "component" => "recorder").increment(1);
+    })?;
+    metrics::counter!("jobq_recorded_events_total").increment(batch.events.len() as u64);
     let mut entries: Vec<(QueueName, String)> =
         batch.events.iter().map(|e| (e.queue.clone(), e.entry.clone())).collect();
     entries.extend(batch.malformed.iter().cloned());

@@ -61,9 +61,18 @@ impl Executor {
                 cancel: self.abandon.child_token(),
                 stop: Mutex::new(None),
             });
+            let labels = [("queue", d.queue.to_string()), ("type", jobq_core::ops::type_label(&d.envelope.kind))];
+            metrics::counter!("jobq_jobs_started_total", &labels).increment(1);
+            let waited = (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+            if d.attempt == 1 && d.run == 1 {
+                metrics::histogram!("jobq_enqueue_to_start_seconds", "queue" => d.queue.to_string()).record(waited);
+            }
+            metrics::gauge!("jobq_worker_in_flight").increment(1.0);
             self.running.insert(d.envelope.id, slot.clone());
             let result = self.attempt(&d, &slot).await;
             self.running.remove(&d.envelope.id);
+            metrics::gauge!("jobq_worker_in_flight").decrement(1.0);
+            metrics::histogram!("jobq_attempt_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
             let Some(result) = result else { return };
             let duration_ms = started.elapsed().as_millis() as u64;
             match &result {
@@ -170,6 +179,23 @@ pub(crate) async fn complete_loop(broker: Broker, mut rx: mpsc::UnboundedReceive
             match broker.settle(&outcomes).await {
                 Ok(results) => {
                     for (o, r) in outcomes.iter().zip(results) {
+                        let outcome = match r {
+                            Settled::Succeeded => "succeeded",
+                            Settled::Retrying => "retried",
+                            Settled::Dead => "dead",
+                            Settled::Cancelled => "cancelled",
+                            Settled::Stale => "stale",
+                        };
+                        let d = &o.delivery;
+                        let labels = [
+                            ("queue", d.queue.to_string()),
+                            ("type", jobq_core::ops::type_label(&d.envelope.kind)),
+                            ("outcome", outcome.to_owned()),
+                        ];
+                        metrics::counter!("jobq_jobs_finished_total", &labels).increment(1);
+                        if o.result.is_err() && r != Settled::Stale {
+                            metrics::counter!("jobq_jobs_failed_total", &labels[..2]).increment(1);
+                        }
                         if r == Settled::Stale {
                             tracing::warn!(job.id = %o.delivery.envelope.id, "lease lost: another worker owns this job now; outcome dropped");
                         }
@@ -177,6 +203,7 @@ pub(crate) async fn complete_loop(broker: Broker, mut rx: mpsc::UnboundedReceive
                     break;
                 }
                 Err(e) => {
+                    metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
                     tracing::warn!(error = %e, jobs = outcomes.len(), "writing outcomes failed; retrying");
                     tokio::select! {
                         _ = abandon.cancelled() => break,

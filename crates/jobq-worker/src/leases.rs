@@ -151,6 +151,14 @@ pub(crate) async fn reaper_loop(
         match broker.reclaim(&consumer, &queues, settings.lease, settings.max_reclaims).await {
             Ok(results) => {
                 for (q, r) in queues.iter().zip(results) {
+                    for (result, n) in
+                        [("requeued", r.requeued), ("dead", r.dead), ("cancelled", r.cancelled), ("deleted", r.deleted)]
+                    {
+                        if n > 0 {
+                            metrics::counter!("jobq_reclaims_total", "queue" => q.to_string(), "result" => result)
+                                .increment(n);
+                        }
+                    }
                     if r.requeued + r.dead + r.cancelled > 0 {
                         tracing::warn!(
                             queue.name = %q,

@@ -46,7 +46,17 @@ pub use registry::{BoxFuture, Handler, HandlerError, HandlerResult, JobContext, 
 
 /// Connects to Redis, checks it, and runs a worker until `shutdown` is cancelled.
 pub async fn run(settings: Settings, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+    jobq_core::ops::prometheus();
     let broker = Broker::connect(&settings).await.context("invalid Redis settings")?;
+    if !settings.metrics_addr.is_empty() {
+        let b = broker.clone();
+        let checks = vec![jobq_core::ops::check("redis", move || {
+            let b = b.clone();
+            async move { b.ping().await }
+        })];
+        let addr = settings.metrics_addr.parse().context("JOBQ_METRICS_ADDR")?;
+        jobq_core::ops::serve(addr, checks, shutdown.clone()).await.context("cannot serve JOBQ_METRICS_ADDR")?;
+    }
     if !broker.wait_until_ready(settings.redis.allow_eviction, &shutdown).await? {
         return Ok(());
     }
@@ -226,6 +236,7 @@ impl Worker {
                     }
                     Err(e) => {
                         drop(permits);
+                        metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
                         tracing::warn!(error = %e, queue.name = %q, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
                         tokio::select! {
                             _ = shutdown.cancelled() => break 'outer,

@@ -3,6 +3,7 @@
 
 mod cron;
 mod delivery;
+mod observability;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

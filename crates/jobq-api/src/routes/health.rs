@@ -12,7 +12,13 @@ use crate::AppState;
 
 /// The health routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/health", get(health)).route("/ready", get(ready))
+    Router::new().route("/health", get(health)).route("/ready", get(ready)).route("/metrics", get(metrics))
+}
+
+/// Prometheus metrics of this process (see docs/operations.md).
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(crate) async fn metrics() -> impl IntoResponse {
+    jobq_core::ops::prometheus().render()
 }
 
 #[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, description = "process up", body = serde_json::Value)))]

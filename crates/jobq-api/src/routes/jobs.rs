@@ -144,6 +144,9 @@ pub(crate) async fn enqueue(
     let mut job = req.into_new_job(state.payload_limit)?;
     job.enqueued_by = Some(who.name);
     let enqueued = state.broker.enqueue(job).await?;
+    if enqueued.created {
+        count_enqueued(&enqueued.job, 1);
+    }
     let status = if enqueued.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(enqueued.job)))
 }
@@ -206,6 +209,7 @@ pub(crate) async fn enqueue_batch(
         results[i] = Some(match r {
             Ok(e) => {
                 if e.created {
+                    count_enqueued(&e.job, 1);
                     created += 1;
                 } else {
                     existing += 1;
@@ -217,6 +221,11 @@ pub(crate) async fn enqueue_batch(
     }
     let failed = results.len() - created - existing;
     Ok(Json(json!({"created": created, "existing": existing, "failed": failed, "results": results})))
+}
+
+fn count_enqueued(job: &jobq_core::job::JobInfo, n: u64) {
+    let labels = [("queue", job.queue.to_string()), ("type", jobq_core::ops::type_label(&job.kind))];
+    metrics::counter!("jobq_jobs_enqueued_total", &labels).increment(n);
 }
 
 fn item_error(i: usize, e: ApiError) -> Value {

@@ -359,3 +359,20 @@ async fn bad_schedules_are_422_naming_the_field_and_never_stored() {
     assert_eq!(list["items"][0]["timezone"], "UTC", "the failed patch changed nothing");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn metrics_count_enqueues_by_queue_and_type() {
+    let env = TestEnv::new().await;
+    jobq_core::ops::prometheus();
+    let app = app(&env);
+    for _ in 0..3 {
+        call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"report","queue":"metrics-q"}"#)).await;
+    }
+    let resp = app.clone().oneshot(Request::builder().uri("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let line =
+        text.lines().find(|l| l.starts_with("jobq_jobs_enqueued_total") && l.contains("metrics-q")).unwrap_or("");
+    assert!(line.contains("type=\"report\"") && line.ends_with(" 3"), "{text}");
+    env.cleanup().await;
+}

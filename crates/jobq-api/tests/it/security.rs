@@ -15,6 +15,7 @@ use tower::ServiceExt;
 pub(crate) const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/health", None),
     ("GET", "/ready", None),
+    ("GET", "/metrics", None),
     ("GET", "/api/v1/openapi.json", None),
     ("GET", "/api/v1/docs", None),
     ("POST", "/api/v1/jobs", Some("producer")),

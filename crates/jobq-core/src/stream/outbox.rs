@@ -178,6 +178,28 @@ impl Broker {
         Ok(batch)
     }
 
+    /// Outbox entries not yet written to Postgres over `queues`, and the age in ms of the oldest.
+    pub async fn outbox_backlog(&self, queues: &[QueueName]) -> Result<(u64, i64)> {
+        let mut pipe = redis::pipe();
+        for q in queues {
+            pipe.cmd("XLEN").arg(self.keys.events(q));
+            pipe.cmd("XRANGE").arg(self.keys.events(q)).arg("-").arg("+").arg("COUNT").arg(1);
+        }
+        pipe.cmd("TIME");
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.connection()).await?;
+        let time: (String, String) = redis::from_redis_value(replies.pop().unwrap_or(Value::Nil)).map_err(protocol)?;
+        let now = time.0.parse::<i64>().unwrap_or(0) * 1000 + time.1.parse::<i64>().unwrap_or(0) / 1000;
+        let (mut total, mut oldest) = (0u64, None::<i64>);
+        for pair in replies.chunks(2) {
+            total += redis::from_redis_value::<u64>(pair[0].clone()).unwrap_or(0);
+            let first: Vec<(String, Value)> = redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+            if let Some(ms) = first.first().and_then(|(id, _)| id.split('-').next()?.parse::<i64>().ok()) {
+                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            }
+        }
+        Ok((total, oldest.map(|o| (now - o).max(0)).unwrap_or(0)))
+    }
+
     /// Acks and deletes written events (one pipeline).
     pub async fn ack_events(&self, entries: &[(QueueName, String)]) -> Result<()> {
         if entries.is_empty() {
