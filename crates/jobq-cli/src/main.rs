@@ -1,5 +1,6 @@
 //! `jobq`: the admin CLI of jobq, and `jobq dev` (api + worker + scheduler in one process).
 
+mod admin;
 mod bench;
 
 use std::path::PathBuf;
@@ -16,6 +17,9 @@ struct Cli {
     /// Settings file (TOML or YAML); environment variables override it.
     #[arg(long, global = true, env = "JOBQ_CONFIG")]
     config: Option<PathBuf>,
+    /// Print JSON instead of tables (admin commands).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,6 +31,8 @@ enum Command {
     /// Run api + worker + scheduler in one process, migrations applied (auth off unless
     /// JOBQ_AUTH says otherwise).
     Dev,
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
     /// Measure throughput and latency (own namespace and database, removed afterwards).
     Bench(bench::BenchArgs),
     /// Make a new API key: prints the key (give it to the client) and the line to configure.
@@ -65,6 +71,15 @@ async fn main() -> std::process::ExitCode {
         Command::Dev => dev(settings).await,
         Command::ApiKey { .. } => Ok(()),
         Command::Bench(args) => bench::run(&settings, args).await,
+        Command::Admin(cmd) => {
+            return match admin::run(&settings, cmd, cli.json).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(admin::Failure(code, message)) => {
+                    eprintln!("error: {message}");
+                    std::process::ExitCode::from(code)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -91,3 +91,119 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
     assert!(leftover.is_empty(), "{leftover:?}");
     env.cleanup().await;
 }
+
+/// Runs `jobq <args>` against the test's namespace and database; returns (exit code, stdout, stderr).
+async fn jobq_in(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out =
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq")).args(args).envs(env.env()).output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
+    let env = TestEnv::new().await;
+    let (code, out, err) = jobq_in(
+        &env,
+        &["--json", "enqueue", "echo", "--payload", r#"{"a":1}"#, "--queue", "mail", "--priority", "high"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (job["queue"].as_str(), job["priority"].as_str(), job["state"].as_str()),
+        (Some("mail"), Some("high"), Some("queued"))
+    );
+
+    let (code, out, _) = jobq_in(&env, &["--json", "job", &id]).await;
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["payload"], serde_json::json!({"a": 1}));
+    let (code, _, err) = jobq_in(&env, &["job", &uuid::Uuid::now_v7().to_string()]).await;
+    assert_eq!(code, 3, "not found: {err}");
+    let (code, _, _) = jobq_in(&env, &["job", "nope"]).await;
+    assert_eq!(code, 2, "bad input");
+
+    let (code, out, _) = jobq_in(&env, &["--json", "stats"]).await;
+    assert_eq!(code, 0);
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["queues"][0]["queued"]["high"], 1);
+    let (_, table, _) = jobq_in(&env, &["stats"]).await;
+    assert!(table.starts_with("QUEUE") && table.contains("mail"), "{table}");
+    let (_, peek, _) = jobq_in(&env, &["peek", "mail", "-n", "5"]).await;
+    assert!(peek.contains(&id), "{peek}");
+    let (_, queues, _) = jobq_in(&env, &["queues"]).await;
+    assert_eq!(queues.trim(), "mail");
+
+    let (code, _, _) = jobq_in(&env, &["pause", "mail"]).await;
+    assert_eq!(code, 0);
+    assert!(env.broker.is_paused(&"mail".parse().unwrap()).await.unwrap());
+    jobq_in(&env, &["resume", "mail"]).await;
+    assert!(!env.broker.is_paused(&"mail".parse().unwrap()).await.unwrap());
+
+    let (code, out, err) = jobq_in(&env, &["schedules", "add", "nightly", "--cron", "@daily", "--type", "echo"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, list, _) = jobq_in(&env, &["--json", "schedules", "list"]).await;
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&list).unwrap()[0]["name"], "nightly");
+    let (code, _, _) = jobq_in(&env, &["schedules", "trigger", "nightly"]).await;
+    assert_eq!(code, 0);
+    let (code, _, _) = jobq_in(&env, &["schedules", "rm", "nightly"]).await;
+    assert_eq!(code, 0);
+    let (code, _, _) = jobq_in(&env, &["schedules", "rm", "nightly"]).await;
+    assert_eq!(code, 3);
+
+    let (code, _, err) = jobq_in(&env, &["purge-all"]).await;
+    assert_eq!(code, 4, "refused without --yes: {err}");
+    assert!(!env.broker.queues().await.unwrap().is_empty());
+    let (code, _, _) = jobq_in(&env, &["purge-all", "--yes"]).await;
+    assert_eq!(code, 0);
+    assert!(env.broker.queues().await.unwrap().is_empty(), "the namespace is empty");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dlq_commands_list_retry_and_purge() {
+    let env = TestEnv::new().await;
+    let q = jobq_core::job::QueueName::default_queue();
+    for _ in 0..3 {
+        env.broker.enqueue(jobq_core::job::NewJob::new("x", serde_json::json!({})).max_attempts(1)).await.unwrap();
+    }
+    let f = env.broker.fetch(&q, "w", 3).await.unwrap();
+    let outcomes: Vec<_> = f
+        .jobs
+        .into_iter()
+        .map(|d| jobq_core::stream::Outcome {
+            delivery: d,
+            result: Err(jobq_core::stream::Failure { message: "boom".into(), retry_in: None, reason: "fatal" }),
+        })
+        .collect();
+    env.broker.settle(&outcomes).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(std::time::Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", &[q], 100, std::time::Duration::from_millis(100)).await.unwrap();
+    env.store.record(&batch.events).await.unwrap();
+
+    let (code, out, _) = jobq_in(&env, &["--json", "dlq", "list"]).await;
+    assert_eq!(code, 0);
+    let page: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let first = page["items"][0]["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    let (code, _, _) = jobq_in(&env, &["dlq", "retry", &first]).await;
+    assert_eq!(code, 0);
+    let (code, _, err) = jobq_in(&env, &["dlq", "retry", "--type", "x"]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("2 dead jobs match"));
+    let (code, out, _) = jobq_in(&env, &["--json", "dlq", "retry", "--type", "x", "--yes"]).await;
+    assert_eq!((code, serde_json::from_str::<serde_json::Value>(&out).unwrap()["retried"].as_u64()), (0, Some(2)));
+    let (code, out, _) = jobq_in(&env, &["--json", "dlq", "purge", "--yes"]).await;
+    assert_eq!((code, serde_json::from_str::<serde_json::Value>(&out).unwrap()["deleted"].as_u64()), (0, Some(0)));
+    let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE actor LIKE 'cli:%'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(audit, 3, "retry, retry by filter and purge are audited");
+    env.cleanup().await;
+}

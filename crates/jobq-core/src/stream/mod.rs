@@ -1063,6 +1063,62 @@ impl Broker {
         Err(protocol("script vanished twice during a transaction"))
     }
 
+    /// The first `count` jobs waiting in a queue's streams (one priority, or all in fetch order).
+    pub async fn peek(&self, queue: &QueueName, priority: Option<Priority>, count: usize) -> Result<Vec<JobInfo>> {
+        let mut conn = self.conn.clone();
+        let mut out = Vec::new();
+        for p in Priority::ALL.into_iter().filter(|p| priority.is_none_or(|only| only == *p)) {
+            if out.len() >= count {
+                break;
+            }
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(self.keys.stream(queue, p))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(count * 2)
+                .query_async(&mut conn)
+                .await?;
+            for (_, fields) in entries {
+                let Some(id) = fields.iter().find(|(k, _)| k == "id").and_then(|(_, v)| v.parse().ok()) else {
+                    continue;
+                };
+                if let Some(job) = self.job_in(queue, id).await? {
+                    if job.state == JobState::Queued && out.len() < count {
+                        out.push(job);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every key of the namespace (SCAN + UNLINK); returns how many.
+    pub async fn purge_namespace(&self) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let (mut cursor, mut deleted) = (0u64, 0u64);
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("UNLINK").arg(&keys).query_async::<u64>(&mut conn).await?;
+            }
+            if next == 0 {
+                if let Ok(mut s) = self.registered.lock() {
+                    s.clear();
+                }
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     /// A page of jobs, found by scanning job hashes (bounded work per call): in `queue` or
     /// every queue, filtered by state and type. `cursor` continues a previous page.
     pub async fn list_jobs(
