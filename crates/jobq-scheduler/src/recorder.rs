@@ -61,6 +61,14 @@ pub(crate) async fn run(
         }
         let batch = if claimed.elapsed() >= CLAIM_EVERY {
             claimed = Instant::now();
+            match broker
+                .cleanup_consumers(&queues, jobq_core::stream::Keys::RECORDER_GROUP, Duration::from_secs(3600))
+                .await
+            {
+                Ok(n) if n > 0 => tracing::info!(removed = n, "removed idle recorder consumers with nothing pending"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "recorder consumer clean-up failed"),
+            }
             let mut all = EventBatch::default();
             for q in &queues {
                 match broker.claim_events(&consumer, q, settings.reclaim_idle, settings.record_batch).await {

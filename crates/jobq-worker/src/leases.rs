@@ -135,7 +135,14 @@ pub(crate) async fn cancel_listener(broker: Broker, running: Running, stop: Canc
     }
 }
 
-/// Every `reaper_interval`, reclaims jobs of `queues` whose lease lapsed.
+/// How often the reaper removes consumers of stopped workers.
+const CONSUMER_CLEANUP_EVERY: Duration = Duration::from_secs(300);
+/// A consumer with nothing pending and idle this long is removed (its process is gone, or it
+/// is created again by its next read).
+pub(crate) const CONSUMER_IDLE: Duration = Duration::from_secs(3600);
+
+/// Every `reaper_interval`, reclaims jobs of `queues` whose lease lapsed, and now and then
+/// removes idle consumers with nothing pending.
 pub(crate) async fn reaper_loop(
     broker: Broker,
     consumer: String,
@@ -143,10 +150,19 @@ pub(crate) async fn reaper_loop(
     settings: WorkerSettings,
     stop: CancellationToken,
 ) {
+    let mut last_cleanup = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(settings.reaper_interval) => {}
+        }
+        if last_cleanup.elapsed() >= CONSUMER_CLEANUP_EVERY {
+            last_cleanup = std::time::Instant::now();
+            match broker.cleanup_consumers(&queues, jobq_core::stream::Keys::GROUP, CONSUMER_IDLE).await {
+                Ok(n) if n > 0 => tracing::info!(removed = n, "removed idle consumers with nothing pending"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "consumer clean-up failed"),
+            }
         }
         match broker.reclaim(&consumer, &queues, settings.lease, settings.max_reclaims).await {
             Ok(results) => {

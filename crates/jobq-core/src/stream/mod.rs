@@ -39,6 +39,7 @@ struct Scripts {
     heartbeat: Script,
     reclaim: Script,
     cancel: Script,
+    cleanup_consumers: Script,
 }
 
 /// Helpers prepended to every script.
@@ -58,11 +59,23 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     heartbeat: script(include_str!("lua/heartbeat.lua")),
     reclaim: script(include_str!("lua/reclaim.lua")),
     cancel: script(include_str!("lua/cancel.lua")),
+    cleanup_consumers: script(include_str!("lua/cleanup_consumers.lua")),
 });
 
-fn all_scripts() -> [&'static Script; 9] {
+fn all_scripts() -> [&'static Script; 10] {
     let s = &*SCRIPTS;
-    [&s.enqueue, &s.fetch, &s.complete_many, &s.fail, &s.promote, &s.retry_dead, &s.heartbeat, &s.reclaim, &s.cancel]
+    [
+        &s.enqueue,
+        &s.fetch,
+        &s.complete_many,
+        &s.fail,
+        &s.promote,
+        &s.retry_dead,
+        &s.heartbeat,
+        &s.reclaim,
+        &s.cancel,
+        &s.cleanup_consumers,
+    ]
 }
 
 /// One EVALSHA call, ready to be pipelined.
@@ -816,6 +829,29 @@ impl Broker {
             (1, _) => Ok(Cancel::Cancelled),
             (_, s) => Ok(Cancel::Finished(s.parse().map_err(protocol)?)),
         }
+    }
+
+    /// Removes consumers of `group` on each queue's streams (the priority streams for the worker
+    /// group, the outbox for the recorder group) that have nothing pending and have been idle
+    /// longer than `idle`. Returns how many were removed.
+    pub async fn cleanup_consumers(&self, queues: &[QueueName], group: &str, idle: Duration) -> Result<u64> {
+        let calls = queues
+            .iter()
+            .map(|q| {
+                let keys: Vec<String> = if group == Keys::RECORDER_GROUP {
+                    vec![self.keys.events(q)]
+                } else {
+                    self.keys.streams(q).to_vec()
+                };
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                Call::new(&SCRIPTS.cleanup_consumers, &keys).arg(group).arg(idle.as_millis() as u64)
+            })
+            .collect();
+        let mut removed = 0;
+        for r in self.run(calls).await? {
+            removed += redis::from_redis_value::<u64>(r?).map_err(protocol)?;
+        }
+        Ok(removed)
     }
 
     /// Pauses a queue: workers start none of its jobs until [`Broker::resume`]. Enqueueing works.

@@ -212,3 +212,32 @@ async fn a_paused_queue_starts_nothing_until_resumed() {
     assert_eq!(fetch(&env.broker, "w", 10).await[0].envelope.id, id);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn only_idle_consumers_with_nothing_pending_are_removed() {
+    let env = TestEnv::new().await;
+    env.broker.enqueue(NewJob::new("x", json!({}))).await.unwrap();
+    env.broker.enqueue(NewJob::new("x", json!({}))).await.unwrap();
+    let busy = fetch(&env.broker, "busy", 1).await;
+    let done = fetch(&env.broker, "gone", 1).await;
+    env.broker.settle(&[Outcome { delivery: done[0].clone(), result: Ok(None) }]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let removed =
+        env.broker.cleanup_consumers(&[q()], jobq_core::stream::Keys::GROUP, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(removed, 1, "the consumer with nothing pending");
+    let stream = env.keys().stream(&q(), jobq_core::job::Priority::Normal);
+    let consumers: redis::Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&stream)
+        .arg(jobq_core::stream::Keys::GROUP)
+        .query_async(&mut env.broker.connection())
+        .await
+        .unwrap();
+    let text = format!("{consumers:?}");
+    assert!(text.contains("busy") && !text.contains("gone"), "{text}");
+    assert_eq!(
+        env.broker.settle(&[Outcome { delivery: busy[0].clone(), result: Ok(None) }]).await.unwrap(),
+        [Settled::Succeeded]
+    );
+    env.cleanup().await;
+}
