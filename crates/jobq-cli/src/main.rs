@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod devenv;
 
 use std::path::PathBuf;
 
@@ -97,7 +98,9 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dev(settings: Settings) -> anyhow::Result<()> {
+async fn dev(mut settings: Settings) -> anyhow::Result<()> {
+    // Private Redis/PostgreSQL when none is configured and none answers; stopped on return.
+    let _private = devenv::ensure(&mut settings).await?;
     let shutdown = jobq_core::shutdown::token_from_signals();
     let store = jobq_core::store::Store::connect(&settings.database).await.context("invalid Postgres settings")?;
     store.migrate_with_retry(&shutdown).await.context("applying migrations failed")?;

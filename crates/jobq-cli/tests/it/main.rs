@@ -207,3 +207,71 @@ async fn dlq_commands_list_retry_and_purge() {
     assert_eq!(audit, 3, "retry, retry by filter and purge are audited");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them() {
+    let dir = std::env::temp_dir().join(format!("jobq-bare-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    if std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0")) {
+        // PostgreSQL runs as the postgres user then: it must be able to reach the directory.
+        let _ = std::process::Command::new("chmod").arg("755").arg(&dir).status();
+    }
+    // Nothing answers at the configured addresses, and the environment names none.
+    std::fs::write(
+        dir.join("bare.toml"),
+        "[redis]\nurl = \"redis://127.0.0.1:1\"\n[database]\nurl = \"postgres://postgres@127.0.0.1:2/jobq\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["--config", "bare.toml", "dev"])
+        .current_dir(&dir)
+        .env_remove("REDIS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("JOBQ_REDIS_URL")
+        .env_remove("JOBQ_DATABASE_URL")
+        .env("JOBQ_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("JOBQ_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let api = Api::new(port);
+    api.wait_ready(Duration::from_secs(60)).await;
+    let (status, job) = api.post("/api/v1/jobs", &json!({"type": "echo", "payload": "bare"})).await;
+    assert_eq!(status, 201);
+    api.wait_for_state(job["id"].as_str().unwrap(), "succeeded", Duration::from_secs(20)).await;
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().unwrap().to_string()).status().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("starting a private redis-server") && stdout.contains("starting a private one"),
+        "{stdout}"
+    );
+    // Both are stopped: PostgreSQL removed its pid file, Redis no longer answers.
+    assert!(!dir.join(".jobq-dev/postgres/postmaster.pid").exists(), "postgres stopped");
+    let redis_port: u16 =
+        stdout.split("redis-server on 127.0.0.1:").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err(), "redis stopped");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dev_says_what_to_install_when_redis_is_missing() {
+    let dir = std::env::temp_dir().join(format!("jobq-nobin-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bare.toml"), "[redis]\nurl = \"redis://127.0.0.1:1\"\n").unwrap();
+    let out = jobq()
+        .args(["--config", "bare.toml", "dev"])
+        .current_dir(&dir)
+        .env("PATH", dir.join("empty"))
+        .env_remove("REDIS_URL")
+        .env_remove("JOBQ_REDIS_URL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("redis-server is not on PATH") && err.contains("apt-get install redis-server"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
