@@ -477,6 +477,20 @@ pub struct JobInfo {
     pub tags: Vec<String>,
 }
 
+/// The trace id and parent span id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match parts[..] {
+        [version, trace, span, flags]
+            if hex(version, 2) && version != "ff" && hex(trace, 32) && hex(span, 16) && hex(flags, 2) =>
+        {
+            (trace.bytes().any(|b| b != b'0') && span.bytes().any(|b| b != b'0')).then_some((trace, span))
+        }
+        _ => None,
+    }
+}
+
 /// Milliseconds since the epoch to a UTC time.
 pub fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
     DateTime::<Utc>::from_timestamp_millis(ms)
@@ -537,6 +551,20 @@ mod tests {
         assert_eq!("dead".parse::<JobState>().unwrap(), JobState::Dead);
         assert!("bogus".parse::<JobState>().is_err());
         assert!(JobState::Succeeded.is_terminal() && !JobState::Retrying.is_terminal());
+    }
+
+    #[test]
+    fn traceparents_are_parsed_and_garbage_is_refused() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(parse_traceparent(tp), Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")));
+        for bad in [
+            "",
+            "00-abc-def-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            &tp.replace("4bf92f3577b34da6a3ce929d0e0e4736", &"0".repeat(32)),
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

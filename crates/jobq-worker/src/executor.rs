@@ -41,12 +41,16 @@ impl Executor {
     /// Runs the attempt and hands its outcome (with the slot) to the completer. An attempt
     /// abandoned at shutdown, or whose lease was lost, reports nothing.
     pub(crate) async fn execute(self: Arc<Self>, d: Delivery, permit: OwnedSemaphorePermit) {
+        // The enqueuing request's trace context, carried in the job's metadata.
+        let trace = d.envelope.metadata.get("traceparent").and_then(|t| jobq_core::job::parse_traceparent(t));
         let span = tracing::info_span!(
             "job",
             job.id = %d.envelope.id,
             job.kind = %d.envelope.kind,
             queue.name = %d.queue,
             attempt = d.attempt,
+            trace_id = trace.map(|t| t.0).unwrap_or(""),
+            parent_span_id = trace.map(|t| t.1).unwrap_or(""),
         );
         async move {
             let started = std::time::Instant::now();

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -139,10 +140,12 @@ impl EnqueueRequest {
 pub(crate) async fn enqueue(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut job = req.into_new_job(state.payload_limit)?;
     job.enqueued_by = Some(who.name);
+    carry_trace(&headers, &mut job);
     let enqueued = state.broker.enqueue(job).await?;
     if enqueued.created {
         count_enqueued(&enqueued.job, 1);
@@ -172,6 +175,7 @@ pub struct BatchRequest {
 pub(crate) async fn enqueue_batch(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
@@ -188,6 +192,7 @@ pub(crate) async fn enqueue_batch(
         match parsed {
             Ok(mut job) => {
                 job.enqueued_by = Some(who.name.clone());
+                carry_trace(&headers, &mut job);
                 index.push(i);
                 jobs.push(job);
             }
@@ -221,6 +226,19 @@ pub(crate) async fn enqueue_batch(
     }
     let failed = results.len() - created - existing;
     Ok(Json(json!({"created": created, "existing": existing, "failed": failed, "results": results})))
+}
+
+/// Copies the request's W3C `traceparent` (and `tracestate`) into the job's metadata, unless
+/// the job carries its own: the worker opens the job's span with it.
+fn carry_trace(headers: &HeaderMap, job: &mut NewJob) {
+    for name in ["traceparent", "tracestate"] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            let valid = name != "traceparent" || jobq_core::job::parse_traceparent(v).is_some();
+            if valid && v.len() <= 512 {
+                job.metadata.entry(name.to_owned()).or_insert_with(|| v.to_owned());
+            }
+        }
+    }
 }
 
 fn count_enqueued(job: &jobq_core::job::JobInfo, n: u64) {

@@ -376,3 +376,32 @@ async fn metrics_count_enqueues_by_queue_and_type() {
     assert!(line.contains("type=\"report\"") && line.ends_with(" 3"), "{text}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_request_trace_context_travels_in_the_job_metadata() {
+    let env = TestEnv::new().await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/jobs")
+        .header("content-type", "application/json")
+        .header("traceparent", tp)
+        .body(Body::from(r#"{"type":"echo"}"#))
+        .unwrap();
+    let resp = app(&env).oneshot(req).await.unwrap();
+    let job: Value =
+        serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
+    assert_eq!(job["metadata"]["traceparent"], tp);
+    let bad = Request::builder()
+        .method("POST")
+        .uri("/api/v1/jobs")
+        .header("content-type", "application/json")
+        .header("traceparent", "garbage")
+        .body(Body::from(r#"{"type":"echo"}"#))
+        .unwrap();
+    let resp = app(&env).oneshot(bad).await.unwrap();
+    let job: Value =
+        serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
+    assert!(job.get("metadata").is_none(), "an invalid traceparent is not carried: {job}");
+    env.cleanup().await;
+}
