@@ -9,6 +9,10 @@
 //!   also recorded in Postgres by a `jobq-scheduler` process.
 //! * `latency`: 1,000 jobs one at a time into an idle worker: enqueue → start and
 //!   enqueue → succeeded percentiles (Redis clock, millisecond resolution).
+//! * `mixed`: a producer and W workers at once for `--seconds`: steady-state jobs/s and
+//!   enqueue → succeeded percentiles of a sample.
+//! * `soak`: N jobs produced and drained in batches while the resident memory of the worker
+//!   and scheduler processes and Redis' used memory are sampled: flat means no leak.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,7 +26,7 @@ use jobq_core::stream::Broker;
 use serde_json::{json, Value};
 
 /// Scenario names, in the order `all` runs them.
-pub const SCENARIOS: [&str; 4] = ["enqueue-lib", "enqueue-api", "drain", "latency"];
+pub const SCENARIOS: [&str; 6] = ["enqueue-lib", "enqueue-api", "drain", "latency", "mixed", "soak"];
 
 /// Options of `jobq bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -39,6 +43,9 @@ pub struct BenchArgs {
     /// Concurrency per worker process (drain) or concurrent clients (enqueue-api).
     #[arg(long, default_value_t = 50)]
     pub concurrency: usize,
+    /// Duration of `mixed`, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
 }
 
 struct BenchEnv {
@@ -300,6 +307,93 @@ async fn wait_done(broker: &Broker, q: &QueueName, id: JobId) -> anyhow::Result<
     }
 }
 
+/// Starts a scheduler and `workers` worker processes.
+fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Vec<tokio::process::Child>> {
+    let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
+    for i in 0..args.workers {
+        procs.push(env.spawn(
+            "jobq-worker",
+            &[("JOBQ_WORKER_CONCURRENCY", args.concurrency.to_string()), ("JOBQ_WORKER_ID", format!("bench-{i}"))],
+        )?);
+    }
+    Ok(procs)
+}
+
+async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    let mut procs = start_fleet(env, args)?;
+    let q = QueueName::default_queue();
+    let until = Instant::now() + Duration::from_secs(args.seconds.max(1));
+    let started = Instant::now();
+    let mut produced = 0usize;
+    let mut sample = Vec::new();
+    while Instant::now() < until {
+        let results = env.broker.enqueue_many(noop_jobs(100).collect(), false).await?;
+        produced += results.len();
+        if let Some(Ok(e)) = results.first() {
+            sample.push(e.job.id);
+        }
+        // Keep the backlog small: steady state, not a drain.
+        while (produced as u64).saturating_sub(counts(&env.broker).await?) > 2_000 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    while counts(&env.broker).await? < produced as u64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut done = Vec::new();
+    for id in sample {
+        let (enq, _, end) = wait_done(&env.broker, &q, id).await?;
+        done.push((end - enq) as f64);
+    }
+    done.sort_by(f64::total_cmp);
+    for p in &mut procs {
+        let _ = p.start_kill();
+    }
+    Ok(json!({
+        "scenario": "mixed", "n": produced, "seconds": args.seconds, "workers": args.workers, "concurrency": args.concurrency,
+        "jobs_per_s": (produced as f64 / secs).round(),
+        "done_ms_p50": percentile(&done, 0.5), "done_ms_p99": percentile(&done, 0.99),
+    }))
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+async fn redis_used_kib(broker: &Broker) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut broker.connection()).await?;
+    let bytes: u64 =
+        info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    Ok(bytes / 1024)
+}
+
+async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    let mut procs = start_fleet(env, args)?;
+    let pids: Vec<u32> = procs.iter().filter_map(|p| p.id()).collect();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut produced = 0usize;
+    let step = (args.jobs / 10).max(1000);
+    while produced < args.jobs {
+        let chunk = step.min(args.jobs - produced);
+        prefill(&env.broker, chunk).await?;
+        produced += chunk;
+        while counts(&env.broker).await? < produced as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
+        samples.push(json!({"jobs": produced, "scheduler_rss_kib": rss[0], "worker_rss_kib": rss[1..], "redis_used_kib": redis_used_kib(&env.broker).await?}));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for p in &mut procs {
+        let _ = p.start_kill();
+    }
+    Ok(json!({"scenario": "soak", "n": produced, "jobs_per_s": (produced as f64 / secs).round(), "samples": samples}))
+}
+
 /// Runs the chosen scenarios and prints their results.
 pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     let chosen: Vec<&str> = if args.scenario == "all" { SCENARIOS.to_vec() } else { vec![args.scenario.as_str()] };
@@ -315,6 +409,8 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
                 "enqueue-lib" => enqueue_lib(&env, &args).await?,
                 "enqueue-api" => enqueue_api(&env, &args).await?,
                 "drain" => drain(&env, &args).await?,
+                "mixed" => mixed(&env, &args).await?,
+                "soak" => soak(&env, &args).await?,
                 _ => latency(&env).await?,
             };
             println!("{r}");

@@ -68,7 +68,7 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
     let env = TestEnv::new().await;
     let vars = env.env();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
-        .args(["bench", "-n", "300", "--scenario", "all"])
+        .args(["bench", "-n", "300", "--scenario", "all", "--seconds", "1"])
         .envs(&vars)
         .output()
         .await
@@ -78,7 +78,9 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
     let lines: Vec<serde_json::Value> =
         stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
     let names: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().unwrap()).collect();
-    assert_eq!(names, ["enqueue-lib", "enqueue-api", "drain", "latency"]);
+    assert_eq!(names, ["enqueue-lib", "enqueue-api", "drain", "latency", "mixed", "soak"]);
+    assert!(lines[4]["jobs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(!lines[5]["samples"].as_array().unwrap().is_empty(), "soak samples memory");
     for l in &lines[..3] {
         assert!(l["jobs_per_s"].as_f64().unwrap() > 0.0, "{l}");
     }
