@@ -42,6 +42,17 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may be installed (tests running several services in one process).
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples are buffered until drained: drain them every few seconds even when
+        // nobody scrapes, so memory stays flat.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let h = handle.clone();
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    h.run_upkeep();
+                }
+            });
+        }
         handle
     })
 }

@@ -197,6 +197,7 @@ impl Worker {
         let mut planner = QueuePlanner::new(self.settings.queues.clone());
         'outer: loop {
             let first = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 p = slots.clone().acquire_owned() => p.context("slots closed")?,
             };
@@ -275,6 +276,7 @@ impl Worker {
                 }
             };
             let waited = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 r = wait => r,
             };

@@ -176,6 +176,8 @@ async fn sigterm_lets_the_running_job_finish_and_exits_zero() {
     })
     .await;
     worker.signal("TERM");
+    // Give the process a moment to handle the signal; a job enqueued after that is not fetched.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let queued = env.broker.enqueue(jobq_core::job::NewJob::new("echo", json!({}))).await.unwrap().job.id;
     assert_eq!(worker.wait(Duration::from_secs(10)).await, Some(0));
     assert_eq!(
