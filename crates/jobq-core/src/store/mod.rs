@@ -521,37 +521,34 @@ impl Store {
         dlq_before: DateTime<Utc>,
         batch: i64,
     ) -> Result<(u64, u64)> {
-        let mut deleted = (0, 0);
-        loop {
-            let n = sqlx::query(
-                "DELETE FROM job_executions WHERE ctid IN
-                 (SELECT ctid FROM job_executions WHERE finished_at < $1 LIMIT $2)",
+        let history = self
+            .delete_in_batches(
+                "DELETE FROM job_executions WHERE ctid IN (SELECT ctid FROM job_executions WHERE finished_at < $1 LIMIT $2)",
+                history_before,
+                batch,
             )
-            .bind(history_before)
-            .bind(batch)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            deleted.0 += n;
-            if n < batch as u64 {
-                break;
-            }
-        }
-        loop {
-            let n = sqlx::query(
+            .await?;
+        let dlq = self
+            .delete_in_batches(
                 "DELETE FROM dead_jobs WHERE job_id IN (SELECT job_id FROM dead_jobs WHERE failed_at < $1 LIMIT $2)",
+                dlq_before,
+                batch,
             )
-            .bind(dlq_before)
-            .bind(batch)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            deleted.1 += n;
+            .await?;
+        Ok((history, dlq))
+    }
+
+    /// Runs a `DELETE ... $1 (before) ... LIMIT $2 (batch)` until a batch deletes less than
+    /// `batch` rows; returns how many were deleted.
+    async fn delete_in_batches(&self, sql: &str, before: DateTime<Utc>, batch: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(sql).bind(before).bind(batch).execute(&self.pool).await?.rows_affected();
+            total += n;
             if n < batch as u64 {
-                break;
+                return Ok(total);
             }
         }
-        Ok(deleted)
     }
 }
 

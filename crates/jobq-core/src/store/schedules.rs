@@ -95,6 +95,20 @@ fn schedule_of_row(r: &PgRow) -> Result<StoredSchedule> {
     })
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds $1..$7 of the schedule statements: name, cron, timezone, job, enabled, misfire,
+/// catch_up_limit.
+fn bind_spec<'q>(q: PgQuery<'q>, name: &'q str, spec: &'q ScheduleSpec) -> Result<PgQuery<'q>> {
+    Ok(q.bind(name)
+        .bind(&spec.cron)
+        .bind(&spec.timezone)
+        .bind(serde_json::to_value(&spec.job)?)
+        .bind(spec.enabled)
+        .bind(spec.misfire.as_str())
+        .bind(spec.catch_up_limit as i32))
+}
+
 /// The first tick after now when enabled.
 fn first_tick(spec: &ScheduleSpec) -> Result<Option<DateTime<Utc>>> {
     let schedule = spec.validate()?;
@@ -105,22 +119,13 @@ impl Store {
     /// Creates a schedule; a name in use is a conflict.
     pub async fn create_schedule(&self, spec: &ScheduleSpec) -> Result<StoredSchedule> {
         let next = first_tick(spec)?;
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO schedules (name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'api', $8)
              ON CONFLICT (name) DO NOTHING
              RETURNING {COLUMNS}"
-        ))
-        .bind(&spec.name)
-        .bind(&spec.cron)
-        .bind(&spec.timezone)
-        .bind(serde_json::to_value(&spec.job)?)
-        .bind(spec.enabled)
-        .bind(spec.misfire.as_str())
-        .bind(spec.catch_up_limit as i32)
-        .bind(next)
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        let row = bind_spec(sqlx::query(&sql), &spec.name, spec)?.bind(next).fetch_optional(&self.pool).await?;
         match row {
             Some(r) => schedule_of_row(&r),
             None => Err(Error::Conflict(format!("schedule `{}` already exists", spec.name))),
@@ -131,7 +136,7 @@ impl Store {
     /// unless the expression, the zone or `enabled` changed. Returns it and whether it is new.
     pub async fn put_schedule(&self, spec: &ScheduleSpec, source: &str) -> Result<(StoredSchedule, bool)> {
         let next = first_tick(spec)?;
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO schedules (name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (name) DO UPDATE SET
@@ -143,18 +148,8 @@ impl Store {
                           OR schedules.enabled <> EXCLUDED.enabled OR schedules.next_fire_at IS NULL
                      THEN EXCLUDED.next_fire_at ELSE schedules.next_fire_at END
              RETURNING {COLUMNS}, (xmax = 0) AS inserted"
-        ))
-        .bind(&spec.name)
-        .bind(&spec.cron)
-        .bind(&spec.timezone)
-        .bind(serde_json::to_value(&spec.job)?)
-        .bind(spec.enabled)
-        .bind(spec.misfire.as_str())
-        .bind(spec.catch_up_limit as i32)
-        .bind(source)
-        .bind(next)
-        .fetch_one(&self.pool)
-        .await?;
+        );
+        let row = bind_spec(sqlx::query(&sql), &spec.name, spec)?.bind(source).bind(next).fetch_one(&self.pool).await?;
         Ok((schedule_of_row(&row)?, row.try_get("inserted")?))
     }
 
@@ -174,21 +169,12 @@ impl Store {
         let restart =
             spec.cron != old.spec.cron || spec.timezone != old.spec.timezone || spec.enabled != old.spec.enabled;
         let next = if restart { first_tick(&spec)? } else { spec.validate().map(|_| old.next_fire_at)? };
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "UPDATE schedules SET cron = $2, timezone = $3, job = $4, enabled = $5, misfire = $6, catch_up_limit = $7,
                  next_fire_at = $8, updated_at = now()
              WHERE name = $1 RETURNING {COLUMNS}"
-        ))
-        .bind(name)
-        .bind(&spec.cron)
-        .bind(&spec.timezone)
-        .bind(serde_json::to_value(&spec.job)?)
-        .bind(spec.enabled)
-        .bind(spec.misfire.as_str())
-        .bind(spec.catch_up_limit as i32)
-        .bind(next)
-        .fetch_one(&mut *tx)
-        .await?;
+        );
+        let row = bind_spec(sqlx::query(&sql), name, &spec)?.bind(next).fetch_one(&mut *tx).await?;
         tx.commit().await?;
         schedule_of_row(&row)
     }
