@@ -74,7 +74,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     let request_id = axum::http::HeaderName::from_static("x-request-id");
     let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
         let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-        tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+        let span = tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id);
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        jobq_core::telemetry::adopt_parent(&span, header("traceparent"), header("tracestate"));
+        span
     });
     Router::new()
         .merge(routes::health::router())

@@ -15,7 +15,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = jobq_core::config::load(args.config.as_deref())?;
-    jobq_core::telemetry::init(&settings.log);
+    let telemetry = jobq_core::telemetry::init(&settings.log, "jobq-api");
     let shutdown = jobq_core::shutdown::token_from_signals();
-    jobq_api::run(settings, shutdown).await
+    let result = jobq_api::run(settings, shutdown).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -66,7 +66,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    jobq_core::telemetry::init(&settings.log);
+    let telemetry = jobq_core::telemetry::init(&settings.log, "jobq");
     let result = match cli.command {
         Command::Migrate => migrate(&settings).await,
         Command::Dev => dev(settings).await,
@@ -82,6 +82,7 @@ async fn main() -> std::process::ExitCode {
             };
         }
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

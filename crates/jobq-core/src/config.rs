@@ -70,6 +70,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_METRICS_ADDR", "metrics_addr"),
     ("JOBQ_LOG_FORMAT", "log.format"),
     ("JOBQ_LOG_LEVEL", "log.level"),
+    ("JOBQ_OTLP_ENDPOINT", "log.otlp_endpoint"),
 ];
 
 /// A setting that could not be read or makes no sense.
@@ -365,6 +366,10 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// tracing filter.
     pub level: String,
+    /// OpenTelemetry collector base URL (`http://host:4318`); spans are exported over OTLP/HTTP
+    /// to `<endpoint>/v1/traces`. Empty: no export.
+    #[serde(default)]
+    pub otlp_endpoint: String,
 }
 
 /// Parses `"critical,default,low"` (strict order) or `"critical=6,default=3,low=1"` (weights).
@@ -466,6 +471,10 @@ impl Settings {
                 "namespace",
                 format!("must be non-empty and use A-Z, a-z, 0-9, '_', '-', '.', ':', got `{}`", self.namespace),
             );
+        }
+        if !self.log.otlp_endpoint.is_empty() && !self.log.otlp_endpoint.starts_with("http://") {
+            let got = &self.log.otlp_endpoint;
+            return bad("log.otlp_endpoint", format!("must be an http:// URL of an OTLP collector, got `{got}`"));
         }
         if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<SocketAddr>().is_err() {
             return bad("metrics_addr", format!("must be host:port, got `{}`", self.metrics_addr));
@@ -633,6 +642,7 @@ mod tests {
             ("JOBQ_WORKER_QUEUES", "a=x"),
             ("JOBQ_WORKER_QUEUES", "a,a"),
             ("JOBQ_WORKER_HEARTBEAT", "20s"),
+            ("JOBQ_OTLP_ENDPOINT", "collector:4318"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{var}={value}: {err}");

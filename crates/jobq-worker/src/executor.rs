@@ -52,6 +52,8 @@ impl Executor {
             trace_id = trace.map(|t| t.0).unwrap_or(""),
             parent_span_id = trace.map(|t| t.1).unwrap_or(""),
         );
+        let meta = |name: &str| d.envelope.metadata.get(name).map(String::as_str);
+        jobq_core::telemetry::adopt_parent(&span, meta("traceparent"), meta("tracestate"));
         async move {
             let started = std::time::Instant::now();
             let slot = Arc::new(Slot {

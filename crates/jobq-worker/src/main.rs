@@ -15,7 +15,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = jobq_core::config::load(args.config.as_deref())?;
-    jobq_core::telemetry::init(&settings.log);
+    let telemetry = jobq_core::telemetry::init(&settings.log, "jobq-worker");
     let shutdown = jobq_core::shutdown::token_from_signals();
-    jobq_worker::run(settings, jobq_worker::Registry::with_builtins(), shutdown).await
+    let result = jobq_worker::run(settings, jobq_worker::Registry::with_builtins(), shutdown).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -84,3 +84,114 @@ async fn metrics_count_a_known_workload_and_readiness_follows_redis() {
     }
     env.cleanup().await;
 }
+
+/// One exported span: (service, name, trace id, span id, parent span id, attributes).
+#[derive(Debug, Clone)]
+struct Exported {
+    service: String,
+    name: String,
+    trace: String,
+    span: String,
+    parent: String,
+    attributes: Vec<(String, String)>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An OTLP/HTTP collector on a free port that decodes `POST /v1/traces` into [`Exported`] spans.
+async fn collector() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Exported>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let Ok(req) = ExportTraceServiceRequest::decode(body) else {
+                    return axum::http::StatusCode::BAD_REQUEST;
+                };
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|a| a.key == "service.name")
+                        .map(|a| text(&a.value))
+                        .unwrap_or_default();
+                    for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                        sink.lock().unwrap().push(Exported {
+                            service: service.clone(),
+                            name: span.name,
+                            trace: hex(&span.trace_id),
+                            span: hex(&span.span_id),
+                            parent: hex(&span.parent_span_id),
+                            attributes: span.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect(),
+                        });
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, spans)
+}
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_and_the_request_trace_reaches_the_job() {
+    let env = TestEnv::new().await;
+    let (otlp, spans) = collector().await;
+    let port = free_port();
+    let mut vars = env.env();
+    vars.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{port}"));
+    vars.insert("JOBQ_OTLP_ENDPOINT".into(), format!("http://127.0.0.1:{otlp}"));
+    let _api_proc = Proc::spawn("jobq-api", &vars);
+    let _worker = Proc::spawn("jobq-worker", &vars);
+    let api = jobq_testutil::Api::new(port);
+    api.wait_ready(WAIT).await;
+
+    let (trace, caller) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let r = api
+        .client
+        .post(format!("{}/api/v1/jobs", api.base))
+        .header("traceparent", format!("00-{trace}-{caller}-01"))
+        .json(&json!({"type": "echo", "payload": {"traced": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let job = api.wait_for_state(&id, "succeeded", WAIT).await;
+
+    let find = |service: &str, name: &str| {
+        spans.lock().unwrap().iter().find(|s| s.trace == trace && s.service == service && s.name == name).cloned()
+    };
+    let (request, attempt) = wait_until(WAIT, "the api's and the worker's spans at the collector", || async {
+        Some((find("jobq-api", "request")?, find("jobq-worker", "job")?))
+    })
+    .await;
+    assert_eq!(request.parent, caller, "the request span continues the caller's trace");
+    assert_eq!(attempt.parent, request.span, "the job's span is a child of the enqueuing request's span");
+    assert!(attempt.attributes.contains(&("job.id".into(), id.clone())), "{:?}", attempt.attributes);
+    assert_eq!(
+        job["metadata"]["traceparent"],
+        format!("00-{trace}-{}-01", request.span),
+        "the job carries the request span's context"
+    );
+    env.cleanup().await;
+}

@@ -228,9 +228,18 @@ pub(crate) async fn enqueue_batch(
     Ok(Json(json!({"created": created, "existing": existing, "failed": failed, "results": results})))
 }
 
-/// Copies the request's W3C `traceparent` (and `tracestate`) into the job's metadata, unless
-/// the job carries its own: the worker opens the job's span with it.
+/// Puts the W3C trace context into the job's metadata, unless the job carries its own: the
+/// worker opens the job's span as a child of it. With span export on, that is the request's
+/// span (itself a child of the caller's `traceparent`); without, the caller's headers.
 fn carry_trace(headers: &HeaderMap, job: &mut NewJob) {
+    if job.metadata.contains_key("traceparent") {
+        return;
+    }
+    let exported = jobq_core::telemetry::current_trace_context();
+    if !exported.is_empty() {
+        job.metadata.extend(exported);
+        return;
+    }
     for name in ["traceparent", "tracestate"] {
         if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
             let valid = name != "traceparent" || jobq_core::job::parse_traceparent(v).is_some();
