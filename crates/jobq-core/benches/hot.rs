@@ -24,6 +24,7 @@ fn envelope() -> Envelope {
         created_at: chrono::Utc::now(),
         expires_at: None,
         unique_key: None,
+        partition_key: None,
         enqueued_by: Some("producer".into()),
         metadata: BTreeMap::from([(
             "traceparent".into(),

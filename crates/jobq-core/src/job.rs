@@ -243,6 +243,9 @@ pub struct Envelope {
     /// Name of the API key that enqueued the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueued_by: Option<String>,
+    /// Groups jobs for per-partition concurrency limits (a tenant id, an account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
     /// Free-form string map (carries trace context).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -290,6 +293,8 @@ pub struct NewJob {
     pub unique_ttl: Option<Duration>,
     /// Name of the API key that enqueues it.
     pub enqueued_by: Option<String>,
+    /// Partition for per-partition concurrency limits.
+    pub partition_key: Option<String>,
     /// String map carried to the handler.
     pub metadata: BTreeMap<String, String>,
     /// Labels.
@@ -310,6 +315,7 @@ impl NewJob {
             start: Start::Now,
             expires_at: None,
             unique_key: None,
+            partition_key: None,
             unique_ttl: None,
             enqueued_by: None,
             metadata: BTreeMap::new(),
@@ -360,6 +366,12 @@ impl NewJob {
         self
     }
 
+    /// Sets the partition key (per-partition concurrency limits count jobs by it).
+    pub fn partition(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
     /// Checks the fields a caller controls; the error names the field.
     pub fn validate(&self) -> crate::Result<()> {
         let invalid = |m: String| Err(crate::Error::Invalid(m));
@@ -385,6 +397,11 @@ impl NewJob {
         if let Some(k) = &self.unique_key {
             if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
                 return invalid("`unique_key` must be 1-256 characters without control characters".into());
+            }
+        }
+        if let Some(k) = &self.partition_key {
+            if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
+                return invalid("`partition_key` must be 1-256 characters without control characters".into());
             }
         }
         if self.unique_ttl.is_some() && self.unique_key.is_none() {
@@ -458,6 +475,9 @@ pub struct JobInfo {
     /// Deduplication key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
+    /// Partition key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
     /// Name of the API key that enqueued it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enqueued_by: Option<String>,
@@ -469,12 +489,34 @@ pub struct JobInfo {
     /// Why the job is dead (`max_attempts`, `fatal`, `unknown_type`, `expired`, `max_reclaims`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_reason: Option<String>,
+    /// What the running (or last) attempt reported through `JobContext::progress`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The last checkpoint saved by an attempt; the next attempt of the run resumes from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<serde_json::Value>,
+    /// While scheduled after being held back by a limit or an open circuit: which one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
     /// Metadata.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     /// Tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+}
+
+/// Progress reported by a running attempt.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: f32,
+    /// What the handler is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it was reported.
+    pub at: DateTime<Utc>,
 }
 
 /// The trace id and parent span id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
@@ -515,6 +557,7 @@ mod tests {
             created_at: Utc::now(),
             expires_at: None,
             unique_key: Some("u1".into()),
+            partition_key: None,
             enqueued_by: None,
             metadata: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
             tags: vec!["t".into()],

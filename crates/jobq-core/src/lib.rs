@@ -15,7 +15,7 @@
 //! let settings = jobq_core::config::load(None).expect("valid settings");
 //! let broker = jobq_core::stream::Broker::connect(&settings).await?;
 //! let job = broker.enqueue(jobq_core::job::NewJob::new("echo", serde_json::json!({"hi": 1}))).await?;
-//! println!("enqueued {}", job.id);
+//! println!("enqueued {} (new: {})", job.job.id, job.created);
 //! # Ok(()) }
 //! ```
 

@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::leases::{Running, Slot, Stop};
-use crate::{HandlerError, HandlerResult, JobContext, Registry};
+use crate::registry::{Attached, JobService};
+use crate::{HandlerError, HandlerResult, JobContext};
 
 /// Most outcomes written in one pipeline.
 const BATCH: usize = 512;
@@ -19,7 +20,8 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 pub(crate) type Done = (Outcome, OwnedSemaphorePermit);
 
 pub(crate) struct Executor {
-    pub(crate) registry: Arc<Registry>,
+    pub(crate) services: std::collections::HashMap<String, JobService>,
+    pub(crate) broker: Broker,
     pub(crate) consumer: String,
     pub(crate) default_timeout: Duration,
     pub(crate) done: mpsc::UnboundedSender<Done>,
@@ -93,7 +95,7 @@ impl Executor {
 
     async fn attempt(&self, d: &Delivery, slot: &Slot) -> Option<Result<Option<serde_json::Value>, Failure>> {
         let env = &d.envelope;
-        let Some(handler) = self.registry.get(&env.kind) else {
+        let Some(service) = self.services.get(&env.kind).cloned() else {
             return Some(Err(Failure {
                 message: format!(
                     "unknown job type `{}`: no handler is registered for it on worker {}",
@@ -103,21 +105,12 @@ impl Executor {
                 reason: "unknown_type",
             }));
         };
-        let ctx = JobContext {
-            id: env.id,
-            kind: env.kind.clone(),
-            queue: d.queue.clone(),
-            attempt: d.attempt,
-            attempts_total: d.attempts_total,
-            max_attempts: env.max_attempts,
-            run: d.run,
-            payload: env.payload.clone(),
-            metadata: env.metadata.clone(),
-            cancel: slot.cancel.clone(),
-        };
+        let attached =
+            Attached { broker: self.broker.clone(), consumer: self.consumer.clone(), lease: slot.lease.clone() };
+        let ctx = JobContext::attached(d, slot.cancel.clone(), attached);
         let timeout = env.timeout.unwrap_or(self.default_timeout);
         // Its own task, so a panicking handler fails the attempt and not the worker.
-        let mut task = tokio::spawn(handler.call(ctx).in_current_span());
+        let mut task = tokio::spawn(tower::ServiceExt::oneshot(service, ctx).in_current_span());
         let abort = task.abort_handle();
         let joined = async {
             tokio::select! {
@@ -158,6 +151,12 @@ impl Executor {
         Some(match ended {
             Ended::Returned(Ok(value)) => Ok(value),
             Ended::Returned(Err(HandlerError::Retry(e))) => Err(retry(format!("{e:#}"))),
+            Ended::Returned(Err(HandlerError::RetryAfter(e, after))) => {
+                Err(Failure { message: format!("{e:#}"), retry_in: Some(after), reason: "max_attempts" })
+            }
+            Ended::Returned(Err(HandlerError::Held(why, after))) => {
+                Err(Failure { message: why, retry_in: Some(after), reason: "postponed" })
+            }
             Ended::Returned(Err(HandlerError::Fail(e))) => {
                 Err(Failure { message: format!("{e:#}"), retry_in: None, reason: "fatal" })
             }
@@ -190,6 +189,7 @@ pub(crate) async fn complete_loop(broker: Broker, mut rx: mpsc::UnboundedReceive
                             Settled::Retrying => "retried",
                             Settled::Dead => "dead",
                             Settled::Cancelled => "cancelled",
+                            Settled::Postponed => "postponed",
                             Settled::Stale => "stale",
                         };
                         let d = &o.delivery;
@@ -199,7 +199,7 @@ pub(crate) async fn complete_loop(broker: Broker, mut rx: mpsc::UnboundedReceive
                             ("outcome", outcome.to_owned()),
                         ];
                         metrics::counter!("jobq_jobs_finished_total", &labels).increment(1);
-                        if o.result.is_err() && r != Settled::Stale {
+                        if o.result.is_err() && !matches!(r, Settled::Stale | Settled::Postponed) {
                             metrics::counter!("jobq_jobs_failed_total", &labels[..2]).increment(1);
                         }
                         if r == Settled::Stale {

@@ -26,10 +26,14 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod executor;
 pub mod handlers;
+pub mod layers;
 mod leases;
 mod registry;
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +46,41 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use registry::{BoxFuture, Handler, HandlerError, HandlerResult, JobContext, Registry};
+/// The `tower` this library builds on, for writing layers (`tower::Layer`, `tower::Service`).
+pub use tower;
+
+pub use registry::{BoxFuture, ContextError, Handler, HandlerError, HandlerResult, JobContext, JobService, Registry};
+
+/// Runs jobs from Redis until SIGTERM/SIGINT.
+#[derive(clap::Parser)]
+#[command(version, about)]
+struct Args {
+    /// Settings file (TOML or YAML); environment variables override it.
+    #[arg(long, env = "JOBQ_CONFIG")]
+    config: Option<std::path::PathBuf>,
+}
+
+/// The whole `main` of a worker binary: parses `--config`, loads the settings (file, then
+/// `JOBQ_*` variables), sets up logging and span export as `service`, and runs `registry`
+/// until SIGTERM/SIGINT.
+///
+/// ```no_run
+/// #[tokio::main]
+/// async fn main() -> anyhow::Result<()> {
+///     let mut registry = jobq_worker::Registry::new();
+///     registry.register("hello", |_ctx: jobq_worker::JobContext| async { Ok(None) });
+///     jobq_worker::main("my-worker", registry).await
+/// }
+/// ```
+pub async fn main(service: &'static str, registry: Registry) -> anyhow::Result<()> {
+    let args = <Args as clap::Parser>::parse();
+    let settings = jobq_core::config::load(args.config.as_deref())?;
+    let telemetry = jobq_core::telemetry::init(&settings.log, service);
+    let shutdown = jobq_core::shutdown::token_from_signals();
+    let result = run(settings, registry, shutdown).await;
+    telemetry.shutdown().await;
+    result
+}
 
 /// Connects to Redis, checks it, and runs a worker until `shutdown` is cancelled.
 pub async fn run(settings: Settings, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -185,7 +223,8 @@ impl Worker {
         ));
         let tracker = TaskTracker::new();
         let exec = Arc::new(executor::Executor {
-            registry: self.registry.clone(),
+            services: self.registry.build(),
+            broker: self.broker.clone(),
             consumer: self.consumer.clone(),
             default_timeout: self.default_timeout,
             done: done_tx,

@@ -3,6 +3,7 @@
 
 mod cron;
 mod delivery;
+mod library;
 mod observability;
 
 use std::collections::{HashMap, HashSet};

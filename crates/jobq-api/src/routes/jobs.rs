@@ -71,6 +71,8 @@ pub struct EnqueueRequest {
     pub ttl: Option<Duration>,
     /// Deduplication key: while held, enqueueing with the same key returns the existing job (200).
     pub unique_key: Option<String>,
+    /// Partition (a tenant id, an account): per-partition concurrency limits count jobs by it.
+    pub partition_key: Option<String>,
     /// How long the unique key is held (default: until the job is finished).
     #[schema(value_type = Option<String>, example = "1h")]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
@@ -126,6 +128,7 @@ impl EnqueueRequest {
             unique_key: self.unique_key,
             unique_ttl: self.unique_ttl,
             enqueued_by: None,
+            partition_key: self.partition_key,
             metadata: self.metadata,
             tags: self.tags,
         };

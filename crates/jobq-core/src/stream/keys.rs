@@ -47,6 +47,12 @@ impl Keys {
         format!("{}:{{q:{queue}}}:job:", self.ns)
     }
 
+    /// A limit shared by every worker (`kind` slots | rate) named by the user (job type,
+    /// partition key); its own hash tag, so each limit is one key in one slot.
+    pub fn limit(&self, kind: &str, name: &str) -> String {
+        format!("{}:{{limit:{name}}}:{kind}", self.ns)
+    }
+
     /// Sorted set of delayed and retrying jobs, scored by run-at milliseconds.
     pub fn scheduled(&self, queue: &QueueName) -> String {
         format!("{}:{{q:{queue}}}:scheduled", self.ns)

@@ -40,6 +40,9 @@ struct Scripts {
     reclaim: Script,
     cancel: Script,
     cleanup_consumers: Script,
+    touch: Script,
+    slot_acquire: Script,
+    rate_take: Script,
 }
 
 /// Helpers prepended to every script.
@@ -60,9 +63,12 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reclaim: script(include_str!("lua/reclaim.lua")),
     cancel: script(include_str!("lua/cancel.lua")),
     cleanup_consumers: script(include_str!("lua/cleanup_consumers.lua")),
+    touch: script(include_str!("lua/touch.lua")),
+    slot_acquire: script(include_str!("lua/slot_acquire.lua")),
+    rate_take: script(include_str!("lua/rate_take.lua")),
 });
 
-fn all_scripts() -> [&'static Script; 10] {
+fn all_scripts() -> [&'static Script; 13] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -75,6 +81,9 @@ fn all_scripts() -> [&'static Script; 10] {
         &s.reclaim,
         &s.cancel,
         &s.cleanup_consumers,
+        &s.touch,
+        &s.slot_acquire,
+        &s.rate_take,
     ]
 }
 
@@ -113,6 +122,8 @@ pub struct Delivery {
     pub run: u32,
     /// The job itself.
     pub envelope: Envelope,
+    /// The last checkpoint an earlier attempt of this run saved, if any.
+    pub checkpoint: Option<Json>,
 }
 
 /// What [`Broker::fetch`] found.
@@ -157,6 +168,9 @@ pub enum Settled {
     Dead,
     /// Job was cancelled (a cancel request stopped the attempt).
     Cancelled,
+    /// The attempt did not run (held back by a limit): the job waits in the scheduled set
+    /// without having spent an attempt.
+    Postponed,
     /// The lease was stale: another owner has the job; nothing was written.
     Stale,
 }
@@ -401,6 +415,7 @@ impl Broker {
             created_at: Utc::now(),
             expires_at: job.expires_at,
             unique_key: job.unique_key.clone(),
+            partition_key: job.partition_key.clone(),
             enqueued_by: job.enqueued_by.clone(),
             metadata: job.metadata.clone(),
             tags: job.tags.clone(),
@@ -515,8 +530,8 @@ impl Broker {
         let mut it = flat.into_iter();
         while let Some(id) = it.next() {
             let mut field = || it.next().ok_or_else(|| protocol("short fetch reply"));
-            let (_id, entry, prio, attempt, lease, run, envelope, total) =
-                (id, field()?, field()?, field()?, field()?, field()?, field()?, field()?);
+            let (_id, entry, prio, attempt, lease, run, envelope, total, checkpoint) =
+                (id, field()?, field()?, field()?, field()?, field()?, field()?, field()?, field()?);
             let entry: String = redis::from_redis_value(entry).map_err(protocol)?;
             let prio: usize = redis::from_redis_value(prio).map_err(protocol)?;
             let attempt: u32 = redis::from_redis_value(attempt).map_err(protocol)?;
@@ -525,6 +540,8 @@ impl Broker {
             let envelope: String = redis::from_redis_value(envelope).map_err(protocol)?;
             let envelope: Envelope = serde_json::from_str(&envelope)?;
             let attempts_total: u32 = redis::from_redis_value(total).map_err(protocol)?;
+            let checkpoint: String = redis::from_redis_value(checkpoint).map_err(protocol)?;
+            let checkpoint = if checkpoint.is_empty() { None } else { serde_json::from_str(&checkpoint).ok() };
             let priority = *Priority::ALL.get(prio.wrapping_sub(1)).ok_or_else(|| protocol("bad priority index"))?;
             fetched.jobs.push(Delivery {
                 queue: queue.clone(),
@@ -535,6 +552,7 @@ impl Broker {
                 lease: lease.to_string(),
                 run,
                 envelope,
+                checkpoint,
             });
         }
         if fetched.jobs.is_empty() && !fetched.paused {
@@ -628,6 +646,7 @@ impl Broker {
                     (0, _) => Settled::Stale,
                     (_, "retrying") => Settled::Retrying,
                     (_, "cancelled") => Settled::Cancelled,
+                    (_, "postponed") => Settled::Postponed,
                     _ => Settled::Dead,
                 };
             } else {
@@ -741,6 +760,48 @@ pub enum Cancel {
 }
 
 impl Broker {
+    /// Writes `fields` on the job of `lease` if the lease is still current (one script).
+    /// Returns false when the job moved on: another worker owns it, or it finished.
+    pub async fn touch(&self, lease: &Lease, fields: &[(&str, String)]) -> Result<bool> {
+        let key = self.keys.job(&lease.queue, lease.id);
+        let mut call = Call::new(&SCRIPTS.touch, &[&key]).arg(&lease.token);
+        for (f, v) in fields {
+            call = call.arg(*f).arg(v);
+        }
+        let held: i64 = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        Ok(held == 1)
+    }
+
+    /// Takes (or renews) one of `limit` slots of the semaphore `name` for `member`, shared by
+    /// every process on this namespace; a slot not renewed within `ttl` frees itself.
+    pub async fn acquire_slot(&self, name: &str, member: &str, limit: u32, ttl: Duration) -> Result<bool> {
+        let key = self.keys.limit("slots", name);
+        let call = Call::new(&SCRIPTS.slot_acquire, &[&key]).arg(member).arg(limit).arg(ttl.as_millis() as u64);
+        let held: i64 = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        Ok(held == 1)
+    }
+
+    /// Gives back the slot of `member` in the semaphore `name`.
+    pub async fn release_slot(&self, name: &str, member: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZREM").arg(self.keys.limit("slots", name)).arg(member).query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Takes one start for `member` from the rate limit `name` (`per_second` on average,
+    /// `burst` at once), shared by every process on this namespace. `None`: go now;
+    /// `Some(wait)`: a start is reserved for `member` after `wait`; ask again then.
+    pub async fn rate_take(&self, name: &str, member: &str, per_second: f64, burst: u32) -> Result<Option<Duration>> {
+        let (key, reserved) = (self.keys.limit("rate", name), self.keys.limit("reserved", name));
+        let interval_ms = 1000.0 / per_second.max(1e-6);
+        let call = Call::new(&SCRIPTS.rate_take, &[&key, &reserved])
+            .arg(format!("{interval_ms:.6}"))
+            .arg(burst.max(1))
+            .arg(member);
+        let wait: i64 = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+    }
+
     /// Renews leases (one heartbeat script per queue, one pipeline). Statuses match `leases`.
     pub async fn heartbeat(&self, consumer: &str, leases: &[Lease]) -> Result<Vec<LeaseStatus>> {
         let mut by_queue: std::collections::BTreeMap<&QueueName, Vec<usize>> = Default::default();
@@ -935,10 +996,14 @@ fn info_of_new(env: Envelope, state: JobState, run_at: i64) -> JobInfo {
         last_error: None,
         expires_at: env.expires_at,
         unique_key: env.unique_key,
+        partition_key: env.partition_key,
         enqueued_by: env.enqueued_by,
         reclaims: 0,
         cancel_requested: false,
         dead_reason: None,
+        progress: None,
+        checkpoint: None,
+        held_by: None,
         metadata: env.metadata,
         tags: env.tags,
     }
@@ -959,6 +1024,9 @@ fn info_of_hash(h: &HashMap<String, String>) -> Result<JobInfo> {
     info.reclaims = num("reclaims").unwrap_or(0) as u32;
     info.cancel_requested = h.get("cancel_requested").is_some_and(|v| v == "1");
     info.dead_reason = h.get("dead_reason").cloned();
+    info.progress = h.get("progress").and_then(|p| serde_json::from_str(p).ok());
+    info.checkpoint = h.get("checkpoint").and_then(|c| serde_json::from_str(c).ok());
+    info.held_by = h.get("held_by").filter(|_| state == JobState::Scheduled).cloned();
     Ok(info)
 }
 

@@ -11,9 +11,11 @@ use jobq_worker::{HandlerError, JobContext, Registry, Worker};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod library;
+
 const WAIT: Duration = Duration::from_secs(20);
 
-fn fast_retry() -> Backoff {
+pub(crate) fn fast_retry() -> Backoff {
     Backoff {
         strategy: Strategy::Constant,
         jitter: Jitter::None,
@@ -23,7 +25,10 @@ fn fast_retry() -> Backoff {
 }
 
 /// Runs a worker (and a promoter loop for retries) until the returned token is cancelled.
-fn start(env: &TestEnv, registry: Registry) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+pub(crate) fn start(
+    env: &TestEnv,
+    registry: Registry,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let settings = env.settings();
     let token = CancellationToken::new();
     let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_millis(300));
@@ -39,7 +44,7 @@ fn start(env: &TestEnv, registry: Registry) -> (CancellationToken, tokio::task::
     (token, handle)
 }
 
-async fn wait_state(env: &TestEnv, id: JobId, state: JobState) -> JobInfo {
+pub(crate) async fn wait_state(env: &TestEnv, id: JobId, state: JobState) -> JobInfo {
     wait_until(WAIT, &format!("job to be {state}"), || async {
         let job = env.broker.job(id).await.unwrap()?;
         (job.state == state).then_some(job)

@@ -1,11 +1,13 @@
 -- End a running attempt that did not succeed: check the lease token, ack and delete the stream
 -- entry, write the outbox event, then either schedule a retry (attempts left and the error is
 -- retryable), cancel the job (reason 'cancelled': a cancel request stopped it), or dead-letter
--- it (the event then carries the envelope for the dead_jobs row).
+-- it (the event then carries the envelope for the dead_jobs row). Reason 'postponed': the
+-- attempt never ran (a limit or an open circuit held it back): the job goes back to the
+-- scheduled set for the delay without spending an attempt and without a history row.
 -- KEYS: 1 job hash, 2 priority stream, 3 events stream, 4 scheduled zset
 -- ARGV: 1 id, 2 lease token, 3 entry id, 4 group, 5 error message,
 --       6 retry delay ms ('-1' = not retryable), 7 dead retention seconds, 8 reason when fatal
--- Returns {1, 'retrying'|'dead'|'cancelled'}, or {0, state} when the lease is stale.
+-- Returns {1, 'retrying'|'dead'|'cancelled'|'postponed'}, or {0, state} when the lease is stale.
 local cur = redis.call('HMGET', KEYS[1], 'state', 'lease')
 if cur[1] ~= 'running' or cur[2] ~= ARGV[2] then
   return {0, cur[1] or ''}
@@ -17,6 +19,16 @@ if ARGV[8] == 'cancelled' then
   attempt_event(KEYS[3], KEYS[1], ARGV[1], 'cancelled', now, {'error', ARGV[5]})
   finish(KEYS[1], ARGV[1], 'cancelled', now, ARGV[7], ARGV[5])
   return {1, 'cancelled'}
+end
+if ARGV[8] == 'postponed' then
+  local run_at = now + math.max(tonumber(ARGV[6]), 0)
+  redis.call('HINCRBY', KEYS[1], 'attempt', -1)
+  redis.call('HINCRBY', KEYS[1], 'attempts_total', -1)
+  redis.call('HINCRBY', KEYS[1], 'postponed', 1)
+  redis.call('ZADD', KEYS[4], run_at, ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'scheduled', 'run_at', run_at, 'held_by', ARGV[5])
+  redis.call('HDEL', KEYS[1], 'lease', 'entry')
+  return {1, 'postponed'}
 end
 local h = redis.call('HMGET', KEYS[1], 'attempt', 'max_attempts')
 local delay = tonumber(ARGV[6])

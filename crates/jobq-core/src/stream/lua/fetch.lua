@@ -5,8 +5,9 @@
 -- that entry are acked and deleted. A paused queue starts nothing.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 pause flag
 -- ARGV: 1 group, 2 consumer, 3 count, 4 job key prefix, 5 dead retention seconds
--- Returns {jobs, last_ids, paused}: jobs is a flat list of 8-tuples
---   (id, entry, priority index, attempt, lease, run, envelope, attempts over all runs);
+-- Returns {jobs, last_ids, paused}: jobs is a flat list of 9-tuples
+--   (id, entry, priority index, attempt, lease, run, envelope, attempts over all runs,
+--   last checkpoint or '');
 -- last_ids (only when nothing was started) holds each stream's last generated id, so the caller
 -- can block on XREAD for anything newer without a race.
 if redis.call('EXISTS', KEYS[6]) == 1 then
@@ -35,7 +36,7 @@ for i = 1, 4 do
             local lease = redis.call('HINCRBY', jk, 'lease_seq', 1)
             local total = redis.call('HINCRBY', jk, 'attempts_total', 1)
             redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'lease', lease, 'worker', ARGV[2])
-            local more = redis.call('HMGET', jk, 'run', 'envelope')
+            local more = redis.call('HMGET', jk, 'run', 'envelope', 'checkpoint')
             jobs[#jobs + 1] = id
             jobs[#jobs + 1] = entry
             jobs[#jobs + 1] = i
@@ -44,6 +45,7 @@ for i = 1, 4 do
             jobs[#jobs + 1] = tonumber(more[1])
             jobs[#jobs + 1] = more[2]
             jobs[#jobs + 1] = total
+            jobs[#jobs + 1] = more[3] or ''
             want = want - 1
           end
         else

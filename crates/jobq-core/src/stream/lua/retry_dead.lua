@@ -15,7 +15,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HDEL', KEYS[1], 'last_error', 'result', 'started_at', 'finished_at', 'lease', 'dead_reason', 'worker',
-  'expires_at', 'cancel_requested', 'unique_key', 'unique_hold')
+  'expires_at', 'cancel_requested', 'unique_key', 'unique_hold', 'progress', 'checkpoint', 'held_by', 'postponed')
 redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', 'queued', 'prio', ARGV[3], 'type', ARGV[4],
   'max_attempts', ARGV[5], 'attempt', 0, 'reclaims', 0, 'run', run, 'run_at', now, 'enqueued_at', now, 'entry', entry)
 redis.call('PERSIST', KEYS[1])

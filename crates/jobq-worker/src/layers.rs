@@ -1,0 +1,516 @@
+//! Tower layers for handlers: timeout, panic catch, logging, metrics, circuit breaker, and
+//! concurrency and rate limits shared by every worker through Redis.
+//!
+//! Add them to a [`Registry`](crate::Registry) for every type with `layer` or for one type with
+//! `layer_for`. A job held back by a limit or an open circuit is not failed: it returns to the
+//! scheduled set for a short delay and starts again later without spending an attempt.
+//!
+//! Your own layer is a function of the context and the rest of the stack, with [`from_fn`]:
+//!
+//! ```
+//! use jobq_worker::{layers, JobContext, Registry};
+//! let audit = layers::from_fn(|ctx: JobContext, next: layers::Next| async move {
+//!     tracing::info!(job = %ctx.id, "starting");
+//!     let result = next.run(ctx).await;
+//!     tracing::info!(ok = result.is_ok(), "done");
+//!     result
+//! });
+//! let mut registry = Registry::with_builtins();
+//! registry.layer(audit);
+//! ```
+//!
+//! Any `tower::Layer` over [`JobService`] works as well.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use rand::Rng;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::registry::{BoxFuture, HandlerError, HandlerResult, JobContext, JobService};
+
+/// The rest of the stack below a [`from_fn`] layer.
+#[derive(Clone)]
+pub struct Next {
+    inner: JobService,
+}
+
+impl Next {
+    /// Runs the inner layers and the handler.
+    pub async fn run(self, ctx: JobContext) -> HandlerResult {
+        self.inner.oneshot(ctx).await
+    }
+}
+
+/// A layer from an async function of the context and [`Next`].
+pub fn from_fn<F, Fut>(f: F) -> FromFn<F>
+where
+    F: Fn(JobContext, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    FromFn { f }
+}
+
+/// The layer made by [`from_fn`].
+#[derive(Clone)]
+pub struct FromFn<F> {
+    f: F,
+}
+
+impl<F, Fut> Layer<JobService> for FromFn<F>
+where
+    F: Fn(JobContext, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    type Service = FromFnService<F>;
+
+    fn layer(&self, inner: JobService) -> Self::Service {
+        FromFnService { f: self.f.clone(), inner }
+    }
+}
+
+/// The service made by a [`from_fn`] layer.
+#[derive(Clone)]
+pub struct FromFnService<F> {
+    f: F,
+    inner: JobService,
+}
+
+impl<F, Fut> Service<JobContext> for FromFnService<F>
+where
+    F: Fn(JobContext, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    type Response = Option<serde_json::Value>;
+    type Error = HandlerError;
+    type Future = BoxFuture<HandlerResult>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, ctx: JobContext) -> Self::Future {
+        Box::pin((self.f)(ctx, Next { inner: self.inner.clone() }))
+    }
+}
+
+/// Wraps `inner` in an async function of the context and [`Next`] (how the layers below are
+/// built).
+fn around<F, Fut>(inner: JobService, f: F) -> JobService
+where
+    F: Fn(JobContext, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    JobService::new(FromFnService { f, inner })
+}
+
+/// Fails the attempt (retryable) when the handler runs longer than the limit. The job's own
+/// `timeout` still applies; this one is for a type whose jobs should never take longer.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeout(Duration);
+
+impl Timeout {
+    /// A limit of `limit` per attempt.
+    pub fn new(limit: Duration) -> Self {
+        Self(limit)
+    }
+}
+
+impl Layer<JobService> for Timeout {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        let limit = self.0;
+        around(inner, move |ctx, next| async move {
+            match tokio::time::timeout(limit, next.run(ctx)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    Err(HandlerError::retry(anyhow::anyhow!("timed out after {}", jobq_core::duration::format(limit))))
+                }
+            }
+        })
+    }
+}
+
+/// Turns a panic of the handler into a retryable failure of the attempt. Every registered
+/// handler already has it innermost; add it again outside layers that might panic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CatchPanic;
+
+impl Layer<JobService> for CatchPanic {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        around(inner, |ctx, next| async move {
+            match std::panic::AssertUnwindSafe(next.run(ctx)).catch_unwind().await {
+                Ok(r) => r,
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic".into());
+                    Err(HandlerError::retry(anyhow::anyhow!("handler panicked: {msg}")))
+                }
+            }
+        })
+    }
+}
+
+/// Logs the start and the end of each attempt (with its duration and outcome) inside the job's
+/// span, which the worker opens with the job's id, type, queue, attempt and trace context.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trace;
+
+impl Layer<JobService> for Trace {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        around(inner, |ctx, next| async move {
+            let started = Instant::now();
+            tracing::info!(payload_bytes = ctx.payload.to_string().len(), "attempt started");
+            let r = next.run(ctx).await;
+            let ms = started.elapsed().as_millis() as u64;
+            match &r {
+                Ok(_) => tracing::info!(duration_ms = ms, "attempt succeeded"),
+                Err(HandlerError::Held(why, _)) => tracing::info!(duration_ms = ms, held = %why, "attempt held back"),
+                Err(e) => tracing::warn!(duration_ms = ms, error = %e, "attempt failed"),
+            }
+            r
+        })
+    }
+}
+
+/// Counts handler outcomes and times them: `jobq_handler_outcomes_total{type, outcome}`
+/// (`ok`, `retry`, `fail`, `held`) and `jobq_handler_duration_seconds{type}`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metrics;
+
+impl Layer<JobService> for Metrics {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        around(inner, |ctx, next| async move {
+            let kind = jobq_core::ops::type_label(&ctx.kind);
+            let started = Instant::now();
+            let r = next.run(ctx).await;
+            let outcome = match &r {
+                Ok(_) => "ok",
+                Err(HandlerError::Held(..)) => "held",
+                Err(HandlerError::Fail(_)) => "fail",
+                Err(_) => "retry",
+            };
+            metrics::histogram!("jobq_handler_duration_seconds", "type" => kind.clone())
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("jobq_handler_outcomes_total", "type" => kind, "outcome" => outcome).increment(1);
+            r
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    opened_at: Option<Instant>,
+    probing: bool,
+}
+
+/// A circuit breaker per job type, in this process: after `threshold` consecutive retryable
+/// failures of a type, its jobs are held back (not failed, no attempt spent) for `open_for`;
+/// then one probe job runs (half-open): success closes the circuit, failure opens it again.
+/// Fatal failures (`HandlerError::Fail`: bad input) and held-back jobs do not count.
+#[derive(Debug, Clone)]
+pub struct CircuitBreaker {
+    threshold: u32,
+    open_for: Duration,
+    state: Arc<Mutex<HashMap<String, Breaker>>>,
+}
+
+impl CircuitBreaker {
+    /// Opens after `threshold` consecutive failures, for `open_for`.
+    pub fn new(threshold: u32, open_for: Duration) -> Self {
+        Self { threshold: threshold.max(1), open_for, state: Arc::default() }
+    }
+
+    /// `Some(wait)` when a job of `kind` must be held back now; otherwise it may run.
+    fn admit(&self, kind: &str) -> Option<Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let b = state.entry(kind.to_owned()).or_default();
+        let opened_at = b.opened_at?;
+        let elapsed = opened_at.elapsed();
+        if elapsed < self.open_for {
+            return Some(self.open_for - elapsed);
+        }
+        if b.probing {
+            return Some(self.open_for.min(Duration::from_secs(1)));
+        }
+        b.probing = true;
+        None
+    }
+
+    fn record(&self, kind: &str, failed: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let b = state.entry(kind.to_owned()).or_default();
+        if !failed {
+            if b.opened_at.is_some() {
+                tracing::info!(job.kind = kind, "circuit closed");
+            }
+            *b = Breaker::default();
+            return;
+        }
+        b.failures += 1;
+        if b.probing || (b.opened_at.is_none() && b.failures >= self.threshold) {
+            tracing::warn!(job.kind = kind, failures = b.failures, open_for = ?self.open_for, "circuit opened");
+            metrics::counter!("jobq_circuit_opened_total", "type" => jobq_core::ops::type_label(kind)).increment(1);
+            b.opened_at = Some(Instant::now());
+            b.probing = false;
+        }
+    }
+
+    /// Whether the circuit of `kind` is open (jobs held back).
+    pub fn is_open(&self, kind: &str) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.get(kind).is_some_and(|b| b.opened_at.is_some())
+    }
+}
+
+impl Layer<JobService> for CircuitBreaker {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        let breaker = self.clone();
+        around(inner, move |ctx, next| {
+            let breaker = breaker.clone();
+            async move {
+                if let Some(wait) = breaker.admit(&ctx.kind) {
+                    return Err(HandlerError::held(format!("circuit open for type `{}`", ctx.kind), wait));
+                }
+                let kind = ctx.kind.clone();
+                let r = next.run(ctx).await;
+                match &r {
+                    Ok(_) => breaker.record(&kind, false),
+                    Err(HandlerError::Held(..)) => {
+                        // Did not run: a half-open probe that was held elsewhere probes again.
+                        let mut state = breaker.state.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(b) = state.get_mut(&kind) {
+                            b.probing = false;
+                        }
+                    }
+                    Err(HandlerError::Fail(_)) => breaker.record(&kind, false),
+                    Err(_) => breaker.record(&kind, true),
+                }
+                r
+            }
+        })
+    }
+}
+
+/// How long a held-back job waits before it is offered again: `base` plus up to `base` of jitter,
+/// so held jobs do not come back in one wave.
+fn jittered(base: Duration) -> Duration {
+    base + base.mul_f64(rand::rng().random::<f64>())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    Type,
+    Partition,
+}
+
+/// At most `limit` jobs running at once across every worker process on the namespace, per job
+/// type ([`ConcurrencyLimit::per_type`]) or per partition key ([`ConcurrencyLimit::per_partition`],
+/// e.g. a tenant, so one tenant cannot occupy every worker; jobs without a partition key are not
+/// limited). Enforced by a semaphore in Redis whose slots expire if a worker dies; a job over
+/// the limit is held back for `retry_in` (default 250 ms, jittered) without spending an attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct ConcurrencyLimit {
+    limit: u32,
+    scope: Scope,
+    retry_in: Duration,
+    ttl: Duration,
+}
+
+impl ConcurrencyLimit {
+    /// `limit` jobs of one type at once.
+    pub fn per_type(limit: u32) -> Self {
+        Self {
+            limit: limit.max(1),
+            scope: Scope::Type,
+            retry_in: Duration::from_millis(250),
+            ttl: Duration::from_secs(30),
+        }
+    }
+
+    /// `limit` jobs of one partition key at once.
+    pub fn per_partition(limit: u32) -> Self {
+        Self { scope: Scope::Partition, ..Self::per_type(limit) }
+    }
+
+    /// How long a job over the limit waits before it is offered again.
+    pub fn retry_in(mut self, delay: Duration) -> Self {
+        self.retry_in = delay;
+        self
+    }
+
+    /// How long a slot outlives a worker that stopped renewing it (renewed every third of it).
+    pub fn slot_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+}
+
+impl Layer<JobService> for ConcurrencyLimit {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        let cfg = *self;
+        around(inner, move |ctx, next| async move {
+            let name = match cfg.scope {
+                Scope::Type => format!("type:{}", ctx.kind),
+                Scope::Partition => match &ctx.partition_key {
+                    Some(p) => format!("partition:{p}"),
+                    None => return next.run(ctx).await,
+                },
+            };
+            let Some(broker) = ctx.broker().cloned() else { return next.run(ctx).await };
+            let member = format!("{}:{}", ctx.id, ctx.attempts_total);
+            if !broker.acquire_slot(&name, &member, cfg.limit, cfg.ttl).await.map_err(HandlerError::retry)? {
+                let what = name.replace(':', " `") + "`";
+                return Err(HandlerError::held(
+                    format!("concurrency limit {} of {what}", cfg.limit),
+                    jittered(cfg.retry_in),
+                ));
+            }
+            let renew = {
+                let (broker, name, member) = (broker.clone(), name.clone(), member.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(cfg.ttl / 3).await;
+                        if let Err(e) = broker.acquire_slot(&name, &member, cfg.limit, cfg.ttl).await {
+                            tracing::warn!(error = %e, "renewing a concurrency slot failed");
+                        }
+                    }
+                })
+            };
+            let r = next.run(ctx).await;
+            renew.abort();
+            if let Err(e) = broker.release_slot(&name, &member).await {
+                tracing::warn!(error = %e, "releasing a concurrency slot failed; it expires on its own");
+            }
+            r
+        })
+    }
+}
+
+/// At most `per_second` job starts per second per job type, on average, across every worker
+/// process on the namespace, with bursts of up to `burst` (GCRA in Redis). A job over the rate
+/// reserves the next free start time and is held back until then without spending an attempt,
+/// so a backlog drains at the rate, oldest reservation first.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    per_second: f64,
+    burst: u32,
+}
+
+impl RateLimit {
+    /// `per_second` starts per second of each type, `burst` at once.
+    pub fn per_type(per_second: f64, burst: u32) -> Self {
+        Self { per_second: per_second.max(0.001), burst: burst.max(1) }
+    }
+}
+
+impl Layer<JobService> for RateLimit {
+    type Service = JobService;
+
+    fn layer(&self, inner: JobService) -> JobService {
+        let cfg = *self;
+        around(inner, move |ctx, next| async move {
+            let Some(broker) = ctx.broker().cloned() else { return next.run(ctx).await };
+            let name = format!("type:{}", ctx.kind);
+            let member = ctx.id.to_string();
+            match broker.rate_take(&name, &member, cfg.per_second, cfg.burst).await.map_err(HandlerError::retry)? {
+                None => next.run(ctx).await,
+                Some(wait) => {
+                    Err(HandlerError::held(format!("rate limit {}/s of type `{}`", cfg.per_second, ctx.kind), wait))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(f: impl Fn(JobContext) -> HandlerResult + Clone + Send + Sync + 'static) -> JobService {
+        JobService::new(tower::service_fn(move |ctx: JobContext| {
+            let f = f.clone();
+            async move { f(ctx) }
+        }))
+    }
+
+    async fn call(svc: &JobService) -> HandlerResult {
+        svc.clone().oneshot(JobContext::detached("t", serde_json::Value::Null)).await
+    }
+
+    #[tokio::test]
+    async fn timeout_turns_a_slow_attempt_into_a_retryable_failure() {
+        let slow = JobService::new(tower::service_fn(|_ctx: JobContext| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(None)
+        }));
+        let svc = Timeout::new(Duration::from_millis(20)).layer(slow);
+        let err = call(&svc).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Retry(_)) && err.to_string().contains("timed out after 20ms"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn catch_panic_turns_a_panic_into_a_retryable_failure() {
+        let svc = CatchPanic.layer(service(|_| panic!("boom")));
+        let err = call(&svc).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Retry(_)) && err.to_string().contains("handler panicked: boom"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opens_holds_probes_once_and_reopens_or_closes() {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = healthy.clone();
+        let breaker = CircuitBreaker::new(2, Duration::from_millis(50));
+        let svc = breaker.layer(service(move |_| {
+            if h.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(None)
+            } else {
+                Err(HandlerError::retry(anyhow::anyhow!("down")))
+            }
+        }));
+        assert!(matches!(call(&svc).await, Err(HandlerError::Retry(_))));
+        assert!(!breaker.is_open("t"), "one failure is below the threshold");
+        assert!(matches!(call(&svc).await, Err(HandlerError::Retry(_))));
+        assert!(breaker.is_open("t"));
+        let Err(HandlerError::Held(why, wait)) = call(&svc).await else { panic!("held while open") };
+        assert!(why.contains("circuit open") && wait <= Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(matches!(call(&svc).await, Err(HandlerError::Retry(_))), "the half-open probe ran and failed");
+        assert!(matches!(call(&svc).await, Err(HandlerError::Held(..))), "a failed probe opens the circuit again");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(call(&svc).await.is_ok(), "the probe succeeds");
+        assert!(!breaker.is_open("t"));
+        assert!(call(&svc).await.is_ok());
+        let fatal = CircuitBreaker::new(1, Duration::from_secs(60));
+        let svc = fatal.layer(service(|_| Err(HandlerError::fail(anyhow::anyhow!("bad input")))));
+        let _ = call(&svc).await;
+        assert!(!fatal.is_open("t"), "fatal failures (bad input) do not open the circuit");
+    }
+
+    #[tokio::test]
+    async fn limits_let_detached_contexts_through() {
+        let svc = ConcurrencyLimit::per_type(1).layer(RateLimit::per_type(1.0, 1).layer(service(|_| Ok(None))));
+        assert!(call(&svc).await.is_ok());
+        assert!(call(&svc).await.is_ok());
+    }
+}

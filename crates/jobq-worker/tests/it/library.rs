@@ -1,0 +1,278 @@
+//! The library's layers and job context against real Redis: held jobs spend no attempt,
+//! limits hold across workers, checkpoints and progress persist, follow-up jobs are enqueued.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jobq_core::job::{JobState, NewJob};
+use jobq_testutil::{wait_until, TestEnv};
+use jobq_worker::{layers, HandlerError, JobContext, Registry};
+use serde_json::json;
+
+use crate::{fast_retry, start, wait_state, WAIT};
+
+/// A handler that sleeps `ms` and records how many of its kind run at once (max in `peak`).
+fn gauge_handler(
+    registry: &mut Registry,
+    kind: &str,
+    ms: u64,
+    now: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+) -> Arc<AtomicUsize> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    registry.register(kind, move |_ctx: JobContext| {
+        let (now, peak, done) = (now.clone(), peak.clone(), d.clone());
+        async move {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            done.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        }
+    });
+    done
+}
+
+#[tokio::test]
+async fn a_concurrency_limit_holds_across_two_workers_and_held_jobs_spend_no_attempt() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "10")]).await;
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let mut registry = Registry::new();
+        done.push(gauge_handler(&mut registry, "report", 60, now.clone(), peak.clone()));
+        registry.layer_for("report", layers::ConcurrencyLimit::per_type(3).retry_in(Duration::from_millis(20)));
+        workers.push(start(&env, registry));
+    }
+    let jobs: Vec<_> = (0..40).map(|i| NewJob::new("report", json!(i)).max_attempts(1)).collect();
+    let ids: Vec<_> =
+        env.broker.enqueue_many(jobs, false).await.unwrap().into_iter().map(|r| r.unwrap().job.id).collect();
+    for id in &ids {
+        let job = wait_state(&env, *id, JobState::Succeeded).await;
+        assert_eq!(job.attempt, 1, "held-back starts spent no attempt (max_attempts 1)");
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    println!("concurrency limit 3 over 2 workers x 10 slots: peak in flight {peak}");
+    assert_eq!(peak, 3, "never more than the limit, and the limit was reached");
+    assert!(done.iter().all(|d| d.load(Ordering::SeqCst) > 0), "both workers ran jobs");
+    for (token, handle) in workers {
+        token.cancel();
+        handle.await.unwrap().unwrap();
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_partition_limit_bounds_each_tenant_and_leaves_others_free() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "20")]).await;
+    let running: Arc<Mutex<std::collections::HashMap<String, (usize, usize)>>> = Arc::default();
+    let mut registry = Registry::new();
+    let r = running.clone();
+    registry.register("sync", move |ctx: JobContext| {
+        let r = r.clone();
+        async move {
+            let tenant = ctx.partition_key.clone().unwrap_or_default();
+            {
+                let mut m = r.lock().unwrap();
+                let e = m.entry(tenant.clone()).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(e.0);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            r.lock().unwrap().get_mut(&tenant).unwrap().0 -= 1;
+            Ok(None)
+        }
+    });
+    registry.layer(layers::ConcurrencyLimit::per_partition(2).retry_in(Duration::from_millis(20)));
+    let (token, handle) = start(&env, registry);
+    let mut jobs = Vec::new();
+    for i in 0..30 {
+        jobs.push(NewJob::new("sync", json!(i)).partition("acme"));
+        if i < 6 {
+            jobs.push(NewJob::new("sync", json!(i)).partition(format!("small-{i}")));
+        }
+    }
+    let ids: Vec<_> =
+        env.broker.enqueue_many(jobs, false).await.unwrap().into_iter().map(|r| r.unwrap().job.id).collect();
+    for id in &ids {
+        wait_state(&env, *id, JobState::Succeeded).await;
+    }
+    let m = running.lock().unwrap().clone();
+    assert_eq!(m["acme"].1, 2, "the big tenant never ran more than 2 at once");
+    assert!((0..6).all(|i| m[&format!("small-{i}")].1 == 1));
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_rate_limit_holds_within_ten_percent_over_ten_seconds() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "20")]).await;
+    let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let mut registry = Registry::new();
+    let s = starts.clone();
+    registry.register("ping", move |ctx: JobContext| {
+        let s = s.clone();
+        async move {
+            assert_eq!(ctx.attempt, 1, "held-back starts spent no attempt");
+            s.lock().unwrap().push(Instant::now());
+            Ok(None)
+        }
+    });
+    registry.layer_for("ping", layers::RateLimit::per_type(20.0, 1));
+    let jobs: Vec<_> = (0..400).map(|i| NewJob::new("ping", json!(i)).max_attempts(1)).collect();
+    env.broker.enqueue_many(jobs, false).await.unwrap();
+    let (token, handle) = start(&env, registry);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let starts = starts.lock().unwrap().clone();
+    let first = starts[0];
+    let in_window = starts.iter().filter(|t| t.duration_since(first) < Duration::from_secs(10)).count();
+    println!("rate limit 20/s: {in_window} starts in the first 10 s (expected 200)");
+    assert!((180..=220).contains(&in_window), "{in_window} starts in 10 s at 20/s");
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_circuit_opens_after_consecutive_failures_holds_jobs_and_closes_after_a_probe() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "1")]).await;
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    let (h, c) = (healthy.clone(), calls.clone());
+    registry.register("charge", move |_ctx: JobContext| {
+        let (h, c) = (h.clone(), c.clone());
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            if h.load(Ordering::SeqCst) {
+                Ok(None)
+            } else {
+                Err(HandlerError::retry(anyhow::anyhow!("gateway down")))
+            }
+        }
+    });
+    let breaker = layers::CircuitBreaker::new(3, Duration::from_millis(800));
+    registry.layer(breaker.clone());
+    let (token, handle) = start(&env, registry);
+    let failing: Vec<_> = (0..3).map(|i| NewJob::new("charge", json!(i)).max_attempts(1)).collect();
+    for r in env.broker.enqueue_many(failing, false).await.unwrap() {
+        wait_state(&env, r.unwrap().job.id, JobState::Dead).await;
+    }
+    assert!(breaker.is_open("charge"), "3 consecutive failures open the circuit");
+    let calls_when_opened = calls.load(Ordering::SeqCst);
+    let held = env.broker.enqueue(NewJob::new("charge", json!("held")).max_attempts(1)).await.unwrap().job.id;
+    let job = wait_until(WAIT, "the job to be held back", || async {
+        let job = env.broker.job(held).await.unwrap()?;
+        job.held_by.is_some().then_some(job)
+    })
+    .await;
+    assert_eq!(job.state, JobState::Scheduled, "held back, not failed");
+    assert!(job.held_by.unwrap().contains("circuit open"));
+    assert_eq!(calls.load(Ordering::SeqCst), calls_when_opened, "the handler was not called while open");
+    healthy.store(true, Ordering::SeqCst);
+    let job = wait_state(&env, held, JobState::Succeeded).await;
+    assert_eq!(job.attempt, 1, "the held job spent no attempt (max_attempts 1) and ran as the probe");
+    assert!(!breaker.is_open("charge"), "a successful probe closes the circuit");
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn checkpoints_carry_over_to_the_next_attempt_and_progress_is_visible() {
+    let env = TestEnv::new().await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    let s = seen.clone();
+    registry.register("import", move |mut ctx: JobContext| {
+        let s = s.clone();
+        async move {
+            let from: u32 = ctx.last_checkpoint().unwrap_or(0);
+            s.lock().unwrap().push((ctx.attempt, from));
+            for row in from..from + 5 {
+                ctx.checkpoint(row + 1).await?;
+                ctx.progress((row + 1) as f32, format!("row {}", row + 1)).await?;
+            }
+            if ctx.attempt == 1 {
+                return Err(HandlerError::retry_after(anyhow::anyhow!("connection reset"), Duration::from_millis(600)));
+            }
+            Ok(Some(json!({"rows": from + 5})))
+        }
+    });
+    let (token, handle) = start(&env, registry);
+    let id = env.broker.enqueue(NewJob::new("import", json!({})).max_attempts(3)).await.unwrap().job.id;
+    let retrying = wait_state(&env, id, JobState::Retrying).await;
+    let progress = retrying.progress.expect("progress is stored on the job");
+    assert_eq!((progress.percent, progress.message.as_deref()), (5.0, Some("row 5")));
+    assert_eq!(retrying.checkpoint, Some(json!(5)));
+    let waited = retrying.run_at.unwrap() - retrying.finished_at.unwrap();
+    assert!(waited.num_milliseconds() >= 590, "the handler's retry delay was used: {waited}");
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!(*seen.lock().unwrap(), [(1, 0), (2, 5)], "attempt 2 resumed from the checkpoint");
+    assert_eq!(job.result, Some(json!({"rows": 10})));
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_handler_enqueues_follow_up_jobs_that_carry_its_trace() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::with_builtins();
+    registry.register("fan-out", |ctx: JobContext| async move {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(ctx.enqueue(NewJob::new("echo", json!(i))).await?.job.id.to_string());
+        }
+        Ok(Some(json!(ids)))
+    });
+    let (token, handle) = start(&env, registry);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut job = NewJob::new("fan-out", json!({}));
+    job.metadata.insert("traceparent".into(), tp.into());
+    let id = env.broker.enqueue(job).await.unwrap().job.id;
+    let parent = wait_state(&env, id, JobState::Succeeded).await;
+    for child in parent.result.unwrap().as_array().unwrap() {
+        let child = wait_state(&env, child.as_str().unwrap().parse().unwrap(), JobState::Succeeded).await;
+        assert_eq!(child.metadata.get("traceparent").map(String::as_str), Some(tp));
+    }
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_timeout_layer_fails_the_attempt_and_a_custom_layer_sees_every_job() {
+    let env = TestEnv::new().await;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::with_builtins();
+    let s = seen.clone();
+    registry
+        .layer(layers::from_fn(move |ctx: JobContext, next: layers::Next| {
+            let s = s.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                next.run(ctx).await
+            }
+        }))
+        .layer(layers::Metrics)
+        .layer(layers::Trace)
+        .layer_for("sleep", layers::Timeout::new(Duration::from_millis(100)));
+    let (token, handle) = start(&env, registry);
+    let slow = NewJob::new("sleep", json!({"ms": 2000})).max_attempts(2).backoff(fast_retry());
+    let id = env.broker.enqueue(slow).await.unwrap().job.id;
+    let job = wait_state(&env, id, JobState::Dead).await;
+    assert_eq!(job.attempt, 2, "the timeout is retryable");
+    assert!(job.last_error.unwrap().contains("timed out after 100ms"));
+    let echo = env.broker.enqueue(NewJob::new("echo", json!(1))).await.unwrap().job.id;
+    wait_state(&env, echo, JobState::Succeeded).await;
+    assert_eq!(seen.load(Ordering::SeqCst), 3, "the global layer saw both attempts and the echo job");
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
