@@ -25,6 +25,8 @@ fn envelope() -> Envelope {
         expires_at: None,
         unique_key: None,
         partition_key: None,
+        depends_on: Vec::new(),
+        dependency_mode: None,
         enqueued_by: Some("producer".into()),
         metadata: BTreeMap::from([(
             "traceparent".into(),

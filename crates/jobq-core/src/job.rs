@@ -246,6 +246,12 @@ pub struct Envelope {
     /// Groups jobs for per-partition concurrency limits (a tenant id, an account).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<String>,
+    /// Jobs (same queue) this one waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<JobId>,
+    /// What the dependencies must reach (with `depends_on`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependency_mode: Option<DependencyMode>,
     /// Free-form string map (carries trace context).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -295,6 +301,10 @@ pub struct NewJob {
     pub enqueued_by: Option<String>,
     /// Partition for per-partition concurrency limits.
     pub partition_key: Option<String>,
+    /// Jobs of the same queue this one waits for.
+    pub depends_on: Vec<JobId>,
+    /// What the dependencies must reach before this job is queued.
+    pub dependency_mode: DependencyMode,
     /// String map carried to the handler.
     pub metadata: BTreeMap<String, String>,
     /// Labels.
@@ -316,6 +326,8 @@ impl NewJob {
             expires_at: None,
             unique_key: None,
             partition_key: None,
+            depends_on: Vec::new(),
+            dependency_mode: DependencyMode::Succeeded,
             unique_ttl: None,
             enqueued_by: None,
             metadata: BTreeMap::new(),
@@ -372,6 +384,22 @@ impl NewJob {
         self
     }
 
+    /// Waits until every job in `ids` (same queue) has succeeded; if one dies or is cancelled,
+    /// this job is dead-lettered with reason `dependency_failed`.
+    pub fn depends_on(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
+        self.depends_on = ids.into_iter().collect();
+        self.dependency_mode = DependencyMode::Succeeded;
+        self
+    }
+
+    /// Waits until every job in `ids` (same queue) has finished, whatever its outcome (a batch
+    /// callback).
+    pub fn after_all_finish(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
+        self.depends_on = ids.into_iter().collect();
+        self.dependency_mode = DependencyMode::Finished;
+        self
+    }
+
     /// Checks the fields a caller controls; the error names the field.
     pub fn validate(&self) -> crate::Result<()> {
         let invalid = |m: String| Err(crate::Error::Invalid(m));
@@ -403,6 +431,12 @@ impl NewJob {
             if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
                 return invalid("`partition_key` must be 1-256 characters without control characters".into());
             }
+        }
+        if self.depends_on.len() > MAX_DEPENDENCIES {
+            return invalid(format!(
+                "`depends_on` lists at most {MAX_DEPENDENCIES} jobs, got {}",
+                self.depends_on.len()
+            ));
         }
         if self.unique_ttl.is_some() && self.unique_key.is_none() {
             return invalid("`unique_ttl` needs a `unique_key`".into());
@@ -478,6 +512,12 @@ pub struct JobInfo {
     /// Partition key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<String>,
+    /// Jobs this one waits for (state `waiting` until they finish).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<JobId>,
+    /// What the dependencies must reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependency_mode: Option<DependencyMode>,
     /// Name of the API key that enqueued it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enqueued_by: Option<String>,
@@ -504,6 +544,31 @@ pub struct JobInfo {
     /// Tags.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+}
+
+/// Most entries in `depends_on`.
+pub const MAX_DEPENDENCIES: usize = 1000;
+
+/// What the jobs in `depends_on` must reach before the dependent job is queued.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyMode {
+    /// All succeeded; one dead or cancelled dead-letters the dependent (`dependency_failed`).
+    #[default]
+    Succeeded,
+    /// All finished in any state (a batch's on-complete callback).
+    Finished,
+}
+
+impl DependencyMode {
+    /// The name stored in Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DependencyMode::Succeeded => "succeeded",
+            DependencyMode::Finished => "finished",
+        }
+    }
 }
 
 /// Progress reported by a running attempt.
@@ -558,6 +623,8 @@ mod tests {
             expires_at: None,
             unique_key: Some("u1".into()),
             partition_key: None,
+            depends_on: Vec::new(),
+            dependency_mode: None,
             enqueued_by: None,
             metadata: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
             tags: vec!["t".into()],

@@ -131,6 +131,8 @@ pub struct JobContext {
     pub metadata: BTreeMap<String, String>,
     /// Partition key given at enqueue, if any.
     pub partition_key: Option<String>,
+    /// The jobs this one waited for (a batch callback finds the batch here).
+    pub depends_on: Vec<JobId>,
     /// Cancelled when the attempt must stop: a cancel request, a lost lease, or the end of the
     /// shutdown grace. A handler that sees it should return soon.
     pub cancel: CancellationToken,
@@ -173,6 +175,7 @@ impl JobContext {
             payload,
             metadata: BTreeMap::new(),
             partition_key: None,
+            depends_on: Vec::new(),
             cancel: CancellationToken::new(),
             checkpoint: None,
             attached: None,
@@ -202,6 +205,7 @@ impl JobContext {
             payload: env.payload.clone(),
             metadata: env.metadata.clone(),
             partition_key: env.partition_key.clone(),
+            depends_on: env.depends_on.clone(),
             cancel,
             checkpoint: delivery.checkpoint.clone(),
             attached: Some(Arc::new(attached)),

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use jobq_core::backoff::Backoff;
 use jobq_core::config::Role;
-use jobq_core::job::{JobState, NewJob, Priority, QueueName, Start};
+use jobq_core::job::{DependencyMode, JobId, JobState, NewJob, Priority, QueueName, Start};
 use jobq_core::stream::Cancel;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -73,6 +73,12 @@ pub struct EnqueueRequest {
     pub unique_key: Option<String>,
     /// Partition (a tenant id, an account): per-partition concurrency limits count jobs by it.
     pub partition_key: Option<String>,
+    /// Ids of jobs in the same queue this one waits for (state `waiting`): queued once all
+    /// succeeded; dead-lettered (reason `dependency_failed`) if one dies or is cancelled.
+    #[serde(default)]
+    pub depends_on: Vec<JobId>,
+    /// `succeeded` (default) or `finished`: queue once every dependency finished in any state.
+    pub dependency_mode: Option<DependencyMode>,
     /// How long the unique key is held (default: until the job is finished).
     #[schema(value_type = Option<String>, example = "1h")]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
@@ -129,6 +135,8 @@ impl EnqueueRequest {
             unique_ttl: self.unique_ttl,
             enqueued_by: None,
             partition_key: self.partition_key,
+            depends_on: self.depends_on,
+            dependency_mode: self.dependency_mode.unwrap_or_default(),
             metadata: self.metadata,
             tags: self.tags,
         };
@@ -169,6 +177,10 @@ pub struct BatchRequest {
     /// All or nothing: any invalid item rejects the batch (422) and nothing is enqueued.
     #[serde(default)]
     pub atomic: bool,
+    /// A callback job, enqueued after the batch, that waits until every job of the batch has
+    /// finished (any outcome) and then runs once. Its queue defaults to the batch's; every job
+    /// of the batch must be in that queue. Its `depends_on` lists the batch's jobs.
+    pub on_complete: Option<serde_json::Value>,
 }
 
 /// `POST /api/v1/jobs/batch`: one Redis round trip for the whole batch; per-item results
@@ -211,7 +223,12 @@ pub(crate) async fn enqueue_batch(
             json!(errors),
         ));
     }
+    let callback = match req.on_complete {
+        Some(raw) => Some(batch_callback(raw, &jobs, &state, &who, &headers)?),
+        None => None,
+    };
     let outcome = state.broker.enqueue_many(jobs, req.atomic).await?;
+    let done: Vec<JobId> = outcome.iter().filter_map(|r| r.as_ref().ok().map(|e| e.job.id)).collect();
     let (mut created, mut existing) = (0, 0);
     for (i, r) in index.into_iter().zip(outcome) {
         results[i] = Some(match r {
@@ -228,7 +245,48 @@ pub(crate) async fn enqueue_batch(
         });
     }
     let failed = results.len() - created - existing;
-    Ok(Json(json!({"created": created, "existing": existing, "failed": failed, "results": results})))
+    let mut body = json!({"created": created, "existing": existing, "failed": failed, "results": results});
+    if let Some(callback) = callback {
+        let enqueued = state.broker.enqueue(callback.after_all_finish(done)).await?;
+        if enqueued.created {
+            count_enqueued(&enqueued.job, 1);
+        }
+        body["on_complete"] = json!(enqueued.job);
+    }
+    Ok(Json(body))
+}
+
+/// The `on_complete` job of a batch: in the batch's queue (every job of the batch must share
+/// it), its `depends_on` left to the batch.
+fn batch_callback(
+    raw: Value,
+    jobs: &[NewJob],
+    state: &AppState,
+    who: &Principal,
+    headers: &HeaderMap,
+) -> Result<NewJob, ApiError> {
+    let req: EnqueueRequest =
+        serde_json::from_value(raw).map_err(|e| ApiError::Invalid(format!("`on_complete`: {e}")))?;
+    if !req.depends_on.is_empty() || req.dependency_mode.is_some() {
+        return Err(ApiError::Invalid("`on_complete`: `depends_on` is set by the batch; leave it out".into()));
+    }
+    let given = req.queue.clone();
+    let mut job = req.into_new_job(state.payload_limit)?;
+    let queue = match (given, jobs.first()) {
+        (Some(q), _) => q,
+        (None, Some(first)) => first.queue.clone(),
+        (None, None) => job.queue.clone(),
+    };
+    if let Some(other) = jobs.iter().find(|j| j.queue != queue) {
+        return Err(ApiError::Invalid(format!(
+            "`on_complete` waits for jobs of its own queue `{queue}`; this batch also has queue `{}`",
+            other.queue
+        )));
+    }
+    job.queue = queue;
+    job.enqueued_by = Some(who.name.clone());
+    carry_trace(headers, &mut job);
+    Ok(job)
 }
 
 /// Puts the W3C trace context into the job's metadata, unless the job carries its own: the

@@ -405,3 +405,42 @@ async fn the_request_trace_context_travels_in_the_job_metadata() {
     assert!(job.get("metadata").is_none(), "an invalid traceparent is not carried: {job}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn dependencies_partition_keys_and_a_batch_callback_through_the_api() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (status, first) =
+        call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo","payload":1,"partition_key":"acme"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["partition_key"], "acme");
+    let id = first["id"].as_str().unwrap();
+    let body = format!(r#"{{"type":"echo","payload":2,"depends_on":["{id}"]}}"#);
+    let (status, second) = call(&app, "POST", "/api/v1/jobs", Some(&body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    assert_eq!((second["state"].as_str(), second["depends_on"][0].as_str()), (Some("waiting"), Some(id)));
+    let missing = format!(r#"{{"type":"echo","payload":3,"depends_on":["{}"]}}"#, uuid::Uuid::now_v7());
+    let (status, err) = call(&app, "POST", "/api/v1/jobs", Some(&missing)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&err, "invalid_request", "depends_on");
+    let (status, err) =
+        call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo","payload":1,"dependency_mode":"sometimes"}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+
+    let batch = r#"{"jobs":[{"type":"echo","payload":1,"queue":"reports"},{"type":"echo","payload":2,"queue":"reports"}],
+        "on_complete":{"type":"echo","payload":"all done"}}"#;
+    let (status, out) = call(&app, "POST", "/api/v1/jobs/batch", Some(batch)).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let callback = &out["on_complete"];
+    assert_eq!((callback["state"].as_str(), callback["queue"].as_str()), (Some("waiting"), Some("reports")));
+    assert_eq!(callback["dependency_mode"], "finished");
+    let ids: Vec<&str> = out["results"].as_array().unwrap().iter().map(|r| r["job"]["id"].as_str().unwrap()).collect();
+    let waits: Vec<&str> = callback["depends_on"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(waits, ids);
+    let mixed = r#"{"jobs":[{"type":"echo","payload":1,"queue":"a"},{"type":"echo","payload":2,"queue":"b"}],
+        "on_complete":{"type":"echo","payload":0}}"#;
+    let (status, err) = call(&app, "POST", "/api/v1/jobs/batch", Some(mixed)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_error(&err, "invalid_request", "on_complete");
+    env.cleanup().await;
+}

@@ -49,7 +49,7 @@ struct Scripts {
 const LIB: &str = include_str!("lua/lib.lua");
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{LIB}\n{body}"))
+    Script::new(&format!("local GROUP = '{}'\n{LIB}\n{body}", Keys::GROUP))
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -416,6 +416,8 @@ impl Broker {
             expires_at: job.expires_at,
             unique_key: job.unique_key.clone(),
             partition_key: job.partition_key.clone(),
+            depends_on: job.depends_on.clone(),
+            dependency_mode: (!job.depends_on.is_empty()).then_some(job.dependency_mode),
             enqueued_by: job.enqueued_by.clone(),
             metadata: job.metadata.clone(),
             tags: job.tags.clone(),
@@ -446,7 +448,8 @@ impl Broker {
         let unique = env.unique_key.as_deref().map(|k| self.keys.unique(q, k));
         let mut keys = vec![job_key.as_str(), &stream, &scheduled, &expiring];
         keys.extend(unique.as_deref());
-        Ok(Call::new(&SCRIPTS.enqueue, &keys)
+        let mode = env.dependency_mode.filter(|_| !env.depends_on.is_empty()).map(|m| m.as_str()).unwrap_or("");
+        let mut call = Call::new(&SCRIPTS.enqueue, &keys)
             .arg(env.id.to_string())
             .arg(serde_json::to_string(env)?)
             .arg(env.priority.as_str())
@@ -457,12 +460,24 @@ impl Broker {
             .arg(Keys::GROUP)
             .arg(env.expires_at.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
             .arg(unique_ttl.map(|t| t.as_millis().max(1).to_string()).unwrap_or_default())
-            .arg(self.keys.job_prefix(q)))
+            .arg(self.keys.job_prefix(q))
+            .arg(secs(self.retention.dead))
+            .arg(mode);
+        for dep in &env.depends_on {
+            call = call.arg(dep.to_string());
+        }
+        Ok(call)
     }
 
     async fn enqueued(&self, envelope: Envelope, reply: Value) -> Result<Enqueued> {
         let (created, state, run_at, id): (i64, String, i64, String) =
             redis::from_redis_value(reply).map_err(protocol)?;
+        if created < 0 {
+            return Err(Error::Invalid(format!(
+                "`depends_on`: no job {id} in queue `{}` (dependencies must be in the job's queue)",
+                envelope.queue
+            )));
+        }
         if created == 0 {
             let id: JobId = id.parse().map_err(protocol)?;
             let job = self.job_in(&envelope.queue, id).await?.ok_or(Error::JobNotFound(id))?;
@@ -997,6 +1012,8 @@ fn info_of_new(env: Envelope, state: JobState, run_at: i64) -> JobInfo {
         expires_at: env.expires_at,
         unique_key: env.unique_key,
         partition_key: env.partition_key,
+        depends_on: env.depends_on,
+        dependency_mode: env.dependency_mode,
         enqueued_by: env.enqueued_by,
         reclaims: 0,
         cancel_requested: false,
@@ -1131,6 +1148,9 @@ impl Broker {
         for q in &queues {
             self.register_queue(q).await?;
         }
+        if atomic {
+            self.check_dependencies(prepared.iter().map(|(_, env, ..)| env)).await?;
+        }
         let calls = prepared
             .iter()
             .map(|(_, env, start, ttl)| self.enqueue_call(env, *start, *ttl))
@@ -1143,6 +1163,30 @@ impl Broker {
             });
         }
         Ok(items.into_iter().map(|i| i.unwrap_or_else(|| Err(protocol("missing batch reply")))).collect())
+    }
+
+    /// Fails when a dependency of `envs` is neither among them (earlier in the batch) nor a job
+    /// of the dependent's queue: an atomic batch is refused whole instead of failing half-way.
+    async fn check_dependencies<'a>(&self, envs: impl Iterator<Item = &'a Envelope> + Clone) -> Result<()> {
+        let in_batch: HashSet<JobId> = envs.clone().map(|e| e.id).collect();
+        let outside: Vec<(&QueueName, JobId)> = envs
+            .flat_map(|e| e.depends_on.iter().filter(|d| !in_batch.contains(d)).map(move |d| (&e.queue, *d)))
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (q, id) in &outside {
+            pipe.exists(self.keys.job(q, *id));
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<bool> = pipe.query_async(&mut conn).await?;
+        match outside.iter().zip(found).find(|(_, f)| !f) {
+            Some(((q, id), _)) => Err(Error::Invalid(format!(
+                "`depends_on`: no job {id} in queue `{q}` (dependencies must be in the job's queue); nothing was enqueued"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Runs calls of one script in a MULTI/EXEC transaction. The script is loaded first, so the

@@ -276,3 +276,108 @@ async fn a_timeout_layer_fails_the_attempt_and_a_custom_layer_sees_every_job() {
     handle.await.unwrap().unwrap();
     env.cleanup().await;
 }
+
+/// A handler that records the order jobs ran in (by payload) and fails payloads starting with
+/// "fail".
+fn recorder(registry: &mut Registry) -> Arc<Mutex<Vec<String>>> {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let o = order.clone();
+    registry.register("step", move |ctx: JobContext| {
+        let o = o.clone();
+        async move {
+            let name = ctx.payload.as_str().unwrap_or_default().to_owned();
+            o.lock().unwrap().push(name.clone());
+            if name.starts_with("fail") {
+                return Err(HandlerError::fail(anyhow::anyhow!("{name} failed")));
+            }
+            Ok(Some(json!({"waited_for": ctx.depends_on.len()})))
+        }
+    });
+    order
+}
+
+#[tokio::test]
+async fn a_chain_of_three_runs_in_order_and_a_failure_dead_letters_the_rest_of_its_chain() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::new();
+    let order = recorder(&mut registry);
+    // Enqueued before any worker runs: b and c wait.
+    let a = env.broker.enqueue(NewJob::new("step", json!("a"))).await.unwrap().job;
+    let b = env.broker.enqueue(NewJob::new("step", json!("b")).depends_on([a.id])).await.unwrap().job;
+    let c = env.broker.enqueue(NewJob::new("step", json!("c")).depends_on([b.id])).await.unwrap().job;
+    assert_eq!((a.state, b.state, c.state), (JobState::Queued, JobState::Waiting, JobState::Waiting));
+    let x = env.broker.enqueue(NewJob::new("step", json!("fail-x"))).await.unwrap().job;
+    let y = env.broker.enqueue(NewJob::new("step", json!("y")).depends_on([x.id])).await.unwrap().job;
+    let z = env.broker.enqueue(NewJob::new("step", json!("z")).depends_on([y.id])).await.unwrap().job;
+    let (token, handle) = start(&env, registry);
+    wait_state(&env, c.id, JobState::Succeeded).await;
+    let ran = order.lock().unwrap().clone();
+    let pos = |n: &str| ran.iter().position(|r| r == n).unwrap();
+    assert!(pos("a") < pos("b") && pos("b") < pos("c"), "{ran:?}");
+    for id in [y.id, z.id] {
+        let job = wait_state(&env, id, JobState::Dead).await;
+        assert_eq!(job.dead_reason.as_deref(), Some("dependency_failed"));
+        assert_eq!(job.attempt, 0, "never started");
+    }
+    assert!(!ran.contains(&"y".to_owned()) && !ran.contains(&"z".to_owned()));
+    // A dependency already dead at enqueue time dead-letters at once; an unknown one is refused.
+    let late = env.broker.enqueue(NewJob::new("step", json!("late")).depends_on([x.id])).await.unwrap().job;
+    assert_eq!(late.state, JobState::Dead);
+    let unknown = env.broker.enqueue(NewJob::new("step", json!("u")).depends_on([jobq_core::job::JobId::new()])).await;
+    assert!(unknown.unwrap_err().to_string().contains("depends_on"));
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_fan_in_of_fifty_runs_once_after_all_and_a_batch_callback_runs_after_every_outcome() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "20")]).await;
+    let mut registry = Registry::new();
+    let order = recorder(&mut registry);
+    let (token, handle) = start(&env, registry);
+    let parts: Vec<_> = (0..50).map(|i| NewJob::new("step", json!(format!("part-{i}")))).collect();
+    let ids: Vec<_> =
+        env.broker.enqueue_many(parts, false).await.unwrap().into_iter().map(|r| r.unwrap().job.id).collect();
+    let join = env.broker.enqueue(NewJob::new("step", json!("join")).depends_on(ids.clone())).await.unwrap().job;
+    let joined = wait_state(&env, join.id, JobState::Succeeded).await;
+    assert_eq!(joined.result, Some(json!({"waited_for": 50})));
+    let ran = order.lock().unwrap().clone();
+    assert_eq!(ran.last().map(String::as_str), Some("join"), "the join ran after all fifty");
+    assert_eq!(ran.iter().filter(|r| *r == "join").count(), 1);
+    for id in &ids {
+        assert_eq!(env.broker.job(*id).await.unwrap().unwrap().state, JobState::Succeeded);
+    }
+
+    // A batch with a failing job: the callback still runs, once, after everything finished.
+    let batch = vec![
+        NewJob::new("step", json!("ok-1")),
+        NewJob::new("step", json!("fail-2")).max_attempts(1),
+        NewJob::new("step", json!("ok-3")),
+    ];
+    let ids: Vec<_> =
+        env.broker.enqueue_many(batch, true).await.unwrap().into_iter().map(|r| r.unwrap().job.id).collect();
+    let callback = env.broker.enqueue(NewJob::new("step", json!("callback")).after_all_finish(ids)).await.unwrap().job;
+    wait_state(&env, callback.id, JobState::Succeeded).await;
+    let ran = order.lock().unwrap().clone();
+    assert_eq!(ran.last().map(String::as_str), Some("callback"));
+    assert_eq!(ran.iter().filter(|r| *r == "callback").count(), 1);
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_dependency_dead_letters_its_waiting_dependents() {
+    let env = TestEnv::new().await;
+    let a = env.broker.enqueue(NewJob::new("step", json!("a")).delay(Duration::from_secs(60))).await.unwrap().job;
+    let b = env.broker.enqueue(NewJob::new("step", json!("b")).depends_on([a.id])).await.unwrap().job;
+    let after = env.broker.enqueue(NewJob::new("step", json!("c")).after_all_finish([a.id])).await.unwrap().job;
+    env.broker.cancel(a.id).await.unwrap();
+    let b = env.broker.job(b.id).await.unwrap().unwrap();
+    assert_eq!((b.state, b.dead_reason.as_deref()), (JobState::Dead, Some("dependency_failed")));
+    assert!(b.last_error.unwrap().contains("cancelled"));
+    let after = env.broker.job(after.id).await.unwrap().unwrap();
+    assert_eq!(after.state, JobState::Queued, "a callback waits for any outcome");
+    env.cleanup().await;
+}

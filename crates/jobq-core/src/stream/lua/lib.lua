@@ -24,14 +24,82 @@ local function attempt_event(events, jk, id, outcome, now, extra)
   redis.call('HINCRBY', string.sub(events, 1, -7) .. 'stats', outcome, 1)
 end
 
--- Moves a job to a terminal state: hash fields, unique lock, retention. Stream membership and
--- the event are the caller's business.
+-- The queue's key prefix (`<ns>:{q:<queue>}:`) of a job hash key.
+local function queue_base(jk, id)
+  return string.sub(jk, 1, #jk - #id - 4)
+end
+
+-- Puts a job that waited for its dependencies into its stream, or into the scheduled set when
+-- its run_at is still ahead.
+local function release_waiting(base, jk, id, now)
+  local h = redis.call('HMGET', jk, 'prio', 'run_at')
+  local run_at = tonumber(h[2] or '0')
+  if run_at > now then
+    redis.call('ZADD', base .. 'scheduled', run_at, id)
+    redis.call('HSET', jk, 'state', 'scheduled')
+    return
+  end
+  local stream = base .. 'stream:' .. h[1]
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+  end
+  local entry = redis.call('XADD', stream, '*', 'id', id)
+  redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now)
+end
+
+-- Dead-letters a job that waits for a dependency that will never succeed.
+local function fail_waiting(base, jk, id, cause, cause_state, now, retention)
+  local err = 'dependency ' .. cause .. ' is ' .. cause_state
+  attempt_event(base .. 'events', jk, id, 'dead', now,
+    {'error', err, 'reason', 'dependency_failed', 'envelope', redis.call('HGET', jk, 'envelope')})
+  redis.call('HSET', jk, 'dead_reason', 'dependency_failed', 'state', 'dead', 'finished_at', now, 'last_error', err)
+  redis.call('DEL', base .. 'waiting:' .. id)
+  release_unique(jk, id)
+  if tonumber(retention) > 0 then redis.call('EXPIRE', jk, retention) end
+end
+
+-- A job reached a terminal state: the jobs waiting for it (same queue) lose one dependency.
+-- A dependent whose last dependency succeeded is queued; one whose dependency died or was
+-- cancelled is dead-lettered (reason dependency_failed) unless it waits for its dependencies
+-- to finish in any state (dep_mode finished), and so on down the chain.
+local function release_dependents(jk, id, state, now, retention)
+  local base = queue_base(jk, id)
+  local work = {{id, state}}
+  local i = 1
+  while i <= #work do
+    local done_id, done_state = work[i][1], work[i][2]
+    i = i + 1
+    local key = base .. 'dependents:' .. done_id
+    for _, dep in ipairs(redis.call('SMEMBERS', key)) do
+      local djk = base .. 'job:' .. dep
+      local h = redis.call('HMGET', djk, 'state', 'dep_mode')
+      if h[1] == 'waiting' then
+        if done_state ~= 'succeeded' and h[2] ~= 'finished' then
+          fail_waiting(base, djk, dep, done_id, done_state, now, retention)
+          work[#work + 1] = {dep, 'dead'}
+        else
+          local wkey = base .. 'waiting:' .. dep
+          redis.call('SREM', wkey, done_id)
+          if redis.call('SCARD', wkey) == 0 then
+            release_waiting(base, djk, dep, now)
+          end
+        end
+      end
+    end
+    redis.call('DEL', key)
+  end
+end
+
+-- Moves a job to a terminal state: hash fields, unique lock, retention, dependents. Stream
+-- membership and the event are the caller's business.
 local function finish(jk, id, state, now, retention, err)
   redis.call('HSET', jk, 'state', state, 'finished_at', now)
   if err then redis.call('HSET', jk, 'last_error', err) end
   redis.call('HDEL', jk, 'lease', 'entry')
   release_unique(jk, id)
   if tonumber(retention) > 0 then redis.call('EXPIRE', jk, retention) end
+  redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id)
+  release_dependents(jk, id, state, now, retention)
 end
 
 -- Dead-letters a job: outbox event carrying the envelope, then state dead.

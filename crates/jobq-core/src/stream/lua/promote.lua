@@ -11,7 +11,7 @@ local expired = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   local jk = ARGV[2] .. id
   local h = redis.call('HMGET', jk, 'state', 'entry', 'prio')
-  if h[1] == 'queued' or h[1] == 'scheduled' or h[1] == 'retrying' then
+  if h[1] == 'queued' or h[1] == 'scheduled' or h[1] == 'retrying' or h[1] == 'waiting' then
     if h[1] == 'queued' and h[2] and index[h[3]] then
       redis.call('XDEL', KEYS[index[h[3]]], h[2])
     end
