@@ -109,6 +109,27 @@ pub(crate) struct Attached {
 }
 
 /// Everything a handler learns about the attempt it runs, and what it can do during it.
+///
+/// ```
+/// use jobq_worker::{HandlerError, JobContext};
+/// /// Imports rows in chunks; a retried attempt resumes after the last saved chunk.
+/// async fn import(rows: Vec<String>, mut ctx: JobContext) -> Result<usize, HandlerError> {
+///     let mut done: usize = ctx.last_checkpoint().unwrap_or(0);
+///     for chunk in rows[done..].chunks(100) {
+///         if ctx.cancel.is_cancelled() {
+///             return Err(HandlerError::retry(anyhow::anyhow!("cancelled at row {done}")));
+///         }
+///         done += chunk.len(); // ... write the chunk somewhere ...
+///         ctx.checkpoint(done).await?;
+///         ctx.progress(100.0 * done as f32 / rows.len() as f32, format!("{done} rows")).await?;
+///     }
+///     Ok(done)
+/// }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let ctx = JobContext::detached("import", serde_json::Value::Null).with_checkpoint(serde_json::json!(100));
+/// assert_eq!(import(vec!["row".to_owned(); 250], ctx).await.unwrap(), 250);
+/// # });
+/// ```
 #[derive(Debug, Clone)]
 pub struct JobContext {
     /// Job id.

@@ -61,11 +61,18 @@ pub struct Built {
     pub rows: u32,
     /// The row this attempt started from (non-zero when it resumed from a checkpoint).
     pub resumed_from: u32,
+    /// When this attempt started and finished building (milliseconds since the epoch).
+    pub span_ms: (u64, u64),
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Builds a report in chunks of 100 rows, checkpointing after each and stopping early when
 /// the job is cancelled.
 pub async fn build_report(req: Report, mut ctx: JobContext) -> Result<Built, HandlerError> {
+    let started = epoch_ms();
     let resumed_from: u32 = ctx.last_checkpoint().unwrap_or(0);
     let mut row = resumed_from;
     while row < req.rows {
@@ -77,7 +84,7 @@ pub async fn build_report(req: Report, mut ctx: JobContext) -> Result<Built, Han
         ctx.checkpoint(row).await?;
         ctx.progress(100.0 * row as f32 / req.rows.max(1) as f32, format!("{row}/{} rows", req.rows)).await?;
     }
-    Ok(Built { rows: row, resumed_from })
+    Ok(Built { rows: row, resumed_from, span_ms: (started, epoch_ms()) })
 }
 
 /// Logs a warning for attempts slower than its limit: a custom layer. A layer is any

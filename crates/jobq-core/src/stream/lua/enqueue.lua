@@ -79,6 +79,7 @@ if #waits > 0 then
   local base = queue_base(KEYS[1], ARGV[1])
   for _, dep in ipairs(waits) do
     redis.call('SADD', base .. 'dependents:' .. dep, ARGV[1])
+    redis.call('HSET', base .. 'job:' .. dep, 'has_dependents', 1)
   end
   redis.call('SADD', base .. 'waiting:' .. ARGV[1], unpack(waits))
   fields[#fields + 1] = 'state'

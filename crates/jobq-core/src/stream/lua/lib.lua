@@ -6,8 +6,9 @@ local function now_ms()
 end
 
 -- Drops the job's unique lock when it is held until a terminal state and still names this job.
-local function release_unique(jk, id)
-  local u = redis.call('HMGET', jk, 'unique_key', 'unique_hold')
+-- u: the job's {unique_key, unique_hold} when the caller has read them already.
+local function release_unique(jk, id, u)
+  u = u or redis.call('HMGET', jk, 'unique_key', 'unique_hold')
   if u[1] and u[2] == 'terminal' and redis.call('GET', u[1]) == id then
     redis.call('DEL', u[1])
   end
@@ -96,10 +97,11 @@ local function finish(jk, id, state, now, retention, err)
   redis.call('HSET', jk, 'state', state, 'finished_at', now)
   if err then redis.call('HSET', jk, 'last_error', err) end
   redis.call('HDEL', jk, 'lease', 'entry')
-  release_unique(jk, id)
+  local h = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
+  release_unique(jk, id, h)
   if tonumber(retention) > 0 then redis.call('EXPIRE', jk, retention) end
-  redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id)
-  release_dependents(jk, id, state, now, retention)
+  if h[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
+  if h[4] then release_dependents(jk, id, state, now, retention) end
 end
 
 -- Dead-letters a job: outbox event carrying the envelope, then state dead.
