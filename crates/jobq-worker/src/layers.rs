@@ -21,13 +21,12 @@
 //!
 //! Any `tower::Layer` over [`JobService`] works as well.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use jobq_core::stream::BreakerOp;
 use rand::Rng;
 use tower::{Layer, Service, ServiceExt};
 
@@ -212,69 +211,21 @@ impl Layer<JobService> for Metrics {
     }
 }
 
-#[derive(Debug, Default)]
-struct Breaker {
-    failures: u32,
-    opened_at: Option<Instant>,
-    probing: bool,
-}
-
-/// A circuit breaker per job type, in this process: after `threshold` consecutive retryable
-/// failures of a type, its jobs are held back (not failed, no attempt spent) for `open_for`;
-/// then one probe job runs (half-open): success closes the circuit, failure opens it again.
-/// Fatal failures (`HandlerError::Fail`: bad input) and held-back jobs do not count.
-#[derive(Debug, Clone)]
+/// A circuit breaker per job type, shared by every worker process on the namespace (state in
+/// Redis): after `threshold` consecutive retryable failures of a type, its jobs are held back
+/// (not failed, no attempt spent) for `open_for`; then one probe job runs (half-open): success
+/// closes the circuit, failure opens it again. Fatal failures (`HandlerError::Fail`: bad input)
+/// do not count. A context without a worker (`JobContext::detached`) passes through.
+#[derive(Debug, Clone, Copy)]
 pub struct CircuitBreaker {
     threshold: u32,
     open_for: Duration,
-    state: Arc<Mutex<HashMap<String, Breaker>>>,
 }
 
 impl CircuitBreaker {
     /// Opens after `threshold` consecutive failures, for `open_for`.
     pub fn new(threshold: u32, open_for: Duration) -> Self {
-        Self { threshold: threshold.max(1), open_for, state: Arc::default() }
-    }
-
-    /// `Some(wait)` when a job of `kind` must be held back now; otherwise it may run.
-    fn admit(&self, kind: &str) -> Option<Duration> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let b = state.entry(kind.to_owned()).or_default();
-        let opened_at = b.opened_at?;
-        let elapsed = opened_at.elapsed();
-        if elapsed < self.open_for {
-            return Some(self.open_for - elapsed);
-        }
-        if b.probing {
-            return Some(self.open_for.min(Duration::from_secs(1)));
-        }
-        b.probing = true;
-        None
-    }
-
-    fn record(&self, kind: &str, failed: bool) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let b = state.entry(kind.to_owned()).or_default();
-        if !failed {
-            if b.opened_at.is_some() {
-                tracing::info!(job.kind = kind, "circuit closed");
-            }
-            *b = Breaker::default();
-            return;
-        }
-        b.failures += 1;
-        if b.probing || (b.opened_at.is_none() && b.failures >= self.threshold) {
-            tracing::warn!(job.kind = kind, failures = b.failures, open_for = ?self.open_for, "circuit opened");
-            metrics::counter!("jobq_circuit_opened_total", "type" => jobq_core::ops::type_label(kind)).increment(1);
-            b.opened_at = Some(Instant::now());
-            b.probing = false;
-        }
-    }
-
-    /// Whether the circuit of `kind` is open (jobs held back).
-    pub fn is_open(&self, kind: &str) -> bool {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.get(kind).is_some_and(|b| b.opened_at.is_some())
+        Self { threshold: threshold.max(1), open_for: open_for.max(Duration::from_millis(1)) }
     }
 }
 
@@ -282,29 +233,36 @@ impl Layer<JobService> for CircuitBreaker {
     type Service = JobService;
 
     fn layer(&self, inner: JobService) -> JobService {
-        let breaker = self.clone();
-        around(inner, move |ctx, next| {
-            let breaker = breaker.clone();
-            async move {
-                if let Some(wait) = breaker.admit(&ctx.kind) {
-                    return Err(HandlerError::held(format!("circuit open for type `{}`", ctx.kind), wait));
-                }
-                let kind = ctx.kind.clone();
-                let r = next.run(ctx).await;
-                match &r {
-                    Ok(_) => breaker.record(&kind, false),
-                    Err(HandlerError::Held(..)) => {
-                        // Did not run: a half-open probe that was held elsewhere probes again.
-                        let mut state = breaker.state.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(b) = state.get_mut(&kind) {
-                            b.probing = false;
-                        }
-                    }
-                    Err(HandlerError::Fail(_)) => breaker.record(&kind, false),
-                    Err(_) => breaker.record(&kind, true),
-                }
-                r
+        let cfg = *self;
+        around(inner, move |ctx, next| async move {
+            let Some(broker) = ctx.broker().cloned() else { return next.run(ctx).await };
+            let (name, id, kind) = (format!("type:{}", ctx.kind), ctx.id, ctx.kind.clone());
+            let step = |op| {
+                let (broker, name) = (broker.clone(), name.clone());
+                async move { broker.breaker(&name, op, cfg.threshold, cfg.open_for, id).await }
+            };
+            let wait = step(BreakerOp::Admit).await.map_err(HandlerError::retry)?;
+            if wait > 0 {
+                let why = format!("circuit open for type `{kind}`");
+                return Err(HandlerError::held(why, Duration::from_millis(wait)));
             }
+            let r = next.run(ctx).await;
+            let op = match &r {
+                Ok(_) | Err(HandlerError::Fail(_)) => BreakerOp::Ok,
+                Err(HandlerError::Held(..)) => BreakerOp::Held,
+                Err(_) => BreakerOp::Fail,
+            };
+            match step(op).await {
+                Ok(1) if op == BreakerOp::Fail => {
+                    tracing::warn!(job.kind = %kind, open_for = ?cfg.open_for, "circuit opened");
+                    metrics::counter!("jobq_circuit_opened_total", "type" => jobq_core::ops::type_label(&kind))
+                        .increment(1);
+                }
+                Ok(1) if op == BreakerOp::Ok => tracing::info!(job.kind = %kind, "circuit closed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "updating the circuit breaker failed"),
+            }
+            r
         })
     }
 }
@@ -476,41 +434,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_breaker_opens_holds_probes_once_and_reopens_or_closes() {
-        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let h = healthy.clone();
-        let breaker = CircuitBreaker::new(2, Duration::from_millis(50));
-        let svc = breaker.layer(service(move |_| {
-            if h.load(std::sync::atomic::Ordering::SeqCst) {
-                Ok(None)
-            } else {
-                Err(HandlerError::retry(anyhow::anyhow!("down")))
-            }
-        }));
-        assert!(matches!(call(&svc).await, Err(HandlerError::Retry(_))));
-        assert!(!breaker.is_open("t"), "one failure is below the threshold");
-        assert!(matches!(call(&svc).await, Err(HandlerError::Retry(_))));
-        assert!(breaker.is_open("t"));
-        let Err(HandlerError::Held(why, wait)) = call(&svc).await else { panic!("held while open") };
-        assert!(why.contains("circuit open") && wait <= Duration::from_millis(50));
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(matches!(call(&svc).await, Err(HandlerError::Retry(_))), "the half-open probe ran and failed");
-        assert!(matches!(call(&svc).await, Err(HandlerError::Held(..))), "a failed probe opens the circuit again");
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        healthy.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(call(&svc).await.is_ok(), "the probe succeeds");
-        assert!(!breaker.is_open("t"));
+    async fn shared_layers_let_detached_contexts_through() {
+        let svc = ConcurrencyLimit::per_type(1).layer(RateLimit::per_type(1.0, 1).layer(service(|_| Ok(None))));
+        let svc = CircuitBreaker::new(1, Duration::from_secs(60)).layer(svc);
         assert!(call(&svc).await.is_ok());
-        let fatal = CircuitBreaker::new(1, Duration::from_secs(60));
-        let svc = fatal.layer(service(|_| Err(HandlerError::fail(anyhow::anyhow!("bad input")))));
-        let _ = call(&svc).await;
-        assert!(!fatal.is_open("t"), "fatal failures (bad input) do not open the circuit");
+        assert!(call(&svc).await.is_ok());
     }
 
     #[tokio::test]
-    async fn limits_let_detached_contexts_through() {
-        let svc = ConcurrencyLimit::per_type(1).layer(RateLimit::per_type(1.0, 1).layer(service(|_| Ok(None))));
-        assert!(call(&svc).await.is_ok());
-        assert!(call(&svc).await.is_ok());
+    async fn trace_and_metrics_pass_every_outcome_through() {
+        for make in [|| Ok(Some(serde_json::json!(1))), || Err(HandlerError::held("busy", Duration::from_millis(5)))] {
+            let svc = Trace.layer(Metrics.layer(service(move |_| make())));
+            let expected = format!("{:?}", make());
+            assert_eq!(format!("{:?}", call(&svc).await), expected);
+        }
     }
 }

@@ -43,6 +43,7 @@ struct Scripts {
     touch: Script,
     slot_acquire: Script,
     rate_take: Script,
+    breaker: Script,
 }
 
 /// Helpers prepended to every script.
@@ -66,9 +67,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     touch: script(include_str!("lua/touch.lua")),
     slot_acquire: script(include_str!("lua/slot_acquire.lua")),
     rate_take: script(include_str!("lua/rate_take.lua")),
+    breaker: script(include_str!("lua/breaker.lua")),
 });
 
-fn all_scripts() -> [&'static Script; 13] {
+fn all_scripts() -> [&'static Script; 14] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -84,6 +86,7 @@ fn all_scripts() -> [&'static Script; 13] {
         &s.touch,
         &s.slot_acquire,
         &s.rate_take,
+        &s.breaker,
     ]
 }
 
@@ -739,6 +742,19 @@ pub struct Lease {
     pub token: String,
 }
 
+/// A step of a shared circuit breaker ([`Broker::breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerOp {
+    /// May a job run now (closed, or the half-open probe)?
+    Admit,
+    /// A job succeeded: close.
+    Ok,
+    /// A job failed (retryable): count it; open at the threshold or when the probe failed.
+    Fail,
+    /// An admitted job did not run after all: a probe gives its turn back.
+    Held,
+}
+
 /// What a heartbeat learned about one lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseStatus {
@@ -815,6 +831,33 @@ impl Broker {
             .arg(member);
         let wait: i64 = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+    }
+
+    /// One step of the circuit breaker `name`, shared by every process on this namespace (see
+    /// [`BreakerOp`]). Returns the script's answer: for `Admit`, 0 = run, else milliseconds to
+    /// hold the job back; for `Ok`/`Fail`, 1 when the circuit closed/opened.
+    pub async fn breaker(
+        &self,
+        name: &str,
+        op: BreakerOp,
+        threshold: u32,
+        open_for: Duration,
+        job: JobId,
+    ) -> Result<u64> {
+        let key = self.keys.limit("breaker", name);
+        let op = match op {
+            BreakerOp::Admit => "admit",
+            BreakerOp::Ok => "ok",
+            BreakerOp::Fail => "fail",
+            BreakerOp::Held => "held",
+        };
+        let call = Call::new(&SCRIPTS.breaker, &[&key])
+            .arg(op)
+            .arg(threshold)
+            .arg(open_for.as_millis() as u64)
+            .arg(job.to_string());
+        let n: i64 = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        Ok(n.max(0) as u64)
     }
 
     /// Renews leases (one heartbeat script per queue, one pipeline). Statuses match `leases`.

@@ -139,31 +139,41 @@ async fn a_rate_limit_holds_within_ten_percent_over_ten_seconds() {
 }
 
 #[tokio::test]
-async fn the_circuit_opens_after_consecutive_failures_holds_jobs_and_closes_after_a_probe() {
+async fn the_circuit_is_shared_by_two_workers_opens_holds_reopens_on_a_failed_probe_and_closes() {
     let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "1")]).await;
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    let (h, c) = (healthy.clone(), calls.clone());
-    registry.register("charge", move |_ctx: JobContext| {
-        let (h, c) = (h.clone(), c.clone());
-        async move {
-            c.fetch_add(1, Ordering::SeqCst);
-            if h.load(Ordering::SeqCst) {
-                Ok(None)
-            } else {
-                Err(HandlerError::retry(anyhow::anyhow!("gateway down")))
-            }
-        }
-    });
-    let breaker = layers::CircuitBreaker::new(3, Duration::from_millis(800));
-    registry.layer(breaker.clone());
-    let (token, handle) = start(&env, registry);
+    // Two workers, one breaker state.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut registry = Registry::new();
+            let (h, c) = (healthy.clone(), calls.clone());
+            registry.register("charge", move |_ctx: JobContext| {
+                let (h, c) = (h.clone(), c.clone());
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    if h.load(Ordering::SeqCst) {
+                        Ok(None)
+                    } else {
+                        Err(HandlerError::retry(anyhow::anyhow!("gateway down")))
+                    }
+                }
+            });
+            registry.layer(layers::CircuitBreaker::new(3, Duration::from_millis(800)));
+            start(&env, registry)
+        })
+        .collect();
+    let state_key = env.keys().limit("breaker", "type:charge");
+    let is_open = || {
+        let mut conn = env.broker.connection();
+        let key = state_key.clone();
+        async move { redis::cmd("HEXISTS").arg(key).arg("opened_at").query_async::<bool>(&mut conn).await.unwrap() }
+    };
     let failing: Vec<_> = (0..3).map(|i| NewJob::new("charge", json!(i)).max_attempts(1)).collect();
     for r in env.broker.enqueue_many(failing, false).await.unwrap() {
         wait_state(&env, r.unwrap().job.id, JobState::Dead).await;
     }
-    assert!(breaker.is_open("charge"), "3 consecutive failures open the circuit");
+    assert!(is_open().await, "3 consecutive failures open the circuit (state in Redis, shared by every worker)");
     let calls_when_opened = calls.load(Ordering::SeqCst);
     let held = env.broker.enqueue(NewJob::new("charge", json!("held")).max_attempts(1)).await.unwrap().job.id;
     let job = wait_until(WAIT, "the job to be held back", || async {
@@ -174,12 +184,19 @@ async fn the_circuit_opens_after_consecutive_failures_holds_jobs_and_closes_afte
     assert_eq!(job.state, JobState::Scheduled, "held back, not failed");
     assert!(job.held_by.unwrap().contains("circuit open"));
     assert_eq!(calls.load(Ordering::SeqCst), calls_when_opened, "the handler was not called while open");
+    // Still unhealthy: the held job runs as the half-open probe, fails, and the circuit reopens.
+    let job = wait_state(&env, held, JobState::Dead).await;
+    assert_eq!(job.attempt, 1, "held rounds spent no attempt (max_attempts 1); the probe spent the one");
+    assert_eq!(calls.load(Ordering::SeqCst), calls_when_opened + 1, "exactly one probe across both workers");
+    assert!(is_open().await, "a failed probe opens the circuit again");
     healthy.store(true, Ordering::SeqCst);
-    let job = wait_state(&env, held, JobState::Succeeded).await;
-    assert_eq!(job.attempt, 1, "the held job spent no attempt (max_attempts 1) and ran as the probe");
-    assert!(!breaker.is_open("charge"), "a successful probe closes the circuit");
-    token.cancel();
-    handle.await.unwrap().unwrap();
+    let next = env.broker.enqueue(NewJob::new("charge", json!("next")).max_attempts(1)).await.unwrap().job.id;
+    wait_state(&env, next, JobState::Succeeded).await;
+    assert!(!is_open().await, "a successful probe closes the circuit");
+    for (token, handle) in workers {
+        token.cancel();
+        handle.await.unwrap().unwrap();
+    }
     env.cleanup().await;
 }
 
