@@ -246,6 +246,11 @@ impl Proc {
         Self { child, name: name.to_owned() }
     }
 
+    /// Whether the process has exited (it is reaped if so).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("process still running")

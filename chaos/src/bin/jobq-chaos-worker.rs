@@ -1,0 +1,63 @@
+//! `jobq-chaos-worker`: the chaos suite's worker. Handlers:
+//!
+//! * `chaos.work {ms}`: sleeps `ms`, then appends its side effect to `chaos_effects`;
+//! * `chaos.panic`: panics; `chaos.abort`: aborts the whole process; `chaos.hang`: never
+//!   returns and ignores cancellation; `chaos.typed {n: u32}`: a typed payload.
+//!
+//! Settings as `jobq-worker`, plus `DATABASE_URL` for the side-effect table.
+
+use std::time::Duration;
+
+use jobq_worker::{HandlerError, JobContext, Registry};
+
+#[derive(serde::Deserialize)]
+struct Work {
+    #[serde(default)]
+    ms: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Typed {
+    n: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!("DATABASE_URL is not set"))?;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(20).connect(&url).await?;
+    jobq_chaos::create_effects_table(&pool).await?;
+    let worker = std::process::id().to_string();
+    let mut registry = Registry::new();
+    registry
+        .register_typed("chaos.work", move |w: Work, ctx: JobContext| {
+            let (pool, worker) = (pool.clone(), worker.clone());
+            async move {
+                let started = chrono_now(&pool).await?;
+                tokio::time::sleep(Duration::from_millis(w.ms)).await;
+                sqlx::query(
+                    "INSERT INTO chaos_effects (job_id, attempt, worker, started_at, finished_at)
+                     VALUES ($1, $2, $3, $4, now())",
+                )
+                .bind(ctx.id.0)
+                .bind(ctx.attempts_total as i32)
+                .bind(&worker)
+                .bind(started)
+                .execute(&pool)
+                .await
+                .map_err(HandlerError::retry)?;
+                Ok(())
+            }
+        })
+        .register("chaos.panic", |_ctx: JobContext| async { panic!("chaos panic") })
+        .register("chaos.abort", |_ctx: JobContext| async { std::process::abort() })
+        .register("chaos.hang", |_ctx: JobContext| async { std::future::pending().await })
+        .register_typed("chaos.typed", |t: Typed, _ctx: JobContext| async move { Ok(t.n) });
+    jobq_worker::main("jobq-chaos-worker", registry).await
+}
+
+/// The database's clock, so side-effect times of every process compare.
+async fn chrono_now(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>, HandlerError> {
+    sqlx::query_scalar("SELECT now()").fetch_one(pool).await.map_err(HandlerError::retry)
+}
