@@ -289,3 +289,70 @@ async fn s2_a_crash_loop_loses_nothing_and_keeps_40_percent_of_the_throughput() 
     );
     assert!(share >= 0.4, "throughput under a crash loop {rate:.0} jobs/s is below 40% of {clean_rate:.0}");
 }
+
+#[tokio::test]
+async fn s8_postgres_unreachable_for_30s_loses_no_dlq_or_history_row() {
+    let mut vars: Vec<(&str, &str)> = LEASE.to_vec();
+    vars.push(("JOBQ_DATABASE_MIGRATE", "false"));
+    let env = TestEnv::with(&vars).await;
+    create_effects_table(&env.pool).await.unwrap();
+    let proxy = jobq_testutil::TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let direct = env.env();
+    let mut cut_off = direct.clone();
+    let proxied = direct["DATABASE_URL"].replacen(":5432/", &format!(":{}/", proxy.port()), 1);
+    assert_ne!(proxied, direct["DATABASE_URL"], "DATABASE_URL names port 5432");
+    cut_off.insert("DATABASE_URL".into(), proxied);
+    let port = jobq_testutil::free_port();
+    cut_off.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{port}"));
+    // Scheduler (recorder) and API reach Postgres through the proxy; workers write their side
+    // effects directly.
+    let scheduler = Proc::spawn("jobq-scheduler", &cut_off);
+    let _api = Proc::spawn("jobq-api", &cut_off);
+    let _workers = [Proc::spawn("jobq-chaos-worker", &direct), Proc::spawn("jobq-chaos-worker", &direct)];
+    let api = jobq_testutil::Api::new(port);
+    api.wait_ready(Duration::from_secs(30)).await;
+
+    proxy.cut();
+    let jobs: Vec<NewJob> = (0..5000)
+        .map(|i| {
+            if i % 5 == 0 {
+                NewJob::new("chaos.panic", json!({})).max_attempts(1)
+            } else {
+                NewJob::new("chaos.work", json!({"ms": 2}))
+            }
+        })
+        .collect();
+    let c = Cluster { env, vars: direct, workers: Vec::new(), _scheduler: scheduler };
+    let acked = c.enqueue(jobs).await;
+    let cut_at = Instant::now();
+    // Successes keep flowing while Postgres is away; its endpoints answer 503.
+    let queue = jobq_core::job::QueueName::default_queue();
+    let flowing = wait_until(Duration::from_secs(25), "jobs to finish during the cut", || async {
+        let all: Vec<_> = acked.iter().map(|id| (queue.clone(), *id)).collect();
+        let states = c.env.broker.states(&all).await.ok()?;
+        let done = states.iter().filter(|s| s.is_some_and(JobState::is_terminal)).count();
+        (done == acked.len()).then_some(done)
+    })
+    .await;
+    let (dlq_status, _) = api.get("/api/v1/dlq").await;
+    let (history_status, _) = api.get(&format!("/api/v1/jobs/{}/executions", acked[1])).await;
+    let during: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&c.env.pool).await.unwrap();
+    assert_eq!((dlq_status, history_status), (503, 503), "Postgres-backed endpoints say unavailable");
+    assert_eq!(during, 0, "nothing reached Postgres during the cut");
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut_at.elapsed())).await;
+    proxy.restore();
+    c.quiesce(&acked, Duration::from_secs(120)).await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_jobs").fetch_one(&c.env.pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&c.env.pool).await.unwrap();
+    let v = c.check(&acked, &HashSet::new()).await;
+    report(
+        &v,
+        v.line(
+            "8. Postgres unreachable 30 s (1,000 dying)",
+            &format!("{flowing} finished during the cut; {dead} DLQ rows; {rows} history rows"),
+        ),
+    );
+    assert_eq!(dead, 1000, "exactly 1,000 DLQ rows");
+    assert_eq!(rows, 5000, "one history row per attempt");
+    c.env.cleanup().await;
+}

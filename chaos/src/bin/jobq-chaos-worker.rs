@@ -26,6 +26,13 @@ async fn main() -> anyhow::Result<()> {
     let url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!("DATABASE_URL is not set"))?;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(20).connect(&url).await?;
     jobq_chaos::create_effects_table(&pool).await?;
+    // `chaos.panic` panics on purpose, a thousand times in some scenarios: keep those quiet.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload().downcast_ref::<&str>() != Some(&"chaos panic") {
+            default_hook(info);
+        }
+    }));
     let worker = std::process::id().to_string();
     let mut registry = Registry::new();
     registry
