@@ -10,7 +10,7 @@ use jobq_testutil::{wait_until, TestEnv};
 use jobq_worker::{layers, HandlerError, JobContext, Registry};
 use serde_json::json;
 
-use crate::{fast_retry, start, wait_state, WAIT};
+use crate::{fast_retry, finish, start, wait_state, WAIT};
 
 /// A handler that sleeps `ms` and records how many of its kind run at once (max in `peak`).
 fn gauge_handler(
@@ -59,11 +59,7 @@ async fn a_concurrency_limit_holds_across_two_workers_and_held_jobs_spend_no_att
     println!("concurrency limit 3 over 2 workers x 10 slots: peak in flight {peak}");
     assert_eq!(peak, 3, "never more than the limit, and the limit was reached");
     assert!(done.iter().all(|d| d.load(Ordering::SeqCst) > 0), "both workers ran jobs");
-    for (token, handle) in workers {
-        token.cancel();
-        handle.await.unwrap().unwrap();
-    }
-    env.cleanup().await;
+    finish(env, workers).await;
 }
 
 #[tokio::test]
@@ -104,9 +100,7 @@ async fn a_partition_limit_bounds_each_tenant_and_leaves_others_free() {
     let m = running.lock().unwrap().clone();
     assert_eq!(m["acme"].1, 2, "the big tenant never ran more than 2 at once");
     assert!((0..6).all(|i| m[&format!("small-{i}")].1 == 1));
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -133,9 +127,7 @@ async fn a_rate_limit_holds_within_ten_percent_over_ten_seconds() {
     let in_window = starts.iter().filter(|t| t.duration_since(first) < Duration::from_secs(10)).count();
     println!("rate limit 20/s: {in_window} starts in the first 10 s (expected 200)");
     assert!((180..=220).contains(&in_window), "{in_window} starts in 10 s at 20/s");
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -193,11 +185,7 @@ async fn the_circuit_is_shared_by_two_workers_opens_holds_reopens_on_a_failed_pr
     let next = env.broker.enqueue(NewJob::new("charge", json!("next")).max_attempts(1)).await.unwrap().job.id;
     wait_state(&env, next, JobState::Succeeded).await;
     assert!(!is_open().await, "a successful probe closes the circuit");
-    for (token, handle) in workers {
-        token.cancel();
-        handle.await.unwrap().unwrap();
-    }
-    env.cleanup().await;
+    finish(env, workers).await;
 }
 
 #[tokio::test]
@@ -232,9 +220,7 @@ async fn checkpoints_carry_over_to_the_next_attempt_and_progress_is_visible() {
     let job = wait_state(&env, id, JobState::Succeeded).await;
     assert_eq!(*seen.lock().unwrap(), [(1, 0), (2, 5)], "attempt 2 resumed from the checkpoint");
     assert_eq!(job.result, Some(json!({"rows": 10})));
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -258,9 +244,7 @@ async fn a_handler_enqueues_follow_up_jobs_that_carry_its_trace() {
         let child = wait_state(&env, child.as_str().unwrap().parse().unwrap(), JobState::Succeeded).await;
         assert_eq!(child.metadata.get("traceparent").map(String::as_str), Some(tp));
     }
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -289,9 +273,7 @@ async fn a_timeout_layer_fails_the_attempt_and_a_custom_layer_sees_every_job() {
     let echo = env.broker.enqueue(NewJob::new("echo", json!(1))).await.unwrap().job.id;
     wait_state(&env, echo, JobState::Succeeded).await;
     assert_eq!(seen.load(Ordering::SeqCst), 3, "the global layer saw both attempts and the echo job");
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 /// A handler that records the order jobs ran in (by payload) and fails payloads starting with
@@ -342,9 +324,7 @@ async fn a_chain_of_three_runs_in_order_and_a_failure_dead_letters_the_rest_of_i
     assert_eq!(late.state, JobState::Dead);
     let unknown = env.broker.enqueue(NewJob::new("step", json!("u")).depends_on([jobq_core::job::JobId::new()])).await;
     assert!(unknown.unwrap_err().to_string().contains("depends_on"));
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -379,9 +359,7 @@ async fn a_fan_in_of_fifty_runs_once_after_all_and_a_batch_callback_runs_after_e
     let ran = order.lock().unwrap().clone();
     assert_eq!(ran.last().map(String::as_str), Some("callback"));
     assert_eq!(ran.iter().filter(|r| *r == "callback").count(), 1);
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]

@@ -25,10 +25,7 @@ pub(crate) fn fast_retry() -> Backoff {
 }
 
 /// Runs a worker (and a promoter loop for retries) until the returned token is cancelled.
-pub(crate) fn start(
-    env: &TestEnv,
-    registry: Registry,
-) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+pub(crate) fn start(env: &TestEnv, registry: Registry) -> Started {
     let settings = env.settings();
     let token = CancellationToken::new();
     let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_millis(300));
@@ -42,6 +39,18 @@ pub(crate) fn start(
         }
     });
     (token, handle)
+}
+
+/// A worker started by [`start`]: its stop token and its task.
+pub(crate) type Started = (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>);
+
+/// Stops the workers (each must end cleanly) and removes the test's namespace and database.
+pub(crate) async fn finish(env: TestEnv, workers: impl IntoIterator<Item = Started>) {
+    for (token, handle) in workers {
+        token.cancel();
+        handle.await.unwrap().unwrap();
+    }
+    env.cleanup().await;
 }
 
 pub(crate) async fn wait_state(env: &TestEnv, id: JobId, state: JobState) -> JobInfo {
@@ -74,9 +83,7 @@ async fn typed_handlers_get_their_payload_and_store_their_result() {
     let job = wait_state(&env, bad, JobState::Dead).await;
     assert_eq!(job.attempt, 1, "a payload that does not deserialize is not retried");
     assert!(job.last_error.unwrap().contains("does not match its schema"));
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -100,9 +107,7 @@ async fn a_panicking_handler_fails_its_attempt_and_the_worker_lives_on() {
     assert_eq!(job.attempt, 2, "the panic spent one attempt and was retried");
     let echo = env.broker.enqueue(NewJob::new("echo", json!(1))).await.unwrap().job.id;
     wait_state(&env, echo, JobState::Succeeded).await;
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -117,9 +122,7 @@ async fn a_handler_past_its_timeout_is_cancelled_and_the_attempt_fails() {
     assert!(started.elapsed() < Duration::from_secs(4), "both attempts were cut at their timeout");
     assert_eq!(job.attempt, 2);
     assert!(job.last_error.unwrap().contains("timed out after 100ms"));
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -137,9 +140,7 @@ async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
     let job = wait_state(&env, always.job.id, JobState::Dead).await;
     assert_eq!(job.attempt, 3);
     assert!(job.last_error.unwrap().starts_with("nope"));
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
@@ -162,7 +163,5 @@ async fn jobs_are_served_in_the_configured_queue_order() {
     let (token, handle) = start(&env, registry);
     wait_until(WAIT, "six jobs", || async { (order.lock().unwrap().len() == 6).then_some(()) }).await;
     assert_eq!(*order.lock().unwrap(), ["urgent", "urgent", "urgent", "default", "default", "default"]);
-    token.cancel();
-    handle.await.unwrap().unwrap();
-    env.cleanup().await;
+    finish(env, [(token, handle)]).await;
 }
