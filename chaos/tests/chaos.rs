@@ -1,6 +1,6 @@
 //! Faults injected into real processes; every side effect recorded; the history checked.
 //!
-//! The short slice (scenarios 1, 3, 4, 11) runs with the test suite; the long scenarios are
+//! The short slice (scenarios 1, 3, 4, 5, 8, 9, 11) runs with the test suite; the long scenarios are
 //! `#[ignore]`d and run by `task chaos` (`cargo nextest run -p jobq-chaos --run-ignored all`).
 //! Each prints a line of the figures table in `docs/guarantees.md`.
 
@@ -191,6 +191,38 @@ async fn s4_a_frozen_zombie_worker_cannot_finish_its_jobs_twice() {
             .unwrap();
     report(&v, v.line("4. SIGSTOP 3 × lease, SIGCONT", "late acks refused"));
     assert_eq!(finished as usize, acked.len(), "exactly one terminal record per job");
+    c.env.cleanup().await;
+}
+
+#[tokio::test]
+async fn s5_a_long_job_beside_cpu_hogs_keeps_its_lease() {
+    // One worker takes a 10 s job and six handlers that keep a runtime thread busy for 3 s
+    // each without yielding: both of its runtime threads are taken for about 9 s, six leases.
+    let mut c = Cluster::start(1, &[("JOBQ_WORKER_CONCURRENCY", "8")]).await;
+    let mut jobs = vec![NewJob::new("chaos.work", json!({"ms": 10_000}))];
+    jobs.extend((0..6).map(|_| NewJob::new("chaos.hog", json!({"ms": 3000}))));
+    let acked = c.enqueue(jobs).await;
+    let queue = jobq_core::job::QueueName::default_queue();
+    let all: Vec<_> = acked.iter().map(|id| (queue.clone(), *id)).collect();
+    wait_until(Duration::from_secs(10), "the worker to take every job", || async {
+        let states = c.env.broker.states(&all).await.ok()?;
+        states.iter().all(|s| *s == Some(JobState::Running)).then_some(())
+    })
+    .await;
+    // A second worker, idle, whose reaper reclaims any job whose lease lapses.
+    c.workers.push(Proc::spawn("jobq-chaos-worker", &c.vars));
+    c.quiesce(&acked, Duration::from_secs(60)).await;
+    let mut reclaims = 0;
+    for id in &acked {
+        reclaims += c.env.broker.job(*id).await.unwrap().unwrap().reclaims;
+    }
+    let v = c.check(&acked, &HashSet::new()).await;
+    report(
+        &v,
+        v.line("5. 10 s job beside 6 × 3 s CPU hogs (2 runtime threads)", &format!("{reclaims} spurious reclaims")),
+    );
+    assert_eq!(reclaims, 0, "heartbeats hold while handlers hog the runtime");
+    assert!(v.duplicated.is_empty());
     c.env.cleanup().await;
 }
 

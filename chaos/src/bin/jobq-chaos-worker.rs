@@ -1,6 +1,8 @@
 //! `jobq-chaos-worker`: the chaos suite's worker. Handlers:
 //!
 //! * `chaos.work {ms}`: sleeps `ms`, then appends its side effect to `chaos_effects`;
+//! * `chaos.hog {ms}`: keeps its runtime thread busy for `ms` without yielding (CPU-bound work
+//!   written without `spawn_blocking`), then appends its side effect;
 //! * `chaos.panic`: panics; `chaos.abort`: aborts the whole process; `chaos.hang`: never
 //!   returns and ignores cancellation; `chaos.typed {n: u32}`: a typed payload.
 //!
@@ -35,24 +37,26 @@ async fn main() -> anyhow::Result<()> {
     }));
     let worker = std::process::id().to_string();
     let mut registry = Registry::new();
+    let (hog_pool, hog_worker) = (pool.clone(), worker.clone());
     registry
         .register_typed("chaos.work", move |w: Work, ctx: JobContext| {
             let (pool, worker) = (pool.clone(), worker.clone());
             async move {
                 let started = chrono_now(&pool).await?;
                 tokio::time::sleep(Duration::from_millis(w.ms)).await;
-                sqlx::query(
-                    "INSERT INTO chaos_effects (job_id, attempt, worker, started_at, finished_at)
-                     VALUES ($1, $2, $3, $4, now())",
-                )
-                .bind(ctx.id.0)
-                .bind(ctx.attempts_total as i32)
-                .bind(&worker)
-                .bind(started)
-                .execute(&pool)
-                .await
-                .map_err(HandlerError::retry)?;
-                Ok(())
+                record(&pool, &ctx, &worker, started).await
+            }
+        })
+        .register_typed("chaos.hog", move |w: Work, ctx: JobContext| {
+            let (pool, worker) = (hog_pool.clone(), hog_worker.clone());
+            async move {
+                let started = chrono_now(&pool).await?;
+                let until = std::time::Instant::now() + Duration::from_millis(w.ms);
+                let mut spins = 0u64;
+                while std::time::Instant::now() < until {
+                    spins = std::hint::black_box(spins.wrapping_add(1));
+                }
+                record(&pool, &ctx, &worker, started).await
             }
         })
         .register("chaos.panic", |_ctx: JobContext| async { panic!("chaos panic") })
@@ -60,6 +64,26 @@ async fn main() -> anyhow::Result<()> {
         .register("chaos.hang", |_ctx: JobContext| async { std::future::pending().await })
         .register_typed("chaos.typed", |t: Typed, _ctx: JobContext| async move { Ok(t.n) });
     jobq_worker::main("jobq-chaos-worker", registry).await
+}
+
+/// Appends the side effect of one attempt.
+async fn record(
+    pool: &sqlx::PgPool,
+    ctx: &JobContext,
+    worker: &str,
+    started: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>,
+) -> Result<(), HandlerError> {
+    sqlx::query(
+        "INSERT INTO chaos_effects (job_id, attempt, worker, started_at, finished_at) VALUES ($1, $2, $3, $4, now())",
+    )
+    .bind(ctx.id.0)
+    .bind(ctx.attempts_total as i32)
+    .bind(worker)
+    .bind(started)
+    .execute(pool)
+    .await
+    .map_err(HandlerError::retry)?;
+    Ok(())
 }
 
 /// The database's clock, so side-effect times of every process compare.

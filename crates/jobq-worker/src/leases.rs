@@ -66,14 +66,26 @@ impl Running {
     }
 }
 
-/// Renews the lease of every running job each `every`, until `stop`.
-pub(crate) async fn heartbeat_loop(
-    broker: Broker,
+/// Runs [`heartbeat_loop`] on a thread of its own, with its own runtime and Redis connection,
+/// so leases hold while handlers keep every thread of the worker's runtime busy with CPU-bound
+/// work (a lapsed lease would hand a healthy job to another worker).
+pub(crate) fn spawn_heartbeat(
+    broker: &Broker,
     consumer: String,
     running: Running,
     every: Duration,
     stop: CancellationToken,
-) {
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let broker = broker.with_own_connection()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let thread = std::thread::Builder::new()
+        .name("jobq-heartbeat".into())
+        .spawn(move || runtime.block_on(heartbeat_loop(broker, consumer, running, every, stop)))?;
+    Ok(thread)
+}
+
+/// Renews the lease of every running job each `every`, until `stop`.
+async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, every: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

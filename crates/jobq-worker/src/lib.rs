@@ -206,13 +206,13 @@ impl Worker {
         let running = leases::Running::default();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(executor::complete_loop(self.broker.clone(), done_rx, abandon.clone()));
-        let heartbeat = tokio::spawn(leases::heartbeat_loop(
-            self.broker.clone(),
+        let heartbeat = leases::spawn_heartbeat(
+            &self.broker,
             self.consumer.clone(),
             running.clone(),
             self.settings.heartbeat,
             background.clone(),
-        ));
+        )?;
         let listener = tokio::spawn(leases::cancel_listener(self.broker.clone(), running.clone(), background.clone()));
         let reaper = tokio::spawn(leases::reaper_loop(
             self.broker.clone(),
@@ -344,7 +344,7 @@ impl Worker {
             let _ = completer.await;
         }
         background.cancel();
-        let _ = tokio::join!(heartbeat, listener, reaper);
+        let _ = tokio::join!(listener, reaper, tokio::task::spawn_blocking(move || heartbeat.join()));
         tracing::info!("worker stopped");
         Ok(())
     }

@@ -227,6 +227,15 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+/// Reconnects on its own; a command waits at most `timeout` for its answer.
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
+}
+
 fn secs(d: Duration) -> u64 {
     d.as_secs().max(if d.is_zero() { 0 } else { 1 })
 }
@@ -240,12 +249,7 @@ impl Broker {
     /// once it is back) with the settings' namespace, defaults and retention.
     pub async fn connect(settings: &Settings) -> Result<Self> {
         let client = redis::Client::open(settings.redis.url.as_str())?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.redis.timeout))
-            .set_connection_timeout(Some(settings.redis.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config(settings.redis.timeout))?;
         Ok(Self {
             conn,
             client,
@@ -255,6 +259,14 @@ impl Broker {
             timeout: settings.redis.timeout,
             registered: Default::default(),
         })
+    }
+
+    /// The same broker over a shared connection of its own, opened on first use by the Tokio
+    /// runtime that uses it: for a task on another runtime (a thread of its own) that must keep
+    /// talking to Redis while the main runtime's threads are busy.
+    pub fn with_own_connection(&self) -> Result<Self> {
+        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config(self.timeout))?;
+        Ok(Self { conn, ..self.clone() })
     }
 
     /// Key names of this namespace.
