@@ -377,3 +377,86 @@ impl Drop for TcpProxy {
         self.cut();
     }
 }
+
+/// A Redis server of the test's own, on a free port with its own data directory and the
+/// append-only file on (`appendfsync everysec`): for faults (kill -9, restart from the AOF,
+/// SIGSTOP) the machine's shared server must never see. Killed and its directory removed when
+/// dropped.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` and waits until it answers PING.
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("jobq-redis-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the Redis data directory");
+        let mut server = Self { port, dir, child: None };
+        server.restart();
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("Redis is running")
+    }
+
+    /// Starts the server again on the same port and directory (it loads its AOF) and waits
+    /// until it answers PING (not LOADING).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "Redis is still running");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.answers() {
+            assert!(Instant::now() < deadline, "redis-server on port {} did not come up", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9, and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal (`"STOP"`, `"CONT"`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+        assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{sig} redis-server failed");
+    }
+
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 5];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut reply).is_ok() && &reply == b"+PONG"
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill(); // SIGKILL ends a stopped process too
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
