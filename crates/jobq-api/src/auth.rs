@@ -67,12 +67,13 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     }
 }
 
-/// Whether `role` may do what `needed` allows.
-pub fn allows(role: Role, needed: Role) -> bool {
+/// Whether `role` may call `method` on a route that needs `needed`. A reader may read what a
+/// producer may (`GET /api/v1/jobs/{id}`), but never write (enqueue).
+pub fn allows(role: Role, needed: Role, method: &Method) -> bool {
     match needed {
         Role::Admin => role == Role::Admin,
         Role::Reader => matches!(role, Role::Admin | Role::Reader),
-        Role::Producer => true,
+        Role::Producer => role != Role::Reader || *method == Method::GET || *method == Method::HEAD,
     }
 }
 
@@ -101,7 +102,7 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         let Some(found) = find(&state.auth.keys, &key) else {
             return ApiError::Unauthorized("unknown API key".into()).into_response();
         };
-        if !allows(found.role, needed) {
+        if !allows(found.role, needed, req.method()) {
             return ApiError::Forbidden(format!(
                 "the `{}` role may not {} {path}; it needs `{}`",
                 found.role.as_str(),
@@ -146,7 +147,8 @@ mod tests {
         assert_eq!(required_role(&get, "/api/v1/jobs/{id}"), Some(Role::Producer));
         assert_eq!(required_role(&get, "/api/v1/dlq"), Some(Role::Reader));
         assert_eq!(required_role(&Method::DELETE, "/api/v1/jobs/{id}"), Some(Role::Admin));
-        assert!(allows(Role::Admin, Role::Reader) && allows(Role::Reader, Role::Producer));
-        assert!(!allows(Role::Producer, Role::Reader) && !allows(Role::Reader, Role::Admin));
+        assert!(allows(Role::Admin, Role::Reader, &get) && allows(Role::Reader, Role::Producer, &get));
+        assert!(!allows(Role::Producer, Role::Reader, &get) && !allows(Role::Reader, Role::Admin, &get));
+        assert!(allows(Role::Producer, Role::Producer, &post) && !allows(Role::Reader, Role::Producer, &post));
     }
 }

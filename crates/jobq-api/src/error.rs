@@ -79,6 +79,11 @@ impl From<jobq_core::Error> for ApiError {
                 tracing::warn!(error = %e, "Redis unavailable");
                 Self::Unavailable("Redis is unavailable; retry later".into())
             }
+            // Class 22 (data exception): a value Postgres cannot store, such as a NUL character
+            // in text or JSON; the caller's mistake, not an outage.
+            E::Database(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
+                Self::Invalid("a value cannot be stored: text must not contain NUL characters (`\\u0000`)".into())
+            }
             E::Database(e) => {
                 tracing::warn!(error = %e, "Postgres unavailable");
                 Self::Unavailable("Postgres is unavailable; retry later".into())

@@ -48,7 +48,7 @@ pub struct ApiErrorDetail {
         jobq_core::store::DeadJob, jobq_core::store::Execution, jobq_core::store::AuditEntry,
         jobq_core::store::schedules::ScheduleRun, jobq_core::stream::QueueStats, jobq_core::job::JobState,
     )),
-    modifiers(&ApiKeyAuth),
+    modifiers(&ApiKeyAuth, &Conventions),
     tags(
         (name = "jobs", description = "enqueue, inspect, cancel"),
         (name = "queues", description = "depth, counters, pause"),
@@ -77,6 +77,58 @@ impl utoipa::Modify for ApiKeyAuth {
             SecurityRequirement::new("bearer", Vec::<String>::new()),
             SecurityRequirement::new("api_key", Vec::<String>::new()),
         ]);
+    }
+}
+
+/// What every operation may answer besides its own responses, and which operations need no
+/// key, derived from the router's conventions so the document cannot drift from them: the
+/// auth middleware ([`crate::auth::required_role`]) answers 401/403/429; the extractors answer
+/// 400 (malformed path, query or JSON), 413 (body limit) and 415 (not JSON); Redis or
+/// Postgres down is a 503.
+struct Conventions;
+
+impl utoipa::Modify for Conventions {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use axum::http::Method;
+        use utoipa::openapi::{Content, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", Content::new(Some(Ref::from_schema_name("ApiErrorBody"))))
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let operations = [
+                (Method::GET, &mut item.get),
+                (Method::POST, &mut item.post),
+                (Method::PUT, &mut item.put),
+                (Method::PATCH, &mut item.patch),
+                (Method::DELETE, &mut item.delete),
+            ];
+            for (method, op) in operations {
+                let Some(op) = op.as_mut() else { continue };
+                let mut extra = Vec::new();
+                if crate::auth::required_role(&method, path).is_none() {
+                    op.security = Some(Vec::new());
+                } else {
+                    extra.push(("401", "no API key, or an unknown one"));
+                    extra.push(("403", "the key's role may not call this route"));
+                    extra.push(("429", "over the key's rate limit; see `Retry-After`"));
+                    extra.push(("503", "Redis or Postgres is unavailable"));
+                }
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) || op.request_body.is_some() {
+                    extra.push(("400", "malformed path, query or body"));
+                    extra.push(("422", "well-formed but invalid; the message names the field"));
+                }
+                if op.request_body.is_some() {
+                    extra.push(("413", "the body is over `JOBQ_API_BODY_LIMIT`"));
+                    extra.push(("415", "the body is not `application/json`"));
+                }
+                for (status, description) in extra {
+                    op.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description).into());
+                }
+            }
+        }
     }
 }
 

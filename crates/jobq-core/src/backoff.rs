@@ -48,11 +48,11 @@ pub struct Backoff {
     #[serde(default)]
     pub jitter: Jitter,
     /// First delay.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "30s"))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::duration::schema))]
     #[serde(with = "crate::duration::serde_human", default = "default_base")]
     pub base: Duration,
     /// Cap on any delay.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "30s"))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::duration::schema))]
     #[serde(with = "crate::duration::serde_human", default = "default_max")]
     pub max: Duration,
 }

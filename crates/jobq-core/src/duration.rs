@@ -16,6 +16,34 @@ pub fn format(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// OpenAPI schema of a duration field: a human-readable string or integer milliseconds
+/// (`#[schema(schema_with = jobq_core::duration::schema)]`).
+#[cfg(feature = "openapi")]
+pub fn schema() -> utoipa::openapi::schema::Schema {
+    utoipa::openapi::schema::Schema::OneOf(one_of().build())
+}
+
+#[cfg(feature = "openapi")]
+fn one_of() -> utoipa::openapi::schema::OneOfBuilder {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^\s*[0-9]+\s*[A-Za-zµ]*(\s*[0-9]+\s*[A-Za-zµ]+)*\s*$"))
+                .examples([serde_json::json!("30s")]),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)).description(Some("milliseconds")))
+        .description(Some("`\"500ms\"`, `\"30s\"`, `\"5m\"`, `\"1h 30m\"`, or integer milliseconds"))
+}
+
+/// Like [`schema`], for optional fields (null allowed).
+#[cfg(feature = "openapi")]
+pub fn schema_opt() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+    Schema::OneOf(one_of().item(ObjectBuilder::new().schema_type(Type::Null)).build())
+}
+
 /// `#[serde(with = "jobq_core::duration::serde_human")]` for `Duration` fields.
 pub mod serde_human {
     use serde::{Deserialize, Deserializer, Serializer};

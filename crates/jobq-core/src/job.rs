@@ -56,7 +56,6 @@ impl FromStr for JobId {
 }
 
 /// A queue name: 1–64 characters of `[A-Za-z0-9_.-]` (it becomes part of Redis keys).
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct QueueName(String);
@@ -72,6 +71,21 @@ impl QueueName {
         &self.0
     }
 }
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for QueueName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("A queue name: 1-64 characters of `[A-Za-z0-9_.-]` (it becomes part of Redis keys)."))
+            .pattern(Some(format!("^[A-Za-z0-9_.-]{{1,{MAX_QUEUE_LEN}}}$")))
+            .examples([serde_json::json!("default")])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for QueueName {}
 
 impl TryFrom<String> for QueueName {
     type Error = String;

@@ -236,7 +236,7 @@ pub struct JobTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// Per-attempt timeout.
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::duration::schema_opt))]
     #[serde(default, with = "crate::duration::serde_human_opt", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<std::time::Duration>,
     /// Retry policy.
@@ -288,6 +288,7 @@ fn default_catch_up() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
     /// Unique name (may be left out of a `PUT` body, whose path names it).
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9_.:-]{0,128}$"))]
     #[serde(default)]
     pub name: String,
     /// Cron expression.

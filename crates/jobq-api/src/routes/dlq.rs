@@ -23,6 +23,19 @@ use crate::AppState;
 #[allow(unused_imports)]
 use jobq_core::store::DlqRetried;
 
+/// An optional integer that may be written with a zero fraction (`58.0`), as JSON Schema's
+/// `integer` allows.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9e15 => Ok(Some(f as i64)),
+        _ => Err(serde::de::Error::custom(format!("expected an integer, got {n}"))),
+    }
+}
+
 /// Most jobs one retry-by-filter replays.
 pub const MAX_REPLAY: i64 = 100_000;
 
@@ -53,7 +66,7 @@ pub struct Filter {
 
 impl Filter {
     fn into_store(self, limit: i64, cursor: Option<String>) -> Result<DlqFilter, ApiError> {
-        if self.error.as_ref().is_some_and(|e| e.len() > 256) {
+        if self.error.as_ref().is_some_and(|e| e.chars().count() > 256) {
             return Err(ApiError::Invalid("`error` filter: at most 256 characters".into()));
         }
         Ok(DlqFilter {
@@ -78,11 +91,18 @@ macro_rules! with_filter {
         #[serde(deny_unknown_fields)]
         pub struct $name {
             /// Only this queue.
+            #[schema(pattern = r"^[^\x00]*$")]
+            #[param(pattern = r"^[^\x00]*$")]
             pub queue: Option<String>,
             /// Only this job type.
+            #[schema(pattern = r"^[^\x00]*$")]
+            #[param(pattern = r"^[^\x00]*$")]
             #[serde(rename = "type")]
             pub kind: Option<String>,
-            /// Only jobs whose last error contains this text (case-insensitive).
+            /// Only jobs whose last error contains this text (case-insensitive), at most 256
+            /// characters.
+            #[schema(max_length = 256, pattern = r"^[^\x00]*$")]
+            #[param(max_length = 256, pattern = r"^[^\x00]*$")]
             pub error: Option<String>,
             /// Only jobs that died at or after this time (RFC 3339).
             pub failed_after: Option<DateTime<Utc>>,
@@ -109,8 +129,10 @@ with_filter! {
     /// Query of `GET /api/v1/dlq`.
     ListQuery {
         /// Page size, 1-500 (default 50).
+        #[param(minimum = 1, maximum = 500)]
         limit: Option<i64>,
         /// `next_cursor` of the previous page.
+        #[param(pattern = r"^-?[0-9]{1,15}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
         cursor: Option<String>,
     }
 }
@@ -133,7 +155,7 @@ fn not_in_dlq(id: impl std::fmt::Display) -> ApiError {
     ApiError::NotFound(format!("job {id} is not in the dead-letter queue"))
 }
 
-#[utoipa::path(get, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, description = "row, envelope and every attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
@@ -151,7 +173,7 @@ pub struct RetryBody {
     pub payload: Option<Value>,
 }
 
-#[utoipa::path(post, path = "/api/v1/dlq/{id}/retry", tag = "dlq", params(("id" = String, Path)), request_body(content = Option<RetryBody>, description = "optional edited payload"),
+#[utoipa::path(post, path = "/api/v1/dlq/{id}/retry", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")), request_body(content = Option<RetryBody>, description = "optional edited payload"),
     responses((status = 200, body = DlqRetried), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn retry(
     State(state): State<AppState>,
@@ -196,6 +218,8 @@ with_filter! {
         #[serde(default)]
         dry_run: bool,
         /// At most this many (default and maximum 100,000).
+        #[schema(minimum = 1, maximum = 100_000)]
+        #[serde(default, deserialize_with = "whole_number")]
         limit: Option<i64>,
     }
 }
@@ -256,7 +280,7 @@ pub(crate) async fn retry_matching(
     Ok((StatusCode::ACCEPTED, Json(json!({"matched": total, "rate_per_sec": rate, "audit_id": audit_id}))))
 }
 
-#[utoipa::path(delete, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
@@ -275,7 +299,10 @@ with_filter! {
     /// Query of `DELETE /api/v1/dlq`.
     PurgeQuery {
         /// Must be `true`.
-        confirm: Option<bool>,
+        #[schema(value_type = String, pattern = "^true$")]
+        #[param(value_type = String, pattern = "^true$", required = true)]
+        #[serde(default)]
+        confirm: bool,
     }
 }
 
@@ -286,7 +313,7 @@ pub(crate) async fn purge(
     Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<PurgeQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if q.confirm != Some(true) {
+    if !q.confirm {
         return Err(ApiError::BadRequest("purging the DLQ needs `confirm=true`".into()));
     }
     let filter = q.filter().into_store(0, None)?;
@@ -302,6 +329,7 @@ pub(crate) async fn purge(
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// How many, newest first (default 50, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
@@ -310,5 +338,9 @@ pub(crate) async fn audit(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(json!({"items": state.store.audit_log(q.limit.unwrap_or(50)).await?})))
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=jobq_core::store::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Invalid(format!("`limit` must be between 1 and {}", jobq_core::store::MAX_PAGE)));
+    }
+    Ok(Json(json!({"items": state.store.audit_log(limit).await?})))
 }

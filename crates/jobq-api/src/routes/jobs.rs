@@ -52,13 +52,13 @@ pub struct EnqueueRequest {
     /// Attempt budget.
     pub max_attempts: Option<u32>,
     /// Start after this delay (`"30s"`, `"5m"`, or milliseconds).
-    #[schema(value_type = Option<String>, example = "30s")]
+    #[schema(schema_with = jobq_core::duration::schema_opt)]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub delay: Option<Duration>,
     /// Start at this time (RFC 3339).
     pub run_at: Option<DateTime<Utc>>,
     /// Per-attempt timeout.
-    #[schema(value_type = Option<String>, example = "5m")]
+    #[schema(schema_with = jobq_core::duration::schema_opt)]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub timeout: Option<Duration>,
     /// Retry policy.
@@ -66,7 +66,7 @@ pub struct EnqueueRequest {
     /// Deadline to start (RFC 3339); a job not started by then is dead with reason `expired`.
     pub expires_at: Option<DateTime<Utc>>,
     /// Like `expires_at`, relative to now (`"10m"`).
-    #[schema(value_type = Option<String>, example = "10m")]
+    #[schema(schema_with = jobq_core::duration::schema_opt)]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub ttl: Option<Duration>,
     /// Deduplication key: while held, enqueueing with the same key returns the existing job (200).
@@ -80,7 +80,7 @@ pub struct EnqueueRequest {
     /// `succeeded` (default) or `finished`: queue once every dependency finished in any state.
     pub dependency_mode: Option<DependencyMode>,
     /// How long the unique key is held (default: until the job is finished).
-    #[schema(value_type = Option<String>, example = "1h")]
+    #[schema(schema_with = jobq_core::duration::schema_opt)]
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub unique_ttl: Option<Duration>,
     /// String map carried to the handler.
@@ -108,11 +108,25 @@ impl EnqueueRequest {
             (Some(_), Some(_)) => return Err(ApiError::Invalid("set `expires_at` or `ttl`, not both".into())),
             (Some(t), None) => Some(t),
             (None, Some(d)) => {
-                let d = chrono::Duration::from_std(d).map_err(|_| ApiError::Invalid("`ttl` is too long".into()))?;
-                Some(Utc::now() + d)
+                let too_long = || ApiError::Invalid("`ttl` is too long".into());
+                let d = chrono::Duration::from_std(d).map_err(|_| too_long())?;
+                Some(Utc::now().checked_add_signed(d).ok_or_else(too_long)?)
             }
             (None, None) => None,
         };
+        // Times are answered in RFC 3339, which has four-digit years.
+        let last =
+            chrono::NaiveDate::from_ymd_opt(9999, 12, 31).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|t| t.and_utc());
+        let start_at = match &start {
+            Start::After(d) => chrono::Duration::from_std(*d).ok().and_then(|d| Utc::now().checked_add_signed(d)),
+            Start::At(t) => Some(*t),
+            Start::Now => Some(Utc::now()),
+        };
+        if [start_at, expires_at].into_iter().flatten().any(|t| Some(t) > last) || start_at.is_none() {
+            return Err(ApiError::Invalid(
+                "`delay`, `run_at`, `ttl` and `expires_at` must end before the year 10000".into(),
+            ));
+        }
         if self.tags.len() > 32 || self.tags.iter().any(|t| t.len() > 128) {
             return Err(ApiError::Invalid("`tags`: at most 32 tags of at most 128 characters".into()));
         }
@@ -173,6 +187,7 @@ pub const MAX_BATCH: usize = 1000;
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// Up to 1,000 jobs, each like the body of `POST /api/v1/jobs`.
+    #[schema(min_items = 1, max_items = 1000)]
     pub jobs: Vec<serde_json::Value>,
     /// All or nothing: any invalid item rejects the batch (422) and nothing is enqueued.
     #[serde(default)]
@@ -180,6 +195,7 @@ pub struct BatchRequest {
     /// A callback job, enqueued after the batch, that waits until every job of the batch has
     /// finished (any outcome) and then runs once. Its queue defaults to the batch's; every job
     /// of the batch must be in that queue. Its `depends_on` lists the batch's jobs.
+    #[schema(value_type = Option<EnqueueRequest>)]
     pub on_complete: Option<serde_json::Value>,
 }
 
@@ -193,7 +209,10 @@ pub(crate) async fn enqueue_batch(
     headers: HeaderMap,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
+    if req.jobs.is_empty() {
+        return Err(ApiError::Invalid("`jobs`: a batch holds at least one job".into()));
+    }
+    if req.jobs.len() > MAX_BATCH {
         return Err(ApiError::TooLarge(format!("a batch holds 1 to {MAX_BATCH} jobs, got {}", req.jobs.len())));
     }
     let mut results: Vec<Option<Value>> = vec![None; req.jobs.len()];
@@ -327,15 +346,19 @@ fn item_error(i: usize, e: ApiError) -> Value {
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only this queue.
+    #[param(value_type = Option<QueueName>)]
     pub queue: Option<String>,
     /// Only this state.
+    #[param(value_type = Option<JobState>)]
     pub state: Option<String>,
     /// Only this type.
     #[serde(rename = "type")]
     pub kind: Option<String>,
     /// Page size, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = r"^[0-9]{1,9}\.[0-9]{1,19}$")]
     pub cursor: Option<String>,
 }
 
@@ -362,7 +385,7 @@ fn visible(who: &Principal, job: &jobq_core::job::JobInfo) -> bool {
     who.role != Role::Producer || job.enqueued_by.as_deref() == Some(who.name.as_str())
 }
 
-#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id (UUID)")),
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, body = JobInfo), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn get_job(
     State(state): State<AppState>,
@@ -375,7 +398,7 @@ pub(crate) async fn get_job(
 }
 
 /// `GET /api/v1/jobs/{id}/executions`: every recorded attempt, from Postgres.
-#[utoipa::path(get, path = "/api/v1/jobs/{id}/executions", tag = "jobs", params(("id" = String, Path, description = "job id (UUID)")),
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/executions", tag = "jobs", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, description = "every recorded attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn executions(
     State(state): State<AppState>,
@@ -394,7 +417,7 @@ pub(crate) async fn executions(
 /// `DELETE /api/v1/jobs/{id}`: a queued or scheduled job is cancelled and never starts (200,
 /// state `cancelled`); a running one is asked to stop (202, state `running`,
 /// `cancel_requested`); a finished one is a 409.
-#[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "job id (UUID)")),
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, description = "cancelled; never starts", body = JobInfo), (status = 202, description = "running; asked to stop", body = JobInfo),
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub(crate) async fn cancel(

@@ -56,7 +56,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoRespo
 }
 
 /// `GET /api/v1/queues/{queue}`.
-#[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues", params(("queue" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = QueueStats), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
@@ -68,7 +68,7 @@ pub(crate) async fn show(State(state): State<AppState>, Path(q): Path<String>) -
 }
 
 /// Workers stop starting the queue's jobs; enqueueing still works; running jobs finish.
-#[utoipa::path(post, path = "/api/v1/queues/{queue}/pause", tag = "queues", params(("queue" = String, Path)),
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/pause", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
 pub(crate) async fn pause(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
@@ -77,7 +77,7 @@ pub(crate) async fn pause(State(state): State<AppState>, Path(q): Path<String>) 
 }
 
 /// Workers start the queue's jobs again (within a second).
-#[utoipa::path(post, path = "/api/v1/queues/{queue}/resume", tag = "queues", params(("queue" = String, Path)),
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/resume", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
 pub(crate) async fn resume(
     State(state): State<AppState>,

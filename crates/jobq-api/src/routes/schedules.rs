@@ -66,7 +66,7 @@ fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("schedule `{name}` not found"))
 }
 
-#[utoipa::path(get, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(
     State(state): State<AppState>,
@@ -77,7 +77,7 @@ pub(crate) async fn show(
 }
 
 /// Body of `PUT`: a whole definition; `name` may be left out (the path names it).
-#[utoipa::path(put, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)), request_body = ScheduleSpec,
+#[utoipa::path(put, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")), request_body = ScheduleSpec,
     responses((status = 200, body = StoredSchedule), (status = 201, body = StoredSchedule), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn replace(
     State(state): State<AppState>,
@@ -112,7 +112,7 @@ pub struct SchedulePatch {
     pub catch_up_limit: Option<u32>,
 }
 
-#[utoipa::path(patch, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)), request_body = SchedulePatch,
+#[utoipa::path(patch, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")), request_body = SchedulePatch,
     responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
@@ -145,7 +145,7 @@ pub(crate) async fn patch(
     Ok(Json(view(&stored)))
 }
 
-#[utoipa::path(delete, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path)),
+#[utoipa::path(delete, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
@@ -158,7 +158,7 @@ pub(crate) async fn remove(
     }
 }
 
-#[utoipa::path(post, path = "/api/v1/schedules/{name}/trigger", tag = "schedules", params(("name" = String, Path)),
+#[utoipa::path(post, path = "/api/v1/schedules/{name}/trigger", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 201, body = JobInfo), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn trigger(
     State(state): State<AppState>,
@@ -174,10 +174,11 @@ pub(crate) async fn trigger(
 #[serde(deny_unknown_fields)]
 pub struct RunsQuery {
     /// How many, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/api/v1/schedules/{name}/runs", tag = "schedules", params(("name" = String, Path), RunsQuery),
+#[utoipa::path(get, path = "/api/v1/schedules/{name}/runs", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$"), RunsQuery),
     responses((status = 200, description = "recent runs with their job state", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn runs(
     State(state): State<AppState>,

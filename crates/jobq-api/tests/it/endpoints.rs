@@ -69,7 +69,7 @@ async fn batch_enqueue_reports_each_item_and_atomic_batches_are_all_or_nothing()
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(err["error"]["message"].as_str().unwrap().contains("1000"));
     let (s, _) = call(&app, "POST", "/api/v1/jobs/batch", Some(r#"{"jobs": []}"#)).await;
-    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "an empty batch is invalid, not too large");
     env.cleanup().await;
 }
 
