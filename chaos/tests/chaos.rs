@@ -755,3 +755,183 @@ async fn s7_redis_frozen_10s_gets_503_within_the_timeout_and_resumes() {
     assert_eq!(unexplained, 0, "duplicates only of jobs in flight during the freeze");
     c.env.cleanup().await;
 }
+
+/// For each schedule, (ticks recorded, ticks missing between its first and last, jobs in the
+/// stream): one job per tick, none missing.
+async fn ticks_per_schedule(env: &TestEnv) -> Vec<(String, usize, i64)> {
+    let rows: Vec<(String, chrono::DateTime<chrono::Utc>, uuid::Uuid)> = sqlx::query_as(
+        "SELECT schedule_name, tick, job_id FROM schedule_runs WHERE trigger = 'cron' ORDER BY schedule_name, tick",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let jobs: HashSet<_> = rows.iter().map(|r| r.2).collect();
+    assert_eq!(jobs.len(), rows.len(), "one job per tick");
+    let mut out: Vec<(String, usize, i64)> = Vec::new();
+    for w in rows.chunk_by(|a, b| a.0 == b.0) {
+        let ticks: HashSet<_> = w.iter().map(|r| r.1).collect();
+        assert_eq!(ticks.len(), w.len(), "one run per tick of {}", w[0].0);
+        let missing = w.windows(2).map(|p| (p[1].1 - p[0].1).num_seconds() - 1).sum::<i64>();
+        out.push((w[0].0.clone(), w.len(), missing));
+    }
+    out
+}
+
+#[tokio::test]
+async fn s9_a_scheduler_crashing_between_claim_and_enqueue_still_fires_each_tick_once() {
+    let env = TestEnv::with(&[("JOBQ_SCHEDULER_CRON_POLL", "100ms"), ("JOBQ_LOG_LEVEL", "warn")]).await;
+    for i in 0..5 {
+        let spec = serde_json::from_value(
+            json!({"name": format!("tick-{i}"), "cron": "* * * * * *", "job": {"type": "chaos.work"}}),
+        )
+        .unwrap();
+        env.store.create_schedule(&spec).await.unwrap();
+    }
+    let calm = env.env();
+    let mut faulty = calm.clone();
+    // Abort right after claiming a due row (nothing enqueued) or right after the enqueue (the
+    // claim not committed): the two moments where a crash could lose or double a tick.
+    faulty.insert("JOBQ_FAULTS".into(), "cron.claimed=0.15,cron.enqueued=0.15".into());
+    let mut procs: Vec<Proc> = (0..2).map(|_| Proc::spawn("jobq-scheduler", &faulty)).collect();
+    let mut crashes = 0;
+    let started = Instant::now();
+    while crashes < 50 {
+        assert!(started.elapsed() < Duration::from_secs(120), "only {crashes} injected crashes in 120 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for p in procs.iter_mut() {
+            if p.exited() {
+                crashes += 1;
+                *p = Proc::spawn("jobq-scheduler", &faulty);
+            }
+        }
+    }
+    let faulted_for = started.elapsed();
+    // Calm replicas fire what is due, then stop.
+    for p in procs.iter_mut() {
+        p.signal("KILL");
+        *p = Proc::spawn("jobq-scheduler", &calm);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for p in procs.iter_mut() {
+        p.signal("TERM"); // a pass in progress commits: stream and runs compare
+        assert_eq!(p.wait(Duration::from_secs(10)).await, Some(0));
+    }
+    let per_schedule = ticks_per_schedule(&env).await;
+    let ticks: usize = per_schedule.iter().map(|s| s.1).sum();
+    let missing: i64 = per_schedule.iter().map(|s| s.2).sum();
+    let queue = jobq_core::job::QueueName::default_queue();
+    let enqueued: usize = redis::cmd("XLEN")
+        .arg(env.keys().stream(&queue, jobq_core::job::Priority::Normal))
+        .query_async(&mut env.broker.connection())
+        .await
+        .unwrap();
+    println!(
+        "| 9. 2 schedulers × 5 every-second schedules, {crashes} crashes injected between claim and enqueue or \
+         enqueue and commit in {faulted_for:.0?} | {ticks} ticks | {missing} | {} | one job per tick | {} |",
+        enqueued.saturating_sub(ticks),
+        if missing == 0 && enqueued == ticks { "pass" } else { "FAIL" }
+    );
+    assert_eq!(enqueued, ticks, "every tick enqueued exactly once");
+    assert_eq!(missing, 0, "no tick lost: {per_schedule:?}");
+    assert!(per_schedule.len() == 5 && per_schedule.iter().all(|s| s.1 as u128 >= faulted_for.as_secs() as u128));
+    env.cleanup().await;
+}
+
+/// libfaketime, from Debian's `faketime` package (`task chaos` installs it).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+#[tokio::test]
+#[ignore = "long, needs libfaketime: run by `task chaos`"]
+async fn s10_clock_jumps_on_the_scheduler_neither_add_nor_drop_ticks_nor_start_delayed_jobs_early() {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: `apt-get install faketime` (task chaos does)"
+    );
+    let c = Cluster::start(1, &[("JOBQ_SCHEDULER_CRON_POLL", "100ms")]).await;
+    // The scheduler started by the cluster has the true clock; this scenario's runs alone.
+    c._scheduler.signal("KILL");
+    let dir = std::env::temp_dir().join(format!("jobq-faketime-{}", c.env.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let offset = dir.join("offset");
+    let config = dir.join("jobq.toml");
+    std::fs::write(
+        &config,
+        "[[schedules]]\nname = \"declared\"\ncron = \"* * * * * *\"\njob = { type = \"chaos.work\" }\n",
+    )
+    .unwrap();
+    let spec =
+        serde_json::from_value(json!({"name": "api", "cron": "* * * * * *", "job": {"type": "chaos.work"}})).unwrap();
+    c.env.store.create_schedule(&spec).await.unwrap();
+    // Delayed jobs due over the next 24 s, across every jump.
+    let delayed: Vec<NewJob> =
+        (1..=48).map(|i| NewJob::new("chaos.work", json!({"ms": 1})).delay(Duration::from_millis(500 * i))).collect();
+    let delayed = c.enqueue(delayed).await;
+    let mut faked = c.vars.clone();
+    faked.extend(
+        [
+            ("LD_PRELOAD", LIBFAKETIME),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_CACHE_DURATION", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("JOBQ_CONFIG", config.to_str().unwrap()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let started = db_now(&c).await;
+    // It starts an hour ahead (and upserts its declared schedule then), jumps to an hour
+    // behind, then to the true time.
+    let mut jumps = Vec::new();
+    std::fs::write(&offset, "+1h\n").unwrap();
+    let scheduler = Proc::spawn("jobq-scheduler", &faked);
+    for next in ["-1h", "+0", "+1h", "+0"] {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        std::fs::write(&offset, format!("{next}\n")).unwrap();
+        jumps.push(next);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    scheduler.signal("TERM");
+    let ended = db_now(&c).await;
+    c.quiesce(&delayed, Duration::from_secs(60)).await;
+    let mut early = 0;
+    for id in &delayed {
+        let job = c.env.broker.job(*id).await.unwrap().unwrap();
+        if job.started_at < job.run_at {
+            early += 1;
+        }
+    }
+    let fired_early: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM schedule_runs WHERE trigger = 'cron' AND fired_at < tick")
+            .fetch_one(&c.env.pool)
+            .await
+            .unwrap();
+    // The scheduler's clock did jump: the jobs it built carry its clock as `created_at`.
+    let runs: Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid)> =
+        sqlx::query_as("SELECT tick, job_id FROM schedule_runs").fetch_all(&c.env.pool).await.unwrap();
+    let (mut ahead, mut behind) = (0, 0);
+    for (tick, id) in &runs {
+        let skew = c.env.broker.job(JobId(*id)).await.unwrap().unwrap().created_at - *tick;
+        ahead += usize::from(skew > chrono::Duration::minutes(50));
+        behind += usize::from(skew < chrono::Duration::minutes(-50));
+    }
+    assert!(ahead > 0 && behind > 0, "the faked clock took effect: {ahead} jobs built an hour ahead, {behind} behind");
+    let per_schedule = ticks_per_schedule(&c.env).await;
+    let window = (ended - started).num_seconds() as usize;
+    let ticks: usize = per_schedule.iter().map(|s| s.1).sum();
+    let missing: i64 = per_schedule.iter().map(|s| s.2).sum();
+    println!(
+        "| 10. scheduler clock +1 h at start, then −1 h, 0, +1 h, 0 every 6 s (libfaketime) | {ticks} ticks, {} \
+         delayed | {missing} | 0 | {early} delayed jobs early, {fired_early} ticks fired early ({ahead} fired an \
+         hour ahead, {behind} behind); {:?} | {} |",
+        delayed.len(),
+        per_schedule.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>(),
+        if missing == 0 && early == 0 && fired_early == 0 { "pass" } else { "FAIL" }
+    );
+    assert_eq!(per_schedule.len(), 2, "both schedules fired: {per_schedule:?}");
+    for (name, n, missing) in &per_schedule {
+        assert_eq!(*missing, 0, "{name}: no tick missing");
+        assert!(*n + 3 >= window && *n <= window + 1, "{name}: {n} ticks in {window} s");
+    }
+    assert_eq!((early, fired_early), (0, 0), "nothing runs before its time");
+    std::fs::remove_dir_all(&dir).ok();
+    c.env.cleanup().await;
+}

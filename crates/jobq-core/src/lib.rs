@@ -23,6 +23,7 @@ pub mod backoff;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod fault;
 pub mod job;
 pub mod ops;
 pub mod schedule;

@@ -109,16 +109,22 @@ fn bind_spec<'q>(q: PgQuery<'q>, name: &'q str, spec: &'q ScheduleSpec) -> Resul
         .bind(spec.catch_up_limit as i32))
 }
 
-/// The first tick after now when enabled.
-fn first_tick(spec: &ScheduleSpec) -> Result<Option<DateTime<Utc>>> {
+/// The first tick after `now` when enabled.
+fn first_tick(spec: &ScheduleSpec, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
     let schedule = spec.validate()?;
-    Ok(if spec.enabled { schedule.next_after(Utc::now()) } else { None })
+    Ok(if spec.enabled { schedule.next_after(now) } else { None })
+}
+
+/// The database's clock: every tick is planned on it, so a replica whose own clock is off
+/// (or jumps) neither fires early nor skips ticks.
+async fn db_now<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(db).await?)
 }
 
 impl Store {
     /// Creates a schedule; a name in use is a conflict.
     pub async fn create_schedule(&self, spec: &ScheduleSpec) -> Result<StoredSchedule> {
-        let next = first_tick(spec)?;
+        let next = first_tick(spec, db_now(&self.pool).await?)?;
         let sql = format!(
             "INSERT INTO schedules (name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'api', $8)
@@ -135,7 +141,7 @@ impl Store {
     /// Creates or replaces a schedule (`source` is `api` or `config`). The pending tick is kept
     /// unless the expression, the zone or `enabled` changed. Returns it and whether it is new.
     pub async fn put_schedule(&self, spec: &ScheduleSpec, source: &str) -> Result<(StoredSchedule, bool)> {
-        let next = first_tick(spec)?;
+        let next = first_tick(spec, db_now(&self.pool).await?)?;
         let sql = format!(
             "INSERT INTO schedules (name, cron, timezone, job, enabled, misfire, catch_up_limit, source, next_fire_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -168,7 +174,11 @@ impl Store {
         spec.name = old.spec.name.clone();
         let restart =
             spec.cron != old.spec.cron || spec.timezone != old.spec.timezone || spec.enabled != old.spec.enabled;
-        let next = if restart { first_tick(&spec)? } else { spec.validate().map(|_| old.next_fire_at)? };
+        let next = if restart {
+            first_tick(&spec, db_now(&mut *tx).await?)?
+        } else {
+            spec.validate().map(|_| old.next_fire_at)?
+        };
         let sql = format!(
             "UPDATE schedules SET cron = $2, timezone = $3, job = $4, enabled = $5, misfire = $6, catch_up_limit = $7,
                  next_fire_at = $8, updated_at = now()
@@ -288,7 +298,9 @@ impl Store {
                     }
                     let mut fired = Vec::new();
                     for tick in plan.fire {
+                        crate::fault::point("cron.claimed");
                         let job_id = fire_tick(&mut tx, broker, &s.spec.name, &s.spec.job, tick).await?;
+                        crate::fault::point("cron.enqueued");
                         fired.push(FiredTick {
                             schedule: s.spec.name.clone(),
                             tick,
