@@ -224,6 +224,11 @@ async fn counts(broker: &Broker) -> anyhow::Result<u64> {
 
 async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     prefill(&env.broker, args.jobs).await?;
+    // CPU accounting starts here, after the prefill: Redis, the Postgres backends of the bench
+    // database (but not the connection this function polls with) and Postgres' own processes.
+    let mut probe = <sqlx::PgConnection as sqlx::Connection>::connect(&env.settings.database.url).await?;
+    let probe_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut probe).await?;
+    let cpu0 = CpuSample::take(env, &mut probe, probe_pid).await?;
     let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
     let started = Instant::now();
     for i in 0..args.workers {
@@ -238,21 +243,111 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     }
     let processed = started.elapsed().as_secs_f64();
     loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(env.store.pool()).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&mut probe).await?;
         if rows as u64 >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let recorded = started.elapsed().as_secs_f64();
+    let cpu1 = CpuSample::take(env, &mut probe, probe_pid).await?;
+    // The children started after `cpu0`: everything they used is the drain's.
+    let child_cpu = |p: &tokio::process::Child| p.id().and_then(proc_cpu_us).unwrap_or(0);
+    let scheduler_us = child_cpu(&procs[0]);
+    let worker_us: u64 = procs[1..].iter().map(child_cpu).sum();
     for p in &mut procs {
         let _ = p.start_kill();
     }
+    let per_job = |us: u64| (us as f64 / n as f64 * 10.0).round() / 10.0;
+    let redis_us = cpu1.redis_us.saturating_sub(cpu0.redis_us);
+    let pg_us: u64 = cpu1
+        .pg_backends
+        .iter()
+        .map(|(pid, us)| us.saturating_sub(cpu0.pg_backends.get(pid).copied().unwrap_or(0)))
+        .sum();
+    let aux_us = cpu1.pg_aux_us.saturating_sub(cpu0.pg_aux_us);
+    let total = redis_us + worker_us + scheduler_us + pg_us + aux_us;
+    let mut commands: Vec<(String, u64, u64)> = cpu1
+        .commands
+        .iter()
+        .map(|(c, (calls, usec))| {
+            let (c0, u0) = cpu0.commands.get(c).copied().unwrap_or((0, 0));
+            (c.clone(), calls.saturating_sub(c0), usec.saturating_sub(u0))
+        })
+        .filter(|(_, calls, _)| *calls > 0)
+        .collect();
+    commands.sort_by_key(|(_, _, usec)| std::cmp::Reverse(*usec));
+    let commands: serde_json::Map<String, Value> = commands
+        .into_iter()
+        .take(12)
+        .map(|(c, calls, usec)| (c, json!({"calls_per_job": (calls as f64 / n as f64 * 100.0).round() / 100.0, "us_per_job": per_job(usec)})))
+        .collect();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     Ok(json!({
         "scenario": "drain", "n": n, "workers": args.workers, "concurrency": args.concurrency,
         "jobs_per_s": (n as f64 / processed).round(),
         "recorded_jobs_per_s": (n as f64 / recorded).round(),
+        "cpu_us_per_job": {
+            "redis": per_job(redis_us), "worker": per_job(worker_us), "scheduler": per_job(scheduler_us),
+            "postgres": per_job(pg_us), "postgres_aux": per_job(aux_us), "total": per_job(total),
+        },
+        "cpu_bound_jobs_per_s": (cores as f64 * 1e6 * n as f64 / total.max(1) as f64).round(),
+        "redis_commands": commands,
     }))
+}
+
+/// CPU used so far by Redis (`INFO cpu`), by each Postgres backend of the bench database and by
+/// Postgres' background processes (from `/proc`), and Redis' `INFO commandstats`.
+struct CpuSample {
+    redis_us: u64,
+    pg_backends: HashMap<i32, u64>,
+    pg_aux_us: u64,
+    /// Command → (calls, usec).
+    commands: HashMap<String, (u64, u64)>,
+}
+
+impl CpuSample {
+    async fn take(env: &BenchEnv, probe: &mut sqlx::PgConnection, probe_pid: i32) -> anyhow::Result<Self> {
+        let mut conn = env.broker.connection();
+        let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+        let field = |name: &str| -> f64 {
+            info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
+        };
+        let redis_us = ((field("used_cpu_sys") + field("used_cpu_user")) * 1e6) as u64;
+        let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+        let mut commands = HashMap::new();
+        for line in stats.lines() {
+            let Some((name, rest)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+            let get = |k: &str| {
+                rest.split(',').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0)
+            };
+            commands.insert(name.to_owned(), (get("calls"), get("usec")));
+        }
+        let database = env.database.clone();
+        let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> $2")
+            .bind(database)
+            .bind(probe_pid)
+            .fetch_all(&mut *probe)
+            .await?;
+        let pg_backends = pids.into_iter().map(|p| (p, proc_cpu_us(p as u32).unwrap_or(0))).collect();
+        let aux: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'")
+                .fetch_all(&mut *probe)
+                .await?;
+        let pg_aux_us = aux.into_iter().filter_map(|p| proc_cpu_us(p as u32)).sum();
+        Ok(Self { redis_us, pg_backends, pg_aux_us, commands })
+    }
+}
+
+/// User + system CPU time a process has used, in µs (`/proc/<pid>/stat`).
+fn proc_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks * 10_000)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
