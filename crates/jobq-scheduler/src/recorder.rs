@@ -13,22 +13,37 @@ use tokio_util::sync::CancellationToken;
 
 const QUEUE_REFRESH: Duration = Duration::from_secs(2);
 const CLAIM_EVERY: Duration = Duration::from_secs(10);
+/// After a read that brought less than half a batch, wait this long before the next one, so that
+/// under load events are written in fewer, larger transactions (each read, Postgres commit and
+/// ack costs about as much as tens of rows). The history lags by at most this much more.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// Writes one batch to Postgres and acks it. Returns the number of outbox entries handled.
 pub async fn record_once(broker: &Broker, store: &Store, batch: &EventBatch) -> jobq_core::Result<usize> {
+    record_in_chunks(broker, store, batch, usize::MAX).await
+}
+
+/// [`record_once`] with at most `per_tx` events per Postgres transaction (an outbox entry of
+/// `complete_many` holds many events). Acks once every chunk is written.
+async fn record_in_chunks(
+    broker: &Broker,
+    store: &Store,
+    batch: &EventBatch,
+    per_tx: usize,
+) -> jobq_core::Result<usize> {
     if batch.is_empty() {
         return Ok(0);
     }
     for (q, entry) in &batch.malformed {
         tracing::error!(queue.name = %q, entry, "undecodable outbox entry; dropping it");
     }
-    store.record(&batch.events).await.inspect_err(|_| {
-        metrics::counter!("jobq_postgres_errors_total", "component" => "recorder").increment(1);
-    })?;
+    for chunk in batch.events.chunks(per_tx.max(1)) {
+        store.record(chunk).await.inspect_err(|_| {
+            metrics::counter!("jobq_postgres_errors_total", "component" => "recorder").increment(1);
+        })?;
+    }
     metrics::counter!("jobq_recorded_events_total").increment(batch.events.len() as u64);
-    let mut entries: Vec<(QueueName, String)> =
-        batch.events.iter().map(|e| (e.queue.clone(), e.entry.clone())).collect();
-    entries.extend(batch.malformed.iter().cloned());
+    let entries: Vec<(QueueName, String)> = batch.entries();
     broker.ack_events(&entries).await?;
     Ok(entries.len())
 }
@@ -114,12 +129,18 @@ pub(crate) async fn run(
         };
         // Write this batch until it lands; read nothing else meanwhile.
         loop {
-            match record_once(&broker, &store, &batch).await {
+            match record_in_chunks(&broker, &store, &batch, settings.record_batch).await {
                 Ok(n) => {
                     if n > 0 {
-                        tracing::debug!(events = n, "recorded outbox events");
+                        tracing::debug!(entries = n, events = batch.events.len(), "recorded outbox events");
                     }
                     delay = Duration::from_millis(100);
+                    if !batch.is_empty() && batch.len() < settings.record_batch / 2 {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(LINGER) => {}
+                        }
+                    }
                     break;
                 }
                 Err(e) => {

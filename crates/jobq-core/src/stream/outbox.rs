@@ -55,15 +55,36 @@ pub struct EventBatch {
 
 impl EventBatch {
     fn push(&mut self, queue: &QueueName, e: StreamId) {
+        if e.map.contains_key("batch") {
+            match decode_batch(queue, &e) {
+                Some(events) => self.events.extend(events),
+                None => self.malformed.push((queue.clone(), e.id)),
+            }
+            return;
+        }
         match decode(queue, &e) {
             Some(ev) => self.events.push(ev),
             None => self.malformed.push((queue.clone(), e.id)),
         }
     }
 
-    /// Number of outbox entries in the batch.
+    /// Number of events plus undecodable entries in the batch (an outbox entry written by
+    /// `complete_many` holds the events of several attempts).
     pub fn len(&self) -> usize {
         self.events.len() + self.malformed.len()
+    }
+
+    /// The outbox entries the batch came from, each once: what to XACK and XDEL once written.
+    pub fn entries(&self) -> Vec<(QueueName, String)> {
+        let mut entries: Vec<(QueueName, String)> = Vec::with_capacity(self.len());
+        for e in &self.events {
+            // The events of one entry are next to each other.
+            if entries.last().is_none_or(|(q, id)| *id != e.entry || *q != e.queue) {
+                entries.push((e.queue.clone(), e.entry.clone()));
+            }
+        }
+        entries.extend(self.malformed.iter().cloned());
+        entries
     }
 
     /// True when nothing was read.
@@ -91,6 +112,38 @@ fn decode(queue: &QueueName, e: &StreamId) -> Option<Event> {
         reason: s("reason"),
         envelope: s("envelope").and_then(|v| serde_json::from_str(&v).ok()),
     })
+}
+
+/// The events of a batch entry (`complete_many`): `outcome`, `finished_at`, and `batch`, a JSON
+/// array of six strings per attempt: id, run, attempt, type, started_at, worker.
+fn decode_batch(queue: &QueueName, e: &StreamId) -> Option<Vec<Event>> {
+    let s = |f: &str| e.map.get(f).and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+    let outcome = s("outcome").filter(|o| !o.is_empty())?;
+    let finished_at = s("finished_at").and_then(|v| v.parse::<i64>().ok()).and_then(from_millis);
+    let flat: Vec<String> = serde_json::from_str(&s("batch")?).ok()?;
+    if flat.is_empty() || flat.len() % 6 != 0 {
+        return None;
+    }
+    let some = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    flat.chunks_exact(6)
+        .map(|a| {
+            Some(Event {
+                queue: queue.clone(),
+                entry: e.id.clone(),
+                job_id: a[0].parse().ok()?,
+                run: a[1].parse().ok()?,
+                attempt: a[2].parse().ok()?,
+                outcome: outcome.clone(),
+                kind: a[3].clone(),
+                started_at: a[4].parse::<i64>().ok().and_then(from_millis),
+                finished_at,
+                worker: some(&a[5]),
+                error: None,
+                reason: None,
+                envelope: None,
+            })
+        })
+        .collect()
 }
 
 impl Broker {
@@ -208,6 +261,10 @@ impl Broker {
         let mut by_queue: BTreeMap<&QueueName, Vec<&str>> = BTreeMap::new();
         for (q, e) in entries {
             by_queue.entry(q).or_default().push(e);
+        }
+        for ids in by_queue.values_mut() {
+            ids.sort_unstable();
+            ids.dedup();
         }
         let mut pipe = redis::pipe();
         for (q, ids) in by_queue {

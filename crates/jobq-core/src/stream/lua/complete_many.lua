@@ -1,12 +1,65 @@
--- Complete many running attempts of one queue in one call (see complete_one in lib.lua).
+-- Complete many running attempts of one queue in one call. Each attempt whose `lease` still owns
+-- it is marked succeeded (hash fields, result, unique lock, retention, dependents, as `finish`
+-- does); then, once for the whole call, their stream entries are XACKed and XDELed (one XACK
+-- and one XDEL per priority stream), the outbox gets their events and the queue's succeeded
+-- counter goes up by their number. One completed attempt is written as a plain outbox event
+-- (as fail.lua writes); several as one batch event: `outcome` succeeded, `finished_at`, and
+-- `batch`, a JSON array of six strings per attempt (id, run, attempt, type, started_at, worker).
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream
 -- ARGV: 1 group, 2 retention seconds, 3 job key prefix,
 --       then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed) or 0 (stale lease) per job.
+local now, now_s = now_ms_pair()
+local retention = ARGV[2]
+local expires = tonumber(retention) > 0
 local out = {}
+local entries = {{}, {}, {}, {}}
+local done = {}
 for i = 4, #ARGV, 5 do
-  local id = ARGV[i + 1]
-  out[#out + 1] = complete_one(ARGV[3] .. id, KEYS[tonumber(ARGV[i])], KEYS[5], id, ARGV[i + 2], ARGV[i + 3],
-    ARGV[1], ARGV[i + 4], ARGV[2])
+  local id, lease = ARGV[i + 1], ARGV[i + 2]
+  local jk = ARGV[3] .. id
+  local h = redis.call('HMGET', jk, 'state', 'lease', 'run', 'attempt', 'type', 'started_at', 'worker',
+    'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
+  if h[1] ~= 'running' or h[2] ~= lease then
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = 1
+    local e = entries[tonumber(ARGV[i])]
+    e[#e + 1] = ARGV[i + 3]
+    local n = #done
+    done[n + 1] = id
+    done[n + 2] = h[3] or '1'
+    done[n + 3] = h[4] or '0'
+    done[n + 4] = h[5] or ''
+    done[n + 5] = h[6] or ''
+    done[n + 6] = h[7] or ''
+    if ARGV[i + 4] ~= '' then
+      redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', ARGV[i + 4])
+    else
+      redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s)
+    end
+    redis.call('HDEL', jk, 'lease', 'entry')
+    release_unique(jk, id, {h[8], h[9]})
+    if expires then redis.call('EXPIRE', jk, retention) end
+    if h[10] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
+    if h[11] then release_dependents(jk, id, 'succeeded', now, retention) end
+  end
+end
+for p = 1, 4 do
+  local e = entries[p]
+  if #e > 0 then
+    redis.call('XACK', KEYS[p], ARGV[1], unpack(e))
+    redis.call('XDEL', KEYS[p], unpack(e))
+  end
+end
+local n = #done / 6
+if n == 1 then
+  redis.call('XADD', KEYS[5], '*', 'id', done[1], 'run', done[2], 'attempt', done[3], 'outcome', 'succeeded',
+    'type', done[4], 'started_at', done[5], 'finished_at', now_s, 'worker', done[6])
+elseif n > 1 then
+  redis.call('XADD', KEYS[5], '*', 'outcome', 'succeeded', 'finished_at', now_s, 'batch', cjson.encode(done))
+end
+if n > 0 then
+  redis.call('HINCRBY', string.sub(KEYS[5], 1, -7) .. 'stats', 'succeeded', n)
 end
 return out

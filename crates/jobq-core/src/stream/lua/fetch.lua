@@ -13,7 +13,7 @@
 if redis.call('EXISTS', KEYS[6]) == 1 then
   return {{}, {}, 1}
 end
-local now = now_ms()
+local now, now_s = now_ms_pair()
 local want = tonumber(ARGV[3])
 local jobs = {}
 for i = 1, 4 do
@@ -25,27 +25,30 @@ for i = 1, 4 do
         local entry = e[1]
         local id = e[2][2]
         local jk = ARGV[4] .. id
-        local st = redis.call('HMGET', jk, 'state', 'entry', 'expires_at', 'cancel_requested')
+        -- One read and one write per job: the counters are incremented here, not with HINCRBY.
+        local st = redis.call('HMGET', jk, 'state', 'entry', 'expires_at', 'attempt', 'lease_seq', 'attempts_total',
+          'run', 'envelope', 'checkpoint')
         if st[1] == 'queued' and st[2] == entry then
           if st[3] and now >= tonumber(st[3]) then
             redis.call('XACK', KEYS[i], ARGV[1], entry)
             redis.call('XDEL', KEYS[i], entry)
             dead_letter(jk, KEYS[5], id, 'expired', 'expired before it started', now, ARGV[5])
           else
-            local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-            local lease = redis.call('HINCRBY', jk, 'lease_seq', 1)
-            local total = redis.call('HINCRBY', jk, 'attempts_total', 1)
-            redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'lease', lease, 'worker', ARGV[2])
-            local more = redis.call('HMGET', jk, 'run', 'envelope', 'checkpoint')
-            jobs[#jobs + 1] = id
-            jobs[#jobs + 1] = entry
-            jobs[#jobs + 1] = i
-            jobs[#jobs + 1] = attempt
-            jobs[#jobs + 1] = lease
-            jobs[#jobs + 1] = tonumber(more[1])
-            jobs[#jobs + 1] = more[2]
-            jobs[#jobs + 1] = total
-            jobs[#jobs + 1] = more[3] or ''
+            local attempt = (tonumber(st[4]) or 0) + 1
+            local lease = (tonumber(st[5]) or 0) + 1
+            local total = (tonumber(st[6]) or 0) + 1
+            redis.call('HSET', jk, 'state', 'running', 'started_at', now_s, 'lease', lease, 'worker', ARGV[2],
+              'attempt', attempt, 'lease_seq', lease, 'attempts_total', total)
+            local n = #jobs
+            jobs[n + 1] = id
+            jobs[n + 2] = entry
+            jobs[n + 3] = i
+            jobs[n + 4] = attempt
+            jobs[n + 5] = lease
+            jobs[n + 6] = tonumber(st[7])
+            jobs[n + 7] = st[8]
+            jobs[n + 8] = total
+            jobs[n + 9] = st[9] or ''
             want = want - 1
           end
         else

@@ -5,6 +5,15 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The Redis clock in ms as a number and as a string. Hot scripts write the string: a Lua number
+-- passed to redis.call is formatted with printf('%.17g') each time, the string is built once.
+local function now_ms_pair()
+  local t = redis.call('TIME')
+  local us = t[2]
+  local ms = string.sub(string.rep('0', 6 - #us) .. us, 1, 3)
+  return tonumber(t[1]) * 1000 + tonumber(ms), t[1] .. ms
+end
+
 -- Drops the job's unique lock when it is held until a terminal state and still names this job.
 -- u: the job's {unique_key, unique_hold} when the caller has read them already.
 local function release_unique(jk, id, u)
@@ -110,23 +119,4 @@ local function dead_letter(jk, events, id, reason, err, now, retention)
     {'error', err, 'reason', reason, 'envelope', redis.call('HGET', jk, 'envelope')})
   redis.call('HSET', jk, 'dead_reason', reason)
   finish(jk, id, 'dead', now, retention, err)
-end
-
--- Completes a running attempt if `lease` still owns it: ack and delete the stream entry, mark
--- the job succeeded, write the outbox event, release its unique lock, set its retention.
--- Returns 1, or 0 when the lease is stale.
-local function complete_one(jk, stream, events, id, lease, entry, group, result, retention)
-  local cur = redis.call('HMGET', jk, 'state', 'lease')
-  if cur[1] ~= 'running' or cur[2] ~= lease then
-    return 0
-  end
-  local now = now_ms()
-  redis.call('XACK', stream, group, entry)
-  redis.call('XDEL', stream, entry)
-  attempt_event(events, jk, id, 'succeeded', now, {})
-  if result ~= '' then
-    redis.call('HSET', jk, 'result', result)
-  end
-  finish(jk, id, 'succeeded', now, retention, nil)
-  return 1
 end
