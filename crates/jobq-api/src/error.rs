@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 503: Redis or Postgres unavailable.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: Redis did not answer (the Redis breaker opens on it).
+    #[error("{0}")]
+    RedisUnavailable(String),
     /// 500: a bug; details are logged, not returned.
     #[error(transparent)]
     Internal(anyhow::Error),
@@ -61,7 +64,7 @@ impl ApiError {
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Invalid(_) | Self::InvalidWith(..) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Unavailable(_) | Self::RedisUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -77,7 +80,7 @@ impl From<jobq_core::Error> for ApiError {
             E::Conflict(m) => Self::Conflict(m),
             E::Redis(e) => {
                 tracing::warn!(error = %e, "Redis unavailable");
-                Self::Unavailable("Redis is unavailable; retry later".into())
+                Self::RedisUnavailable("Redis is unavailable; retry later".into())
             }
             // Class 22 (data exception): a value Postgres cannot store, such as a NUL character
             // in text or JSON; the caller's mistake, not an outage.
@@ -131,6 +134,9 @@ impl IntoResponse for ApiError {
         };
         let details = if let Self::InvalidWith(_, d) = &self { d.clone() } else { Value::Null };
         let mut response = error_response(status, code, &message, details);
+        if let Self::RedisUnavailable(_) = &self {
+            response.extensions_mut().insert(crate::breaker::RedisFailed);
+        }
         if let Self::RateLimited(wait) = &self {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {

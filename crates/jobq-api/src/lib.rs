@@ -10,6 +10,7 @@
 //! ```
 
 pub mod auth;
+pub mod breaker;
 pub mod error;
 mod extract;
 pub mod limit;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub limiter: std::sync::Arc<limit::RateLimiter>,
     /// Jobs per second of a DLQ retry by filter.
     pub dlq_replay_rate: u32,
+    /// Fails requests that need Redis fast while it does not answer.
+    pub redis_breaker: std::sync::Arc<breaker::RedisBreaker>,
 }
 
 /// Whether keys are required, and which.
@@ -65,6 +68,7 @@ impl AppState {
             auth: std::sync::Arc::new(AuthConfig { enabled: settings.api.auth, keys: settings.api.keys.clone() }),
             limiter: std::sync::Arc::new(limit::RateLimiter::new(settings.api.rate_limit, settings.api.rate_burst)),
             dlq_replay_rate: settings.api.dlq_replay_rate,
+            redis_breaker: Default::default(),
         }
     }
 }
@@ -86,6 +90,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .merge(routes::queues::router())
         .merge(routes::schedules::router())
         .merge(openapi::router())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), breaker::guard))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(|| async { error::error_response(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {

@@ -444,3 +444,38 @@ async fn dependencies_partition_keys_and_a_batch_callback_through_the_api() {
     assert_error(&err, "invalid_request", "on_complete");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn while_redis_is_frozen_requests_that_need_it_fail_fast_and_postgres_routes_still_answer() {
+    let redis = jobq_testutil::RedisServer::start();
+    let env = TestEnv::with(&[("REDIS_URL", &redis.url()), ("JOBQ_REDIS_TIMEOUT", "500ms")]).await;
+    let app = app(&env);
+    let enqueue = || call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo"}"#));
+    assert_eq!(enqueue().await.0, StatusCode::CREATED);
+    redis.signal("STOP");
+    let t = std::time::Instant::now();
+    let (status, err) = enqueue().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(400), "the first one waits for the timeout");
+    // The breaker is open: 20 more answer at once, but for at most one probe per 500 ms.
+    let t = std::time::Instant::now();
+    let mut slow = 0;
+    for _ in 0..20 {
+        let one = std::time::Instant::now();
+        let (status, err) = enqueue().await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_error(&err, "unavailable", "Redis");
+        slow += usize::from(one.elapsed() >= std::time::Duration::from_millis(300));
+    }
+    assert!(slow <= 1 + t.elapsed().as_millis() as usize / 500, "{slow} of 20 waited for Redis in {:?}", t.elapsed());
+    let (status, _) = call(&app, "GET", "/api/v1/dlq", None).await;
+    assert_eq!(status, StatusCode::OK, "a Postgres route does not wait for Redis");
+    redis.signal("CONT");
+    let back = std::time::Instant::now();
+    jobq_testutil::wait_until(std::time::Duration::from_secs(5), "an enqueue to succeed", || async {
+        (enqueue().await.0 == StatusCode::CREATED).then_some(())
+    })
+    .await;
+    assert!(back.elapsed() < std::time::Duration::from_secs(2), "open for {:?} after Redis came back", back.elapsed());
+    env.cleanup().await;
+}
