@@ -234,6 +234,9 @@ impl Worker {
         let mut blocking = None;
         let mut backoff = Duration::from_millis(50);
         let mut planner = QueuePlanner::new(self.settings.queues.clone());
+        // At most half the slots per fetch: two batches in flight, so the worker decodes and
+        // completes one while Redis runs the other's script (measured: drain +10% at 50 slots).
+        let max_fetch = self.settings.concurrency.div_ceil(2).max(1);
         'outer: loop {
             let first = tokio::select! {
                 biased;
@@ -260,7 +263,7 @@ impl Worker {
                 if empty.contains(&q) {
                     continue;
                 }
-                let want = permits.len().min(*share);
+                let want = permits.len().min(*share).min(max_fetch);
                 match self.broker.fetch(q, &self.consumer, want).await {
                     Ok(fetched) => {
                         if fetched.jobs.len() < want {
