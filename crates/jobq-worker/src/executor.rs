@@ -19,6 +19,20 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) type Done = (Outcome, OwnedSemaphorePermit);
 
+/// Ends the lease renewal of a batch of outcomes when dropped.
+struct Unregister<'a> {
+    running: &'a crate::leases::Running,
+    outcomes: &'a [Outcome],
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        for o in self.outcomes {
+            self.running.remove(&o.delivery.envelope.id, &o.delivery.lease);
+        }
+    }
+}
+
 pub(crate) struct Executor {
     pub(crate) services: std::collections::HashMap<String, JobService>,
     pub(crate) broker: Broker,
@@ -42,7 +56,30 @@ enum Ended {
 impl Executor {
     /// Runs the attempt and hands its outcome (with the slot) to the completer. An attempt
     /// abandoned at shutdown, or whose lease was lost, reports nothing.
-    pub(crate) async fn execute(self: Arc<Self>, d: Delivery, permit: OwnedSemaphorePermit) {
+    /// Registers the job for lease renewal at once (the fetch loop calls this before spawning:
+    /// a job waiting for a busy runtime thread is still heartbeated) and returns its run. The
+    /// registration ends when its outcome is written (see [`complete_loop`]).
+    pub(crate) fn execute(
+        self: Arc<Self>,
+        d: Delivery,
+        permit: OwnedSemaphorePermit,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let slot = Arc::new(Slot {
+            lease: Lease {
+                queue: d.queue.clone(),
+                priority: d.priority,
+                entry: d.entry.clone(),
+                id: d.envelope.id,
+                token: d.lease.clone(),
+            },
+            cancel: self.abandon.child_token(),
+            stop: Mutex::new(None),
+        });
+        self.running.insert(d.envelope.id, slot.clone());
+        self.run(d, permit, slot)
+    }
+
+    async fn run(self: Arc<Self>, d: Delivery, permit: OwnedSemaphorePermit, slot: Arc<Slot>) {
         // The enqueuing request's trace context, carried in the job's metadata.
         let trace = d.envelope.metadata.get("traceparent").and_then(|t| jobq_core::job::parse_traceparent(t));
         let span = tracing::info_span!(
@@ -58,17 +95,6 @@ impl Executor {
         jobq_core::telemetry::adopt_parent(&span, meta("traceparent"), meta("tracestate"));
         async move {
             let started = std::time::Instant::now();
-            let slot = Arc::new(Slot {
-                lease: Lease {
-                    queue: d.queue.clone(),
-                    priority: d.priority,
-                    entry: d.entry.clone(),
-                    id: d.envelope.id,
-                    token: d.lease.clone(),
-                },
-                cancel: self.abandon.child_token(),
-                stop: Mutex::new(None),
-            });
             let labels = [("queue", d.queue.to_string()), ("type", jobq_core::ops::type_label(&d.envelope.kind))];
             metrics::counter!("jobq_jobs_started_total", &labels).increment(1);
             let waited = (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0;
@@ -76,12 +102,13 @@ impl Executor {
                 metrics::histogram!("jobq_enqueue_to_start_seconds", "queue" => d.queue.to_string()).record(waited);
             }
             metrics::gauge!("jobq_worker_in_flight").increment(1.0);
-            self.running.insert(d.envelope.id, slot.clone());
             let result = self.attempt(&d, &slot).await;
-            self.running.remove(&d.envelope.id);
             metrics::gauge!("jobq_worker_in_flight").decrement(1.0);
             metrics::histogram!("jobq_attempt_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
-            let Some(result) = result else { return };
+            let Some(result) = result else {
+                self.running.remove(&d.envelope.id, &d.lease);
+                return;
+            };
             let duration_ms = started.elapsed().as_millis() as u64;
             match &result {
                 Ok(_) => tracing::debug!(duration_ms, "job succeeded"),
@@ -175,10 +202,17 @@ impl Executor {
 
 /// Writes outcomes in batches until every sender is gone. Redis errors are retried with
 /// backoff; once `abandon` is cancelled, a batch that cannot be written is left pending.
-pub(crate) async fn complete_loop(broker: Broker, mut rx: mpsc::UnboundedReceiver<Done>, abandon: CancellationToken) {
+pub(crate) async fn complete_loop(
+    broker: Broker,
+    mut rx: mpsc::UnboundedReceiver<Done>,
+    running: crate::leases::Running,
+    abandon: CancellationToken,
+) {
     let mut buf: Vec<Done> = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut buf, BATCH).await > 0 {
         let (outcomes, permits): (Vec<Outcome>, Vec<OwnedSemaphorePermit>) = buf.drain(..).unzip();
+        // Heartbeats go on until the outcomes are written (or given up at shutdown).
+        let _renewed = Unregister { running: &running, outcomes: &outcomes };
         let mut delay = Duration::from_millis(50);
         loop {
             match broker.settle(&outcomes).await {

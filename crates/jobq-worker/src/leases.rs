@@ -51,9 +51,13 @@ impl Running {
         }
     }
 
-    pub(crate) fn remove(&self, id: &JobId) {
+    /// Ends the renewal of attempt `token` of job `id` (a later attempt of the same job on this
+    /// worker, after a reclaim, keeps its own).
+    pub(crate) fn remove(&self, id: &JobId, token: &str) {
         if let Ok(mut m) = self.0.lock() {
-            m.remove(id);
+            if m.get(id).is_some_and(|s| s.lease.token == token) {
+                m.remove(id);
+            }
         }
     }
 

@@ -205,7 +205,8 @@ impl Worker {
         let background = CancellationToken::new();
         let running = leases::Running::default();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let completer = tokio::spawn(executor::complete_loop(self.broker.clone(), done_rx, abandon.clone()));
+        let completer =
+            tokio::spawn(executor::complete_loop(self.broker.clone(), done_rx, running.clone(), abandon.clone()));
         let heartbeat = leases::spawn_heartbeat(
             &self.broker,
             self.consumer.clone(),
