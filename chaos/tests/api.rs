@@ -528,6 +528,9 @@ async fn schemathesis(server: &Server) -> (usize, String) {
     let config = dir.join("schemathesis.toml");
     std::fs::write(&config, SCHEMATHESIS_CONFIG).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/schemathesis.sh");
+    // One worker thread: with two, hypothesis' `ast.parse` calls race inside CPython 3.11 now
+    // and then ("SystemError: AST constructor recursion depth mismatch"), a runtime error of the
+    // tool and not a finding.
     let output = tokio::process::Command::new(script)
         .current_dir(&dir)
         .env("CARGO_TARGET_DIR", target_dir())
@@ -545,7 +548,7 @@ async fn schemathesis(server: &Server) -> (usize, String) {
             "--seed",
             "20261201",
             "--workers",
-            "2",
+            "1",
         ])
         .args(["--request-timeout", "10", "--max-failures", "50", "--report-dir"])
         .arg(dir.join("report"))
