@@ -555,6 +555,12 @@ async fn produce(api: &jobq_testutil::Api, n: usize, rate: u32) -> Vec<Sent> {
     all
 }
 
+/// [`produce`] on a task of its own, so the test can inject the fault meanwhile.
+fn spawn_producer(api: &jobq_testutil::Api, n: usize, rate: u32) -> tokio::task::JoinHandle<Vec<Sent>> {
+    let api = jobq_testutil::Api { base: api.base.clone(), client: api.client.clone() };
+    tokio::spawn(async move { produce(&api, n, rate).await })
+}
+
 /// What the producers saw around an outage `[down, up]`.
 struct Seen {
     acked: Vec<JobId>,
@@ -658,10 +664,7 @@ async fn db_now(c: &Cluster) -> chrono::DateTime<chrono::Utc> {
 async fn s6_redis_killed_and_restarted_from_its_aof_loses_no_acknowledged_job() {
     let mut redis = jobq_testutil::RedisServer::start();
     let (c, api, _api_proc) = cluster_on_own_redis(&redis).await;
-    let producer = {
-        let api = jobq_testutil::Api { base: api.base.clone(), client: api.client.clone() };
-        tokio::spawn(async move { produce(&api, 10_000, 500).await })
-    };
+    let producer = spawn_producer(&api, 10_000, 500);
     tokio::time::sleep(Duration::from_secs(7)).await;
     let down_db = db_now(&c).await;
     redis.kill();
@@ -704,10 +707,7 @@ async fn s6_redis_killed_and_restarted_from_its_aof_loses_no_acknowledged_job() 
 async fn s7_redis_frozen_10s_gets_503_within_the_timeout_and_resumes() {
     let redis = jobq_testutil::RedisServer::start();
     let (c, api, _api_proc) = cluster_on_own_redis(&redis).await;
-    let producer = {
-        let api = jobq_testutil::Api { base: api.base.clone(), client: api.client.clone() };
-        tokio::spawn(async move { produce(&api, 4000, 200).await })
-    };
+    let producer = spawn_producer(&api, 4000, 200);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let frozen_db = db_now(&c).await;
     redis.signal("STOP");
