@@ -47,6 +47,11 @@ enum Command {
     },
 }
 
+// Fewer cycles per allocation than the system allocator on the per-job paths (measured in
+// docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -1,5 +1,10 @@
 //! `jobq-worker`: runs the built-in handlers (`echo`, `sleep`, `fail`) on the configured queues.
 
+// Fewer cycles per allocation than the system allocator on the per-job paths (measured in
+// docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     jobq_worker::main("jobq-worker", jobq_worker::Registry::with_builtins()).await
