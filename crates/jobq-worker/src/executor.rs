@@ -17,6 +17,13 @@ const BATCH: usize = 512;
 /// How long a handler may take to return after its job was cancelled before it is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
+/// What a fetched job holds: a slot to run in, released when its handler returns, and its
+/// place among the jobs whose outcome is not written yet, released after the write.
+pub(crate) struct Permits {
+    pub(crate) run: OwnedSemaphorePermit,
+    pub(crate) held: OwnedSemaphorePermit,
+}
+
 pub(crate) type Done = (Outcome, OwnedSemaphorePermit);
 
 /// Ends the lease renewal of a batch of outcomes when dropped.
@@ -62,7 +69,7 @@ impl Executor {
     pub(crate) fn execute(
         self: Arc<Self>,
         d: Delivery,
-        permit: OwnedSemaphorePermit,
+        permits: Permits,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let slot = Arc::new(Slot {
             lease: Lease {
@@ -76,10 +83,10 @@ impl Executor {
             stop: Mutex::new(None),
         });
         self.running.insert(d.envelope.id, slot.clone());
-        self.run(d, permit, slot)
+        self.run(d, permits, slot)
     }
 
-    async fn run(self: Arc<Self>, d: Delivery, permit: OwnedSemaphorePermit, slot: Arc<Slot>) {
+    async fn run(self: Arc<Self>, d: Delivery, permits: Permits, slot: Arc<Slot>) {
         // The enqueuing request's trace context, carried in the job's metadata.
         let trace = d.envelope.metadata.get("traceparent").and_then(|t| jobq_core::job::parse_traceparent(t));
         let span = tracing::info_span!(
@@ -103,6 +110,7 @@ impl Executor {
             }
             metrics::gauge!("jobq_worker_in_flight").increment(1.0);
             let result = self.attempt(&d, &slot).await;
+            drop(permits.run);
             metrics::gauge!("jobq_worker_in_flight").decrement(1.0);
             metrics::histogram!("jobq_attempt_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
             let Some(result) = result else {
@@ -114,7 +122,7 @@ impl Executor {
                 Ok(_) => tracing::debug!(duration_ms, "job succeeded"),
                 Err(f) => tracing::info!(duration_ms, error = %f.message, reason = f.reason, "job attempt failed"),
             }
-            let _ = self.done.send((Outcome { delivery: d, result }, permit));
+            let _ = self.done.send((Outcome { delivery: d, result }, permits.held));
         }
         .instrument(span)
         .await

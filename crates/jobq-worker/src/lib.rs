@@ -7,8 +7,11 @@
 //!    in strict order or in a weighted random order, until the slots are used.
 //! 2. When nothing was ready, block on XREAD for entries newer than the ones the fetch saw
 //!    (no race: anything added after the fetch wakes the worker), at most `poll_interval`.
-//! 3. Each job runs in its own task with its timeout; its outcome goes to the completer, which
-//!    writes outcomes in batches (one Redis round trip per batch) and then frees the slot.
+//! 3. Each job runs in its own task with its timeout. When its handler returns, the slot is
+//!    free for the next job; the outcome goes to the completer, which writes outcomes in batches
+//!    (one Redis round trip per batch). At most `concurrency` outcomes wait to be written: past
+//!    that, fetching waits for the completer, so a slow Redis holds the worker back instead of
+//!    piling up finished jobs.
 //!
 //! Beside the loop: the heartbeat renews the lease of every running job (and learns of cancel
 //! requests and lost leases), the reaper re-queues jobs whose worker stopped renewing theirs,
@@ -201,6 +204,9 @@ impl Worker {
             "worker started"
         );
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
+        // A job holds one of these from its fetch until its outcome is written: `concurrency`
+        // running plus at most `concurrency` waiting for the completer.
+        let held = Arc::new(Semaphore::new(self.settings.concurrency * 2));
         let abandon = CancellationToken::new();
         let background = CancellationToken::new();
         let running = leases::Running::default();
@@ -244,9 +250,15 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 p = slots.clone().acquire_owned() => p.context("slots closed")?,
             };
-            let mut permits = vec![first];
-            while let Ok(p) = slots.clone().try_acquire_owned() {
-                permits.push(p);
+            let first_held = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                p = held.clone().acquire_owned() => p.context("slots closed")?,
+            };
+            let mut permits = vec![executor::Permits { run: first, held: first_held }];
+            while let Ok(run) = slots.clone().try_acquire_owned() {
+                let Ok(held) = held.clone().try_acquire_owned() else { break };
+                permits.push(executor::Permits { run, held });
             }
             let mut started = 0usize;
             let mut paused = 0usize;
