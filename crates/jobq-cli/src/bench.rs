@@ -185,6 +185,8 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     let body = std::sync::Arc::new(serde_json::to_vec(&body)?);
     let batches = args.jobs.div_ceil(1000);
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // CPU of Redis and of this process (the API and its HTTP clients both run in it).
+    let cpu0 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..args.concurrency.clamp(1, 64) {
@@ -209,12 +211,29 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
         c.await??;
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu1 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
     token.cancel();
     let _ = server.await;
     let n = batches * 1000;
-    Ok(
-        json!({"scenario": "enqueue-api", "n": n, "clients": args.concurrency.clamp(1, 64), "batch": 1000, "jobs_per_s": (n as f64 / secs).round()}),
-    )
+    let per_job = |us: u64| (us as f64 / n as f64 * 10.0).round() / 10.0;
+    let (redis_us, api_us) = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Ok(json!({
+        "scenario": "enqueue-api", "n": n, "clients": args.concurrency.clamp(1, 64), "batch": 1000,
+        "jobs_per_s": (n as f64 / secs).round(),
+        "cpu_us_per_job": {"redis": per_job(redis_us), "api_and_client": per_job(api_us), "total": per_job(redis_us + api_us)},
+        "cpu_bound_jobs_per_s": (cores as f64 * 1e6 * n as f64 / (redis_us + api_us).max(1) as f64).round(),
+    }))
+}
+
+/// CPU Redis has used so far (`INFO cpu`), in µs.
+async fn redis_cpu_us(broker: &Broker) -> anyhow::Result<u64> {
+    let mut conn = broker.connection();
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+    let field = |name: &str| -> f64 {
+        info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    Ok(((field("used_cpu_sys") + field("used_cpu_user")) * 1e6) as u64)
 }
 
 async fn counts(broker: &Broker) -> anyhow::Result<u64> {
@@ -308,12 +327,8 @@ struct CpuSample {
 
 impl CpuSample {
     async fn take(env: &BenchEnv, probe: &mut sqlx::PgConnection, probe_pid: i32) -> anyhow::Result<Self> {
+        let redis_us = redis_cpu_us(&env.broker).await?;
         let mut conn = env.broker.connection();
-        let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
-        let field = |name: &str| -> f64 {
-            info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0.0)
-        };
-        let redis_us = ((field("used_cpu_sys") + field("used_cpu_user")) * 1e6) as u64;
         let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
         let mut commands = HashMap::new();
         for line in stats.lines() {

@@ -15,7 +15,8 @@ use jobq_core::backoff::Backoff;
 use jobq_core::config::Role;
 use jobq_core::job::{DependencyMode, JobId, JobState, NewJob, Priority, QueueName, Start};
 use jobq_core::stream::Cancel;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::Principal;
@@ -186,9 +187,10 @@ pub const MAX_BATCH: usize = 1000;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// Up to 1,000 jobs, each like the body of `POST /api/v1/jobs`.
-    #[schema(min_items = 1, max_items = 1000)]
-    pub jobs: Vec<serde_json::Value>,
+    /// Up to 1,000 jobs, each like the body of `POST /api/v1/jobs`. Each is read on its own,
+    /// so one bad item fails alone (unless the batch is atomic).
+    #[schema(value_type = Vec<serde_json::Value>, min_items = 1, max_items = 1000)]
+    pub jobs: Vec<Box<RawValue>>,
     /// All or nothing: any invalid item rejects the batch (422) and nothing is enqueued.
     #[serde(default)]
     pub atomic: bool,
@@ -215,12 +217,12 @@ pub(crate) async fn enqueue_batch(
     if req.jobs.len() > MAX_BATCH {
         return Err(ApiError::TooLarge(format!("a batch holds 1 to {MAX_BATCH} jobs, got {}", req.jobs.len())));
     }
-    let mut results: Vec<Option<Value>> = vec![None; req.jobs.len()];
-    let mut jobs = Vec::new();
-    let mut index = Vec::new();
+    let mut results: Vec<Option<BatchItem>> = std::iter::repeat_with(|| None).take(req.jobs.len()).collect();
+    let mut jobs = Vec::with_capacity(req.jobs.len());
+    let mut index = Vec::with_capacity(req.jobs.len());
     let mut errors = Vec::new();
     for (i, raw) in req.jobs.into_iter().enumerate() {
-        let parsed = serde_json::from_value::<EnqueueRequest>(raw)
+        let parsed = serde_json::from_str::<EnqueueRequest>(raw.get())
             .map_err(|e| ApiError::Invalid(e.to_string()))
             .and_then(|r| r.into_new_job(state.payload_limit));
         match parsed {
@@ -258,21 +260,48 @@ pub(crate) async fn enqueue_batch(
                 } else {
                     existing += 1;
                 }
-                json!({"index": i, "status": if e.created { 201 } else { 200 }, "job": e.job})
+                BatchItem::Job { index: i, status: if e.created { 201 } else { 200 }, job: Box::new(e.job) }
             }
             Err(e) => item_error(i, e.into()),
         });
     }
     let failed = results.len() - created - existing;
-    let mut body = json!({"created": created, "existing": existing, "failed": failed, "results": results});
+    let results: Vec<BatchItem> = results.into_iter().flatten().collect();
+    let mut body = BatchAnswer { created, existing, failed, results, on_complete: None };
     if let Some(callback) = callback {
         let enqueued = state.broker.enqueue(callback.after_all_finish(done)).await?;
         if enqueued.created {
             count_enqueued(&enqueued.job, 1);
         }
-        body["on_complete"] = json!(enqueued.job);
+        body.on_complete = Some(enqueued.job);
     }
     Ok(Json(body))
+}
+
+/// Answer of `POST /api/v1/jobs/batch`, serialized as it is (no intermediate JSON tree: a
+/// 1,000-job answer is built once).
+#[derive(Serialize)]
+struct BatchAnswer {
+    created: usize,
+    existing: usize,
+    failed: usize,
+    results: Vec<BatchItem>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_complete: Option<JobInfo>,
+}
+
+/// One item of a batch answer: the job (201 created, 200 existing) or why it failed.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchItem {
+    Job { index: usize, status: u16, job: Box<JobInfo> },
+    Failed { index: usize, status: u16, error: ItemError },
+}
+
+#[derive(Serialize)]
+struct ItemError {
+    code: &'static str,
+    message: String,
 }
 
 /// The `on_complete` job of a batch: in the batch's queue (every job of the batch must share
@@ -335,9 +364,9 @@ fn count_enqueued(job: &jobq_core::job::JobInfo, n: u64) {
     metrics::counter!("jobq_jobs_enqueued_total", &labels).increment(n);
 }
 
-fn item_error(i: usize, e: ApiError) -> Value {
+fn item_error(i: usize, e: ApiError) -> BatchItem {
     let (status, code) = e.parts();
-    json!({"index": i, "status": status.as_u16(), "error": {"code": code, "message": e.to_string()}})
+    BatchItem::Failed { index: i, status: status.as_u16(), error: ItemError { code, message: e.to_string() } }
 }
 
 /// Query of `GET /api/v1/jobs`.

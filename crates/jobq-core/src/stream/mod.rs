@@ -26,6 +26,30 @@ use crate::job::{
     from_millis, Envelope, JobId, JobInfo, JobState, NewJob, Priority, QueueName, Start, ENVELOPE_VERSION,
 };
 
+/// Most jobs in one enqueue script call: a 1,000-job batch holds Redis for a few short calls
+/// rather than one long one.
+const ENQUEUE_CHUNK: usize = 250;
+
+/// One job's answer from the enqueue script: created (1, 0 existing, -1 unknown dependency),
+/// state, run_at ms, job id.
+type EnqueueReply = (i64, String, i64, String);
+
+/// Splits the enqueue script's flat answer, four values per job.
+fn enqueue_replies(reply: Value) -> Result<Vec<EnqueueReply>> {
+    let flat: Vec<Value> = redis::from_redis_value(reply).map_err(protocol)?;
+    flat.chunks(4)
+        .map(|c| match c {
+            [a, b, c, d] => Ok((
+                redis::from_redis_value_ref(a).map_err(protocol)?,
+                redis::from_redis_value_ref(b).map_err(protocol)?,
+                redis::from_redis_value_ref(c).map_err(protocol)?,
+                redis::from_redis_value_ref(d).map_err(protocol)?,
+            )),
+            _ => Err(protocol("short enqueue reply")),
+        })
+        .collect()
+}
+
 /// Longest stored handler result (JSON bytes); larger results are replaced by a marker.
 pub const MAX_RESULT_BYTES: usize = 64 * 1024;
 
@@ -444,49 +468,55 @@ impl Broker {
         job.validate()?;
         let envelope = self.envelope(&job);
         self.register_queue(&envelope.queue).await?;
-        let call = self.enqueue_call(&envelope, job.start, job.unique_ttl)?;
-        let reply = self.run_one(call).await?;
-        self.enqueued(envelope, reply).await
+        let call = self.enqueue_call(&envelope.queue, [(&envelope, job.start, job.unique_ttl)])?;
+        let reply = enqueue_replies(self.run_one(call).await?)?.into_iter().next();
+        self.enqueued(envelope, reply.ok_or_else(|| protocol("empty enqueue reply"))?).await
     }
 
-    fn enqueue_call(&self, env: &Envelope, start: Start, unique_ttl: Option<Duration>) -> Result<Call> {
-        let (delay, run_at) = match start {
-            Start::Now => (String::new(), String::new()),
-            Start::After(d) => (d.as_millis().to_string(), String::new()),
-            Start::At(t) => (String::new(), t.timestamp_millis().to_string()),
-        };
-        let q = &env.queue;
-        let job_key = self.keys.job(q, env.id);
-        let stream = self.keys.stream(q, env.priority);
-        let scheduled = self.keys.scheduled(q);
-        let expiring = self.keys.expiring(q);
-        let unique = env.unique_key.as_deref().map(|k| self.keys.unique(q, k));
-        let mut keys = vec![job_key.as_str(), &stream, &scheduled, &expiring];
-        keys.extend(unique.as_deref());
-        let mode = env.dependency_mode.filter(|_| !env.depends_on.is_empty()).map(|m| m.as_str()).unwrap_or("");
-        let mut call = Call::new(&SCRIPTS.enqueue, &keys)
-            .arg(env.id.to_string())
-            .arg(serde_json::to_string(env)?)
-            .arg(env.priority.as_str())
-            .arg(&env.kind)
-            .arg(env.max_attempts)
-            .arg(delay)
-            .arg(run_at)
-            .arg(Keys::GROUP)
-            .arg(env.expires_at.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
-            .arg(unique_ttl.map(|t| t.as_millis().max(1).to_string()).unwrap_or_default())
-            .arg(self.keys.job_prefix(q))
-            .arg(secs(self.retention.dead))
-            .arg(mode);
-        for dep in &env.depends_on {
-            call = call.arg(dep.to_string());
+    /// One enqueue script call for jobs of one queue, in their order.
+    fn enqueue_call<'a>(
+        &self,
+        queue: &QueueName,
+        jobs: impl IntoIterator<Item = (&'a Envelope, Start, Option<Duration>)>,
+    ) -> Result<Call> {
+        let streams = self.keys.streams(queue);
+        let (scheduled, expiring) = (self.keys.scheduled(queue), self.keys.expiring(queue));
+        let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+        keys.extend([scheduled.as_str(), expiring.as_str()]);
+        let mut call =
+            Call::new(&SCRIPTS.enqueue, &keys).arg(self.keys.job_prefix(queue)).arg(secs(self.retention.dead));
+        for (env, start, unique_ttl) in jobs {
+            let (delay, run_at) = match start {
+                Start::Now => (String::new(), String::new()),
+                Start::After(d) => (d.as_millis().to_string(), String::new()),
+                Start::At(t) => (String::new(), t.timestamp_millis().to_string()),
+            };
+            let unique = env.unique_key.as_deref().map(|k| self.keys.unique(queue, k)).unwrap_or_default();
+            let mode = env.dependency_mode.filter(|_| !env.depends_on.is_empty()).map(|m| m.as_str()).unwrap_or("");
+            call = call
+                .arg(env.id.to_string())
+                .arg(serde_json::to_string(env)?)
+                .arg(env.priority.as_str())
+                .arg(&env.kind)
+                .arg(env.max_attempts)
+                .arg(delay)
+                .arg(run_at)
+                .arg(env.expires_at.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
+                .arg(unique)
+                .arg(unique_ttl.map(|t| t.as_millis().max(1).to_string()).unwrap_or_default())
+                .arg(mode)
+                .arg(if mode.is_empty() { 0 } else { env.depends_on.len() });
+            if !mode.is_empty() {
+                for dep in &env.depends_on {
+                    call = call.arg(dep.to_string());
+                }
+            }
         }
         Ok(call)
     }
 
-    async fn enqueued(&self, envelope: Envelope, reply: Value) -> Result<Enqueued> {
-        let (created, state, run_at, id): (i64, String, i64, String) =
-            redis::from_redis_value(reply).map_err(protocol)?;
+    async fn enqueued(&self, envelope: Envelope, reply: EnqueueReply) -> Result<Enqueued> {
+        let (created, state, run_at, id) = reply;
         if created < 0 {
             return Err(Error::Invalid(format!(
                 "`depends_on`: no job {id} in queue `{}` (dependencies must be in the job's queue)",
@@ -1206,15 +1236,42 @@ impl Broker {
         if atomic {
             self.check_dependencies(prepared.iter().map(|(_, env, ..)| env)).await?;
         }
-        let calls = prepared
+        // One script call per queue and chunk: jobs of a queue keep their order (a job may
+        // depend on one earlier in the batch), and no call holds Redis for long.
+        let mut by_queue: Vec<(&QueueName, Vec<usize>)> = Vec::new();
+        for (k, (_, env, ..)) in prepared.iter().enumerate() {
+            match by_queue.iter_mut().find(|(q, idx)| *q == &env.queue && idx.len() < ENQUEUE_CHUNK) {
+                Some((_, idx)) => idx.push(k),
+                None => by_queue.push((&env.queue, vec![k])),
+            }
+        }
+        let calls = by_queue
             .iter()
-            .map(|(_, env, start, ttl)| self.enqueue_call(env, *start, *ttl))
+            .map(|(q, idx)| self.enqueue_call(q, idx.iter().map(|&k| (&prepared[k].1, prepared[k].2, prepared[k].3))))
             .collect::<Result<Vec<_>>>()?;
         let replies = if atomic { self.run_atomic(&SCRIPTS.enqueue, calls).await? } else { self.run(calls).await? };
-        for ((i, env, ..), reply) in prepared.into_iter().zip(replies) {
-            items[i] = Some(match reply {
-                Ok(v) => self.enqueued(env, v).await,
-                Err(e) => Err(e.into()),
+        let mut answers: Vec<Option<Result<EnqueueReply>>> =
+            std::iter::repeat_with(|| None).take(prepared.len()).collect();
+        for ((_, idx), reply) in by_queue.iter().zip(replies) {
+            match reply.map_err(Error::from).and_then(enqueue_replies) {
+                Ok(r) if r.len() == idx.len() => {
+                    for (&k, r) in idx.iter().zip(r) {
+                        answers[k] = Some(Ok(r));
+                    }
+                }
+                Ok(_) => idx.iter().for_each(|&k| answers[k] = Some(Err(protocol("short enqueue reply")))),
+                Err(Error::Redis(e)) => idx.iter().for_each(|&k| answers[k] = Some(Err(Error::Redis(e.clone())))),
+                Err(e) => {
+                    let msg = e.to_string();
+                    idx.iter().for_each(|&k| answers[k] = Some(Err(protocol(&msg))));
+                }
+            }
+        }
+        for ((i, env, ..), answer) in prepared.into_iter().zip(answers) {
+            items[i] = Some(match answer {
+                Some(Ok(r)) => self.enqueued(env, r).await,
+                Some(Err(e)) => Err(e),
+                None => Err(protocol("missing batch reply")),
             });
         }
         Ok(items.into_iter().map(|i| i.unwrap_or_else(|| Err(protocol("missing batch reply")))).collect())

@@ -300,3 +300,49 @@ async fn outbox_events_are_read_once_per_group_and_deleted_on_ack() {
     assert_eq!(xlen(&env, &env.keys().events(&q())).await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_large_batch_over_two_queues_keeps_each_queues_order_across_script_calls() {
+    let env = TestEnv::new().await;
+    let other: QueueName = "other".parse().unwrap();
+    // 700 jobs, alternating queues: each queue's 350 span two enqueue calls. The last job of
+    // `default` depends on its first (an earlier call), and two share a unique key.
+    let mut jobs: Vec<NewJob> = (0..700)
+        .map(|i| NewJob::new("echo", json!({"i": i})).queue(if i % 2 == 0 { q() } else { other.clone() }))
+        .collect();
+    let first = env.broker.enqueue_many(jobs.drain(..1).collect(), false).await.unwrap();
+    let first_id = first[0].as_ref().unwrap().job.id;
+    jobs[697] = NewJob::new("echo", json!({"i": 698})).depends_on(vec![first_id]);
+    jobs[101] = NewJob::new("echo", json!({"i": 102})).unique("once", None);
+    jobs[301] = NewJob::new("echo", json!({"i": 302})).unique("once", None);
+    let items = env.broker.enqueue_many(jobs, false).await.unwrap();
+    assert_eq!(items.len(), 699);
+    let created: Vec<_> = items.iter().map(|r| r.as_ref().unwrap()).collect();
+    assert_eq!(created.iter().filter(|e| !e.created).count(), 1, "the second unique key is the first's job");
+    assert_eq!(created[301].job.id, created[101].job.id);
+    assert_eq!(created[697].job.state, JobState::Waiting, "waits for a job enqueued by an earlier call");
+    // Stream order in each queue is the order given.
+    for (queue, parity) in [(q(), 0), (other.clone(), 1)] {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(env.keys().stream(&queue, Priority::Normal))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut env.broker.connection())
+            .await
+            .unwrap();
+        let ids: Vec<String> = entries.into_iter().map(|(_, f)| f[0].1.clone()).collect();
+        let mut expected: Vec<String> = std::iter::once(first_id.to_string()).filter(|_| parity == 0).collect();
+        expected.extend(
+            created
+                .iter()
+                .enumerate()
+                .filter(|(k, e)| (k + 1) % 2 == parity && e.created && e.job.state == JobState::Queued)
+                .map(|(_, e)| e.job.id.to_string()),
+        );
+        assert_eq!(ids, expected, "queue {queue}");
+    }
+    // Counters start absent and read as 0.
+    let stored = env.broker.job(created[0].job.id).await.unwrap().unwrap();
+    assert_eq!((stored.attempt, stored.reclaims), (0, 0));
+    assert_eq!(hget(&env, &env.keys().job(&other, created[0].job.id), "attempt").await, None);
+}

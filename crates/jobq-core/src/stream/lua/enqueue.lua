@@ -1,106 +1,141 @@
--- Enqueue one job: create its hash, then put it in its priority stream (ready now) or in the
--- scheduled set (later). An id that exists, or a unique key held by a live job, enqueues
--- nothing and returns that job instead.
--- KEYS: 1 job hash, 2 priority stream, 3 scheduled zset, 4 expiring zset, [5 unique key]
--- ARGV: 1 id, 2 envelope json, 3 priority, 4 type, 5 max_attempts, 6 delay ms or '',
---       7 run_at ms or '', 8 consumer group, 9 expires_at ms or '', 10 unique ttl ms or '',
---       11 job key prefix, 12 dead retention seconds, 13 dependency mode ('' | 'succeeded' |
---       'finished'), 14.. ids of the jobs it depends on (same queue)
--- Returns {created 0|1, state, run_at ms, job id}, or {-1, 'unknown dependency', 0, dep id}.
+-- Enqueue jobs of one queue (one or a whole batch per call): create each job's hash, then put
+-- it in its priority stream (ready now) or in the scheduled set (later). An id that exists, or
+-- a unique key held by a live job, enqueues nothing and returns that job instead.
+-- KEYS: 1..4 priority streams (critical, high, normal, low), 5 scheduled zset, 6 expiring zset
+-- ARGV: 1 job key prefix, 2 dead retention seconds, then per job 12 fields and its dependencies:
+--       id, envelope json, priority name, type, max_attempts, delay ms or '', run_at ms or '',
+--       expires_at ms or '', unique key (the whole key, same queue) or '', unique ttl ms or '',
+--       dependency mode ('' | 'succeeded' | 'finished'), number of dependencies, then their ids
+--       (jobs of the same queue)
+-- Returns 4 values per job: created (1, 0 existing, -1 unknown dependency), state, run_at ms,
+-- job id (the existing job's, or the unknown dependency's).
 -- A job with unfinished dependencies waits (state waiting) until they finish; one whose
 -- dependency is already dead or cancelled is dead-lettered at once (reason dependency_failed)
 -- unless the mode is 'finished'.
-local existing = redis.call('HGET', KEYS[1], 'state')
-if existing then
-  return {0, existing, tonumber(redis.call('HGET', KEYS[1], 'run_at') or '0'), ARGV[1]}
+local prefix, retention = ARGV[1], ARGV[2]
+local stream_of = {critical = 1, high = 2, normal = 3, low = 4}
+local grouped = {}
+local now, now_s = now_ms_pair()
+local out = {}
+
+local function answer(created, state, run_at, id)
+  local n = #out
+  out[n + 1] = created
+  out[n + 2] = state
+  out[n + 3] = run_at
+  out[n + 4] = id
 end
-if KEYS[5] then
-  local holder = redis.call('GET', KEYS[5])
-  if holder then
-    local hk = ARGV[11] .. holder
-    local hstate = redis.call('HGET', hk, 'state')
-    if hstate then
-      return {0, hstate, tonumber(redis.call('HGET', hk, 'run_at') or '0'), holder}
+
+local i = 3
+while i <= #ARGV do
+  local id, envelope, prio, kind, max_attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local delay, at, expires_at, unique, unique_ttl = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local mode, ndeps = ARGV[i + 10], tonumber(ARGV[i + 11])
+  local first_dep = i + 12
+  i = first_dep + ndeps
+  local jk = prefix .. id
+  local existing = redis.call('HGET', jk, 'state')
+  local holder = nil
+  if not existing and unique ~= '' then
+    holder = redis.call('GET', unique)
+    if holder then
+      existing = redis.call('HGET', prefix .. holder, 'state')
+      if not existing then holder = nil end
     end
   end
-end
-local waits, failed, failed_state = {}, nil, nil
-if ARGV[13] ~= '' then
-  for i = 14, #ARGV do
-    local st = redis.call('HGET', ARGV[11] .. ARGV[i], 'state')
-    if not st then
-      return {-1, 'unknown dependency', 0, ARGV[i]}
-    end
-    if st == 'dead' or st == 'cancelled' then
-      if ARGV[13] ~= 'finished' and not failed then failed, failed_state = ARGV[i], st end
-    elseif st ~= 'succeeded' then
-      waits[#waits + 1] = ARGV[i]
-    end
-  end
-end
-local now = now_ms()
-local run_at = now
-if ARGV[6] ~= '' then
-  run_at = now + tonumber(ARGV[6])
-elseif ARGV[7] ~= '' then
-  run_at = tonumber(ARGV[7])
-end
-local fields = {'envelope', ARGV[2], 'prio', ARGV[3], 'type', ARGV[4], 'max_attempts', ARGV[5],
-  'attempt', 0, 'attempts_total', 0, 'reclaims', 0, 'run', 1, 'run_at', run_at, 'enqueued_at', now}
-if ARGV[9] ~= '' then
-  fields[#fields + 1] = 'expires_at'
-  fields[#fields + 1] = ARGV[9]
-  redis.call('ZADD', KEYS[4], ARGV[9], ARGV[1])
-end
-if KEYS[5] then
-  if ARGV[10] ~= '' then
-    redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[10])
+  if existing then
+    local owner = holder or id
+    answer(0, existing, tonumber(redis.call('HGET', prefix .. owner, 'run_at') or '0'), owner)
   else
-    redis.call('SET', KEYS[5], ARGV[1])
+    local waits, failed, failed_state, unknown = {}, nil, nil, nil
+    if mode ~= '' then
+      for d = first_dep, first_dep + ndeps - 1 do
+        local st = redis.call('HGET', prefix .. ARGV[d], 'state')
+        if not st then
+          unknown = ARGV[d]
+          break
+        end
+        if st == 'dead' or st == 'cancelled' then
+          if mode ~= 'finished' and not failed then failed, failed_state = ARGV[d], st end
+        elseif st ~= 'succeeded' then
+          waits[#waits + 1] = ARGV[d]
+        end
+      end
+    end
+    if unknown then
+      answer(-1, 'unknown dependency', 0, unknown)
+    else
+      -- Times are written as strings: a Lua number given to redis.call goes through printf.
+      local run_at, run_at_s = now, now_s
+      if delay ~= '' then
+        run_at = now + tonumber(delay)
+        run_at_s = string.format('%d', run_at)
+      elseif at ~= '' then
+        run_at, run_at_s = tonumber(at), at
+      end
+      -- Counters (attempt, attempts_total, reclaims) start absent, read as 0.
+      local fields = {'envelope', envelope, 'prio', prio, 'type', kind, 'max_attempts', max_attempts, 'run', '1',
+        'run_at', run_at_s, 'enqueued_at', now_s}
+      if expires_at ~= '' then
+        fields[#fields + 1] = 'expires_at'
+        fields[#fields + 1] = expires_at
+        redis.call('ZADD', KEYS[6], expires_at, id)
+      end
+      if unique ~= '' then
+        if unique_ttl ~= '' then
+          redis.call('SET', unique, id, 'PX', unique_ttl)
+        else
+          redis.call('SET', unique, id)
+        end
+        fields[#fields + 1] = 'unique_key'
+        fields[#fields + 1] = unique
+        fields[#fields + 1] = 'unique_hold'
+        fields[#fields + 1] = (unique_ttl ~= '' and 'ttl') or 'terminal'
+      end
+      if mode ~= '' then
+        fields[#fields + 1] = 'dep_mode'
+        fields[#fields + 1] = mode
+      end
+      local n = #fields
+      if failed then
+        fields[n + 1] = 'state'
+        fields[n + 2] = 'waiting'
+        redis.call('HSET', jk, unpack(fields))
+        fail_waiting(queue_base(jk, id), jk, id, failed, failed_state, now, retention)
+        answer(1, 'dead', run_at, id)
+      elseif #waits > 0 then
+        local base = queue_base(jk, id)
+        for _, dep in ipairs(waits) do
+          redis.call('SADD', base .. 'dependents:' .. dep, id)
+          redis.call('HSET', base .. 'job:' .. dep, 'has_dependents', 1)
+        end
+        redis.call('SADD', base .. 'waiting:' .. id, unpack(waits))
+        fields[n + 1] = 'state'
+        fields[n + 2] = 'waiting'
+        redis.call('HSET', jk, unpack(fields))
+        answer(1, 'waiting', run_at, id)
+      elseif run_at > now then
+        redis.call('ZADD', KEYS[5], run_at_s, id)
+        fields[n + 1] = 'state'
+        fields[n + 2] = 'scheduled'
+        redis.call('HSET', jk, unpack(fields))
+        answer(1, 'scheduled', run_at, id)
+      else
+        local s = stream_of[prio]
+        if not grouped[s] then
+          if redis.call('EXISTS', KEYS[s]) == 0 then
+            redis.call('XGROUP', 'CREATE', KEYS[s], GROUP, '0', 'MKSTREAM')
+          end
+          grouped[s] = true
+        end
+        fields[n + 1] = 'state'
+        fields[n + 2] = 'queued'
+        fields[n + 3] = 'entry'
+        fields[n + 4] = redis.call('XADD', KEYS[s], '*', 'id', id)
+        redis.call('HSET', jk, unpack(fields))
+        answer(1, 'queued', run_at, id)
+      end
+    end
   end
-  fields[#fields + 1] = 'unique_key'
-  fields[#fields + 1] = KEYS[5]
-  fields[#fields + 1] = 'unique_hold'
-  fields[#fields + 1] = (ARGV[10] ~= '' and 'ttl') or 'terminal'
 end
-if ARGV[13] ~= '' then
-  fields[#fields + 1] = 'dep_mode'
-  fields[#fields + 1] = ARGV[13]
-end
-if failed then
-  fields[#fields + 1] = 'state'
-  fields[#fields + 1] = 'waiting'
-  redis.call('HSET', KEYS[1], unpack(fields))
-  local base = queue_base(KEYS[1], ARGV[1])
-  fail_waiting(base, KEYS[1], ARGV[1], failed, failed_state, now, ARGV[12])
-  return {1, 'dead', run_at, ARGV[1]}
-end
-if #waits > 0 then
-  local base = queue_base(KEYS[1], ARGV[1])
-  for _, dep in ipairs(waits) do
-    redis.call('SADD', base .. 'dependents:' .. dep, ARGV[1])
-    redis.call('HSET', base .. 'job:' .. dep, 'has_dependents', 1)
-  end
-  redis.call('SADD', base .. 'waiting:' .. ARGV[1], unpack(waits))
-  fields[#fields + 1] = 'state'
-  fields[#fields + 1] = 'waiting'
-  redis.call('HSET', KEYS[1], unpack(fields))
-  return {1, 'waiting', run_at, ARGV[1]}
-end
-if run_at > now then
-  redis.call('ZADD', KEYS[3], run_at, ARGV[1])
-  fields[#fields + 1] = 'state'
-  fields[#fields + 1] = 'scheduled'
-  redis.call('HSET', KEYS[1], unpack(fields))
-  return {1, 'scheduled', run_at, ARGV[1]}
-end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[8], '0', 'MKSTREAM')
-end
-local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
-fields[#fields + 1] = 'state'
-fields[#fields + 1] = 'queued'
-fields[#fields + 1] = 'entry'
-fields[#fields + 1] = entry
-redis.call('HSET', KEYS[1], unpack(fields))
-return {1, 'queued', run_at, ARGV[1]}
+return out
