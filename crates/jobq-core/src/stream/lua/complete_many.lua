@@ -38,8 +38,9 @@ for i = 4, #ARGV, 5 do
     else
       redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s)
     end
-    redis.call('HDEL', jk, 'lease', 'entry')
-    release_unique(jk, id, {h[8], h[9]})
+    -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
+    -- only looked at while the job is queued.
+    if h[8] then release_unique(jk, id, {h[8], h[9]}) end
     if expires then redis.call('EXPIRE', jk, retention) end
     if h[10] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[11] then release_dependents(jk, id, 'succeeded', now, retention) end

@@ -37,8 +37,11 @@ for i = 1, 4 do
             local attempt = (tonumber(st[4]) or 0) + 1
             local lease = (tonumber(st[5]) or 0) + 1
             local total = (tonumber(st[6]) or 0) + 1
-            redis.call('HSET', jk, 'state', 'running', 'started_at', now_s, 'lease', lease, 'worker', ARGV[2],
-              'attempt', attempt, 'lease_seq', lease, 'attempts_total', total)
+            -- Formatted once each as integers (a number given to redis.call goes through
+            -- printf('%.17g')); the lease token doubles as the lease counter.
+            local lease_s = string.format('%d', lease)
+            redis.call('HSET', jk, 'state', 'running', 'started_at', now_s, 'lease', lease_s, 'worker', ARGV[2],
+              'attempt', string.format('%d', attempt), 'lease_seq', lease_s, 'attempts_total', string.format('%d', total))
             local n = #jobs
             jobs[n + 1] = id
             jobs[n + 2] = entry
