@@ -46,7 +46,7 @@ pub fn schema_opt() -> utoipa::openapi::schema::Schema {
 
 /// `#[serde(with = "jobq_core::duration::serde_human")]` for `Duration` fields.
 pub mod serde_human {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
     /// Writes the duration as a human-readable string.
@@ -54,17 +54,34 @@ pub mod serde_human {
         s.serialize_str(&super::format(*d))
     }
 
-    /// Reads a string (`"30s"`) or an integer number of milliseconds.
+    /// Reads a string (`"30s"`) or an integer number of milliseconds. A visitor rather than an
+    /// untagged enum: every envelope holds two durations, and an untagged enum buffers the value
+    /// and builds (then drops) an error for each variant that does not match.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Ms(u64),
-            Text(String),
+        d.deserialize_any(Human)
+    }
+
+    struct Human;
+
+    impl serde::de::Visitor<'_> for Human {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as \"30s\" or an integer number of milliseconds")
         }
-        match Raw::deserialize(d)? {
-            Raw::Ms(ms) => Ok(Duration::from_millis(ms)),
-            Raw::Text(t) => super::parse(&t).map_err(serde::de::Error::custom),
+
+        fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<Duration, E> {
+            Ok(Duration::from_millis(ms))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<Duration, E> {
+            u64::try_from(ms)
+                .map(Duration::from_millis)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(ms), &self))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            super::parse(text).map_err(E::custom)
         }
     }
 }
@@ -101,5 +118,22 @@ mod tests {
         assert_eq!(parse("1h 30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse("250").unwrap(), Duration::from_millis(250));
         assert!(parse("soon").unwrap_err().contains("soon"));
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    struct Holder {
+        #[serde(with = "serde_human")]
+        d: Duration,
+    }
+
+    #[test]
+    fn serde_reads_text_or_milliseconds_and_names_what_it_expects() {
+        let read = |json: &str| serde_json::from_str::<Holder>(json).map(|h| h.d).map_err(|e| e.to_string());
+        assert_eq!(read(r#"{"d":"1h 30m"}"#), Ok(Duration::from_secs(5400)));
+        assert_eq!(read(r#"{"d":1500}"#), Ok(Duration::from_millis(1500)));
+        assert!(read(r#"{"d":-1}"#).unwrap_err().contains("integer number of milliseconds"));
+        assert!(read(r#"{"d":true}"#).unwrap_err().contains("a duration such as"));
+        assert!(read(r#"{"d":"soon"}"#).unwrap_err().contains("soon"));
+        assert!(read(r#"{"d":1.5}"#).is_err());
     }
 }
