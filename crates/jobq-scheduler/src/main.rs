@@ -11,11 +11,6 @@ struct Args {
     config: Option<std::path::PathBuf>,
 }
 
-// Fewer cycles per allocation than the system allocator on the per-job paths (measured in
-// docs/performance.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
