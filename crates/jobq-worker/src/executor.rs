@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::job_metrics::JobMetrics;
 use crate::leases::{Running, Slot, Stop};
 use crate::registry::{Attached, JobService};
 use crate::{HandlerError, HandlerResult, JobContext};
@@ -49,6 +50,8 @@ pub(crate) struct Executor {
     /// Cancelled when in-flight jobs are given up (shutdown grace elapsed).
     pub(crate) abandon: CancellationToken,
     pub(crate) running: Running,
+    pub(crate) metrics: JobMetrics,
+    pub(crate) in_flight: metrics::Gauge,
 }
 
 /// How the handler's task ended.
@@ -102,17 +105,17 @@ impl Executor {
         jobq_core::telemetry::adopt_parent(&span, meta("traceparent"), meta("tracestate"));
         async move {
             let started = std::time::Instant::now();
-            let labels = [("queue", d.queue.to_string()), ("type", jobq_core::ops::type_label(&d.envelope.kind))];
-            metrics::counter!("jobq_jobs_started_total", &labels).increment(1);
-            let waited = (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+            let m = self.metrics.of(&d.queue, &d.envelope.kind);
+            m.started.increment(1);
             if d.attempt == 1 && d.run == 1 {
-                metrics::histogram!("jobq_enqueue_to_start_seconds", "queue" => d.queue.to_string()).record(waited);
+                let waited = (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+                m.enqueue_to_start.record(waited);
             }
-            metrics::gauge!("jobq_worker_in_flight").increment(1.0);
+            self.in_flight.increment(1.0);
             let result = self.attempt(&d, &slot).await;
             drop(permits.run);
-            metrics::gauge!("jobq_worker_in_flight").decrement(1.0);
-            metrics::histogram!("jobq_attempt_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+            self.in_flight.decrement(1.0);
+            m.duration.record(started.elapsed().as_secs_f64());
             let Some(result) = result else {
                 self.running.remove(&d.envelope.id, &d.lease);
                 return;
@@ -215,6 +218,7 @@ pub(crate) async fn complete_loop(
     mut rx: mpsc::UnboundedReceiver<Done>,
     running: crate::leases::Running,
     abandon: CancellationToken,
+    job_metrics: JobMetrics,
 ) {
     let mut buf: Vec<Done> = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut buf, BATCH).await > 0 {
@@ -226,23 +230,11 @@ pub(crate) async fn complete_loop(
             match broker.settle(&outcomes).await {
                 Ok(results) => {
                     for (o, r) in outcomes.iter().zip(results) {
-                        let outcome = match r {
-                            Settled::Succeeded => "succeeded",
-                            Settled::Retrying => "retried",
-                            Settled::Dead => "dead",
-                            Settled::Cancelled => "cancelled",
-                            Settled::Postponed => "postponed",
-                            Settled::Stale => "stale",
-                        };
                         let d = &o.delivery;
-                        let labels = [
-                            ("queue", d.queue.to_string()),
-                            ("type", jobq_core::ops::type_label(&d.envelope.kind)),
-                            ("outcome", outcome.to_owned()),
-                        ];
-                        metrics::counter!("jobq_jobs_finished_total", &labels).increment(1);
+                        let m = job_metrics.of(&d.queue, &d.envelope.kind);
+                        m.finished(r).increment(1);
                         if o.result.is_err() && !matches!(r, Settled::Stale | Settled::Postponed) {
-                            metrics::counter!("jobq_jobs_failed_total", &labels[..2]).increment(1);
+                            m.failed.increment(1);
                         }
                         if r == Settled::Stale {
                             tracing::warn!(job.id = %o.delivery.envelope.id, "lease lost: another worker owns this job now; outcome dropped");

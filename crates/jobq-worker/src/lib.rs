@@ -33,6 +33,7 @@
 
 mod executor;
 pub mod handlers;
+mod job_metrics;
 pub mod layers;
 mod leases;
 mod registry;
@@ -211,8 +212,14 @@ impl Worker {
         let background = CancellationToken::new();
         let running = leases::Running::default();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let completer =
-            tokio::spawn(executor::complete_loop(self.broker.clone(), done_rx, running.clone(), abandon.clone()));
+        let job_metrics = job_metrics::JobMetrics::default();
+        let completer = tokio::spawn(executor::complete_loop(
+            self.broker.clone(),
+            done_rx,
+            running.clone(),
+            abandon.clone(),
+            job_metrics.clone(),
+        ));
         let heartbeat = leases::spawn_heartbeat(
             &self.broker,
             self.consumer.clone(),
@@ -237,6 +244,8 @@ impl Worker {
             done: done_tx,
             abandon: abandon.clone(),
             running: running.clone(),
+            metrics: job_metrics,
+            in_flight: metrics::gauge!("jobq_worker_in_flight"),
         });
         let mut blocking = None;
         let mut backoff = Duration::from_millis(50);
