@@ -128,6 +128,17 @@ impl Call {
         self.0.arg(a);
         self
     }
+
+    /// The job's id, envelope JSON, priority, type and max_attempts: how the enqueue and
+    /// retry_dead scripts begin each job.
+    fn envelope(self, env: &Envelope) -> Result<Self> {
+        Ok(self
+            .arg(env.id.to_string())
+            .arg(serde_json::to_string(env)?)
+            .arg(env.priority.as_str())
+            .arg(&env.kind)
+            .arg(env.max_attempts))
+    }
 }
 
 /// A started job handed to a worker.
@@ -494,11 +505,7 @@ impl Broker {
             let unique = env.unique_key.as_deref().map(|k| self.keys.unique(queue, k)).unwrap_or_default();
             let mode = env.dependency_mode.filter(|_| !env.depends_on.is_empty()).map(|m| m.as_str()).unwrap_or("");
             call = call
-                .arg(env.id.to_string())
-                .arg(serde_json::to_string(env)?)
-                .arg(env.priority.as_str())
-                .arg(&env.kind)
-                .arg(env.max_attempts)
+                .envelope(env)?
                 .arg(delay)
                 .arg(run_at)
                 .arg(env.expires_at.map(|t| t.timestamp_millis().to_string()).unwrap_or_default())
@@ -755,14 +762,8 @@ impl Broker {
         self.register_queue(&envelope.queue).await?;
         let job_key = self.keys.job(&envelope.queue, envelope.id);
         let stream = self.keys.stream(&envelope.queue, envelope.priority);
-        let call = Call::new(&SCRIPTS.retry_dead, &[&job_key, &stream])
-            .arg(envelope.id.to_string())
-            .arg(serde_json::to_string(envelope)?)
-            .arg(envelope.priority.as_str())
-            .arg(&envelope.kind)
-            .arg(envelope.max_attempts)
-            .arg(dead_run)
-            .arg(Keys::GROUP);
+        let call =
+            Call::new(&SCRIPTS.retry_dead, &[&job_key, &stream]).envelope(envelope)?.arg(dead_run).arg(Keys::GROUP);
         let (ok, state, run): (i64, String, u32) =
             redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         Ok(if ok == 1 { Requeued::Queued { run } } else { Requeued::NotDead { state, run } })
