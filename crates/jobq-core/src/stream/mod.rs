@@ -10,7 +10,7 @@ pub mod keys;
 pub mod outbox;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -162,6 +162,10 @@ pub struct Delivery {
     pub envelope: Envelope,
     /// The last checkpoint an earlier attempt of this run saved, if any.
     pub checkpoint: Option<Json>,
+    /// When the attempt started, by the Redis clock (ms since the epoch; the job's `started_at`).
+    pub started_ms: i64,
+    /// The consumer that started it.
+    pub worker: Arc<str>,
 }
 
 /// What [`Broker::fetch`] found.
@@ -592,8 +596,11 @@ impl Broker {
             .arg(self.keys.job_prefix(queue))
             .arg(secs(self.retention.dead));
         let reply = self.run_one(call).await?;
-        let (flat, last, paused): (Vec<Value>, Vec<String>, i64) = redis::from_redis_value(reply).map_err(protocol)?;
+        let (flat, last, paused, now): (Vec<Value>, Vec<String>, i64, String) =
+            redis::from_redis_value(reply).map_err(protocol)?;
         let mut fetched = Fetched { paused: paused == 1, ..Fetched::default() };
+        let started_ms: i64 = if flat.is_empty() { 0 } else { now.parse().map_err(|_| protocol("bad fetch clock"))? };
+        let worker: Arc<str> = consumer.into();
         let mut it = flat.into_iter();
         while let Some(id) = it.next() {
             let mut field = || it.next().ok_or_else(|| protocol("short fetch reply"));
@@ -620,6 +627,8 @@ impl Broker {
                 run,
                 envelope,
                 checkpoint,
+                started_ms,
+                worker: worker.clone(),
             });
         }
         if fetched.jobs.is_empty() && !fetched.paused {
@@ -692,7 +701,8 @@ impl Broker {
             let mut call = Call::new(&SCRIPTS.complete_many, &keys)
                 .arg(Keys::GROUP)
                 .arg(secs(self.retention.succeeded))
-                .arg(self.keys.job_prefix(q));
+                .arg(self.keys.job_prefix(q))
+                .arg(batch_event(idx.iter().map(|&i| &outcomes[i].delivery)));
             for &i in &idx {
                 let o = &outcomes[i];
                 let d = &o.delivery;
@@ -768,6 +778,26 @@ impl Broker {
             redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         Ok(if ok == 1 { Requeued::Queued { run } } else { Requeued::NotDead { state, run } })
     }
+}
+
+/// The `batch` array of a `complete_many` outbox event for these attempts: six JSON strings
+/// each (id, run, attempt, type, started_at, worker), as `decode_batch` reads them.
+fn batch_event<'a>(deliveries: impl ExactSizeIterator<Item = &'a Delivery>) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(deliveries.len() * 128 + 2);
+    out.push(b'[');
+    for (k, d) in deliveries.enumerate() {
+        if k > 0 {
+            out.push(b',');
+        }
+        // Ids and numbers need no escaping; the type and the worker name go through serde_json.
+        let _ = write!(out, "\"{}\",\"{}\",\"{}\",", d.envelope.id, d.run, d.attempt);
+        let _ = serde_json::to_writer(&mut out, &d.envelope.kind);
+        let _ = write!(out, ",\"{}\",", d.started_ms);
+        let _ = serde_json::to_writer(&mut out, &*d.worker);
+    }
+    out.push(b']');
+    out
 }
 
 /// A running job whose lease a worker renews.

@@ -191,6 +191,42 @@ async fn a_stale_lease_can_neither_complete_nor_fail_the_job() {
 }
 
 #[tokio::test]
+async fn completed_attempts_reach_the_outbox_with_what_their_fetch_returned_and_stale_ones_do_not() {
+    let env = TestEnv::new().await;
+    for n in 0..3 {
+        env.broker.enqueue(NewJob::new("echo", json!({"n": n}))).await.unwrap();
+    }
+    let fetched = env.broker.fetch(&q(), "c1", 3).await.unwrap().jobs;
+    assert_eq!(fetched.len(), 3);
+    let mut stale = fetched[1].clone();
+    stale.lease = "999".into();
+    let ok = |d: &Delivery| Outcome { delivery: d.clone(), result: Ok(None) };
+    let settled = env.broker.settle(&[ok(&fetched[0]), ok(&stale), ok(&fetched[2])]).await.unwrap();
+    assert_eq!(settled, [Settled::Succeeded, Settled::Stale, Settled::Succeeded]);
+    // The middle job, still running under its real lease, completes on its own.
+    assert_eq!(env.broker.settle(&[ok(&fetched[1])]).await.unwrap(), [Settled::Succeeded]);
+
+    env.broker.ensure_recorder_groups(&[q()]).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r1", &[q()], 100, Duration::from_millis(100)).await.unwrap();
+    let ids: Vec<_> = batch.events.iter().map(|e| e.job_id).collect();
+    let order = [&fetched[0], &fetched[2], &fetched[1]];
+    assert_eq!(ids, order.map(|d| d.envelope.id), "the stale attempt is left out of the batch event");
+    for (e, d) in batch.events.iter().zip(order) {
+        let stored = env.broker.job(d.envelope.id).await.unwrap().unwrap();
+        assert_eq!(stored.state, JobState::Succeeded);
+        assert_eq!((e.run, e.attempt, e.outcome.as_str(), e.kind.as_str()), (1, 1, "succeeded", "echo"));
+        assert_eq!(e.worker.as_deref(), Some("c1"));
+        assert!(e.started_at.is_some());
+        assert_eq!(e.started_at, stored.started_at, "the event's start is the hash's");
+        assert_eq!(e.started_at.unwrap().timestamp_millis(), d.started_ms);
+        assert_eq!(e.finished_at, stored.finished_at);
+    }
+    assert_eq!(batch.entries().len(), 2, "one batch entry and one plain entry");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn failures_retry_with_backoff_then_dead_letter_with_the_envelope() {
     let env = TestEnv::new().await;
     let id = env.broker.enqueue(NewJob::new("flaky", json!({"k": "v"})).max_attempts(2)).await.unwrap().job.id;

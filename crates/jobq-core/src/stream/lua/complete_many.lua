@@ -5,8 +5,11 @@
 -- counter goes up by their number. One completed attempt is written as a plain outbox event
 -- (as fail.lua writes); several as one batch event: `outcome` succeeded, `finished_at`, and
 -- `batch`, a JSON array of six strings per attempt (id, run, attempt, type, started_at, worker).
+-- The caller sends that array for every job of the call (what its fetch returned: a lease that
+-- still owns the attempt vouches for run, attempt, started_at and worker); when every lease
+-- holds, it goes to the outbox as it is, and only the completed attempts' part otherwise.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream
--- ARGV: 1 group, 2 retention seconds, 3 job key prefix,
+-- ARGV: 1 group, 2 retention seconds, 3 job key prefix, 4 the batch array (JSON),
 --       then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed) or 0 (stale lease) per job.
 local now, now_s = now_ms_pair()
@@ -14,25 +17,18 @@ local retention = ARGV[2]
 local expires = tonumber(retention) > 0
 local out = {}
 local entries = {{}, {}, {}, {}}
-local done = {}
-for i = 4, #ARGV, 5 do
+local n = 0
+for i = 5, #ARGV, 5 do
   local id, lease = ARGV[i + 1], ARGV[i + 2]
   local jk = ARGV[3] .. id
-  local h = redis.call('HMGET', jk, 'state', 'lease', 'run', 'attempt', 'type', 'started_at', 'worker',
-    'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
+  local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
   if h[1] ~= 'running' or h[2] ~= lease then
     out[#out + 1] = 0
   else
     out[#out + 1] = 1
+    n = n + 1
     local e = entries[tonumber(ARGV[i])]
     e[#e + 1] = ARGV[i + 3]
-    local n = #done
-    done[n + 1] = id
-    done[n + 2] = h[3] or '1'
-    done[n + 3] = h[4] or '0'
-    done[n + 4] = h[5] or ''
-    done[n + 5] = h[6] or ''
-    done[n + 6] = h[7] or ''
     if ARGV[i + 4] ~= '' then
       redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', ARGV[i + 4])
     else
@@ -40,10 +36,10 @@ for i = 4, #ARGV, 5 do
     end
     -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
     -- only looked at while the job is queued.
-    if h[8] then release_unique(jk, id, {h[8], h[9]}) end
+    if h[3] then release_unique(jk, id, {h[3], h[4]}) end
     if expires then redis.call('EXPIRE', jk, retention) end
-    if h[10] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
-    if h[11] then release_dependents(jk, id, 'succeeded', now, retention) end
+    if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
+    if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
   end
 end
 for p = 1, 4 do
@@ -53,14 +49,25 @@ for p = 1, 4 do
     redis.call('XDEL', KEYS[p], unpack(e))
   end
 end
-local n = #done / 6
-if n == 1 then
-  redis.call('XADD', KEYS[5], '*', 'id', done[1], 'run', done[2], 'attempt', done[3], 'outcome', 'succeeded',
-    'type', done[4], 'started_at', done[5], 'finished_at', now_s, 'worker', done[6])
-elseif n > 1 then
-  redis.call('XADD', KEYS[5], '*', 'outcome', 'succeeded', 'finished_at', now_s, 'batch', cjson.encode(done))
-end
 if n > 0 then
+  local batch = ARGV[4]
+  if n == 1 or n < #out then
+    local all, done = cjson.decode(batch), {}
+    for k = 1, #out do
+      if out[k] == 1 then
+        for f = 6 * k - 5, 6 * k do done[#done + 1] = all[f] end
+      end
+    end
+    if n == 1 then
+      redis.call('XADD', KEYS[5], '*', 'id', done[1], 'run', done[2], 'attempt', done[3], 'outcome', 'succeeded',
+        'type', done[4], 'started_at', done[5], 'finished_at', now_s, 'worker', done[6])
+    else
+      batch = cjson.encode(done)
+    end
+  end
+  if n > 1 then
+    redis.call('XADD', KEYS[5], '*', 'outcome', 'succeeded', 'finished_at', now_s, 'batch', batch)
+  end
   redis.call('HINCRBY', string.sub(KEYS[5], 1, -7) .. 'stats', 'succeeded', n)
 end
 return out

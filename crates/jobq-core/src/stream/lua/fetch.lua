@@ -5,13 +5,14 @@
 -- that entry are acked and deleted. A paused queue starts nothing.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 pause flag
 -- ARGV: 1 group, 2 consumer, 3 count, 4 job key prefix, 5 dead retention seconds
--- Returns {jobs, last_ids, paused}: jobs is a flat list of 9-tuples
+-- Returns {jobs, last_ids, paused, now}: jobs is a flat list of 9-tuples
 --   (id, entry, priority index, attempt, lease, run, envelope, attempts over all runs,
 --   last checkpoint or '');
 -- last_ids (only when nothing was started) holds each stream's last generated id, so the caller
--- can block on XREAD for anything newer without a race.
+-- can block on XREAD for anything newer without a race. now is the Redis clock in ms, each
+-- started job's started_at.
 if redis.call('EXISTS', KEYS[6]) == 1 then
-  return {{}, {}, 1}
+  return {{}, {}, 1, ''}
 end
 local now, now_s = now_ms_pair()
 local want = tonumber(ARGV[3])
@@ -75,4 +76,4 @@ if #jobs == 0 then
     last_ids[i] = last
   end
 end
-return {jobs, last_ids, 0}
+return {jobs, last_ids, 0, now_s}
