@@ -47,6 +47,29 @@ async fn recording_is_idempotent_per_attempt_and_fills_the_dlq() {
 }
 
 #[tokio::test]
+async fn a_batch_mixing_written_and_new_attempts_writes_each_attempt_once() {
+    let env = TestEnv::new().await;
+    let first = dead_jobs(&env, "mail", 2).await;
+    env.store.record(&first).await.unwrap();
+    let fresh = dead_jobs(&env, "sms", 2).await;
+    // A written attempt, two new ones, and one of them twice in the same batch.
+    let mixed = vec![first[1].clone(), fresh[0].clone(), fresh[1].clone(), fresh[0].clone()];
+    env.store.record(&mixed).await.unwrap();
+    let rows: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT job_id, job_type FROM job_executions ORDER BY job_type, job_id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for e in first.iter().chain(&fresh) {
+        assert_eq!(rows.iter().filter(|(id, _)| *id == e.job_id.0).count(), 1, "{rows:?}");
+    }
+    let page = env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(page.items.len(), 4);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn dlq_pages_newest_first_with_filters_and_a_cursor() {
     let env = TestEnv::new().await;
     let mut events = dead_jobs(&env, "a", 5).await;
