@@ -194,7 +194,7 @@ impl Worker {
         // a binary): the fetch loop is woken by the Redis connection's replies, read on a
         // runtime thread, and waking a thread outside the runtime costs a futex call and a
         // context switch each time (measured: drain +9%, worker CPU per job -13%).
-        match tokio::spawn(self.serve(shutdown)).await {
+        match tokio::spawn(tracing::Instrument::in_current_span(self.serve(shutdown))).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(anyhow::anyhow!("the worker task was cancelled: {e}")),
