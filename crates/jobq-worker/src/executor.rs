@@ -64,6 +64,13 @@ enum Ended {
 }
 
 impl Executor {
+    /// A started job whose envelope does not decode: it is not run, and not heartbeated, so its
+    /// lease lapses and the reaper re-queues it (dead-lettered after `max_reclaims`).
+    pub(crate) fn undecodable(&self, id: jobq_core::job::JobId, error: jobq_core::Error) {
+        metrics::counter!("jobq_worker_undecodable_jobs_total").increment(1);
+        tracing::error!(job.id = %id, error = %error, "a started job's envelope does not decode; it is left to the reaper");
+    }
+
     /// Runs the attempt and hands its outcome (with the slot) to the completer. An attempt
     /// abandoned at shutdown, or whose lease was lost, reports nothing.
     /// Registers the job for lease renewal at once (the fetch loop calls this before spawning:

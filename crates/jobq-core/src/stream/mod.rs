@@ -168,11 +168,54 @@ pub struct Delivery {
     pub worker: Arc<str>,
 }
 
-/// What [`Broker::fetch`] found.
+/// A started job as the fetch script returned it, its envelope and checkpoint not decoded yet
+/// ([`Broker::fetch_raw`]): a worker decodes each in the job's own task, off its fetch loop.
+#[derive(Debug)]
+pub struct RawDelivery {
+    /// The job's id (its envelope holds it too).
+    pub id: JobId,
+    queue: QueueName,
+    entry: String,
+    priority: Priority,
+    attempt: u32,
+    attempts_total: u32,
+    lease: String,
+    run: u32,
+    started_ms: i64,
+    worker: Arc<str>,
+    envelope: String,
+    checkpoint: String,
+}
+
+impl RawDelivery {
+    /// Decodes the envelope (and the checkpoint, if any).
+    pub fn decode(self) -> Result<Delivery> {
+        let envelope: Envelope = serde_json::from_str(&self.envelope)?;
+        if envelope.id != self.id {
+            return Err(protocol("the envelope names another job"));
+        }
+        let checkpoint = if self.checkpoint.is_empty() { None } else { serde_json::from_str(&self.checkpoint).ok() };
+        Ok(Delivery {
+            queue: self.queue,
+            entry: self.entry,
+            priority: self.priority,
+            attempt: self.attempt,
+            attempts_total: self.attempts_total,
+            lease: self.lease,
+            run: self.run,
+            envelope,
+            checkpoint,
+            started_ms: self.started_ms,
+            worker: self.worker,
+        })
+    }
+}
+
+/// What [`Broker::fetch`] ([`Broker::fetch_raw`]) found.
 #[derive(Debug, Default)]
-pub struct Fetched {
+pub struct Fetched<J = Delivery> {
     /// Jobs now running under this consumer.
-    pub jobs: Vec<Delivery>,
+    pub jobs: Vec<J>,
     /// When nothing was started: (stream, last generated id) to block on.
     pub last_ids: Vec<(String, String)>,
     /// The queue is paused: nothing was started and nothing should be awaited.
@@ -585,6 +628,13 @@ impl Broker {
 
     /// Starts up to `count` jobs of `queue` for `consumer`, strictly by priority (one script).
     pub async fn fetch(&self, queue: &QueueName, consumer: &str, count: usize) -> Result<Fetched> {
+        let raw = self.fetch_raw(queue, consumer, count).await?;
+        let jobs = raw.jobs.into_iter().map(RawDelivery::decode).collect::<Result<Vec<_>>>()?;
+        Ok(Fetched { jobs, last_ids: raw.last_ids, paused: raw.paused })
+    }
+
+    /// [`Broker::fetch`], leaving each job's envelope to decode ([`RawDelivery::decode`]).
+    pub async fn fetch_raw(&self, queue: &QueueName, consumer: &str, count: usize) -> Result<Fetched<RawDelivery>> {
         let streams = self.keys.streams(queue);
         let (events, paused) = (self.keys.events(queue), self.keys.paused(queue));
         let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
@@ -598,37 +648,33 @@ impl Broker {
         let reply = self.run_one(call).await?;
         let (flat, last, paused, now): (Vec<Value>, Vec<String>, i64, String) =
             redis::from_redis_value(reply).map_err(protocol)?;
-        let mut fetched = Fetched { paused: paused == 1, ..Fetched::default() };
+        let mut fetched =
+            Fetched { jobs: Vec::with_capacity(flat.len() / 9), last_ids: Vec::new(), paused: paused == 1 };
         let started_ms: i64 = if flat.is_empty() { 0 } else { now.parse().map_err(|_| protocol("bad fetch clock"))? };
         let worker: Arc<str> = consumer.into();
         let mut it = flat.into_iter();
         while let Some(id) = it.next() {
             let mut field = || it.next().ok_or_else(|| protocol("short fetch reply"));
-            let (_id, entry, prio, attempt, lease, run, envelope, total, checkpoint) =
-                (id, field()?, field()?, field()?, field()?, field()?, field()?, field()?, field()?);
-            let entry: String = redis::from_redis_value(entry).map_err(protocol)?;
+            let (entry, prio, attempt, lease, run, envelope, total, checkpoint) =
+                (field()?, field()?, field()?, field()?, field()?, field()?, field()?, field()?);
+            let id: String = redis::from_redis_value(id).map_err(protocol)?;
+            let id: JobId = id.parse().map_err(|_| protocol("bad job id in fetch reply"))?;
             let prio: usize = redis::from_redis_value(prio).map_err(protocol)?;
-            let attempt: u32 = redis::from_redis_value(attempt).map_err(protocol)?;
             let lease: i64 = redis::from_redis_value(lease).map_err(protocol)?;
-            let run: u32 = redis::from_redis_value(run).map_err(protocol)?;
-            let envelope: String = redis::from_redis_value(envelope).map_err(protocol)?;
-            let envelope: Envelope = serde_json::from_str(&envelope)?;
-            let attempts_total: u32 = redis::from_redis_value(total).map_err(protocol)?;
-            let checkpoint: String = redis::from_redis_value(checkpoint).map_err(protocol)?;
-            let checkpoint = if checkpoint.is_empty() { None } else { serde_json::from_str(&checkpoint).ok() };
             let priority = *Priority::ALL.get(prio.wrapping_sub(1)).ok_or_else(|| protocol("bad priority index"))?;
-            fetched.jobs.push(Delivery {
+            fetched.jobs.push(RawDelivery {
+                id,
                 queue: queue.clone(),
-                entry,
+                entry: redis::from_redis_value(entry).map_err(protocol)?,
                 priority,
-                attempt,
-                attempts_total,
+                attempt: redis::from_redis_value(attempt).map_err(protocol)?,
+                attempts_total: redis::from_redis_value(total).map_err(protocol)?,
                 lease: lease.to_string(),
-                run,
-                envelope,
-                checkpoint,
+                run: redis::from_redis_value(run).map_err(protocol)?,
                 started_ms,
                 worker: worker.clone(),
+                envelope: redis::from_redis_value(envelope).map_err(protocol)?,
+                checkpoint: redis::from_redis_value(checkpoint).map_err(protocol)?,
             });
         }
         if fetched.jobs.is_empty() && !fetched.paused {

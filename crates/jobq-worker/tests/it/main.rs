@@ -87,6 +87,66 @@ async fn typed_handlers_get_their_payload_and_store_their_result() {
 }
 
 #[tokio::test]
+async fn a_job_whose_envelope_does_not_decode_is_left_to_the_reaper_and_its_batch_runs() {
+    let env = TestEnv::new().await;
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    let r = ran.clone();
+    registry.register("count", move |_ctx: JobContext| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        }
+    });
+    let ids: Vec<JobId> = {
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            ids.push(env.broker.enqueue(NewJob::new("count", json!({"n": n}))).await.unwrap().job.id);
+        }
+        ids
+    };
+    let queue = jobq_core::job::QueueName::default_queue();
+    let _: () = redis::AsyncCommands::hset(
+        &mut env.broker.connection(),
+        env.keys().job(&queue, ids[1]),
+        "envelope",
+        "{\"v\": 1, \"id\": ",
+    )
+    .await
+    .unwrap();
+    let mut settings = env.settings();
+    settings.worker.lease = Duration::from_millis(300);
+    settings.worker.heartbeat = Duration::from_millis(100);
+    settings.worker.reaper_interval = Duration::from_millis(100);
+    settings.worker.max_reclaims = 2;
+    let token = CancellationToken::new();
+    let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_millis(300));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    wait_state(&env, ids[0], JobState::Succeeded).await;
+    wait_state(&env, ids[2], JobState::Succeeded).await;
+    // Never run; its lease lapses, the reaper re-queues it, and past max_reclaims it is dead.
+    // (Read field by field: the job's view needs its envelope.)
+    let key = env.keys().job(&queue, ids[1]);
+    let (state, reason, reclaims) = wait_until(WAIT, "the undecodable job to be dead", || async {
+        let fields: (Option<String>, Option<String>, Option<u32>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("state")
+            .arg("dead_reason")
+            .arg("reclaims")
+            .query_async(&mut env.broker.connection())
+            .await
+            .unwrap();
+        (fields.0.as_deref() == Some("dead")).then_some(fields)
+    })
+    .await;
+    assert_eq!((state.as_deref(), reason.as_deref()), (Some("dead"), Some("max_reclaims")));
+    assert!(reclaims.unwrap_or(0) >= 2, "reclaims {reclaims:?}");
+    assert_eq!(ran.load(Ordering::SeqCst), 2);
+    finish(env, [(token, handle)]).await;
+}
+
+#[tokio::test]
 async fn a_panicking_handler_fails_its_attempt_and_the_worker_lives_on() {
     let env = TestEnv::new().await;
     let calls = Arc::new(AtomicUsize::new(0));
