@@ -304,6 +304,7 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     Ok(json!({
         "scenario": "drain", "n": n, "workers": args.workers, "concurrency": args.concurrency,
+        "retention_succeeded_s": env.settings.retention.succeeded.as_secs(),
         "jobs_per_s": (n as f64 / processed).round(),
         "recorded_jobs_per_s": (n as f64 / recorded).round(),
         "cpu_us_per_job": {

@@ -173,6 +173,30 @@ async fn complete_acks_deletes_the_entry_writes_the_outbox_and_sets_retention() 
 }
 
 #[tokio::test]
+async fn with_no_retention_a_succeeded_job_is_removed_at_once_and_its_lock_and_dependents_released() {
+    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0")]).await;
+    let broker = &env.broker;
+    let first = broker.enqueue(NewJob::new("echo", json!({})).unique("once", None)).await.unwrap().job.id;
+    let dependent = broker.enqueue(NewJob::new("echo", json!({})).depends_on([first])).await.unwrap().job.id;
+    assert_eq!(broker.job(dependent).await.unwrap().unwrap().state, JobState::Waiting);
+    let d = fetch_one(broker).await;
+    assert_eq!(d.envelope.id, first);
+    assert_eq!(
+        broker.settle(&[Outcome { delivery: d, result: Ok(Some(json!(1))) }]).await.unwrap(),
+        [Settled::Succeeded]
+    );
+    let exists: bool = env.broker.connection().exists(env.keys().job(&q(), first)).await.unwrap();
+    assert!(!exists, "the succeeded job's hash is gone");
+    assert_eq!(xlen(&env, &env.keys().stream(&q(), Priority::Normal)).await, 1, "only the dependent's entry is left");
+    assert_eq!(broker.job(dependent).await.unwrap().unwrap().state, JobState::Queued, "the dependent is released");
+    let again = broker.enqueue(NewJob::new("echo", json!({})).unique("once", None)).await.unwrap();
+    assert!(again.created, "the unique lock went with the job");
+    let events = xlen(&env, &env.keys().events(&q())).await;
+    assert_eq!(events, 1, "the attempt still reaches the outbox for the history");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_stale_lease_can_neither_complete_nor_fail_the_job() {
     let env = TestEnv::new().await;
     let id = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;

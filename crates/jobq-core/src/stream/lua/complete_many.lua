@@ -1,20 +1,22 @@
 -- Complete many running attempts of one queue in one call. Each attempt whose `lease` still owns
 -- it is marked succeeded (hash fields, result, unique lock, retention, dependents, as `finish`
--- does); then, once for the whole call, their stream entries are XACKed and XDELed (one XACK
--- and one XDEL per priority stream), the outbox gets their events and the queue's succeeded
--- counter goes up by their number. One completed attempt is written as a plain outbox event
+-- does), or, with a retention of 0, its hash is deleted once its lock and dependents are
+-- released (the outbox event still carries the attempt to the history); then, once for the
+-- whole call, their stream entries are XACKed and XDELed (one XACK and one XDEL per priority
+-- stream), the outbox gets their events and the queue's succeeded counter goes up by their
+-- number. One completed attempt is written as a plain outbox event
 -- (as fail.lua writes); several as one batch event: `outcome` succeeded, `finished_at`, and
 -- `batch`, a JSON array of six strings per attempt (id, run, attempt, type, started_at, worker).
 -- The caller sends that array for every job of the call (what its fetch returned: a lease that
 -- still owns the attempt vouches for run, attempt, started_at and worker); when every lease
 -- holds, it goes to the outbox as it is, and only the completed attempts' part otherwise.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream
--- ARGV: 1 group, 2 retention seconds, 3 job key prefix, 4 the batch array (JSON),
+-- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array (JSON),
 --       then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed) or 0 (stale lease) per job.
 local now, now_s = now_ms_pair()
 local retention = ARGV[2]
-local expires = tonumber(retention) > 0
+local keep = tonumber(retention) > 0
 local out = {}
 local entries = {{}, {}, {}, {}}
 local n = 0
@@ -29,17 +31,22 @@ for i = 5, #ARGV, 5 do
     n = n + 1
     local e = entries[tonumber(ARGV[i])]
     e[#e + 1] = ARGV[i + 3]
-    if ARGV[i + 4] ~= '' then
-      redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', ARGV[i + 4])
-    else
-      redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s)
-    end
-    -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
-    -- only looked at while the job is queued.
     if h[3] then release_unique(jk, id, {h[3], h[4]}) end
-    if expires then redis.call('EXPIRE', jk, retention) end
     if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
+    if not keep then
+      -- No retention: the hash goes now (one command instead of HSET + EXPIRE).
+      redis.call('DEL', jk)
+    else
+      if ARGV[i + 4] ~= '' then
+        redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', ARGV[i + 4])
+      else
+        redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s)
+      end
+      -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
+      -- only looked at while the job is queued.
+      redis.call('EXPIRE', jk, retention)
+    end
   end
 end
 for p = 1, 4 do
