@@ -1,5 +1,6 @@
 //! Running one attempt and writing outcomes back in batches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,6 +92,7 @@ impl Executor {
             },
             cancel: self.abandon.child_token(),
             stop: Mutex::new(None),
+            settling: AtomicBool::new(false),
         });
         self.running.insert(d.envelope.id, slot.clone());
         self.run(d, permits, slot)
@@ -132,6 +134,7 @@ impl Executor {
                 Ok(_) => tracing::debug!(duration_ms, "job succeeded"),
                 Err(f) => tracing::info!(duration_ms, error = %f.message, reason = f.reason, "job attempt failed"),
             }
+            slot.settling.store(true, Ordering::Release);
             let _ = self.done.send((Outcome { delivery: d, result }, permits.held));
         }
         .instrument(span)

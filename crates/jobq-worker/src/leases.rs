@@ -2,6 +2,7 @@
 //! ones, and the listener of cancel requests.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ pub(crate) struct Slot {
     pub(crate) lease: Lease,
     pub(crate) cancel: CancellationToken,
     pub(crate) stop: Mutex<Option<Stop>>,
+    /// Set once the handler returned and its outcome went to the completer. The lease is still
+    /// renewed until the outcome is written, but a renewal that finds it gone is not a loss:
+    /// the write may just have landed (the completer reports a real loss as a stale outcome).
+    pub(crate) settling: AtomicBool,
 }
 
 impl Slot {
@@ -106,6 +111,7 @@ async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, ever
                     match status {
                         LeaseStatus::Held => {}
                         LeaseStatus::CancelRequested => slot.stop(Stop::CancelRequested),
+                        LeaseStatus::Lost if slot.settling.load(Ordering::Acquire) => {}
                         LeaseStatus::Lost => {
                             tracing::warn!(job.id = %slot.lease.id, "lease lost: another worker owns this job now; stopping it here");
                             slot.stop(Stop::LeaseLost);
