@@ -113,6 +113,7 @@ async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, ever
                         LeaseStatus::CancelRequested => slot.stop(Stop::CancelRequested),
                         LeaseStatus::Lost if slot.settling.load(Ordering::Acquire) => {}
                         LeaseStatus::Lost => {
+                            metrics::counter!("jobq_worker_leases_lost_total").increment(1);
                             tracing::warn!(job.id = %slot.lease.id, "lease lost: another worker owns this job now; stopping it here");
                             slot.stop(Stop::LeaseLost);
                         }

@@ -85,6 +85,35 @@ async fn metrics_count_a_known_workload_and_readiness_follows_redis() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn lease_renewals_racing_outcome_writes_lose_no_lease() {
+    // Heartbeats every 10 ms while thousands of jobs finish: a renewal that reaches Redis just
+    // after a job's outcome was written finds its lease gone, and must not count it as lost.
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let mut vars = env.env();
+    vars.insert("JOBQ_METRICS_ADDR".into(), format!("127.0.0.1:{port}"));
+    vars.insert("JOBQ_WORKER_HEARTBEAT".into(), "10ms".into());
+    vars.insert("JOBQ_WORKER_CONCURRENCY".into(), "50".into());
+    let n = 5000;
+    for chunk in 0..n / 1000 {
+        let jobs = (0..1000).map(|i| NewJob::new("echo", json!(chunk * 1000 + i))).collect();
+        env.broker.enqueue_many(jobs, false).await.unwrap();
+    }
+    let mut worker = Proc::spawn("jobq-worker", &vars);
+    let http = reqwest::Client::new();
+    let text = wait_until(WAIT, "every job to succeed", || async {
+        let r = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.ok()?;
+        let text = r.text().await.ok()?;
+        (sample(&text, "jobq_jobs_finished_total", &["outcome=\"succeeded\""]) == Some(n as f64)).then_some(text)
+    })
+    .await;
+    assert_eq!(sample(&text, "jobq_worker_leases_lost_total", &[]).unwrap_or(0.0), 0.0, "no lease was lost");
+    worker.signal("TERM");
+    assert_eq!(worker.wait(Duration::from_secs(15)).await, Some(0));
+    env.cleanup().await;
+}
+
 /// One exported span: (service, name, trace id, span id, parent span id, attributes).
 #[derive(Debug, Clone)]
 struct Exported {
