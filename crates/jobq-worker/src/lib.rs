@@ -300,6 +300,9 @@ impl Worker {
                 let want = permits.len().min(*share).min(max_fetch);
                 match self.broker.fetch_raw(q, &self.consumer, want).await {
                     Ok(fetched) => {
+                        // Strict order: a queue that filled its fetch may have more ready jobs,
+                        // so the slots left in this round are not offered to the queues after it.
+                        let more = fetched.jobs.len() == want && !self.settings.queues.weighted;
                         if fetched.jobs.len() < want {
                             empty.push(q);
                             paused += usize::from(fetched.paused);
@@ -325,6 +328,9 @@ impl Worker {
                                     }
                                 }
                             });
+                        }
+                        if more {
+                            break;
                         }
                     }
                     Err(e) => {

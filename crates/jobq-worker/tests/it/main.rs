@@ -204,6 +204,34 @@ async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
 }
 
 #[tokio::test]
+async fn a_queue_with_a_backlog_keeps_every_free_slot_from_the_queues_after_it() {
+    // Four slots are fetched two at a time: the slots left after a full fetch of `urgent` must
+    // not go to `default` while `urgent` still has ready jobs.
+    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", "4")]).await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    let o = order.clone();
+    registry.register("record", move |ctx: JobContext| {
+        let o = o.clone();
+        async move {
+            o.lock().unwrap().push(ctx.queue.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(None)
+        }
+    });
+    for _ in 0..8 {
+        env.broker.enqueue(NewJob::new("record", json!({}))).await.unwrap();
+        env.broker.enqueue(NewJob::new("record", json!({})).queue("urgent".parse().unwrap())).await.unwrap();
+    }
+    let (token, handle) = start(&env, registry);
+    wait_until(WAIT, "sixteen jobs", || async { (order.lock().unwrap().len() == 16).then_some(()) }).await;
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order[..8], ["urgent"; 8], "{order:?}");
+    assert_eq!(order[8..], ["default"; 8], "{order:?}");
+    finish(env, [(token, handle)]).await;
+}
+
+#[tokio::test]
 async fn jobs_are_served_in_the_configured_queue_order() {
     let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", "1")]).await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
