@@ -168,18 +168,38 @@ async fn enqueue_lib(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     )
 }
 
-async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let token = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(jobq_api::serve(env.settings.clone(), listener, token.clone()));
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if client.get(format!("{base}/health")).send().await.is_ok() {
-            break;
+/// The REST API served by this process on a free port, until `stop` is cancelled.
+struct InProcessApi {
+    base: String,
+    stop: tokio_util::sync::CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessApi {
+    async fn start(env: &BenchEnv, client: &reqwest::Client) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(jobq_api::serve(env.settings.clone(), listener, stop.clone()));
+        for _ in 0..100 {
+            if client.get(format!("{base}/health")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(Self { base, stop, server })
     }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+    }
+}
+
+async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    let client = reqwest::Client::new();
+    let api = InProcessApi::start(env, &client).await?;
+    let base = api.base.clone();
     let body: Value =
         json!({"jobs": (0..1000).map(|i| json!({"type": "noop", "payload": {"n": i}})).collect::<Vec<_>>()});
     let body = std::sync::Arc::new(serde_json::to_vec(&body)?);
@@ -212,8 +232,7 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu1 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
-    token.cancel();
-    let _ = server.await;
+    api.stop().await;
     let n = batches * 1000;
     let per_job = |us: u64| (us as f64 / n as f64 * 10.0).round() / 10.0;
     let (redis_us, api_us) = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
@@ -370,29 +389,94 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted.get(((sorted.len().saturating_sub(1)) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
+/// One job at a time into an idle worker, through `POST /api/v1/jobs`, as the BullMQ baseline
+/// measures it: the API and a worker run in this process, so enqueue → start (the handler is
+/// called) and enqueue → succeeded (the job hash says so, read in a tight loop) are read off
+/// one monotonic clock.
 async fn latency(env: &BenchEnv) -> anyhow::Result<Value> {
-    let mut worker = env.spawn("jobq-worker", &[("JOBQ_WORKER_CONCURRENCY", "10".into())])?;
-    let q = QueueName::default_queue();
-    // Warm up: the worker is idle and blocked on XREAD when measuring starts.
-    let warm = env.broker.enqueue(NewJob::new("noop", json!({}))).await?.job.id;
-    wait_done(&env.broker, &q, warm).await?;
+    let client = reqwest::Client::new();
+    let api = InProcessApi::start(env, &client).await?;
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut registry = jobq_worker::Registry::new();
+    registry.register("probe", move |ctx: jobq_worker::JobContext| {
+        let _ = started_tx.send((ctx.id, Instant::now()));
+        async { Ok(None) }
+    });
+    let mut settings = env.settings.worker.clone();
+    settings.concurrency = 10;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = jobq_worker::Worker::new(env.broker.clone(), registry, settings, env.settings.jobs.timeout);
+    let worker = tokio::spawn(worker.run(stop.clone()));
+    let probe = Probe { client, url: format!("{}/api/v1/jobs", api.base), broker: &env.broker };
+    // Warm up: connections and scripts; then the worker is idle and blocked on XREAD.
+    for _ in 0..20 {
+        probe.one(&mut started_rx).await?;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut to_start, mut to_done) = (Vec::new(), Vec::new());
     for _ in 0..1000 {
-        let id = env.broker.enqueue(NewJob::new("noop", json!({}))).await?.job.id;
-        let (enq, start, end) = wait_done(&env.broker, &q, id).await?;
-        to_start.push((start - enq) as f64);
-        to_done.push((end - enq) as f64);
+        let (start, done) = probe.one(&mut started_rx).await?;
+        to_start.push(start);
+        to_done.push(done);
     }
-    let _ = worker.start_kill();
+    stop.cancel();
+    worker.await??;
+    api.stop().await;
     to_start.sort_by(f64::total_cmp);
     to_done.sort_by(f64::total_cmp);
+    let ms = |sorted: &[f64], p: f64| (percentile(sorted, p) * 1000.0).round() / 1000.0;
     Ok(json!({
         "scenario": "latency", "n": 1000,
-        "start_ms_p50": percentile(&to_start, 0.5), "start_ms_p90": percentile(&to_start, 0.9),
-        "start_ms_p99": percentile(&to_start, 0.99), "start_ms_max": percentile(&to_start, 1.0),
-        "done_ms_p50": percentile(&to_done, 0.5), "done_ms_p99": percentile(&to_done, 0.99),
+        "start_ms_p50": ms(&to_start, 0.5), "start_ms_p90": ms(&to_start, 0.9),
+        "start_ms_p99": ms(&to_start, 0.99), "start_ms_max": ms(&to_start, 1.0),
+        "done_ms_p50": ms(&to_done, 0.5), "done_ms_p90": ms(&to_done, 0.9),
+        "done_ms_p99": ms(&to_done, 0.99), "done_ms_max": ms(&to_done, 1.0),
     }))
+}
+
+struct Probe<'a> {
+    client: reqwest::Client,
+    url: String,
+    broker: &'a Broker,
+}
+
+impl Probe<'_> {
+    /// Enqueues one `probe` job; returns (enqueue → start, enqueue → succeeded) in ms.
+    async fn one(
+        &self,
+        started: &mut tokio::sync::mpsc::UnboundedReceiver<(JobId, Instant)>,
+    ) -> anyhow::Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let r = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(r#"{"type": "probe", "payload": {}}"#)
+            .send()
+            .await?;
+        if r.status() != reqwest::StatusCode::CREATED {
+            bail!("POST /api/v1/jobs answered {}", r.status());
+        }
+        let job: Value = r.json().await?;
+        let id: JobId = job["id"].as_str().context("no id in the answer")?.parse()?;
+        let (sid, start) = tokio::time::timeout(Duration::from_secs(30), started.recv())
+            .await
+            .context("the job did not start within 30 s")?
+            .context("the worker stopped")?;
+        anyhow::ensure!(sid == id, "job {sid} started instead of {id}");
+        let key = self.broker.keys().job(&QueueName::default_queue(), id);
+        let mut conn = self.broker.connection();
+        loop {
+            let state: Option<String> = redis::cmd("HGET").arg(&key).arg("state").query_async(&mut conn).await?;
+            if state.as_deref() == Some("succeeded") {
+                let ms = |t: Instant| (t - t0).as_secs_f64() * 1000.0;
+                return Ok((ms(start), ms(Instant::now())));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("job {id} did not succeed within 30 s");
+            }
+        }
+    }
 }
 
 /// Waits for a job to succeed; returns its (enqueued_at, started_at, finished_at) in Redis ms.

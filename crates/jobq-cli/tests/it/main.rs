@@ -85,7 +85,10 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
         assert!(l["jobs_per_s"].as_f64().unwrap() > 0.0, "{l}");
     }
     assert!(lines[2]["recorded_jobs_per_s"].as_f64().unwrap() > 0.0);
-    assert!(lines[3]["start_ms_p99"].as_f64().unwrap() >= 0.0);
+    let ms = |k: &str| lines[3][k].as_f64().unwrap();
+    assert!(ms("start_ms_p50") > 0.0, "{}", lines[3]);
+    assert!(ms("start_ms_p50") <= ms("start_ms_p99") && ms("start_ms_p99") <= ms("start_ms_max"), "{}", lines[3]);
+    assert!(ms("done_ms_p50") >= ms("start_ms_p50") && ms("done_ms_p99") <= ms("done_ms_max"), "{}", lines[3]);
     assert!(stdout.contains("scenario") && stdout.contains("jobs/s"), "the table follows");
     // Nothing left behind in the test's own namespace by the bench's.
     let leftover: Vec<String> =
