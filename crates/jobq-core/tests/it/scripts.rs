@@ -173,7 +173,7 @@ async fn complete_acks_deletes_the_entry_writes_the_outbox_and_sets_retention() 
 }
 
 #[tokio::test]
-async fn with_no_retention_a_succeeded_job_is_removed_at_once_and_its_lock_and_dependents_released() {
+async fn with_no_retention_a_succeeded_job_leaves_redis_at_once_unless_its_unique_key_is_held_for_a_time() {
     let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0")]).await;
     let broker = &env.broker;
     let first = broker.enqueue(NewJob::new("echo", json!({})).unique("once", None)).await.unwrap().job.id;
@@ -193,6 +193,19 @@ async fn with_no_retention_a_succeeded_job_is_removed_at_once_and_its_lock_and_d
     assert!(again.created, "the unique lock went with the job");
     let events = xlen(&env, &env.keys().events(&q())).await;
     assert_eq!(events, 1, "the attempt still reaches the outbox for the history");
+
+    // A unique key held for a time keeps deduplicating after success: the hash stays with it.
+    let held = broker.enqueue(NewJob::new("echo", json!({})).unique("for-a-while", Some(Duration::from_secs(60))));
+    let held = held.await.unwrap().job.id;
+    let mut f = broker.fetch(&q(), "c1", 10).await.unwrap();
+    let d = f.jobs.iter().position(|d| d.envelope.id == held).map(|i| f.jobs.swap_remove(i)).unwrap();
+    assert_eq!(broker.settle(&[Outcome { delivery: d, result: Ok(None) }]).await.unwrap(), [Settled::Succeeded]);
+    assert_eq!(broker.job(held).await.unwrap().unwrap().state, JobState::Succeeded);
+    let ttl: i64 = env.broker.connection().pttl(env.keys().job(&q(), held)).await.unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "the hash lives as long as the lock: {ttl} ms");
+    let dup = broker.enqueue(NewJob::new("echo", json!({})).unique("for-a-while", Some(Duration::from_secs(60))));
+    let dup = dup.await.unwrap();
+    assert!(!dup.created && dup.job.id == held, "the duplicate gets the succeeded job back");
     env.cleanup().await;
 }
 

@@ -1,7 +1,8 @@
 -- Complete many running attempts of one queue in one call. Each attempt whose `lease` still owns
 -- it is marked succeeded (hash fields, result, unique lock, retention, dependents, as `finish`
 -- does), or, with a retention of 0, its hash is deleted once its lock and dependents are
--- released (the outbox event still carries the attempt to the history); then, once for the
+-- released (the outbox event still carries the attempt to the history; a job whose unique key
+-- is held for a time stays until the key expires); then, once for the
 -- whole call, their stream entries are XACKed and XDELed (one XACK and one XDEL per priority
 -- stream), the outbox gets their events and the queue's succeeded counter goes up by their
 -- number. One completed attempt is written as a plain outbox event
@@ -34,10 +35,14 @@ for i = 5, #ARGV, 5 do
     if h[3] then release_unique(jk, id, {h[3], h[4]}) end
     if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
-    if not keep then
-      -- No retention: the hash goes now (one command instead of HSET + EXPIRE).
-      redis.call('DEL', jk)
-    else
+    -- With no retention the hash goes now (one command instead of HSET + EXPIRE), unless a
+    -- unique lock held for a time still names the job: then it stays as long as the lock, so
+    -- that an enqueue with the same key keeps getting this job back.
+    local lock_ms = 0
+    if not keep and h[4] == 'ttl' and redis.call('GET', h[3]) == id then
+      lock_ms = redis.call('PTTL', h[3])
+    end
+    if keep or lock_ms > 0 then
       if ARGV[i + 4] ~= '' then
         redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', ARGV[i + 4])
       else
@@ -45,7 +50,13 @@ for i = 5, #ARGV, 5 do
       end
       -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
       -- only looked at while the job is queued.
-      redis.call('EXPIRE', jk, retention)
+      if keep then
+        redis.call('EXPIRE', jk, retention)
+      else
+        redis.call('PEXPIRE', jk, lock_ms)
+      end
+    else
+      redis.call('DEL', jk)
     end
   end
 end
