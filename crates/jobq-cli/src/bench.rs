@@ -468,7 +468,8 @@ impl Probe<'_> {
         let mut conn = self.broker.connection();
         loop {
             let state: Option<String> = redis::cmd("HGET").arg(&key).arg("state").query_async(&mut conn).await?;
-            if state.as_deref() == Some("succeeded") {
+            // Gone once started: removed at completion (JOBQ_RETENTION_SUCCEEDED=0).
+            if matches!(state.as_deref(), Some("succeeded") | None) {
                 let ms = |t: Instant| (t - t0).as_secs_f64() * 1000.0;
                 return Ok((ms(start), ms(Instant::now())));
             }
@@ -479,8 +480,9 @@ impl Probe<'_> {
     }
 }
 
-/// Waits for a job to succeed; returns its (enqueued_at, started_at, finished_at) in Redis ms.
-async fn wait_done(broker: &Broker, q: &QueueName, id: JobId) -> anyhow::Result<(i64, i64, i64)> {
+/// Waits for a job to succeed; returns its (enqueued_at, started_at, finished_at) in Redis ms,
+/// or None once its hash is gone (removed at completion with `JOBQ_RETENTION_SUCCEEDED=0`).
+async fn wait_done(broker: &Broker, q: &QueueName, id: JobId) -> anyhow::Result<Option<(i64, i64, i64)>> {
     let key = broker.keys().job(q, id);
     let mut conn = broker.connection();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -490,10 +492,10 @@ async fn wait_done(broker: &Broker, q: &QueueName, id: JobId) -> anyhow::Result<
             .arg(&["state", "enqueued_at", "started_at", "finished_at"])
             .query_async(&mut conn)
             .await?;
-        if let (Some(s), Some(e), Some(st), Some(fi)) = f {
-            if s == "succeeded" {
-                return Ok((e, st, fi));
-            }
+        match f {
+            (Some(s), Some(e), Some(st), Some(fi)) if s == "succeeded" => return Ok(Some((e, st, fi))),
+            (None, ..) => return Ok(None),
+            _ => {}
         }
         if Instant::now() > deadline {
             bail!("job {id} did not finish within 30 s: is a worker running?");
@@ -538,8 +540,9 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let secs = started.elapsed().as_secs_f64();
     let mut done = Vec::new();
     for id in sample {
-        let (enq, _, end) = wait_done(&env.broker, &q, id).await?;
-        done.push((end - enq) as f64);
+        if let Some((enq, _, end)) = wait_done(&env.broker, &q, id).await? {
+            done.push((end - enq) as f64);
+        }
     }
     done.sort_by(f64::total_cmp);
     for p in &mut procs {
@@ -548,6 +551,7 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     Ok(json!({
         "scenario": "mixed", "n": produced, "seconds": args.seconds, "workers": args.workers, "concurrency": args.concurrency,
         "jobs_per_s": (produced as f64 / secs).round(),
+        "sampled": done.len(),
         "done_ms_p50": percentile(&done, 0.5), "done_ms_p99": percentile(&done, 0.99),
     }))
 }

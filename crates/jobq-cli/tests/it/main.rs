@@ -63,20 +63,36 @@ async fn dev_runs_api_worker_and_scheduler_in_one_process() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
-    let env = TestEnv::new().await;
-    let vars = env.env();
+/// Runs `jobq bench --scenario all` on 300 jobs; returns its JSON lines and its whole stdout.
+async fn bench_all(env: &TestEnv) -> (Vec<serde_json::Value>, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
         .args(["bench", "-n", "300", "--scenario", "all", "--seconds", "1"])
-        .envs(&vars)
+        .envs(env.env())
         .output()
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    (lines, stdout)
+}
+
+#[tokio::test]
+async fn bench_runs_every_scenario_with_succeeded_jobs_removed_at_once() {
+    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0")]).await;
+    let (lines, _) = bench_all(&env).await;
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[2]["retention_succeeded_s"], 0, "{}", lines[2]);
+    assert!(lines[2]["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "every attempt recorded: {}", lines[2]);
+    assert!(lines[3]["start_ms_p99"].as_f64().unwrap() > 0.0, "{}", lines[3]);
+    assert!(lines[4]["jobs_per_s"].as_f64().unwrap() > 0.0, "{}", lines[4]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
+    let env = TestEnv::new().await;
+    let (lines, stdout) = bench_all(&env).await;
     let names: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().unwrap()).collect();
     assert_eq!(names, ["enqueue-lib", "enqueue-api", "drain", "latency", "mixed", "soak"]);
     assert!(lines[4]["jobs_per_s"].as_f64().unwrap() > 0.0);
