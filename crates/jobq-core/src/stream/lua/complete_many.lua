@@ -20,6 +20,8 @@ local retention = ARGV[2]
 local keep = tonumber(retention) > 0
 local out = {}
 local entries = {{}, {}, {}, {}}
+-- Hashes to delete (no retention), with one DEL per call.
+local gone = {}
 local n = 0
 for i = 5, #ARGV, 5 do
   local id, lease = ARGV[i + 1], ARGV[i + 2]
@@ -35,9 +37,9 @@ for i = 5, #ARGV, 5 do
     if h[3] then release_unique(jk, id, {h[3], h[4]}) end
     if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
-    -- With no retention the hash goes now (one command instead of HSET + EXPIRE), unless a
-    -- unique lock held for a time still names the job: then it stays as long as the lock, so
-    -- that an enqueue with the same key keeps getting this job back.
+    -- With no retention the hash goes now (one DEL for the whole call instead of HSET + EXPIRE
+    -- per job), unless a unique lock held for a time still names the job: then it stays as long
+    -- as the lock, so that an enqueue with the same key keeps getting this job back.
     local lock_ms = 0
     if not keep and h[4] == 'ttl' and redis.call('GET', h[3]) == id then
       lock_ms = redis.call('PTTL', h[3])
@@ -56,9 +58,12 @@ for i = 5, #ARGV, 5 do
         redis.call('PEXPIRE', jk, lock_ms)
       end
     else
-      redis.call('DEL', jk)
+      gone[#gone + 1] = jk
     end
   end
+end
+for k = 1, #gone, 500 do
+  redis.call('DEL', unpack(gone, k, math.min(k + 499, #gone)))
 end
 for p = 1, 4 do
   local e = entries[p]
