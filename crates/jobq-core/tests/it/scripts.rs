@@ -418,4 +418,5 @@ async fn a_large_batch_over_two_queues_keeps_each_queues_order_across_script_cal
     let stored = env.broker.job(created[0].job.id).await.unwrap().unwrap();
     assert_eq!((stored.attempt, stored.reclaims), (0, 0));
     assert_eq!(hget(&env, &env.keys().job(&other, created[0].job.id), "attempt").await, None);
+    env.cleanup().await;
 }
