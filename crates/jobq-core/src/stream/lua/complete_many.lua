@@ -2,18 +2,18 @@
 -- it is marked succeeded (hash fields, result, unique lock, retention, dependents, as `finish`
 -- does), or, with a retention of 0, its hash is deleted once its lock and dependents are
 -- released (the outbox event still carries the attempt to the history; a job whose unique key
--- is held for a time stays until the key expires); then, once for the
--- whole call, their stream entries are XACKed and XDELed (one XACK and one XDEL per priority
--- stream), the outbox gets their events and the queue's succeeded counter goes up by their
--- number. One completed attempt is written as a plain outbox event
--- (as fail.lua writes); several as one batch event: `outcome` succeeded, `finished_at`, and
--- `batch`, a JSON array of six strings per attempt (id, run, attempt, type, started_at, worker).
+-- is held for a time stays until the key expires). Then, once for the whole call, their stream
+-- entries are XACKed and XDELed (one XACK and one XDEL per priority stream), the outbox gets
+-- their events and the queue's succeeded counter goes up by their number. One completed attempt
+-- is written as a plain outbox event (as fail.lua writes); several as one batch event: `outcome`
+-- succeeded, `finished_at`, and `batch`, a JSON array of six strings per attempt (id, run,
+-- attempt, type, started_at, worker).
 -- The caller sends that array for every job of the call (what its fetch returned: a lease that
 -- still owns the attempt vouches for run, attempt, started_at and worker); when every lease
 -- holds, it goes to the outbox as it is, and only the completed attempts' part otherwise.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream
--- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array (JSON),
---       then per job: priority index, id, lease token, entry id, result json or ''
+-- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array
+--       (JSON), then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed) or 0 (stale lease) per job.
 local now, now_s = now_ms_pair()
 local retention = ARGV[2]
