@@ -203,53 +203,46 @@ async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
     finish(env, [(token, handle)]).await;
 }
 
+/// Runs `per_queue` jobs in each of `default` and `urgent` (enqueued alternately, default first)
+/// on a worker serving `urgent,default` in strict order with `concurrency` slots, each job taking
+/// `takes`; returns the queues in the order their jobs started.
+async fn start_order(concurrency: &str, per_queue: usize, takes: Duration) -> Vec<String> {
+    let env =
+        TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", concurrency)]).await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut registry = Registry::new();
+    let o = order.clone();
+    registry.register("record", move |ctx: JobContext| {
+        let o = o.clone();
+        async move {
+            o.lock().unwrap().push(ctx.queue.to_string());
+            tokio::time::sleep(takes).await;
+            Ok(None)
+        }
+    });
+    for _ in 0..per_queue {
+        env.broker.enqueue(NewJob::new("record", json!({}))).await.unwrap();
+        env.broker.enqueue(NewJob::new("record", json!({})).queue("urgent".parse().unwrap())).await.unwrap();
+    }
+    let (token, handle) = start(&env, registry);
+    let all = 2 * per_queue;
+    wait_until(WAIT, "every job to start", || async { (order.lock().unwrap().len() == all).then_some(()) }).await;
+    let order = order.lock().unwrap().clone();
+    finish(env, [(token, handle)]).await;
+    order
+}
+
 #[tokio::test]
 async fn a_queue_with_a_backlog_keeps_every_free_slot_from_the_queues_after_it() {
     // Four slots are fetched two at a time: the slots left after a full fetch of `urgent` must
     // not go to `default` while `urgent` still has ready jobs.
-    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", "4")]).await;
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut registry = Registry::new();
-    let o = order.clone();
-    registry.register("record", move |ctx: JobContext| {
-        let o = o.clone();
-        async move {
-            o.lock().unwrap().push(ctx.queue.to_string());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Ok(None)
-        }
-    });
-    for _ in 0..8 {
-        env.broker.enqueue(NewJob::new("record", json!({}))).await.unwrap();
-        env.broker.enqueue(NewJob::new("record", json!({})).queue("urgent".parse().unwrap())).await.unwrap();
-    }
-    let (token, handle) = start(&env, registry);
-    wait_until(WAIT, "sixteen jobs", || async { (order.lock().unwrap().len() == 16).then_some(()) }).await;
-    let order = order.lock().unwrap().clone();
+    let order = start_order("4", 8, Duration::from_millis(50)).await;
     assert_eq!(order[..8], ["urgent"; 8], "{order:?}");
     assert_eq!(order[8..], ["default"; 8], "{order:?}");
-    finish(env, [(token, handle)]).await;
 }
 
 #[tokio::test]
 async fn jobs_are_served_in_the_configured_queue_order() {
-    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", "1")]).await;
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut registry = Registry::new();
-    let o = order.clone();
-    registry.register("record", move |ctx: JobContext| {
-        let o = o.clone();
-        async move {
-            o.lock().unwrap().push(ctx.queue.to_string());
-            Ok(None)
-        }
-    });
-    for _ in 0..3 {
-        env.broker.enqueue(NewJob::new("record", json!({}))).await.unwrap();
-        env.broker.enqueue(NewJob::new("record", json!({})).queue("urgent".parse().unwrap())).await.unwrap();
-    }
-    let (token, handle) = start(&env, registry);
-    wait_until(WAIT, "six jobs", || async { (order.lock().unwrap().len() == 6).then_some(()) }).await;
-    assert_eq!(*order.lock().unwrap(), ["urgent", "urgent", "urgent", "default", "default", "default"]);
-    finish(env, [(token, handle)]).await;
+    let order = start_order("1", 3, Duration::ZERO).await;
+    assert_eq!(order, ["urgent", "urgent", "urgent", "default", "default", "default"]);
 }
