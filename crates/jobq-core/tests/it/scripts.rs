@@ -173,6 +173,36 @@ async fn complete_acks_deletes_the_entry_writes_the_outbox_and_sets_retention() 
 }
 
 #[tokio::test]
+async fn completions_in_any_order_delete_exactly_the_acked_entries() {
+    let env = TestEnv::new().await;
+    for n in 0..6 {
+        env.broker.enqueue(NewJob::new("echo", json!({"n": n}))).await.unwrap();
+    }
+    let stream = env.keys().stream(&q(), Priority::Normal);
+    let entries = || async {
+        let reply: redis::streams::StreamRangeReply = env.broker.connection().xrange_all(&stream).await.unwrap();
+        reply.ids.into_iter().map(|e| e.id).collect::<Vec<_>>()
+    };
+    let all = entries().await;
+    let d = env.broker.fetch(&q(), "c1", 4).await.unwrap().jobs;
+    let ok = |d: &Delivery| Outcome { delivery: d.clone(), result: Ok(None) };
+    // The oldest job is still running: the newer completed entries go, its entry stays.
+    assert_eq!(env.broker.settle(&[ok(&d[1]), ok(&d[3])]).await.unwrap(), [Settled::Succeeded; 2]);
+    assert_eq!(entries().await, [0, 2, 4, 5].map(|i| all[i].clone()));
+    assert_eq!(env.broker.settle(&[ok(&d[0])]).await.unwrap(), [Settled::Succeeded]);
+    assert_eq!(entries().await, [2, 4, 5].map(|i| all[i].clone()));
+    // Nothing pending after this one: the two never delivered entries stay.
+    assert_eq!(env.broker.settle(&[ok(&d[2])]).await.unwrap(), [Settled::Succeeded]);
+    assert_eq!(entries().await, [4, 5].map(|i| all[i].clone()));
+    assert_eq!(pending(&env, &stream).await, 0);
+    let rest = env.broker.fetch(&q(), "c1", 4).await.unwrap().jobs;
+    assert_eq!(rest.len(), 2);
+    assert_eq!(env.broker.settle(&[ok(&rest[1]), ok(&rest[0])]).await.unwrap(), [Settled::Succeeded; 2]);
+    assert_eq!(xlen(&env, &stream).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn with_no_retention_a_succeeded_job_leaves_redis_at_once_unless_its_unique_key_is_held_for_a_time() {
     let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0")]).await;
     let broker = &env.broker;
