@@ -1,4 +1,5 @@
-//! Moves due delayed and retrying jobs into their priority streams, in batches per queue.
+//! Moves due delayed and retrying jobs into their priority streams, in batches per queue, and
+//! deletes succeeded jobs whose retention has ended.
 
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: C
                     let q = p.queue.to_string();
                     metrics::counter!("jobq_promoted_total", "queue" => q.clone()).increment(p.count);
                     metrics::counter!("jobq_expired_total", "queue" => q.clone()).increment(p.expired);
+                    metrics::counter!("jobq_retention_swept_total", "queue" => q.clone()).increment(p.swept);
                     metrics::gauge!("jobq_promotion_lag_seconds", "queue" => q).set(p.lag_ms as f64 / 1000.0);
                 }
                 let moved: u64 = results.iter().map(|p| p.count).sum();
@@ -29,7 +31,7 @@ pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: C
                     tracing::debug!(promoted = moved, lag_ms = lag, "promoted due jobs");
                 }
                 // A full batch means more are due: go again at once.
-                let full = results.iter().any(|p| p.count as usize >= settings.promote_batch);
+                let full = results.iter().any(|p| p.count as usize >= settings.promote_batch || p.more);
                 delay = if full { Duration::ZERO } else { settings.promote_interval };
             }
             Err(e) => {

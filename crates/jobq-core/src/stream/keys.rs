@@ -68,6 +68,14 @@ impl Keys {
         format!("{}:{{q:{queue}}}:expiring", self.ns)
     }
 
+    /// Sorted set of succeeded jobs kept for the retention: one member per `complete_many`
+    /// call (its job ids, space-separated), scored by the ms their retention ends; the promoter
+    /// deletes the hashes of due members. (A TTL per hash would make every lookup of every key
+    /// also look in Redis' table of expiring keys.)
+    pub fn retained(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:retained", self.ns)
+    }
+
     /// Hash of counters of finished attempts by outcome (`succeeded`, `failed`, `dead`,
     /// `cancelled`), incremented by the scripts that write the outbox.
     pub fn stats(&self, queue: &QueueName) -> String {

@@ -280,6 +280,10 @@ pub struct Promoted {
     pub lag_ms: i64,
     /// Jobs dead-lettered because their `expires_at` passed before they started.
     pub expired: u64,
+    /// Succeeded jobs deleted because their retention ended.
+    pub swept: u64,
+    /// The sweep stopped at its limit with more succeeded jobs due.
+    pub more: bool,
 }
 
 /// Result of [`Broker::retry_dead`].
@@ -741,9 +745,9 @@ impl Broker {
         }
         for (q, idx) in successes {
             let streams = self.keys.streams(q);
-            let events = self.keys.events(q);
+            let (events, retained) = (self.keys.events(q), self.keys.retained(q));
             let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
-            keys.push(&events);
+            keys.extend([events.as_str(), retained.as_str()]);
             let mut call = Call::new(&SCRIPTS.complete_many, &keys)
                 .arg(Keys::GROUP)
                 .arg(secs(self.retention.succeeded))
@@ -789,10 +793,10 @@ impl Broker {
             .map(|q| {
                 let scheduled = self.keys.scheduled(q);
                 let streams = self.keys.streams(q);
-                let (expiring, events) = (self.keys.expiring(q), self.keys.events(q));
+                let (expiring, events, retained) = (self.keys.expiring(q), self.keys.events(q), self.keys.retained(q));
                 let mut keys = vec![scheduled.as_str()];
                 keys.extend(streams.iter().map(String::as_str));
-                keys.extend([expiring.as_str(), events.as_str()]);
+                keys.extend([expiring.as_str(), events.as_str(), retained.as_str()]);
                 Call::new(&SCRIPTS.promote, &keys)
                     .arg(limit)
                     .arg(self.keys.job_prefix(q))
@@ -805,9 +809,10 @@ impl Broker {
             .iter()
             .zip(results)
             .map(|(q, r)| {
-                let (count, oldest, now, expired): (u64, i64, i64, u64) =
+                let (count, oldest, now, expired, swept, more): (u64, i64, i64, u64, u64, i64) =
                     redis::from_redis_value(r?).map_err(protocol)?;
-                Ok(Promoted { queue: q.clone(), count, lag_ms: if oldest < 0 { 0 } else { now - oldest }, expired })
+                let lag_ms = if oldest < 0 { 0 } else { now - oldest };
+                Ok(Promoted { queue: q.clone(), count, lag_ms, expired, swept, more: more == 1 })
             })
             .collect()
     }

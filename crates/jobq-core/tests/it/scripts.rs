@@ -158,7 +158,13 @@ async fn complete_acks_deletes_the_entry_writes_the_outbox_and_sets_retention() 
     assert_eq!(job.result, Some(json!({"ok": true})));
     assert!(job.finished_at.is_some());
     let ttl: i64 = env.broker.connection().ttl(env.keys().job(&q(), id)).await.unwrap();
-    assert!(ttl > 0, "succeeded hashes expire per retention, ttl {ttl}");
+    assert_eq!(ttl, -1, "no TTL: the retained set says when the hash goes");
+    let retained: Vec<(String, f64)> =
+        env.broker.connection().zrange_withscores(env.keys().retained(&q()), 0, -1).await.unwrap();
+    assert_eq!(retained.len(), 1);
+    assert_eq!(retained[0].0, id.to_string());
+    let left = retained[0].1 as i64 - job.finished_at.unwrap().timestamp_millis();
+    assert_eq!(left, 24 * 3600 * 1000, "kept for the default retention of succeeded jobs");
     let events: Vec<redis::streams::StreamId> = env
         .broker
         .connection()
@@ -199,6 +205,50 @@ async fn completions_in_any_order_delete_exactly_the_acked_entries() {
     assert_eq!(rest.len(), 2);
     assert_eq!(env.broker.settle(&[ok(&rest[1]), ok(&rest[0])]).await.unwrap(), [Settled::Succeeded; 2]);
     assert_eq!(xlen(&env, &stream).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_promoter_deletes_succeeded_jobs_once_their_retention_ends_and_nothing_else() {
+    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "1s")]).await;
+    let broker = &env.broker;
+    for n in 0..5 {
+        broker.enqueue(NewJob::new("echo", json!({"n": n}))).await.unwrap();
+    }
+    let fetched = broker.fetch(&q(), "c1", 5).await.unwrap().jobs;
+    let ok = |d: &Delivery| Outcome { delivery: d.clone(), result: Ok(None) };
+    // Two calls: the first three in one member of the retained set, the fourth in another.
+    let first: Vec<Outcome> = fetched[..3].iter().map(ok).collect();
+    assert_eq!(broker.settle(&first).await.unwrap(), [Settled::Succeeded; 3]);
+    assert_eq!(broker.settle(&[ok(&fetched[3])]).await.unwrap(), [Settled::Succeeded]);
+    let retained = env.keys().retained(&q());
+    let members: u64 = broker.connection().zcard(&retained).await.unwrap();
+    assert_eq!(members, 2);
+    let promoted = broker.promote(&[q()], 1000).await.unwrap();
+    assert_eq!(promoted[0].swept, 0, "retention not over yet");
+    assert!(broker.job(fetched[0].envelope.id).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let promoted = broker.promote(&[q()], 1000).await.unwrap();
+    assert_eq!((promoted[0].swept, promoted[0].more), (4, false));
+    for d in &fetched[..4] {
+        assert!(broker.job(d.envelope.id).await.unwrap().is_none(), "the succeeded hash is gone");
+    }
+    let running = broker.job(fetched[4].envelope.id).await.unwrap().expect("the running job stays");
+    assert_eq!(running.state, JobState::Running);
+    let members: u64 = broker.connection().zcard(&retained).await.unwrap();
+    assert_eq!(members, 0);
+    // A sweep stops once it has deleted its limit (8 members at a time) and says there is more.
+    for n in 0..10 {
+        broker.enqueue(NewJob::new("echo", json!({"n": n}))).await.unwrap();
+    }
+    for d in broker.fetch(&q(), "c1", 10).await.unwrap().jobs {
+        broker.settle(&[ok(&d)]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let promoted = broker.promote(&[q()], 1).await.unwrap();
+    assert_eq!((promoted[0].swept, promoted[0].more), (8, true));
+    let promoted = broker.promote(&[q()], 1).await.unwrap();
+    assert_eq!((promoted[0].swept, promoted[0].more), (2, false));
     env.cleanup().await;
 }
 

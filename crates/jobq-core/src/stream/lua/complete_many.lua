@@ -1,18 +1,19 @@
 -- Complete many running attempts of one queue in one call. Each attempt whose `lease` still owns
--- it is marked succeeded (hash fields, result, unique lock, retention, dependents, as `finish`
--- does), or, with a retention of 0, its hash is deleted once its lock and dependents are
--- released (the outbox event still carries the attempt to the history; a job whose unique key
--- is held for a time stays until the key expires). Then, once for the whole call, their stream
--- entries are XACKed and deleted (per priority stream one XACK, one XTRIM MINID up to the oldest
--- entry still pending, and one XDEL of those newer than it), the outbox gets
--- their events and the queue's succeeded counter goes up by their number. One completed attempt
--- is written as a plain outbox event (as fail.lua writes); several as one batch event: `outcome`
--- succeeded, `finished_at`, and `batch`, a JSON array of six strings per attempt (id, run,
--- attempt, type, started_at, worker).
+-- it is marked succeeded (hash fields, result, unique lock, dependents, as `finish` does), and
+-- the hashes kept for the retention are named together by one member of the retained zset,
+-- scored by the end of their retention, which the promoter sweeps. With a retention of 0, a
+-- hash is deleted instead once its lock and dependents are released (the outbox event still
+-- carries the attempt to the history; a job whose unique key is held for a time stays until the
+-- key expires). Then, once for the whole call, their stream entries are XACKed and deleted (per
+-- priority stream one XACK, one XTRIM MINID up to the oldest entry still pending, and one XDEL
+-- of those newer than it), the outbox gets their events and the queue's succeeded counter goes
+-- up by their number. One completed attempt is written as a plain outbox event (as fail.lua
+-- writes); several as one batch event: `outcome` succeeded, `finished_at`, and `batch`, a JSON
+-- array of six strings per attempt (id, run, attempt, type, started_at, worker).
 -- The caller sends that array for every job of the call (what its fetch returned: a lease that
 -- still owns the attempt vouches for run, attempt, started_at and worker); when every lease
 -- holds, it goes to the outbox as it is, and only the completed attempts' part otherwise.
--- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream
+-- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 retained zset
 -- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array
 --       (JSON), then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed) or 0 (stale lease) per job.
@@ -21,8 +22,9 @@ local retention = ARGV[2]
 local keep = tonumber(retention) > 0
 local out = {}
 local entries = {{}, {}, {}, {}}
--- Hashes to delete (no retention), with one DEL per call.
-local gone = {}
+-- Hashes to delete (no retention), with one DEL per call; ids of the hashes kept for the
+-- retention, with one ZADD per call.
+local gone, kept = {}, {}
 local n = 0
 for i = 5, #ARGV, 5 do
   local id, lease = ARGV[i + 1], ARGV[i + 2]
@@ -38,8 +40,8 @@ for i = 5, #ARGV, 5 do
     if h[3] then release_unique(jk, id, {h[3], h[4]}) end
     if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
-    -- With no retention the hash goes now (one DEL for the whole call instead of HSET + EXPIRE
-    -- per job), unless a unique lock held for a time still names the job: then it stays as long
+    -- With no retention the hash goes now (one DEL for the whole call instead of an HSET per
+    -- job), unless a unique lock held for a time still names the job: then it stays as long
     -- as the lock, so that an enqueue with the same key keeps getting this job back.
     local lock_ms = 0
     if not keep and h[4] == 'ttl' and redis.call('GET', h[3]) == id then
@@ -54,7 +56,7 @@ for i = 5, #ARGV, 5 do
       -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
       -- only looked at while the job is queued.
       if keep then
-        redis.call('EXPIRE', jk, retention)
+        kept[#kept + 1] = id
       else
         redis.call('PEXPIRE', jk, lock_ms)
       end
@@ -70,6 +72,9 @@ end
 local function id_parts(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+if #kept > 0 then
+  redis.call('ZADD', KEYS[6], string.format('%d', now + 1000 * tonumber(retention)), table.concat(kept, ' '))
 end
 for p = 1, 4 do
   local e = entries[p]

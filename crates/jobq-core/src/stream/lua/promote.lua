@@ -1,10 +1,13 @@
 -- Move due jobs (scheduled and retrying whose run_at <= Redis TIME) from the scheduled set into
 -- their priority streams, at most LIMIT per call, and dead-letter jobs whose expires_at passed
--- before they started (reason expired).
+-- before they started (reason expired). Then delete the hashes of succeeded jobs whose retention
+-- has ended (the due members of the retained zset, each naming the jobs of one complete_many
+-- call), about LIMIT jobs per call.
 -- KEYS: 1 scheduled zset, 2..5 priority streams (critical, high, normal, low),
---       6 expiring zset, 7 events stream
+--       6 expiring zset, 7 events stream, 8 retained zset
 -- ARGV: 1 limit, 2 job key prefix, 3 group, 4 dead retention seconds
--- Returns {promoted, oldest still-due run_at ms or -1, now ms, expired}
+-- Returns {promoted, oldest still-due run_at ms or -1, now ms, expired, swept jobs, 1 when due
+-- members were left for the next call or 0}
 local now = now_ms()
 local index = { critical = 2, high = 3, normal = 4, low = 5 }
 local expired = 0
@@ -40,4 +43,26 @@ end
 local oldest = -1
 local next_due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
 if next_due[2] then oldest = tonumber(next_due[2]) end
-return {promoted, oldest, now, expired}
+-- Succeeded is a final state: a hash named here is not used for anything else any more. A few
+-- members at a time (each names up to a whole complete_many call), until LIMIT jobs are gone.
+local limit, swept, more = tonumber(ARGV[1]), 0, 0
+while true do
+  if swept >= limit then
+    more = 1
+    break
+  end
+  local due = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 8)
+  for _, ids in ipairs(due) do
+    local keys = {}
+    for id in string.gmatch(ids, '%S+') do
+      keys[#keys + 1] = ARGV[2] .. id
+    end
+    for k = 1, #keys, 500 do
+      redis.call('DEL', unpack(keys, k, math.min(k + 499, #keys)))
+    end
+    swept = swept + #keys
+  end
+  if #due > 0 then redis.call('ZREM', KEYS[8], unpack(due)) end
+  if #due < 8 then break end
+end
+return {promoted, oldest, now, expired, swept, more}
