@@ -65,9 +65,7 @@ for i = 5, #ARGV, 5 do
     end
   end
 end
-for k = 1, #gone, 500 do
-  redis.call('DEL', unpack(gone, k, math.min(k + 499, #gone)))
-end
+del_keys(gone)
 -- A stream id as two numbers (ms, seq).
 local function id_parts(id)
   local dash = string.find(id, '-', 1, true)

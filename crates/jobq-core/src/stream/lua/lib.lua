@@ -34,6 +34,14 @@ local function attempt_event(events, jk, id, outcome, now, extra)
   redis.call('HINCRBY', string.sub(events, 1, -7) .. 'stats', outcome, 1)
 end
 
+-- Deletes the keys of a list of any length (DEL takes at most 500 at a time here, well within
+-- what unpack can pass).
+local function del_keys(keys)
+  for k = 1, #keys, 500 do
+    redis.call('DEL', unpack(keys, k, math.min(k + 499, #keys)))
+  end
+end
+
 -- The queue's key prefix (`<ns>:{q:<queue>}:`) of a job hash key.
 local function queue_base(jk, id)
   return string.sub(jk, 1, #jk - #id - 4)

@@ -57,9 +57,7 @@ while true do
     for id in string.gmatch(ids, '%S+') do
       keys[#keys + 1] = ARGV[2] .. id
     end
-    for k = 1, #keys, 500 do
-      redis.call('DEL', unpack(keys, k, math.min(k + 499, #keys)))
-    end
+    del_keys(keys)
     swept = swept + #keys
   end
   if #due > 0 then redis.call('ZREM', KEYS[8], unpack(due)) end
