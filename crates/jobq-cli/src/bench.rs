@@ -60,7 +60,9 @@ impl BenchEnv {
     async fn new(base: &Settings) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let mut settings = base.clone();
-        settings.namespace = format!("bench-{tag}");
+        // Under the configured namespace, so that benchmarks of different namespaces (and the
+        // tests, each in its own) never see each other's keys.
+        settings.namespace = format!("{}-bench-{tag}", base.namespace);
         let database = format!("jobq_bench_{tag}");
         let url =
             base.database.url.rsplit_once('/').map(|(head, _)| format!("{head}/{database}")).context("database url")?;

@@ -106,9 +106,10 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
     assert!(ms("start_ms_p50") <= ms("start_ms_p99") && ms("start_ms_p99") <= ms("start_ms_max"), "{}", lines[3]);
     assert!(ms("done_ms_p50") >= ms("start_ms_p50") && ms("done_ms_p99") <= ms("done_ms_max"), "{}", lines[3]);
     assert!(stdout.contains("scenario") && stdout.contains("jobs/s"), "the table follows");
-    // Nothing left behind in the test's own namespace by the bench's.
+    // Nothing left behind by the bench's namespace, which is under the test's.
+    let pattern = format!("{}-bench-*", env.namespace);
     let leftover: Vec<String> =
-        redis::cmd("KEYS").arg("bench-*").query_async(&mut env.broker.connection()).await.unwrap();
+        redis::cmd("KEYS").arg(&pattern).query_async(&mut env.broker.connection()).await.unwrap();
     assert!(leftover.is_empty(), "{leftover:?}");
     env.cleanup().await;
 }
