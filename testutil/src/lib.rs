@@ -112,6 +112,13 @@ impl TestEnv {
         vars
     }
 
+    /// [`TestEnv::env`] with `extra` set on top, for one process or a group of them.
+    pub fn env_with(&self, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut vars = self.env();
+        vars.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        vars
+    }
+
     /// Settings built from [`TestEnv::env`] (the process environment is not read).
     pub fn settings(&self) -> Settings {
         let vars = self.env();

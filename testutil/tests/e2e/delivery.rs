@@ -14,9 +14,7 @@ const FAST_LEASES: &[(&str, &str)] =
     &[("JOBQ_WORKER_LEASE", "1500ms"), ("JOBQ_WORKER_HEARTBEAT", "300ms"), ("JOBQ_WORKER_REAPER_INTERVAL", "300ms")];
 
 fn with_id(env: &TestEnv, id: &str) -> HashMap<String, String> {
-    let mut vars = env.env();
-    vars.insert("JOBQ_WORKER_ID".into(), id.into());
-    vars
+    env.env_with(&[("JOBQ_WORKER_ID", id)])
 }
 
 /// HMGET of `fields` for every job, in one pipeline.
@@ -182,8 +180,7 @@ async fn a_poison_job_that_kills_its_worker_every_time_is_dead_after_max_reclaim
 async fn dead_jobs_wait_out_a_postgres_outage_and_are_recorded_exactly_once() {
     let env = TestEnv::new().await;
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
-    let mut vars = env.env();
-    vars.insert("DATABASE_URL".into(), env.database_url.replace(":5432/", &format!(":{}/", proxy.port())));
+    let vars = env.env_with(&[("DATABASE_URL", &env.database_url.replace(":5432/", &format!(":{}/", proxy.port())))]);
     let mut scheduler = Proc::spawn("jobq-scheduler", &vars);
     let mut worker = Proc::spawn("jobq-worker", &env.env());
     // The scheduler is up and connected before the outage.
@@ -296,8 +293,7 @@ async fn weighted_queues_share_the_worker_in_proportion_to_their_weights() {
 async fn cancel_unique_and_pause_through_the_api() {
     let env = TestEnv::new().await;
     let port = free_port();
-    let mut vars = env.env();
-    vars.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{port}"));
+    let vars = env.env_with(&[("JOBQ_API_ADDR", &format!("127.0.0.1:{port}"))]);
     let mut procs =
         vec![Proc::spawn("jobq-api", &vars), Proc::spawn("jobq-worker", &vars), Proc::spawn("jobq-scheduler", &vars)];
     let api = Api::new(port);

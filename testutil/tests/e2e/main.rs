@@ -25,8 +25,7 @@ impl System {
     async fn start(workers: usize, vars: &[(&str, &str)]) -> Self {
         let env = TestEnv::with(vars).await;
         let port = free_port();
-        let mut vars = env.env();
-        vars.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{port}"));
+        let vars = env.env_with(&[("JOBQ_API_ADDR", &format!("127.0.0.1:{port}"))]);
         let mut procs = vec![Proc::spawn("jobq-api", &vars), Proc::spawn("jobq-scheduler", &vars)];
         for _ in 0..workers {
             procs.push(Proc::spawn("jobq-worker", &vars));

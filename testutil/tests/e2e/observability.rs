@@ -91,10 +91,11 @@ async fn lease_renewals_racing_outcome_writes_lose_no_lease() {
     // after a job's outcome was written finds its lease gone, and must not count it as lost.
     let env = TestEnv::new().await;
     let port = free_port();
-    let mut vars = env.env();
-    vars.insert("JOBQ_METRICS_ADDR".into(), format!("127.0.0.1:{port}"));
-    vars.insert("JOBQ_WORKER_HEARTBEAT".into(), "10ms".into());
-    vars.insert("JOBQ_WORKER_CONCURRENCY".into(), "50".into());
+    let vars = env.env_with(&[
+        ("JOBQ_METRICS_ADDR", &format!("127.0.0.1:{port}")),
+        ("JOBQ_WORKER_HEARTBEAT", "10ms"),
+        ("JOBQ_WORKER_CONCURRENCY", "50"),
+    ]);
     let n = 5000;
     for chunk in 0..n / 1000 {
         let jobs = (0..1000).map(|i| NewJob::new("echo", json!(chunk * 1000 + i))).collect();
@@ -186,9 +187,10 @@ async fn spans_are_exported_over_otlp_and_the_request_trace_reaches_the_job() {
     let env = TestEnv::new().await;
     let (otlp, spans) = collector().await;
     let port = free_port();
-    let mut vars = env.env();
-    vars.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{port}"));
-    vars.insert("JOBQ_OTLP_ENDPOINT".into(), format!("http://127.0.0.1:{otlp}"));
+    let vars = env.env_with(&[
+        ("JOBQ_API_ADDR", &format!("127.0.0.1:{port}")),
+        ("JOBQ_OTLP_ENDPOINT", &format!("http://127.0.0.1:{otlp}")),
+    ]);
     let _api_proc = Proc::spawn("jobq-api", &vars);
     let _worker = Proc::spawn("jobq-worker", &vars);
     let api = jobq_testutil::Api::new(port);

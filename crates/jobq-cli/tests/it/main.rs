@@ -49,8 +49,7 @@ fn bad_settings_stop_the_program_naming_the_variable() {
 async fn dev_runs_api_worker_and_scheduler_in_one_process() {
     let env = TestEnv::new().await;
     let port = free_port();
-    let mut vars = env.env();
-    vars.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{port}"));
+    let vars = env.env_with(&[("JOBQ_API_ADDR", &format!("127.0.0.1:{port}"))]);
     let mut dev = Proc::spawn_args("jobq", &["dev"], &vars);
     let api = Api::new(port);
     api.wait_ready(Duration::from_secs(30)).await;
