@@ -175,7 +175,8 @@ async fn declared_schedules_upsert_by_name_and_keep_their_pending_tick() {
     let (b, created) = env.store.put_schedule(&spec("from-config", "@daily"), "config").await.unwrap();
     assert!(!created);
     assert_eq!(a.next_fire_at, b.next_fire_at, "an unchanged definition keeps its tick");
-    let (c, _) = env.store.put_schedule(&spec("from-config", "@hourly"), "config").await.unwrap();
+    // Half past the hour never coincides with @daily's midnight, whatever the time of day.
+    let (c, _) = env.store.put_schedule(&spec("from-config", "0 30 * * * *"), "config").await.unwrap();
     assert_ne!(c.next_fire_at, a.next_fire_at, "a new expression restarts from now");
     let all: Vec<String> =
         env.store.schedules().await.unwrap().into_iter().map(|s| format!("{}:{}", s.spec.name, s.source)).collect();
