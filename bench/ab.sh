@@ -15,7 +15,9 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for _ in $(seq "$rounds"); do
   for dir in "$@"; do
-    line=$(BIN=$dir bash bench/cpu-per-job.sh "$n" 1 2>/dev/null | head -2 | tr '\n' ' ')
+    # The whole output first: `head` closing the pipe early would fail the run with SIGPIPE.
+    full=$(BIN=$dir bash bench/cpu-per-job.sh "$n" 1 2>/dev/null) || { echo "$dir: run failed" >&2; continue; }
+    line=$(printf '%s\n' "$full" | sed -n '1,2p' | tr '\n' ' ')
     echo "$dir $line" | tee -a "$out"
   done
 done
