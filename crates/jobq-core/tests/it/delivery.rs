@@ -33,9 +33,9 @@ async fn heartbeats_keep_a_lease_and_the_reaper_takes_lapsed_ones() {
     let lapsed = env.broker.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id;
     let jobs = fetch(&env.broker, "w1", 2).await;
     let (dh, dl) = if jobs[0].envelope.id == held { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(env.broker.heartbeat("w1", &[lease(dh)]).await.unwrap(), [LeaseStatus::Held]);
-    let r = env.broker.reclaim("w2", &[q()], Duration::from_millis(200), 3).await.unwrap();
+    let r = env.broker.reclaim("w2", &[q()], Duration::from_millis(1000), 3).await.unwrap();
     assert_eq!(r[0].requeued, 1, "only the job without a heartbeat is reclaimed");
     let job = env.broker.job(lapsed).await.unwrap().unwrap();
     assert_eq!((job.state, job.reclaims, job.attempt), (JobState::Queued, 1, 0), "the crashed attempt is not counted");
@@ -84,7 +84,7 @@ async fn a_job_reclaimed_more_than_max_reclaims_times_is_dead() {
 #[tokio::test]
 async fn a_job_not_started_before_it_expires_is_dead_and_never_runs() {
     let env = TestEnv::new().await;
-    let soon = chrono::Utc::now() + chrono::Duration::milliseconds(150);
+    let soon = chrono::Utc::now() + chrono::Duration::milliseconds(1000);
     let queued = env.broker.enqueue(NewJob::new("x", json!({})).expires_at(soon)).await.unwrap().job.id;
     let delayed = env
         .broker
@@ -93,7 +93,7 @@ async fn a_job_not_started_before_it_expires_is_dead_and_never_runs() {
         .unwrap()
         .job
         .id;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     // The sweep dead-letters both, whatever fetch would have seen.
     let p = env.broker.promote(&[q()], 100).await.unwrap();
     assert_eq!(p[0].expired, 2);
@@ -169,13 +169,13 @@ async fn a_unique_key_dedupes_until_the_job_finishes_or_for_its_ttl() {
     let after = env.broker.enqueue(NewJob::new("x", json!({})).unique("order-7", None)).await.unwrap();
     assert!(after.created, "the key is released when the job finishes");
 
-    let ttl = Some(Duration::from_millis(200));
+    let ttl = Some(Duration::from_millis(1000));
     let a = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily", ttl)).await.unwrap();
     let d = fetch(&env.broker, "w", 10).await;
     env.broker.settle(&[Outcome { delivery: d.last().unwrap().clone(), result: Ok(None) }]).await.unwrap();
     let b = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily", ttl)).await.unwrap();
     assert!(!b.created && b.job.id == a.job.id, "a key with a ttl is held for the ttl even after the job finished");
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     assert!(env.broker.enqueue(NewJob::new("x", json!({})).unique("daily", ttl)).await.unwrap().created);
     env.cleanup().await;
 }

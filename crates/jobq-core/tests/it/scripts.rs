@@ -73,7 +73,7 @@ async fn invalid_jobs_are_refused_before_touching_redis() {
 #[tokio::test]
 async fn delayed_job_waits_in_the_scheduled_set_until_due_then_is_promoted() {
     let env = TestEnv::new().await;
-    let job = env.broker.enqueue(NewJob::new("echo", json!({})).delay(Duration::from_millis(300))).await.unwrap().job;
+    let job = env.broker.enqueue(NewJob::new("echo", json!({})).delay(Duration::from_millis(1000))).await.unwrap().job;
     assert_eq!(job.state, JobState::Scheduled);
     let zset = env.keys().scheduled(&q());
     let score: Option<f64> = env.broker.connection().zscore(&zset, job.id.to_string()).await.unwrap();
@@ -81,7 +81,7 @@ async fn delayed_job_waits_in_the_scheduled_set_until_due_then_is_promoted() {
     let promoted = env.broker.promote(&[q()], 100).await.unwrap();
     assert_eq!(promoted[0].count, 0, "not due yet");
     assert!(env.broker.fetch(&q(), "c1", 10).await.unwrap().jobs.is_empty());
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     let promoted = env.broker.promote(&[q()], 100).await.unwrap();
     assert_eq!(promoted[0].count, 1);
     assert_eq!(env.broker.job(job.id).await.unwrap().unwrap().state, JobState::Queued);
