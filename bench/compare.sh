@@ -9,29 +9,43 @@ BULLMQ=${BULLMQ_DIR:-../shared/bench/bullmq}
 cargo build --release --bins --quiet
 out=$(mktemp -d)
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(redis-server --version | awk '{print $3}')"
-N=$N CONC=50 node "$BULLMQ/bench.js" | tee "$out/bullmq.json"
-N=$N CONC=200 node "$BULLMQ/bench.js" | tee -a "$out/bullmq.json"
+# The machine's speed drifts over minutes, so the baseline runs right before and right after
+# each block of jobq runs at its concurrency, and the ratios are against the mean of the two.
+bullmq() { N=$N CONC=$1 node "$BULLMQ/bench.js" | tee -a "$out/bullmq.json"; }
 jobq() { ./target/release/jobq bench -n "$N" "$@" | grep '^{' | tee -a "$out/jobq.json"; }
-jobq --scenario enqueue-api
 for c in 50 200; do
+  bullmq $c
+  if [ "$c" = 50 ]; then jobq --scenario enqueue-api; fi
   jobq --scenario drain --workers 1 --concurrency $c
   jobq --scenario drain --workers 2 --concurrency $c
   # As the baseline does (removeOnComplete): succeeded jobs leave Redis at completion; their
   # attempts are still recorded in Postgres.
   JOBQ_RETENTION_SUCCEEDED=0 jobq --scenario drain --workers 1 --concurrency $c
   JOBQ_RETENTION_SUCCEEDED=0 jobq --scenario drain --workers 2 --concurrency $c
+  if [ "$c" = 50 ]; then jobq --scenario latency; fi
+  bullmq $c
 done
-jobq --scenario latency
 python3 - "$out" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
-bull = {b["concurrency"]: b for b in (json.loads(l) for l in (d / "bullmq.json").read_text().splitlines() if l.startswith("{"))}
+runs = {}
+for l in (d / "bullmq.json").read_text().splitlines():
+    if l.startswith("{"):
+        b = json.loads(l)
+        runs.setdefault(b["concurrency"], []).append(b)
+mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs)
+bull = {c: {k: mean(rs, k) for k in ("enqueue_bulk_jobs_per_s", "process_jobs_per_s", "latency_ms_p50", "latency_ms_p99")}
+        for c, rs in runs.items()}
+for c, rs in sorted(runs.items()):
+    print(f"BullMQ, concurrency {c}, before and after jobq's runs: processing "
+          + " / ".join(f"{r['process_jobs_per_s']:.0f}" for r in rs) + " jobs/s, bulk enqueue "
+          + " / ".join(f"{r['enqueue_bulk_jobs_per_s']:.0f}" for r in rs) + " jobs/s (the ratios use the mean)")
 b = bull[50]
 j = [json.loads(l) for l in (d / "jobq.json").read_text().splitlines() if l.strip()]
 api = next(r for r in j if r["scenario"] == "enqueue-api")
 drains = [r for r in j if r["scenario"] == "drain"]
 lat = next(r for r in j if r["scenario"] == "latency")
-row = lambda label, theirs, ours: print(f"{label:<78} {theirs:>10} {ours:>10.0f} {ours / theirs:>7.2f}")
+row = lambda label, theirs, ours: print(f"{label:<78} {theirs:>10.0f} {ours:>10.0f} {ours / theirs:>7.2f}")
 print()
 print(f"{'measure (BullMQ: 1 worker process, same concurrency)':<78} {'BullMQ':>10} {'jobq':>10} {'ratio':>7}")
 row("bulk enqueue jobs/s (addBulk vs POST /jobs/batch)", b["enqueue_bulk_jobs_per_s"], api["jobs_per_s"])
@@ -42,5 +56,5 @@ for r in drains:
     row(f"processing jobs/s, concurrency {c}, {w} worker process(es){kept}", theirs, r["jobs_per_s"])
     row("  ... with every attempt recorded in Postgres", theirs, r["recorded_jobs_per_s"])
 for p in ("p50", "p99"):
-    print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<78} {b['latency_ms_' + p]:>10} {lat['start_ms_' + p]:>10} {'':>7}")
+    print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<78} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
 PY
