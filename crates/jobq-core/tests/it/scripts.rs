@@ -409,7 +409,9 @@ async fn a_dlq_retry_rebuilds_an_expired_job_hash_from_the_envelope() {
 
 #[tokio::test]
 async fn scripts_are_reloaded_after_redis_loses_its_script_cache() {
-    let env = TestEnv::new().await;
+    // A server of its own: SCRIPT FLUSH empties the cache of every client of a server.
+    let redis = jobq_testutil::RedisServer::start();
+    let env = TestEnv::with(&[("REDIS_URL", &redis.url())]).await;
     env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap();
     redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut env.broker.connection()).await.unwrap();
     let job = env.broker.enqueue(NewJob::new("echo", json!({}))).await.expect("NOSCRIPT is handled");
