@@ -9,6 +9,7 @@
 #                  default target/release, built first
 #   CONC=50        worker concurrency;  WORKERS=1  worker processes
 #   REDIS_URL=...  use that Redis instead of a private one
+#   REDIS_ARGS=... extra arguments for the private redis-server (e.g. "--hash-max-listpack-value 1024")
 #
 # By default a private redis-server (no persistence, noeviction) is started on a free port for
 # the run, so other users of the machine's Redis do not count against the figures. Postgres is
@@ -31,7 +32,7 @@ if [ -z "${REDIS_URL:-}" ]; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   dir=$(mktemp -d)
   redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --maxmemory-policy noeviction \
-    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" ${REDIS_ARGS:-}
   trap 'kill "$(cat "$dir/redis.pid")" 2>/dev/null; rm -rf "$dir"' EXIT
   for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
   export REDIS_URL="redis://127.0.0.1:$port"
