@@ -76,12 +76,6 @@ impl Keys {
         format!("{}:{{q:{queue}}}:retained", self.ns)
     }
 
-    /// Set of the queue's jobs that other jobs wait for (those with a `dependents:<id>` set):
-    /// `complete_many` learns from it, once per call, which of its jobs have dependents.
-    pub fn parents(&self, queue: &QueueName) -> String {
-        format!("{}:{{q:{queue}}}:parents", self.ns)
-    }
-
     /// Hash of counters of finished attempts by outcome (`succeeded`, `failed`, `dead`,
     /// `cancelled`), incremented by the scripts that write the outbox.
     pub fn stats(&self, queue: &QueueName) -> String {

@@ -745,9 +745,9 @@ impl Broker {
         }
         for (q, idx) in successes {
             let streams = self.keys.streams(q);
-            let (events, retained, parents) = (self.keys.events(q), self.keys.retained(q), self.keys.parents(q));
+            let (events, retained) = (self.keys.events(q), self.keys.retained(q));
             let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
-            keys.extend([events.as_str(), retained.as_str(), parents.as_str()]);
+            keys.extend([events.as_str(), retained.as_str()]);
             let mut call = Call::new(&SCRIPTS.complete_many, &keys)
                 .arg(Keys::GROUP)
                 .arg(secs(self.retention.succeeded))
@@ -758,11 +758,7 @@ impl Broker {
                 let d = &o.delivery;
                 let prio = Priority::ALL.iter().position(|p| *p == d.priority).unwrap_or(2) + 1;
                 let result = o.result.as_ref().ok().and_then(Option::as_ref).map(bounded_result).unwrap_or_default();
-                // Only a job with a unique key or dependencies has lock or dependency fields to
-                // read at completion.
-                let env = &d.envelope;
-                let fields = if env.unique_key.is_some() || !env.depends_on.is_empty() { "1" } else { "" };
-                call = call.arg(prio).arg(env.id.to_string()).arg(&d.lease).arg(&d.entry).arg(result).arg(fields);
+                call = call.arg(prio).arg(d.envelope.id.to_string()).arg(&d.lease).arg(&d.entry).arg(result);
             }
             calls.push(call);
             answers.push(idx);

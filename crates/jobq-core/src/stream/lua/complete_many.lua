@@ -1,90 +1,51 @@
--- Complete many running attempts of one queue in one call. First every entry of the call is
--- XACKed, one XACK per priority stream. An entry stays pending in the group until its attempt
--- ends: every script that takes a running job from its worker (reclaim) acks its entry, and an
--- entry is delivered once. So when every entry was still pending, every lease still holds, and
--- no job hash is read to check it; otherwise each job's lease is checked on its hash (state
--- running, the caller's token).
--- Each attempt whose lease holds is marked succeeded (hash fields, result, unique lock,
--- dependents, as `finish` does), and the hashes kept for the retention are named together by one
--- member of the retained zset, scored by the end of their retention, which the promoter sweeps.
--- With a retention of 0, a hash is deleted instead once its lock and dependents are released
--- (the outbox event still carries the attempt to the history; a job whose unique key is held
--- for a time stays until the key expires). The caller marks each job that has a unique key or
--- dependencies of its own (from its envelope); only those read their lock and dependency fields
--- from the hash. Whether a job has dependents (jobs enqueued later that wait for it) comes from
--- the queue's parents set, one SMISMEMBER per call.
--- Then, once for the whole call, their stream entries are deleted (per priority stream one
--- XTRIM MINID up to the oldest entry still pending, and one XDEL of those newer than it), the
--- outbox gets their events and the queue's succeeded counter goes up by their number. One
--- completed attempt is written as a plain outbox event (as fail.lua writes); several as one
--- batch event: `outcome` succeeded, `finished_at`, and `batch`, a JSON array of six strings per
--- attempt (id, run, attempt, type, started_at, worker).
+-- Complete many running attempts of one queue in one call. Each attempt whose `lease` still owns
+-- it is marked succeeded (hash fields, result, unique lock, dependents, as `finish` does), and
+-- the hashes kept for the retention are named together by one member of the retained zset,
+-- scored by the end of their retention, which the promoter sweeps. With a retention of 0, a
+-- hash is deleted instead once its lock and dependents are released (the outbox event still
+-- carries the attempt to the history; a job whose unique key is held for a time stays until the
+-- key expires). Then, once for the whole call, their stream entries are XACKed and deleted (per
+-- priority stream one XACK, one XTRIM MINID up to the oldest entry still pending, and one XDEL
+-- of those newer than it), the outbox gets their events and the queue's succeeded counter goes
+-- up by their number. One completed attempt is written as a plain outbox event (as fail.lua
+-- writes); several as one batch event: `outcome` succeeded, `finished_at`, and `batch`, a JSON
+-- array of six strings per attempt (id, run, attempt, type, started_at, worker).
 -- The caller sends that array for every job of the call (what its fetch returned: a lease that
 -- still owns the attempt vouches for run, attempt, started_at and worker); when every lease
 -- holds, it goes to the outbox as it is, and only the completed attempts' part otherwise.
--- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 retained zset,
---       7 parents set
+-- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 retained zset
 -- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array
---       (JSON), then per job: priority index, id, lease token, entry id, result json or '',
---       '1' when the job has a unique key or dependencies, '' otherwise
+--       (JSON), then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed) or 0 (stale lease) per job.
 local now, now_s = now_ms_pair()
 local retention = ARGV[2]
 local keep = tonumber(retention) > 0
-local count = (#ARGV - 4) / 6
-local acked = 0
-do
-  local by_prio = {{}, {}, {}, {}}
-  for i = 5, #ARGV, 6 do
-    local e = by_prio[tonumber(ARGV[i])]
-    e[#e + 1] = ARGV[i + 3]
-  end
-  for p = 1, 4 do
-    if #by_prio[p] > 0 then acked = acked + redis.call('XACK', KEYS[p], ARGV[1], unpack(by_prio[p])) end
-  end
-end
-local held_all = acked == count
--- Whether each job has dependents: a member of the queue's parents set.
-local parents = {}
-if redis.call('EXISTS', KEYS[7]) == 1 then
-  local ids = {}
-  for i = 5, #ARGV, 6 do ids[#ids + 1] = ARGV[i + 1] end
-  parents = redis.call('SMISMEMBER', KEYS[7], unpack(ids))
-end
 local out = {}
 local entries = {{}, {}, {}, {}}
 -- Hashes to delete (no retention), with one DEL per call; ids of the hashes kept for the
 -- retention, with one ZADD per call.
 local gone, kept = {}, {}
 local n = 0
-for i = 5, #ARGV, 6 do
+for i = 5, #ARGV, 5 do
   local id, lease = ARGV[i + 1], ARGV[i + 2]
   local jk = ARGV[3] .. id
-  -- h: unique_key, unique_hold, dep_mode, has_dependents (false when absent)
-  local held, h = held_all, {false, false, false, false}
-  if not held_all then
-    local s = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
-    held = s[1] == 'running' and s[2] == lease
-    h = {s[3], s[4], s[5], s[6]}
-  elseif ARGV[i + 5] ~= '' then
-    h = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
-  end
-  if not held then
+  local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
+  if h[1] ~= 'running' or h[2] ~= lease then
     out[#out + 1] = 0
   else
     out[#out + 1] = 1
     n = n + 1
     local e = entries[tonumber(ARGV[i])]
     e[#e + 1] = ARGV[i + 3]
-    if h[1] then release_unique(jk, id, {h[1], h[2]}) end
-    if h[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
-    if h[4] or parents[#out] == 1 then release_dependents(jk, id, 'succeeded', now, retention) end
+    if h[3] then release_unique(jk, id, {h[3], h[4]}) end
+    if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
+    if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
     -- With no retention the hash goes now (one DEL for the whole call instead of an HSET per
     -- job), unless a unique lock held for a time still names the job: then it stays as long
     -- as the lock, so that an enqueue with the same key keeps getting this job back.
     local lock_ms = 0
-    if not keep and h[2] == 'ttl' and redis.call('GET', h[1]) == id then
-      lock_ms = redis.call('PTTL', h[1])
+    if not keep and h[4] == 'ttl' and redis.call('GET', h[3]) == id then
+      lock_ms = redis.call('PTTL', h[3])
     end
     if keep or lock_ms > 0 then
       if ARGV[i + 4] ~= '' then
@@ -116,6 +77,7 @@ end
 for p = 1, 4 do
   local e = entries[p]
   if #e > 0 then
+    redis.call('XACK', KEYS[p], ARGV[1], unpack(e))
     -- The group delivers in id order and every delivered entry stays pending until acked, so
     -- every entry older than the oldest pending one (or, with none pending, up to the newest of
     -- this call) is acked: one exact XTRIM MINID deletes those, node by node, where an XDEL

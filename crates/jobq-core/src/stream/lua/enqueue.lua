@@ -108,7 +108,6 @@ while i <= #ARGV do
         for _, dep in ipairs(waits) do
           redis.call('SADD', base .. 'dependents:' .. dep, id)
           redis.call('HSET', base .. 'job:' .. dep, 'has_dependents', 1)
-          redis.call('SADD', base .. 'parents', dep)
         end
         redis.call('SADD', base .. 'waiting:' .. id, unpack(waits))
         fields[n + 1] = 'state'

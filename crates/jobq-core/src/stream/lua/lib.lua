@@ -105,7 +105,6 @@ local function release_dependents(jk, id, state, now, retention)
       end
     end
     redis.call('DEL', key)
-    redis.call('SREM', base .. 'parents', done_id)
   end
 end
 
