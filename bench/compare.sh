@@ -8,6 +8,7 @@ BULLMQ=${BULLMQ_DIR:-../shared/bench/bullmq}
 [ -d "$BULLMQ/node_modules/bullmq" ] || npm install --prefix "$BULLMQ" >/dev/null
 cargo build --release --bins --quiet
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(redis-server --version | awk '{print $3}')"
 # The machine's speed drifts over minutes, so the baseline runs right before and right after
 # each block of jobq runs at its concurrency, and the ratios are against the mean of the two.

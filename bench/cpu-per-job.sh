@@ -29,13 +29,10 @@ if [ -z "${BIN:-}" ]; then
   BIN=target/release
 fi
 if [ -z "${REDIS_URL:-}" ]; then
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  dir=$(mktemp -d)
-  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --maxmemory-policy noeviction \
-    --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" ${REDIS_ARGS:-}
-  trap 'kill "$(cat "$dir/redis.pid")" 2>/dev/null; rm -rf "$dir"' EXIT
-  for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-  export REDIS_URL="redis://127.0.0.1:$port"
+  source bench/private-redis.sh
+  # shellcheck disable=SC2086 # REDIS_ARGS is a list of arguments
+  start_private_redis ${REDIS_ARGS:-}
+  export REDIS_URL="redis://127.0.0.1:$PORT"
 fi
 for run in $(seq "$RUNS"); do
   line=$("$BIN/jobq" bench -n "$N" --scenario drain --workers "$WORKERS" --concurrency "$CONC" | grep '^{')

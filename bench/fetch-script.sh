@@ -15,12 +15,8 @@ cd "$(dirname "$0")/.."
 SCRIPT=${1:-crates/jobq-core/src/stream/lua/fetch.lua}
 ROUNDS=${2:-3}
 COUNT=${COUNT:-25}
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-dir=$(mktemp -d)
-redis-server --port "$PORT" --save '' --appendonly no --daemonize yes --logfile "$dir/redis.log" --pidfile "$dir/redis.pid"
-trap 'kill "$(cat "$dir/redis.pid")" 2>/dev/null; rm -rf "$dir"' EXIT
-R="redis-cli -p $PORT"
-until $R ping >/dev/null 2>&1; do sleep 0.1; done
+source bench/private-redis.sh
+start_private_redis
 
 cat >"$dir/fill.lua" <<'EOF'
 -- KEYS[1] the normal stream; ARGV: job key prefix, first, last

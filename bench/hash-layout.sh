@@ -11,12 +11,8 @@
 set -euo pipefail
 ROUNDS=${1:-2}
 JOBS=${JOBS:-1000000}
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-dir=$(mktemp -d)
-redis-server --port "$PORT" --save '' --appendonly no --daemonize yes --logfile "$dir/redis.log" --pidfile "$dir/redis.pid"
-trap 'kill "$(cat "$dir/redis.pid")" 2>/dev/null; rm -rf "$dir"' EXIT
-R="redis-cli -p $PORT"
-until $R ping >/dev/null 2>&1; do sleep 0.1; done
+source "$(dirname "$0")/private-redis.sh"
+start_private_redis
 
 cat >"$dir/fill.lua" <<'EOF'
 -- ARGV: layout (inside | apart), first, last
