@@ -274,69 +274,103 @@ impl Store {
         let mut pass = FirePass::default();
         for _ in 0..max {
             let mut tx = self.pool.begin().await?;
-            // A replica frozen mid-claim must not hold the row: the server ends its session.
-            sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'").execute(&mut *tx).await?;
-            let Some(row) = sqlx::query(&format!(
-                "SELECT {COLUMNS}, now() AS db_now FROM schedules
-                 WHERE enabled AND next_fire_at <= now()
-                 ORDER BY next_fire_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-            ))
-            .fetch_optional(&mut *tx)
-            .await?
-            else {
-                break;
-            };
-            let s = schedule_of_row(&row)?;
-            let now: DateTime<Utc> = row.try_get("db_now")?;
-            let seen = s.next_fire_at.unwrap_or(now);
-            let (next, fired_here) = match s.spec.validate() {
-                Ok(schedule) => {
-                    let plan = plan_ticks(&schedule, seen, now, s.spec.misfire, s.spec.catch_up_limit, grace);
-                    pass.skipped += plan.skipped;
-                    if plan.skipped > 0 {
-                        tracing::warn!(schedule = %s.spec.name, skipped = plan.skipped, policy = s.spec.misfire.as_str(), "missed ticks");
-                    }
-                    let mut fired = Vec::new();
-                    for tick in plan.fire {
-                        crate::fault::point("cron.claimed");
-                        let job_id = fire_tick(&mut tx, broker, &s.spec.name, &s.spec.job, tick).await?;
-                        crate::fault::point("cron.enqueued");
-                        fired.push(FiredTick {
-                            schedule: s.spec.name.clone(),
-                            tick,
-                            job_id,
-                            late_ms: (now - tick).num_milliseconds(),
-                        });
-                    }
-                    (plan.next, fired)
+            match claim_due(&mut tx, broker, grace, &mut pass.skipped).await {
+                Ok(Claim::NothingDue) => break,
+                Ok(Claim::Unchanged) => {
+                    tx.rollback().await?;
+                }
+                Ok(Claim::Fired(fired)) => {
+                    tx.commit().await?;
+                    pass.fired.extend(fired);
                 }
                 Err(e) => {
-                    tracing::error!(schedule = %s.spec.name, error = %e, "stored schedule is invalid; disabling it");
-                    (None, Vec::new())
+                    // Roll back before returning: a dropped transaction only queues its
+                    // ROLLBACK for the connection's next use, and until then the row stays
+                    // locked, so every replica's `SKIP LOCKED` passes the due tick by.
+                    let _ = tx.rollback().await;
+                    return Err(e);
                 }
-            };
-            let last = fired_here.last().map(|f| f.tick);
-            let updated = sqlx::query(
-                "UPDATE schedules SET next_fire_at = $2, last_fired_at = COALESCE($3, last_fired_at),
-                     enabled = enabled AND $4
-                 WHERE name = $1 AND next_fire_at = $5",
-            )
-            .bind(&s.spec.name)
-            .bind(next)
-            .bind(last)
-            .bind(next.is_some())
-            .bind(seen)
-            .execute(&mut *tx)
-            .await?;
-            if updated.rows_affected() != 1 {
-                // Changed under us (cannot happen while we hold the row lock): leave it alone.
-                continue;
             }
-            tx.commit().await?;
-            pass.fired.extend(fired_here);
         }
         Ok(pass)
     }
+}
+
+/// What [`claim_due`] did with the earliest due schedule.
+enum Claim {
+    NothingDue,
+    /// The row changed under the claim; nothing to commit.
+    Unchanged,
+    /// Its ticks are enqueued and `next_fire_at` advanced; commit to keep the claim.
+    Fired(Vec<FiredTick>),
+}
+
+/// Locks the earliest due schedule, fires its ticks and advances it, inside `tx`.
+async fn claim_due(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    broker: &Broker,
+    grace: chrono::Duration,
+    skipped: &mut u64,
+) -> Result<Claim> {
+    // A replica frozen mid-claim must not hold the row: the server ends its session.
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'").execute(&mut **tx).await?;
+    let Some(row) = sqlx::query(&format!(
+        "SELECT {COLUMNS}, now() AS db_now FROM schedules
+             WHERE enabled AND next_fire_at <= now()
+             ORDER BY next_fire_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+    ))
+    .fetch_optional(&mut **tx)
+    .await?
+    else {
+        return Ok(Claim::NothingDue);
+    };
+    let s = schedule_of_row(&row)?;
+    let now: DateTime<Utc> = row.try_get("db_now")?;
+    let seen = s.next_fire_at.unwrap_or(now);
+    let (next, fired_here) = match s.spec.validate() {
+        Ok(schedule) => {
+            let plan = plan_ticks(&schedule, seen, now, s.spec.misfire, s.spec.catch_up_limit, grace);
+            *skipped += plan.skipped;
+            if plan.skipped > 0 {
+                tracing::warn!(schedule = %s.spec.name, skipped = plan.skipped, policy = s.spec.misfire.as_str(), "missed ticks");
+            }
+            let mut fired = Vec::new();
+            for tick in plan.fire {
+                crate::fault::point("cron.claimed");
+                let job_id = fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick).await?;
+                crate::fault::point("cron.enqueued");
+                fired.push(FiredTick {
+                    schedule: s.spec.name.clone(),
+                    tick,
+                    job_id,
+                    late_ms: (now - tick).num_milliseconds(),
+                });
+            }
+            (plan.next, fired)
+        }
+        Err(e) => {
+            tracing::error!(schedule = %s.spec.name, error = %e, "stored schedule is invalid; disabling it");
+            (None, Vec::new())
+        }
+    };
+    let last = fired_here.last().map(|f| f.tick);
+    let updated = sqlx::query(
+        "UPDATE schedules SET next_fire_at = $2, last_fired_at = COALESCE($3, last_fired_at),
+                 enabled = enabled AND $4
+             WHERE name = $1 AND next_fire_at = $5",
+    )
+    .bind(&s.spec.name)
+    .bind(next)
+    .bind(last)
+    .bind(next.is_some())
+    .bind(seen)
+    .execute(&mut **tx)
+    .await?;
+    if updated.rows_affected() != 1 {
+        // Changed under us (cannot happen while we hold the row lock): leave it alone.
+        return Ok(Claim::Unchanged);
+    }
+    Ok(Claim::Fired(fired_here))
 }
 
 async fn fire_tick(

@@ -87,6 +87,13 @@ async fn a_failed_enqueue_rolls_the_claim_back_and_the_tick_fires_later_once() {
     let down = jobq_core::stream::Broker::connect(&settings).await.unwrap();
     assert!(env.store.fire_due(&down, long_grace(), 10).await.is_err());
     assert_eq!(env.store.schedule("s").await.unwrap().unwrap().next_fire_at, Some(tick), "claim rolled back");
+    // The row lock went with the rollback: another replica can claim the tick at once.
+    let mut other = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM schedules WHERE name = 's' FOR UPDATE NOWAIT")
+        .execute(&mut *other)
+        .await
+        .expect("the failed pass still holds the schedule's row");
+    other.rollback().await.unwrap();
     let pass = env.store.fire_due(&env.broker, long_grace(), 10).await.unwrap();
     assert_eq!(pass.fired.len(), 1);
     assert_eq!(backlog(&env).await, 1);
