@@ -45,6 +45,7 @@ pub struct TestEnv {
     /// Store on this test's database.
     pub store: Store,
     overrides: HashMap<String, String>,
+    cleaned: bool,
 }
 
 impl TestEnv {
@@ -82,6 +83,7 @@ impl TestEnv {
             broker: Broker::connect(&base_settings()).await.expect("redis settings"),
             store: Store::from_pool(pool),
             overrides: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cleaned: false,
         };
         let settings = env.settings();
         env.broker = Broker::connect(&settings).await.expect("redis settings");
@@ -130,36 +132,65 @@ impl TestEnv {
         self.broker.keys()
     }
 
-    /// Deletes the namespace's keys and drops the database.
-    pub async fn cleanup(self) {
-        let mut conn = self.broker.connection();
-        let pattern = self.keys().pattern();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await
-                .expect("scan");
-            if !keys.is_empty() {
-                redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await.expect("unlink");
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+    /// Deletes the namespace's keys and drops the database. A test that ends without calling
+    /// this (it panicked, say) has the same done when its `TestEnv` is dropped.
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
         self.pool.close().await;
-        if let Ok(mut admin) = PgConnectOptions::from_str(&database_url()).expect("url").connect().await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
-                .execute(&mut admin)
-                .await;
+        remove(self.broker.connection(), &self.keys().pattern(), &self.database)
+            .await
+            .expect("remove the test's keys and database");
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        // Reached while the test unwinds, on a runtime thread that may not block: the removal
+        // runs on a thread and a runtime of its own.
+        let (pattern, database) = (self.keys().pattern(), self.database.clone());
+        let removed = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let conn = redis::Client::open(redis_url())?.get_connection_manager().await?;
+                remove(conn, &pattern, &database).await
+            })
+        })
+        .join();
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("test env {}: removing its keys and database failed: {e:#}", self.namespace),
+            Err(_) => eprintln!("test env {}: removing its keys and database panicked", self.namespace),
         }
     }
+}
+
+/// Deletes the keys matching `pattern` and drops `database` (its connections are closed).
+async fn remove(mut conn: redis::aio::ConnectionManager, pattern: &str, database: &str) -> anyhow::Result<()> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut admin = PgConnectOptions::from_str(&database_url())?.connect().await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&mut admin).await?;
+    admin.close().await?;
+    Ok(())
 }
 
 fn base_settings() -> Settings {
@@ -465,5 +496,66 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill(); // SIGKILL ends a stopped process too
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether any key of `pattern` is left, and whether `database` still exists.
+    async fn left_behind(pattern: &str, database: &str) -> (bool, bool) {
+        let mut conn = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let (_, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(0)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(100_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut admin = PgConnectOptions::from_str(&database_url()).unwrap().connect().await.unwrap();
+        let db: Option<String> = sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname = $1")
+            .bind(database)
+            .fetch_optional(&mut admin)
+            .await
+            .unwrap();
+        (!keys.is_empty(), db.is_some())
+    }
+
+    async fn populated() -> (TestEnv, String, String) {
+        let env = TestEnv::new().await;
+        let mut conn = env.broker.connection();
+        redis::cmd("SET")
+            .arg(env.keys().pattern().replace('*', "probe"))
+            .arg(1)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let (pattern, database) = (env.keys().pattern(), env.database.clone());
+        assert_eq!(left_behind(&pattern, &database).await, (true, true), "the env exists before it is removed");
+        (env, pattern, database)
+    }
+
+    #[tokio::test]
+    async fn cleanup_removes_the_keys_and_the_database() {
+        let (env, pattern, database) = populated().await;
+        env.cleanup().await;
+        assert_eq!(left_behind(&pattern, &database).await, (false, false));
+    }
+
+    #[tokio::test]
+    async fn a_test_that_panics_leaves_nothing_behind() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let test = tokio::spawn(async move {
+            let (env, pattern, database) = populated().await;
+            tx.send((pattern, database)).unwrap();
+            let _env = env;
+            panic!("a failing assertion");
+        });
+        assert!(test.await.unwrap_err().is_panic());
+        let (pattern, database) = rx.await.unwrap();
+        assert_eq!(left_behind(&pattern, &database).await, (false, false));
     }
 }
