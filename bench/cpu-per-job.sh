@@ -8,6 +8,7 @@
 #   BIN=dir        binaries to run (jobq, jobq-worker, jobq-scheduler side by side);
 #                  default target/release, built first
 #   CONC=50        worker concurrency;  WORKERS=1  worker processes
+#   LOG_LEVEL=warn log level of the worker and scheduler (info: the binaries' default)
 #   REDIS_URL=...  use that Redis instead of a private one
 #   REDIS_ARGS=... extra arguments for the private redis-server (e.g. "--hash-max-listpack-value 1024")
 #
@@ -24,6 +25,7 @@ N=${1:-100000}
 RUNS=${2:-2}
 CONC=${CONC:-50}
 WORKERS=${WORKERS:-1}
+LOG_LEVEL=${LOG_LEVEL:-warn}
 if [ -z "${BIN:-}" ]; then
   cargo build --release --bins --quiet
   BIN=target/release
@@ -35,7 +37,7 @@ if [ -z "${REDIS_URL:-}" ]; then
   export REDIS_URL="redis://127.0.0.1:$PORT"
 fi
 for run in $(seq "$RUNS"); do
-  line=$("$BIN/jobq" bench -n "$N" --scenario drain --workers "$WORKERS" --concurrency "$CONC" | grep '^{')
+  line=$("$BIN/jobq" bench -n "$N" --scenario drain --workers "$WORKERS" --concurrency "$CONC" --log-level "$LOG_LEVEL" | grep '^{')
   python3 - "$run" "$line" <<'PY'
 import json, sys
 run, r = sys.argv[1], json.loads(sys.argv[2])

@@ -31,7 +31,7 @@ pub const SCENARIOS: [&str; 6] = ["enqueue-lib", "enqueue-api", "drain", "latenc
 /// Options of `jobq bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// enqueue-lib, enqueue-api, drain, latency, or all.
+    /// enqueue-lib, enqueue-api, drain, latency, mixed, soak, or all.
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Jobs per scenario.
@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Duration of `mixed`, in seconds.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Log level of the worker and scheduler processes it starts (`info` is the binaries'
+    /// default; at `warn` nothing is logged per job).
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
 }
 
 struct BenchEnv {
@@ -57,7 +61,7 @@ struct BenchEnv {
 }
 
 impl BenchEnv {
-    async fn new(base: &Settings) -> anyhow::Result<Self> {
+    async fn new(base: &Settings, log_level: &str) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let mut settings = base.clone();
         // Under the configured namespace, so that benchmarks of different namespaces (and the
@@ -78,7 +82,7 @@ impl BenchEnv {
             ("REDIS_URL", settings.redis.url.clone()),
             ("DATABASE_URL", url),
             ("JOBQ_DATABASE_MIGRATE", "false".into()),
-            ("JOBQ_LOG_LEVEL", "warn".into()),
+            ("JOBQ_LOG_LEVEL", log_level.to_owned()),
             ("JOBQ_AUTH", "off".into()),
         ]
         .into_iter()
@@ -325,7 +329,7 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     Ok(json!({
         "scenario": "drain", "n": n, "workers": args.workers, "concurrency": args.concurrency,
-        "retention_succeeded_s": env.settings.retention.succeeded.as_secs(),
+        "retention_succeeded_s": env.settings.retention.succeeded.as_secs(), "log_level": args.log_level,
         "jobs_per_s": (n as f64 / processed).round(),
         "recorded_jobs_per_s": (n as f64 / recorded).round(),
         "cpu_us_per_job": {
@@ -601,7 +605,10 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(bad) = chosen.iter().find(|s| !SCENARIOS.contains(s)) {
         bail!("unknown scenario `{bad}`: use {} or all", SCENARIOS.join(", "));
     }
-    let env = BenchEnv::new(settings).await?;
+    let mut checked = settings.clone();
+    checked.log.level.clone_from(&args.log_level);
+    checked.validate().context("--log-level")?;
+    let env = BenchEnv::new(settings, &args.log_level).await?;
     let mut results = Vec::new();
     let outcome: anyhow::Result<()> = async {
         for s in &chosen {

@@ -125,6 +125,22 @@ async fn jobq_in(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
 }
 
 #[tokio::test]
+async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_one() {
+    let env = TestEnv::new().await;
+    let (code, out, err) =
+        jobq_in(&env, &["bench", "-n", "200", "--scenario", "drain", "--log-level", "info", "--concurrency", "5"])
+            .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(line["log_level"], "info", "{line}");
+    assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    let (code, _, err) = jobq_in(&env, &["bench", "-n", "10", "--scenario", "drain", "--log-level", "warn,["]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--log-level") && err.contains("not a valid filter"), "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     let env = TestEnv::new().await;
     let (code, out, err) = jobq_in(
