@@ -45,7 +45,7 @@ pub struct TestEnv {
     /// Store on this test's database.
     pub store: Store,
     overrides: HashMap<String, String>,
-    cleaned: bool,
+    removal: Removal,
 }
 
 impl TestEnv {
@@ -66,6 +66,8 @@ impl TestEnv {
             panic!("PostgreSQL is not reachable at DATABASE_URL={} ({e}); start it or set DATABASE_URL", database_url())
         });
         sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut conn).await.expect("create test database");
+        // From here on a panic (a failed migration, say) still removes the database.
+        let removal = Removal { pattern: Keys::new(&namespace).pattern(), database: database.clone(), armed: true };
         conn.close().await.ok();
         let options = admin.clone().database(&database);
         let database_url = db_url(&database);
@@ -83,7 +85,7 @@ impl TestEnv {
             broker: Broker::connect(&base_settings()).await.expect("redis settings"),
             store: Store::from_pool(pool),
             overrides: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            cleaned: false,
+            removal,
         };
         let settings = env.settings();
         env.broker = Broker::connect(&settings).await.expect("redis settings");
@@ -135,22 +137,29 @@ impl TestEnv {
     /// Deletes the namespace's keys and drops the database. A test that ends without calling
     /// this (it panicked, say) has the same done when its `TestEnv` is dropped.
     pub async fn cleanup(mut self) {
-        self.cleaned = true;
+        self.removal.armed = false;
         self.pool.close().await;
-        remove(self.broker.connection(), &self.keys().pattern(), &self.database)
+        remove(self.broker.connection(), &self.removal.pattern, &self.removal.database)
             .await
             .expect("remove the test's keys and database");
     }
 }
 
-impl Drop for TestEnv {
+/// The keys and the database of a test, removed when this is dropped while still armed.
+struct Removal {
+    pattern: String,
+    database: String,
+    armed: bool,
+}
+
+impl Drop for Removal {
     fn drop(&mut self) {
-        if self.cleaned {
+        if !self.armed {
             return;
         }
         // Reached while the test unwinds, on a runtime thread that may not block: the removal
         // runs on a thread and a runtime of its own.
-        let (pattern, database) = (self.keys().pattern(), self.database.clone());
+        let (pattern, database) = (self.pattern.clone(), self.database.clone());
         let removed = std::thread::spawn(move || -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
@@ -161,8 +170,8 @@ impl Drop for TestEnv {
         .join();
         match removed {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("test env {}: removing its keys and database failed: {e:#}", self.namespace),
-            Err(_) => eprintln!("test env {}: removing its keys and database panicked", self.namespace),
+            Ok(Err(e)) => eprintln!("test env {}: removing its keys and database failed: {e:#}", self.database),
+            Err(_) => eprintln!("test env {}: removing its keys and database panicked", self.database),
         }
     }
 }
@@ -556,6 +565,17 @@ mod tests {
         });
         assert!(test.await.unwrap_err().is_panic());
         let (pattern, database) = rx.await.unwrap();
+        assert_eq!(left_behind(&pattern, &database).await, (false, false));
+    }
+
+    #[tokio::test]
+    async fn the_guard_taken_right_after_create_database_drops_it_when_armed() {
+        let database = format!("jobq_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnectOptions::from_str(&database_url()).unwrap().connect().await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut admin).await.unwrap();
+        let pattern = format!("{database}:*");
+        assert_eq!(left_behind(&pattern, &database).await, (false, true));
+        drop(Removal { pattern: pattern.clone(), database: database.clone(), armed: true });
         assert_eq!(left_behind(&pattern, &database).await, (false, false));
     }
 }
