@@ -67,7 +67,7 @@ impl TestEnv {
         });
         sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut conn).await.expect("create test database");
         // From here on a panic (a failed migration, say) still removes the database.
-        let removal = Removal { pattern: Keys::new(&namespace).pattern(), database: database.clone(), armed: true };
+        let removal = Removal { settings: None, database: database.clone(), armed: true };
         conn.close().await.ok();
         let options = admin.clone().database(&database);
         let database_url = db_url(&database);
@@ -89,6 +89,7 @@ impl TestEnv {
         };
         let settings = env.settings();
         env.broker = Broker::connect(&settings).await.expect("redis settings");
+        env.removal.settings = Some(settings);
         env.broker.ping().await.unwrap_or_else(|e| {
             panic!("Redis is not reachable at REDIS_URL={} ({e}); start it or set REDIS_URL", redis_url())
         });
@@ -139,15 +140,14 @@ impl TestEnv {
     pub async fn cleanup(mut self) {
         self.removal.armed = false;
         self.pool.close().await;
-        remove(self.broker.connection(), &self.removal.pattern, &self.removal.database)
-            .await
-            .expect("remove the test's keys and database");
+        remove(Some(&self.broker), &self.removal.database).await.expect("remove the test's keys and database");
     }
 }
 
 /// The keys and the database of a test, removed when this is dropped while still armed.
 struct Removal {
-    pattern: String,
+    /// Those of the namespace, once the env has them (there are no keys before).
+    settings: Option<Settings>,
     database: String,
     armed: bool,
 }
@@ -159,12 +159,20 @@ impl Drop for Removal {
         }
         // Reached while the test unwinds, on a runtime thread that may not block: the removal
         // runs on a thread and a runtime of its own.
-        let (pattern, database) = (self.pattern.clone(), self.database.clone());
+        let (settings, database) = (self.settings.take(), self.database.clone());
         let removed = std::thread::spawn(move || -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // A Redis the test froze (SIGSTOP) must not hang the failing test.
             runtime.block_on(async {
-                let conn = redis::Client::open(redis_url())?.get_connection_manager().await?;
-                remove(conn, &pattern, &database).await
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    let broker = match &settings {
+                        Some(s) => Some(Broker::connect(s).await?),
+                        None => None,
+                    };
+                    remove(broker.as_ref(), &database).await
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out after 10 s"))?
             })
         })
         .join();
@@ -176,25 +184,10 @@ impl Drop for Removal {
     }
 }
 
-/// Deletes the keys matching `pattern` and drops `database` (its connections are closed).
-async fn remove(mut conn: redis::aio::ConnectionManager, pattern: &str, database: &str) -> anyhow::Result<()> {
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await?;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
+/// Deletes the keys of `broker`'s namespace and drops `database` (its connections are closed).
+async fn remove(broker: Option<&Broker>, database: &str) -> anyhow::Result<()> {
+    if let Some(broker) = broker {
+        broker.purge_namespace().await?;
     }
     let mut admin = PgConnectOptions::from_str(&database_url())?.connect().await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&mut admin).await?;
@@ -575,7 +568,7 @@ mod tests {
         sqlx::query(&format!("CREATE DATABASE \"{database}\"")).execute(&mut admin).await.unwrap();
         let pattern = format!("{database}:*");
         assert_eq!(left_behind(&pattern, &database).await, (false, true));
-        drop(Removal { pattern: pattern.clone(), database: database.clone(), armed: true });
+        drop(Removal { settings: None, database: database.clone(), armed: true });
         assert_eq!(left_behind(&pattern, &database).await, (false, false));
     }
 }

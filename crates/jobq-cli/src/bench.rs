@@ -100,13 +100,13 @@ impl BenchEnv {
     }
 
     async fn reset(&self) -> anyhow::Result<()> {
-        delete_namespace(&self.broker).await?;
+        self.broker.purge_namespace().await?;
         sqlx::query("TRUNCATE job_executions, dead_jobs").execute(self.store.pool()).await?;
         Ok(())
     }
 
     async fn cleanup(self, admin_url: &str) {
-        let _ = delete_namespace(&self.broker).await;
+        let _ = self.broker.purge_namespace().await;
         self.store.pool().close().await;
         if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url).await {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
@@ -124,28 +124,6 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         bail!("{} not found next to jobq; build every binary first (cargo build --release --bins)", path.display());
     }
     Ok(path)
-}
-
-async fn delete_namespace(broker: &Broker) -> anyhow::Result<()> {
-    let mut conn = broker.connection();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(broker.keys().pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
 }
 
 fn noop_jobs(n: usize) -> impl Iterator<Item = NewJob> {
