@@ -227,9 +227,29 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// Ports [`free_port`] hands out: below Linux's default ephemeral range (32768-60999), from
+/// which the kernel picks the local port of every outgoing connection. A port from that range
+/// could be taken by another test's connection to Redis or Postgres between the check here and
+/// the spawned binary's bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a binary the test spawns. Each
+/// test process (nextest runs every test in one of its own) starts at its own place in
+/// [`TEST_PORTS`] and never hands out a port twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let start = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(nanos) % span;
+    let candidates =
+        (0..span).map(|_| TEST_PORTS.start + ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16);
+    first_free(candidates).unwrap_or_else(|| panic!("no free port in {TEST_PORTS:?}"))
+}
+
+/// The first of `candidates` that binds on 127.0.0.1.
+fn first_free(mut candidates: impl Iterator<Item = u16>) -> Option<u16> {
+    candidates.find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
 /// Path of a workspace binary (`jobq-api`, `jobq-worker`, `jobq-scheduler`, `jobq`), built
@@ -504,6 +524,28 @@ impl Drop for RedisServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_lie_outside_the_ephemeral_range_and_are_never_handed_out_twice() {
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()));
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice: {ports:?}");
+        for p in &ports {
+            assert!(TEST_PORTS.contains(p), "{p} is outside {TEST_PORTS:?}");
+            if let Some(low) = ephemeral {
+                assert!(*p < low, "{p} is in the ephemeral range starting at {low}");
+            }
+        }
+        // What it hands out binds; a port held by a listener is passed over.
+        let held = std::net::TcpListener::bind(("127.0.0.1", free_port())).unwrap();
+        let taken = held.local_addr().unwrap().port();
+        let next = free_port();
+        assert_eq!(first_free([taken, next].into_iter()), Some(next));
+        assert_eq!(first_free([taken].into_iter()), None);
+    }
 
     /// Whether any key of `pattern` is left, and whether `database` still exists.
     async fn left_behind(pattern: &str, database: &str) -> (bool, bool) {
