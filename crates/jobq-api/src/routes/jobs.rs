@@ -201,7 +201,8 @@ pub struct BatchRequest {
     pub on_complete: Option<serde_json::Value>,
 }
 
-/// `POST /api/v1/jobs/batch`: one Redis round trip for the whole batch; per-item results
+/// `POST /api/v1/jobs/batch`: one Redis round trip for the whole batch (and one for all the
+/// existing jobs of its duplicates); per-item results
 /// (`status` 201 created, 200 existing, 4xx with `error`) in the order given.
 #[utoipa::path(post, path = "/api/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
     responses((status = 200, description = "per-item results", body = serde_json::Value), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]

@@ -532,7 +532,8 @@ impl Broker {
         self.register_queue(&envelope.queue).await?;
         let call = self.enqueue_call(&envelope.queue, [(&envelope, job.start, job.unique_ttl)])?;
         let reply = enqueue_replies(self.run_one(call).await?)?.into_iter().next();
-        self.enqueued(envelope, reply.ok_or_else(|| protocol("empty enqueue reply"))?).await
+        let reply = reply.ok_or_else(|| protocol("empty enqueue reply"))?;
+        self.enqueued(vec![(envelope, Ok(reply))]).await.pop().unwrap_or_else(|| Err(protocol("empty enqueue reply")))
     }
 
     /// One enqueue script call for jobs of one queue, in their order.
@@ -573,21 +574,65 @@ impl Broker {
         Ok(call)
     }
 
-    async fn enqueued(&self, envelope: Envelope, reply: EnqueueReply) -> Result<Enqueued> {
-        let (created, state, run_at, id) = reply;
-        if created < 0 {
-            return Err(Error::Invalid(format!(
-                "`depends_on`: no job {id} in queue `{}` (dependencies must be in the job's queue)",
-                envelope.queue
-            )));
+    /// What the enqueue script answered for each job, as results. The existing job of every
+    /// duplicate (a unique key or id already taken) is read in one pipeline for them all, so
+    /// that a batch sent again costs one more round trip, not one per job.
+    async fn enqueued(&self, answers: Vec<(Envelope, Result<EnqueueReply>)>) -> Vec<Result<Enqueued>> {
+        let mut pipe = redis::pipe();
+        let mut duplicates = 0usize;
+        let mut results: Vec<Result<Enqueued>> = Vec::with_capacity(answers.len());
+        // Each duplicate's place in `results`, filled from the pipeline's replies below.
+        let mut pending: Vec<usize> = Vec::new();
+        for (envelope, answer) in answers {
+            let (created, state, run_at, id) = match answer {
+                Ok(r) => r,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            results.push(if created < 0 {
+                Err(Error::Invalid(format!(
+                    "`depends_on`: no job {id} in queue `{}` (dependencies must be in the job's queue)",
+                    envelope.queue
+                )))
+            } else if created == 0 {
+                match id.parse::<JobId>() {
+                    Ok(id) => {
+                        pipe.hgetall(self.keys.job(&envelope.queue, id));
+                        duplicates += 1;
+                        pending.push(results.len());
+                        Err(Error::JobNotFound(id))
+                    }
+                    Err(e) => Err(protocol(e)),
+                }
+            } else {
+                state
+                    .parse::<JobState>()
+                    .map_err(protocol)
+                    .map(|state| Enqueued { job: info_of_new(envelope, state, run_at), created: true })
+            });
         }
-        if created == 0 {
-            let id: JobId = id.parse().map_err(protocol)?;
-            let job = self.job_in(&envelope.queue, id).await?.ok_or(Error::JobNotFound(id))?;
-            return Ok(Enqueued { job, created: false });
+        if duplicates == 0 {
+            return results;
         }
-        let state: JobState = state.parse().map_err(protocol)?;
-        Ok(Enqueued { job: info_of_new(envelope, state, run_at), created: true })
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<Vec<HashMap<String, String>>>(&mut conn).await {
+            Ok(hashes) => {
+                for (k, h) in pending.into_iter().zip(hashes) {
+                    // An empty hash: the job is gone (expired) since the script saw it.
+                    if !h.is_empty() {
+                        results[k] = info_of_hash(&h).map(|job| Enqueued { job, created: false });
+                    }
+                }
+            }
+            Err(e) => {
+                for k in pending {
+                    results[k] = Err(Error::Redis(e.clone()));
+                }
+            }
+        }
+        results
     }
 
     /// Looks a job up in every known queue.
@@ -1294,9 +1339,10 @@ impl Broker {
         Ok(out)
     }
 
-    /// Enqueues many jobs in one round trip. Not atomic: each item succeeds or fails on its
-    /// own (invalid items fail without touching Redis). Atomic: every item must be valid, and
-    /// all are written in one MULTI/EXEC transaction, or none.
+    /// Enqueues many jobs in one round trip, and one more that reads the existing jobs of the
+    /// items that are duplicates (unique key or id taken), if any. Not atomic: each item
+    /// succeeds or fails on its own (invalid items fail without touching Redis). Atomic: every
+    /// item must be valid, and all are written in one MULTI/EXEC transaction, or none.
     pub async fn enqueue_many(&self, jobs: Vec<NewJob>, atomic: bool) -> Result<Vec<BatchItem>> {
         let mut items: Vec<Option<BatchItem>> = Vec::with_capacity(jobs.len());
         let mut prepared = Vec::new();
@@ -1349,12 +1395,14 @@ impl Broker {
                 }
             }
         }
+        let mut places = Vec::with_capacity(prepared.len());
+        let mut replies = Vec::with_capacity(prepared.len());
         for ((i, env, ..), answer) in prepared.into_iter().zip(answers) {
-            items[i] = Some(match answer {
-                Some(Ok(r)) => self.enqueued(env, r).await,
-                Some(Err(e)) => Err(e),
-                None => Err(protocol("missing batch reply")),
-            });
+            places.push(i);
+            replies.push((env, answer.unwrap_or_else(|| Err(protocol("missing batch reply")))));
+        }
+        for (i, r) in places.into_iter().zip(self.enqueued(replies).await) {
+            items[i] = Some(r);
         }
         Ok(items.into_iter().map(|i| i.unwrap_or_else(|| Err(protocol("missing batch reply")))).collect())
     }

@@ -181,6 +181,58 @@ async fn a_unique_key_dedupes_until_the_job_finishes_or_for_its_ttl() {
 }
 
 #[tokio::test]
+async fn a_batch_sent_again_gets_each_existing_job_back_in_its_place() {
+    let env = TestEnv::new().await;
+    let other: QueueName = "other".parse().unwrap();
+    let job = |n: usize| {
+        let j = NewJob::new("x", json!({"n": n})).unique(format!("order-{n}"), None);
+        if n % 3 == 0 {
+            j.queue(other.clone())
+        } else {
+            j
+        }
+    };
+    let first = env.broker.enqueue_many((0..600).map(job).collect(), false).await.unwrap();
+    assert!(first.iter().all(|r| r.as_ref().unwrap().created));
+    // A lock naming a job whose hash is gone is not a live job's: that item is enqueued anew.
+    let gone = first[1].as_ref().unwrap().job.id;
+    let mut conn =
+        redis::Client::open(jobq_testutil::redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = conn.del(env.keys().job(&q(), gone)).await.unwrap();
+
+    // The same 600 again, with 300 new ones among them.
+    let again = env
+        .broker
+        .enqueue_many((0..900).map(|n| job(if n % 3 == 2 { 1000 + n } else { n / 3 * 2 + n % 3 })).collect(), false)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 900);
+    for (n, r) in again.iter().enumerate() {
+        if n % 3 == 2 {
+            let e = r.as_ref().unwrap();
+            assert!(e.created, "item {n} is new");
+            assert_eq!(e.job.payload, json!({"n": 1000 + n}));
+            continue;
+        }
+        let original = n / 3 * 2 + n % 3;
+        let before = &first[original].as_ref().unwrap().job;
+        if before.id == gone {
+            let e = r.as_ref().unwrap();
+            assert!(e.created && e.job.id != gone, "item {n}: {e:?}");
+            continue;
+        }
+        let e = r.as_ref().unwrap();
+        assert!(!e.created, "item {n} exists");
+        assert_eq!((e.job.id, &e.job.queue, &e.job.payload), (before.id, &before.queue, &before.payload), "item {n}");
+        assert_eq!(e.job.state, JobState::Queued);
+    }
+    // A single enqueue of a duplicate answers the same way.
+    let one = env.broker.enqueue(job(4)).await.unwrap();
+    assert!(!one.created && one.job.id == first[4].as_ref().unwrap().job.id);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn concurrent_enqueues_with_one_unique_key_create_one_job() {
     let env = TestEnv::new().await;
     let tasks: Vec<_> = (0..50)
