@@ -578,11 +578,9 @@ impl Broker {
     /// duplicate (a unique key or id already taken) is read in one pipeline for them all, so
     /// that a batch sent again costs one more round trip, not one per job.
     async fn enqueued(&self, answers: Vec<(Envelope, Result<EnqueueReply>)>) -> Vec<Result<Enqueued>> {
-        let mut pipe = redis::pipe();
-        let mut duplicates = 0usize;
         let mut results: Vec<Result<Enqueued>> = Vec::with_capacity(answers.len());
-        // Each duplicate's place in `results`, filled from the pipeline's replies below.
-        let mut pending: Vec<usize> = Vec::new();
+        // Each duplicate's place in `results` and where its existing job is.
+        let mut duplicates: Vec<(usize, QueueName, JobId)> = Vec::new();
         for (envelope, answer) in answers {
             let (created, state, run_at, id) = match answer {
                 Ok(r) => r,
@@ -599,9 +597,7 @@ impl Broker {
             } else if created == 0 {
                 match id.parse::<JobId>() {
                     Ok(id) => {
-                        pipe.hgetall(self.keys.job(&envelope.queue, id));
-                        duplicates += 1;
-                        pending.push(results.len());
+                        duplicates.push((results.len(), envelope.queue, id));
                         Err(Error::JobNotFound(id))
                     }
                     Err(e) => Err(protocol(e)),
@@ -613,22 +609,27 @@ impl Broker {
                     .map(|state| Enqueued { job: info_of_new(envelope, state, run_at), created: true })
             });
         }
-        if duplicates == 0 {
-            return results;
-        }
-        let mut conn = self.conn.clone();
-        match pipe.query_async::<Vec<HashMap<String, String>>>(&mut conn).await {
-            Ok(hashes) => {
-                for (k, h) in pending.into_iter().zip(hashes) {
-                    // An empty hash: the job is gone (expired) since the script saw it.
-                    if !h.is_empty() {
-                        results[k] = info_of_hash(&h).map(|job| Enqueued { job, created: false });
+        let at: Vec<(&QueueName, JobId)> = duplicates.iter().map(|(_, q, id)| (q, *id)).collect();
+        match self.jobs_in(&at).await {
+            // A job not found is gone (expired) since the script saw it: JobNotFound stays.
+            Ok(jobs) => {
+                for ((k, ..), job) in duplicates.iter().zip(jobs) {
+                    match job {
+                        Ok(Some(job)) => results[*k] = Ok(Enqueued { job, created: false }),
+                        Ok(None) => {}
+                        Err(e) => results[*k] = Err(e),
                     }
                 }
             }
+            Err(Error::Redis(e)) => {
+                for (k, ..) in &duplicates {
+                    results[*k] = Err(Error::Redis(e.clone()));
+                }
+            }
             Err(e) => {
-                for k in pending {
-                    results[k] = Err(Error::Redis(e.clone()));
+                let msg = e.to_string();
+                for (k, ..) in &duplicates {
+                    results[*k] = Err(protocol(&msg));
                 }
             }
         }
@@ -673,6 +674,21 @@ impl Broker {
             return Ok(None);
         }
         info_of_hash(&h).map(Some)
+    }
+
+    /// Several jobs, each looked up in its queue, in one pipeline: per job `None` when it is
+    /// not found, or the error of a hash that does not read as a job.
+    pub async fn jobs_in(&self, at: &[(&QueueName, JobId)]) -> Result<Vec<Result<Option<JobInfo>>>> {
+        if at.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (queue, id) in at {
+            pipe.hgetall(self.keys.job(queue, *id));
+        }
+        let mut conn = self.conn.clone();
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        Ok(hashes.iter().map(|h| if h.is_empty() { Ok(None) } else { info_of_hash(h).map(Some) }).collect())
     }
 
     /// Starts up to `count` jobs of `queue` for `consumer`, strictly by priority (one script).
@@ -1469,14 +1485,15 @@ impl Broker {
                 .arg(count * 2)
                 .query_async(&mut conn)
                 .await?;
-            for (_, fields) in entries {
-                let Some(id) = fields.iter().find(|(k, _)| k == "id").and_then(|(_, v)| v.parse().ok()) else {
-                    continue;
-                };
-                if let Some(job) = self.job_in(queue, id).await? {
-                    if job.state == JobState::Queued && out.len() < count {
-                        out.push(job);
-                    }
+            let at: Vec<(&QueueName, JobId)> = entries
+                .iter()
+                .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "id").and_then(|(_, v)| v.parse().ok()))
+                .map(|id| (queue, id))
+                .collect();
+            for job in self.jobs_in(&at).await? {
+                let Some(job) = job? else { continue };
+                if job.state == JobState::Queued && out.len() < count {
+                    out.push(job);
                 }
             }
         }

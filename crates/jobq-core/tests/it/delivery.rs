@@ -233,6 +233,30 @@ async fn a_batch_sent_again_gets_each_existing_job_back_in_its_place() {
 }
 
 #[tokio::test]
+async fn peek_lists_waiting_jobs_in_fetch_order_without_cancelled_ones() {
+    use jobq_core::job::Priority;
+    let env = TestEnv::new().await;
+    let mut ids = Vec::new();
+    for (n, p) in
+        [Priority::Low, Priority::Normal, Priority::Critical, Priority::Normal, Priority::High].into_iter().enumerate()
+    {
+        ids.push(env.broker.enqueue(NewJob::new("x", json!({"n": n})).priority(p)).await.unwrap().job.id);
+    }
+    env.broker.cancel(ids[1]).await.unwrap();
+    let peek = |only: Option<Priority>, count: usize| {
+        let broker = env.broker.clone();
+        async move {
+            let jobs = broker.peek(&q(), only, count).await.unwrap();
+            jobs.iter().map(|j| j.payload["n"].as_u64().unwrap()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(peek(None, 10).await, [2, 4, 3, 0]);
+    assert_eq!(peek(None, 2).await, [2, 4]);
+    assert_eq!(peek(Some(Priority::Normal), 10).await, [3]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn concurrent_enqueues_with_one_unique_key_create_one_job() {
     let env = TestEnv::new().await;
     let tasks: Vec<_> = (0..50)
