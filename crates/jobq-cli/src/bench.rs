@@ -10,7 +10,8 @@
 //! * `latency`: 1,000 jobs one at a time into an idle worker: enqueue → start and
 //!   enqueue → succeeded percentiles (Redis clock, millisecond resolution).
 //! * `mixed`: a producer and W workers at once for `--seconds`: steady-state jobs/s and
-//!   enqueue → succeeded percentiles of a sample.
+//!   enqueue → succeeded percentiles of a sample. The producer offers `--rate` jobs/s, or, without
+//!   it, as many as the workers take with a backlog of at most 2,000.
 //! * `soak`: N jobs produced and drained in batches while the resident memory of the worker
 //!   and scheduler processes and Redis' used memory are sampled: flat means no leak.
 
@@ -46,6 +47,10 @@ pub struct BenchArgs {
     /// Duration of `mixed`, in seconds.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Jobs per second the `mixed` producer offers (without it: as many as the workers take,
+    /// with a backlog of at most 2,000).
+    #[arg(long)]
+    pub rate: Option<u32>,
     /// Log level of the worker and scheduler processes it starts (`info` is the binaries'
     /// default; at `warn` nothing is logged per job).
     #[arg(long, default_value = "warn")]
@@ -503,19 +508,36 @@ fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Vec<tokio::pr
 async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let mut procs = start_fleet(env, args)?;
     let q = QueueName::default_queue();
-    let until = Instant::now() + Duration::from_secs(args.seconds.max(1));
+    let run_for = Duration::from_secs(args.seconds.max(1));
     let started = Instant::now();
     let mut produced = 0usize;
+    let mut backlog_max = 0u64;
     let mut sample = Vec::new();
-    while Instant::now() < until {
-        let results = env.broker.enqueue_many(noop_jobs(100).collect(), false).await?;
-        produced += results.len();
-        if let Some(Ok(e)) = results.first() {
-            sample.push(e.job.id);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while started.elapsed() < run_for {
+        let batch = match args.rate {
+            // What the rate owes by now, every 10 ms (at most 1,000 per call).
+            Some(rate) => {
+                tick.tick().await;
+                let owed = started.elapsed().min(run_for).as_secs_f64() * f64::from(rate);
+                (owed as usize).saturating_sub(produced).min(1_000)
+            }
+            None => 100,
+        };
+        if batch > 0 {
+            let results = env.broker.enqueue_many(noop_jobs(batch).collect(), false).await?;
+            produced += results.len();
+            if let Some(Ok(e)) = results.first() {
+                sample.push(e.job.id);
+            }
         }
-        // Keep the backlog small: steady state, not a drain.
-        while (produced as u64).saturating_sub(counts(&env.broker).await?) > 2_000 {
+        let mut backlog = (produced as u64).saturating_sub(counts(&env.broker).await?);
+        backlog_max = backlog_max.max(backlog);
+        // Without a rate, keep the backlog small: steady state, not a drain.
+        while args.rate.is_none() && backlog > 2_000 {
             tokio::time::sleep(Duration::from_millis(2)).await;
+            backlog = (produced as u64).saturating_sub(counts(&env.broker).await?);
         }
     }
     while counts(&env.broker).await? < produced as u64 {
@@ -534,9 +556,12 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     }
     Ok(json!({
         "scenario": "mixed", "n": produced, "seconds": args.seconds, "workers": args.workers, "concurrency": args.concurrency,
+        "offered_per_s": args.rate,
         "jobs_per_s": (produced as f64 / secs).round(),
+        "backlog_max": backlog_max,
         "sampled": done.len(),
-        "done_ms_p50": percentile(&done, 0.5), "done_ms_p99": percentile(&done, 0.99),
+        "done_ms_p50": percentile(&done, 0.5), "done_ms_p90": percentile(&done, 0.9),
+        "done_ms_p99": percentile(&done, 0.99), "done_ms_max": done.last().copied().unwrap_or(f64::NAN),
     }))
 }
 
@@ -582,6 +607,9 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     let chosen: Vec<&str> = if args.scenario == "all" { SCENARIOS.to_vec() } else { vec![args.scenario.as_str()] };
     if let Some(bad) = chosen.iter().find(|s| !SCENARIOS.contains(s)) {
         bail!("unknown scenario `{bad}`: use {} or all", SCENARIOS.join(", "));
+    }
+    if args.rate == Some(0) {
+        bail!("--rate: the producer offers at least 1 job per second");
     }
     let mut checked = settings.clone();
     checked.log.level.clone_from(&args.log_level);

@@ -141,6 +141,29 @@ async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_o
 }
 
 #[tokio::test]
+async fn the_mixed_producer_offers_the_rate_asked_for_and_a_rate_of_zero_is_refused() {
+    let env = TestEnv::new().await;
+    let (code, out, err) =
+        jobq_in(&env, &["bench", "--scenario", "mixed", "--rate", "1000", "--seconds", "2", "--concurrency", "10"])
+            .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let line: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(line["offered_per_s"], 1000, "{line}");
+    // 2 s at 1,000 jobs/s: what the rate owes by the end, and no more.
+    let n = line["n"].as_u64().unwrap();
+    assert!((1_500..=2_000).contains(&n), "{line}");
+    assert!(line["backlog_max"].as_u64().unwrap() <= n, "{line}");
+    let ms = |k: &str| line[k].as_f64().unwrap();
+    assert!(line["sampled"].as_u64().unwrap() > 0, "{line}");
+    assert!(ms("done_ms_p50") <= ms("done_ms_p90") && ms("done_ms_p90") <= ms("done_ms_p99"), "{line}");
+    assert!(ms("done_ms_p99") <= ms("done_ms_max"), "{line}");
+    let (code, _, err) = jobq_in(&env, &["bench", "--scenario", "mixed", "--rate", "0"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--rate"), "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     let env = TestEnv::new().await;
     let (code, out, err) = jobq_in(
