@@ -239,9 +239,12 @@ const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: OnceLock<u32> = OnceLock::new();
     let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let start = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(nanos) % span;
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        std::process::id().wrapping_mul(2_654_435_761).wrapping_add(nanos) % span
+    });
     let candidates =
         (0..span).map(|_| TEST_PORTS.start + ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16);
     first_free(candidates).unwrap_or_else(|| panic!("no free port in {TEST_PORTS:?}"))
