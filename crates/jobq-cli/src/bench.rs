@@ -2,7 +2,8 @@
 //! in a namespace and a database of their own (removed afterwards). Each scenario prints one
 //! JSON line; a table follows.
 //!
-//! * `enqueue-lib`: N jobs through the library, in batches (one round trip per batch).
+//! * `enqueue-lib`: N jobs through the library, in batches of 1,000 (one round trip each), from
+//!   C producer tasks sharing one `Broker`.
 //! * `enqueue-api`: N jobs through `POST /api/v1/jobs/batch` (batches of 1,000, C clients) of
 //!   an API served in this process.
 //! * `drain`: N pre-filled no-op jobs run by W `jobq-worker` processes, until every attempt is
@@ -41,7 +42,8 @@ pub struct BenchArgs {
     /// Worker processes (drain).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Concurrency per worker process (drain) or concurrent clients (enqueue-api).
+    /// Concurrency per worker process (drain), concurrent clients (enqueue-api) or producer
+    /// tasks (enqueue-lib).
     #[arg(long, default_value_t = 50)]
     pub concurrency: usize,
     /// Duration of `mixed`, in seconds.
@@ -149,12 +151,39 @@ async fn prefill(broker: &Broker, n: usize) -> anyhow::Result<()> {
 }
 
 async fn enqueue_lib(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
+    let producers = args.concurrency.clamp(1, 64);
+    let batches = args.jobs.div_ceil(1000);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu0 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
     let started = Instant::now();
-    prefill(&env.broker, args.jobs).await?;
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let (broker, next) = (env.broker.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < batches {
+                let results = broker.enqueue_many(noop_jobs(1000).collect(), false).await?;
+                if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                    bail!("enqueue failed: {e}");
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
     let secs = started.elapsed().as_secs_f64();
-    Ok(
-        json!({"scenario": "enqueue-lib", "n": args.jobs, "batch": 1000, "jobs_per_s": (args.jobs as f64 / secs).round()}),
-    )
+    let cpu1 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
+    let n = batches * 1000;
+    let per_job = |us: u64| (us as f64 / n as f64 * 10.0).round() / 10.0;
+    let (redis_us, client_us) = (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Ok(json!({
+        "scenario": "enqueue-lib", "n": n, "producers": producers, "batch": 1000,
+        "jobs_per_s": (n as f64 / secs).round(),
+        "cpu_us_per_job": {"redis": per_job(redis_us), "client": per_job(client_us), "total": per_job(redis_us + client_us)},
+        "cpu_bound_jobs_per_s": (cores as f64 * 1e6 * n as f64 / (redis_us + client_us).max(1) as f64).round(),
+    }))
 }
 
 /// The REST API served by this process on a free port, until `stop` is cancelled.

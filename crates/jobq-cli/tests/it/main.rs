@@ -100,6 +100,8 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
         assert!(l["jobs_per_s"].as_f64().unwrap() > 0.0, "{l}");
     }
     assert!(lines[2]["recorded_jobs_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(lines[0]["producers"], 50, "{}", lines[0]);
+    assert!(lines[0]["cpu_us_per_job"]["redis"].as_f64().unwrap() > 0.0, "{}", lines[0]);
     let ms = |k: &str| lines[3][k].as_f64().unwrap();
     assert!(ms("start_ms_p50") > 0.0, "{}", lines[3]);
     assert!(ms("start_ms_p50") <= ms("start_ms_p99") && ms("start_ms_p99") <= ms("start_ms_max"), "{}", lines[3]);
