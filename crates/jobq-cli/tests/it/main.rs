@@ -126,18 +126,28 @@ async fn jobq_in(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs `jobq bench <args>`, which must succeed; returns its first JSON line.
+async fn bench_line(env: &TestEnv, args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = jobq_in(env, &[&["bench"], args].concat()).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap()
+}
+
+/// Runs `jobq bench <args>`, which must fail; returns its stderr.
+async fn bench_refused(env: &TestEnv, args: &[&str]) -> String {
+    let (code, _, err) = jobq_in(env, &[&["bench"], args].concat()).await;
+    assert_ne!(code, 0, "{err}");
+    err
+}
+
 #[tokio::test]
 async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_one() {
     let env = TestEnv::new().await;
-    let (code, out, err) =
-        jobq_in(&env, &["bench", "-n", "200", "--scenario", "drain", "--log-level", "info", "--concurrency", "5"])
-            .await;
-    assert_eq!(code, 0, "{out}\n{err}");
-    let line: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    let line =
+        bench_line(&env, &["-n", "200", "--scenario", "drain", "--log-level", "info", "--concurrency", "5"]).await;
     assert_eq!(line["log_level"], "info", "{line}");
     assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
-    let (code, _, err) = jobq_in(&env, &["bench", "-n", "10", "--scenario", "drain", "--log-level", "warn,["]).await;
-    assert_ne!(code, 0);
+    let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--log-level", "warn,["]).await;
     assert!(err.contains("--log-level") && err.contains("not a valid filter"), "{err}");
     env.cleanup().await;
 }
@@ -145,11 +155,8 @@ async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_o
 #[tokio::test]
 async fn the_mixed_producer_offers_the_rate_asked_for_and_a_rate_of_zero_is_refused() {
     let env = TestEnv::new().await;
-    let (code, out, err) =
-        jobq_in(&env, &["bench", "--scenario", "mixed", "--rate", "1000", "--seconds", "2", "--concurrency", "10"])
-            .await;
-    assert_eq!(code, 0, "{out}\n{err}");
-    let line: serde_json::Value = serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    let line =
+        bench_line(&env, &["--scenario", "mixed", "--rate", "1000", "--seconds", "2", "--concurrency", "10"]).await;
     assert_eq!(line["offered_per_s"], 1000, "{line}");
     // 2 s at 1,000 jobs/s: what the rate owes by the end, and no more.
     let n = line["n"].as_u64().unwrap();
@@ -159,8 +166,7 @@ async fn the_mixed_producer_offers_the_rate_asked_for_and_a_rate_of_zero_is_refu
     assert!(line["sampled"].as_u64().unwrap() > 0, "{line}");
     assert!(ms("done_ms_p50") <= ms("done_ms_p90") && ms("done_ms_p90") <= ms("done_ms_p99"), "{line}");
     assert!(ms("done_ms_p99") <= ms("done_ms_max"), "{line}");
-    let (code, _, err) = jobq_in(&env, &["bench", "--scenario", "mixed", "--rate", "0"]).await;
-    assert_ne!(code, 0);
+    let err = bench_refused(&env, &["--scenario", "mixed", "--rate", "0"]).await;
     assert!(err.contains("--rate"), "{err}");
     env.cleanup().await;
 }
