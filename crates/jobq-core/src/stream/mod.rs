@@ -10,6 +10,7 @@ pub mod keys;
 pub mod outbox;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -305,6 +306,16 @@ pub struct Broker {
     retention: RetentionSettings,
     timeout: Duration,
     registered: std::sync::Arc<Mutex<HashSet<QueueName>>>,
+    scripts: Arc<ScriptLoads>,
+}
+
+/// How many times this broker (and its clones) loaded the scripts into Redis, and the lock
+/// that lets one caller at a time do it: when Redis answers NOSCRIPT to many calls at once
+/// (a restart, a SCRIPT FLUSH), one of them loads the scripts and the others re-send theirs.
+#[derive(Default)]
+struct ScriptLoads {
+    count: AtomicU64,
+    lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -344,6 +355,7 @@ impl Broker {
             retention: settings.retention.clone(),
             timeout: settings.redis.timeout,
             registered: Default::default(),
+            scripts: Default::default(),
         })
     }
 
@@ -443,13 +455,26 @@ impl Broker {
         for c in &calls {
             pipe.add_command(c.0.clone());
         }
+        let mut seen = self.scripts.count.load(Ordering::Acquire);
         let mut results: Vec<redis::RedisResult<Value>> = pipe.query_async(&mut conn).await?;
         let is_noscript = |r: &redis::RedisResult<Value>| matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
-        let missing: Vec<usize> = (0..results.len()).filter(|&i| is_noscript(&results[i])).collect();
-        if !missing.is_empty() {
-            tracing::info!(count = missing.len(), "loading scripts into Redis (first use, or Redis restarted)");
-            for s in all_scripts() {
-                s.prepare_invoke().load_async(&mut conn).await?;
+        // Twice at most: the second time only when the scripts another call loaded after this
+        // one was sent were lost again before the re-send.
+        for _ in 0..2 {
+            let missing: Vec<usize> = (0..results.len()).filter(|&i| is_noscript(&results[i])).collect();
+            if missing.is_empty() {
+                break;
+            }
+            {
+                let _one_at_a_time = self.scripts.lock.lock().await;
+                if self.scripts.count.load(Ordering::Acquire) == seen {
+                    tracing::info!(calls = missing.len(), "loading scripts into Redis (first use, or Redis restarted)");
+                    for s in all_scripts() {
+                        s.prepare_invoke().load_async(&mut conn).await?;
+                    }
+                    self.scripts.count.fetch_add(1, Ordering::AcqRel);
+                }
+                seen = self.scripts.count.load(Ordering::Acquire);
             }
             let mut retry = redis::pipe();
             retry.ignore_errors();

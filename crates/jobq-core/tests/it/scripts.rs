@@ -441,16 +441,37 @@ async fn a_dlq_retry_rebuilds_an_expired_job_hash_from_the_envelope() {
     env.cleanup().await;
 }
 
+/// How many SCRIPT LOADs the server has run.
+async fn script_commands(broker: &Broker) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut broker.connection()).await.unwrap();
+    let line = info.lines().find_map(|l| l.strip_prefix("cmdstat_script|load:calls="));
+    line.map_or(0, |l| l.split(',').next().unwrap().parse().unwrap())
+}
+
 #[tokio::test]
-async fn scripts_are_reloaded_after_redis_loses_its_script_cache() {
+async fn scripts_are_reloaded_once_after_redis_loses_its_script_cache_however_many_calls_find_them_gone() {
     // A server of its own: SCRIPT FLUSH empties the cache of every client of a server.
     let redis = jobq_testutil::RedisServer::start();
     let env = TestEnv::with(&[("REDIS_URL", &redis.url())]).await;
+    let fresh = script_commands(&env.broker).await;
     env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap();
-    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut env.broker.connection()).await.unwrap();
-    let job = env.broker.enqueue(NewJob::new("echo", json!({}))).await.expect("NOSCRIPT is handled");
-    assert!(job.created);
-    assert_eq!(env.broker.fetch(&q(), "c1", 10).await.unwrap().jobs.len(), 2);
+    let per_load = script_commands(&env.broker).await - fresh;
+    assert!(per_load >= 10, "the first call loaded every script: {per_load} SCRIPT LOADs");
+    for round in 1..=2u64 {
+        redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut env.broker.connection()).await.unwrap();
+        let before = script_commands(&env.broker).await;
+        // Clones share the connection, and also the knowledge of a load in progress.
+        let calls = (0..20).map(|i| {
+            let broker = env.broker.clone();
+            tokio::spawn(async move { broker.enqueue(NewJob::new("echo", json!({ "i": i }))).await })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert!(call.unwrap().expect("NOSCRIPT is handled").created);
+        }
+        let loads = script_commands(&env.broker).await - before;
+        assert_eq!(loads, per_load, "round {round}: 20 calls found the scripts gone and one of them loaded them");
+    }
+    assert_eq!(env.broker.fetch(&q(), "c1", 50).await.unwrap().jobs.len(), 41);
     env.cleanup().await;
 }
 
