@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use jobq_core::stream::BreakerOp;
+use jobq_core::stream::{BreakerOp, Broker};
 use rand::Rng;
 use tower::{Layer, Service, ServiceExt};
 
@@ -236,34 +236,71 @@ impl Layer<JobService> for CircuitBreaker {
         let cfg = *self;
         around(inner, move |ctx, next| async move {
             let Some(broker) = ctx.broker().cloned() else { return next.run(ctx).await };
-            let (name, id, kind) = (format!("type:{}", ctx.kind), ctx.id, ctx.kind.clone());
-            let step = |op| {
-                let (broker, name) = (broker.clone(), name.clone());
-                async move { broker.breaker(&name, op, cfg.threshold, cfg.open_for, id).await }
-            };
-            let wait = step(BreakerOp::Admit).await.map_err(HandlerError::retry)?;
+            let step =
+                BreakerStep { broker, name: format!("type:{}", ctx.kind), kind: ctx.kind.clone(), id: ctx.id, cfg };
+            let wait = step.broker.breaker(&step.name, BreakerOp::Admit, cfg.threshold, cfg.open_for, step.id);
+            let wait = wait.await.map_err(HandlerError::retry)?;
             if wait > 0 {
-                let why = format!("circuit open for type `{kind}`");
+                let why = format!("circuit open for type `{}`", step.kind);
                 return Err(HandlerError::held(why, Duration::from_millis(wait)));
             }
+            let mut running = RunningThroughBreaker { step: Some(step), cancel: ctx.cancel.clone() };
             let r = next.run(ctx).await;
             let op = match &r {
                 Ok(_) | Err(HandlerError::Fail(_)) => BreakerOp::Ok,
                 Err(HandlerError::Held(..)) => BreakerOp::Held,
                 Err(_) => BreakerOp::Fail,
             };
-            match step(op).await {
-                Ok(1) if op == BreakerOp::Fail => {
-                    tracing::warn!(job.kind = %kind, open_for = ?cfg.open_for, "circuit opened");
-                    metrics::counter!("jobq_circuit_opened_total", "type" => jobq_core::ops::type_label(&kind))
-                        .increment(1);
-                }
-                Ok(1) if op == BreakerOp::Ok => tracing::info!(job.kind = %kind, "circuit closed"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "updating the circuit breaker failed"),
+            if let Some(step) = running.step.take() {
+                step.record(op).await;
             }
             r
         })
+    }
+}
+
+/// What a [`CircuitBreaker`] records of one attempt of a type.
+struct BreakerStep {
+    broker: Broker,
+    name: String,
+    kind: String,
+    id: jobq_core::job::JobId,
+    cfg: CircuitBreaker,
+}
+
+impl BreakerStep {
+    async fn record(self, op: BreakerOp) {
+        let (kind, cfg) = (&self.kind, self.cfg);
+        match self.broker.breaker(&self.name, op, cfg.threshold, cfg.open_for, self.id).await {
+            Ok(1) if op == BreakerOp::Fail => {
+                tracing::warn!(job.kind = %kind, open_for = ?cfg.open_for, "circuit opened");
+                metrics::counter!("jobq_circuit_opened_total", "type" => jobq_core::ops::type_label(kind)).increment(1);
+            }
+            Ok(1) if op == BreakerOp::Ok => tracing::info!(job.kind = %kind, "circuit closed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "updating the circuit breaker failed"),
+        }
+    }
+}
+
+/// An admitted attempt. The worker may end it before the breaker's code after the handler
+/// runs: it aborts a handler past its timeout or a cancel's grace period, and a panic of a
+/// layer outside the handler's own [`CatchPanic`] unwinds through this one. Dropped so, the
+/// attempt still counts, from a task of its own: a timeout or a panic as a failure (a hanging
+/// dependency must open the circuit), a cancel (on request, a lost lease, shutdown) as an
+/// attempt that did not run, which gives a half-open probe's turn back.
+struct RunningThroughBreaker {
+    step: Option<BreakerStep>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for RunningThroughBreaker {
+    fn drop(&mut self) {
+        let Some(step) = self.step.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let op =
+            if std::thread::panicking() || !self.cancel.is_cancelled() { BreakerOp::Fail } else { BreakerOp::Held };
+        runtime.spawn(step.record(op));
     }
 }
 
@@ -354,13 +391,52 @@ impl Layer<JobService> for ConcurrencyLimit {
                     }
                 })
             };
+            let slot = HeldSlot { broker, name, member, renew: renew.abort_handle(), released: false };
             let r = next.run(ctx).await;
-            renew.abort();
-            if let Err(e) = broker.release_slot(&name, &member).await {
-                tracing::warn!(error = %e, "releasing a concurrency slot failed; it expires on its own");
-            }
+            slot.release().await;
             r
         })
+    }
+}
+
+/// A slot of a [`ConcurrencyLimit`] while its attempt runs. The attempt may end without the
+/// layer's code after the handler ever running: the worker aborts a handler past its timeout
+/// or a cancel's grace period, and a panic of a layer outside the handler's own [`CatchPanic`]
+/// unwinds through this one. Dropped unreleased, the guard
+/// stops the renewal and gives the slot back from a task of its own, so a cut-short attempt
+/// does not keep its slot (renewed for as long as the worker lives) from every later job.
+struct HeldSlot {
+    broker: Broker,
+    name: String,
+    member: String,
+    renew: tokio::task::AbortHandle,
+    released: bool,
+}
+
+impl HeldSlot {
+    async fn release(mut self) {
+        self.renew.abort();
+        give_back(&self.broker, &self.name, &self.member).await;
+        self.released = true;
+    }
+}
+
+async fn give_back(broker: &Broker, name: &str, member: &str) {
+    if let Err(e) = broker.release_slot(name, member).await {
+        tracing::warn!(error = %e, "releasing a concurrency slot failed; it expires on its own");
+    }
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if self.released {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (broker, name, member) =
+            (self.broker.clone(), std::mem::take(&mut self.name), std::mem::take(&mut self.member));
+        runtime.spawn(async move { give_back(&broker, &name, &member).await });
     }
 }
 

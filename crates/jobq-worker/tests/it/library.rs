@@ -62,6 +62,96 @@ async fn a_concurrency_limit_holds_across_two_workers_and_held_jobs_spend_no_att
     finish(env, workers).await;
 }
 
+/// Attempt 1 of a job of this type ends without returning (`first`); attempt 2 succeeds.
+fn cut_short_once(registry: &mut Registry, kind: &str, first: fn() -> std::future::Ready<()>) {
+    registry.register(kind, move |ctx: JobContext| async move {
+        if ctx.attempt == 1 {
+            first().await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Ok(Some(json!({"attempt": ctx.attempt})))
+    });
+}
+
+#[tokio::test]
+async fn a_concurrency_slot_comes_back_when_its_attempt_times_out_or_panics() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "4")]).await;
+    let mut registry = Registry::new();
+    // The worker's attempt timeout is 300 ms here: attempt 1 of `stuck` is cut at it, attempt
+    // 1 of `crash` panics (the handler's own CatchPanic makes it a failure). Each type has one
+    // slot, which attempt 2 needs.
+    cut_short_once(&mut registry, "stuck", || std::future::ready(()));
+    cut_short_once(&mut registry, "crash", || panic!("attempt 1 crashes"));
+    for kind in ["stuck", "crash"] {
+        registry.layer_for(kind, layers::ConcurrencyLimit::per_type(1).retry_in(Duration::from_millis(20)));
+    }
+    let (token, handle) = start(&env, registry);
+    for kind in ["stuck", "crash"] {
+        let job = NewJob::new(kind, json!({})).max_attempts(2).backoff(fast_retry());
+        let id = env.broker.enqueue(job).await.unwrap().job.id;
+        let job = wait_state(&env, id, JobState::Succeeded).await;
+        assert_eq!(job.result, Some(json!({"attempt": 2})), "{kind}: attempt 2 got the slot attempt 1 held");
+        let slots = env.keys().limit("slots", &format!("type:{kind}"));
+        let mut conn = env.broker.connection();
+        let held: u64 = redis::cmd("ZCARD").arg(&slots).query_async(&mut conn).await.unwrap();
+        assert_eq!(held, 0, "{kind}: no slot left held once its jobs ended");
+    }
+    finish(env, [(token, handle)]).await;
+}
+
+#[tokio::test]
+async fn a_circuit_counts_timeouts_and_panics_as_failures_but_not_cancels() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "4")]).await;
+    let mut registry = Registry::new();
+    registry.register("hang", |_ctx: JobContext| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(None)
+    });
+    registry.register("boom", |_ctx: JobContext| async move { panic!("always crashes") });
+    // Ignores its cancel, so the worker drops it after the grace period.
+    registry.register("stubborn", |_ctx: JobContext| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(None)
+    });
+    registry.layer_for("hang", layers::CircuitBreaker::new(2, Duration::from_secs(30)));
+    registry.layer_for("boom", layers::CircuitBreaker::new(2, Duration::from_secs(30)));
+    registry.layer_for("stubborn", layers::CircuitBreaker::new(1, Duration::from_secs(30)));
+    let (token, handle) = start(&env, registry);
+    let is_open = |kind: &str| {
+        let mut conn = env.broker.connection();
+        let key = env.keys().limit("breaker", &format!("type:{kind}"));
+        async move { redis::cmd("HEXISTS").arg(key).arg("opened_at").query_async::<bool>(&mut conn).await.unwrap() }
+    };
+    for kind in ["hang", "boom"] {
+        for i in 0..2 {
+            let id = env.broker.enqueue(NewJob::new(kind, json!(i)).max_attempts(1)).await.unwrap().job.id;
+            wait_state(&env, id, JobState::Dead).await;
+        }
+        let open = wait_until(WAIT, &format!("the circuit of `{kind}` to open"), || async {
+            is_open(kind).await.then_some(true)
+        })
+        .await;
+        assert!(open, "2 attempts of `{kind}` cut short opened its circuit (threshold 2)");
+        let held = env.broker.enqueue(NewJob::new(kind, json!("held")).max_attempts(1)).await.unwrap().job.id;
+        let job = wait_until(WAIT, "the job to be held back", || async {
+            let job = env.broker.job(held).await.unwrap()?;
+            job.held_by.is_some().then_some(job)
+        })
+        .await;
+        assert!(job.held_by.unwrap().contains("circuit open"), "`{kind}` jobs are held while it is open");
+    }
+    let mut stubborn = NewJob::new("stubborn", json!({})).max_attempts(1);
+    stubborn.timeout = Some(Duration::from_secs(30));
+    let id = env.broker.enqueue(stubborn).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Running).await;
+    env.broker.cancel(id).await.unwrap();
+    wait_state(&env, id, JobState::Cancelled).await;
+    // The dropped attempt's step is written by a task of its own: give it time to land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!is_open("stubborn").await, "a cancelled attempt is not a failure (threshold 1)");
+    finish(env, [(token, handle)]).await;
+}
+
 #[tokio::test]
 async fn a_partition_limit_bounds_each_tenant_and_leaves_others_free() {
     let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "20")]).await;
