@@ -172,7 +172,12 @@ impl Layer<JobService> for Trace {
         around(inner, |ctx, next| async move {
             let started = Instant::now();
             tracing::info!(payload_bytes = ctx.payload.to_string().len(), "attempt started");
+            let cut = OnCutShort::new(&ctx, move |how| {
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::warn!(duration_ms = ms, cut_short = how.label(), "attempt cut short");
+            });
             let r = next.run(ctx).await;
+            cut.finish();
             let ms = started.elapsed().as_millis() as u64;
             match &r {
                 Ok(_) => tracing::info!(duration_ms = ms, "attempt succeeded"),
@@ -185,7 +190,8 @@ impl Layer<JobService> for Trace {
 }
 
 /// Counts handler outcomes and times them: `jobq_handler_outcomes_total{type, outcome}`
-/// (`ok`, `retry`, `fail`, `held`) and `jobq_handler_duration_seconds{type}`.
+/// (`ok`, `retry`, `fail`, `held`, and for an attempt the worker cut short `timeout`,
+/// `cancelled` or `panic`) and `jobq_handler_duration_seconds{type}`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Metrics;
 
@@ -196,18 +202,87 @@ impl Layer<JobService> for Metrics {
         around(inner, |ctx, next| async move {
             let kind = jobq_core::ops::type_label(&ctx.kind);
             let started = Instant::now();
+            let cut = OnCutShort::new(&ctx, {
+                let kind = kind.clone();
+                move |how| handler_outcome(kind, how.label(), started)
+            });
             let r = next.run(ctx).await;
+            cut.finish();
             let outcome = match &r {
                 Ok(_) => "ok",
                 Err(HandlerError::Held(..)) => "held",
                 Err(HandlerError::Fail(_)) => "fail",
                 Err(_) => "retry",
             };
-            metrics::histogram!("jobq_handler_duration_seconds", "type" => kind.clone())
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!("jobq_handler_outcomes_total", "type" => kind, "outcome" => outcome).increment(1);
+            handler_outcome(kind, outcome, started);
             r
         })
+    }
+}
+
+fn handler_outcome(kind: String, outcome: &'static str, started: Instant) {
+    metrics::histogram!("jobq_handler_duration_seconds", "type" => kind.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("jobq_handler_outcomes_total", "type" => kind, "outcome" => outcome).increment(1);
+}
+
+/// How an attempt ended when the code of a layer after its handler never ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CutShort {
+    /// Aborted past its timeout.
+    TimedOut,
+    /// Aborted after a cancel (on request, a lost lease, shutdown) and its grace period.
+    Cancelled,
+    /// A panic of a layer outside the handler's own [`CatchPanic`] unwound through it.
+    Panicked,
+}
+
+impl CutShort {
+    fn label(self) -> &'static str {
+        match self {
+            Self::TimedOut => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::Panicked => "panic",
+        }
+    }
+}
+
+/// Calls `on_cut` if dropped before [`OnCutShort::finish`]: the worker aborts a handler past
+/// its timeout or a cancel's grace period, and then a layer's code after the handler never
+/// runs. A layer that holds something across the handler, or records its end, keeps one.
+struct OnCutShort<F: FnOnce(CutShort)> {
+    on_cut: Option<F>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl<F: FnOnce(CutShort)> OnCutShort<F> {
+    fn new(ctx: &JobContext, on_cut: F) -> Self {
+        Self { on_cut: Some(on_cut), cancel: ctx.cancel.clone() }
+    }
+
+    /// The layer's own code runs from here: nothing to do on drop.
+    fn finish(mut self) {
+        self.on_cut = None;
+    }
+}
+
+impl<F: FnOnce(CutShort)> Drop for OnCutShort<F> {
+    fn drop(&mut self) {
+        let Some(on_cut) = self.on_cut.take() else { return };
+        on_cut(if std::thread::panicking() {
+            CutShort::Panicked
+        } else if self.cancel.is_cancelled() {
+            CutShort::Cancelled
+        } else {
+            CutShort::TimedOut
+        });
+    }
+}
+
+/// Runs `task` on the current runtime (from a drop, where nothing can be awaited).
+fn spawn_detached(task: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(task);
     }
 }
 
@@ -244,22 +319,31 @@ impl Layer<JobService> for CircuitBreaker {
                 let why = format!("circuit open for type `{}`", step.kind);
                 return Err(HandlerError::held(why, Duration::from_millis(wait)));
             }
-            let mut running = RunningThroughBreaker { step: Some(step), cancel: ctx.cancel.clone() };
+            // Cut short, the attempt still counts: a timeout or a panic as a failure (a hanging
+            // dependency must open the circuit), a cancel as an attempt that did not run, which
+            // gives a half-open probe's turn back.
+            let cut = OnCutShort::new(&ctx, {
+                let step = step.clone();
+                move |how| {
+                    let op = if how == CutShort::Cancelled { BreakerOp::Held } else { BreakerOp::Fail };
+                    spawn_detached(step.record(op));
+                }
+            });
             let r = next.run(ctx).await;
+            cut.finish();
             let op = match &r {
                 Ok(_) | Err(HandlerError::Fail(_)) => BreakerOp::Ok,
                 Err(HandlerError::Held(..)) => BreakerOp::Held,
                 Err(_) => BreakerOp::Fail,
             };
-            if let Some(step) = running.step.take() {
-                step.record(op).await;
-            }
+            step.record(op).await;
             r
         })
     }
 }
 
 /// What a [`CircuitBreaker`] records of one attempt of a type.
+#[derive(Clone)]
 struct BreakerStep {
     broker: Broker,
     name: String,
@@ -280,27 +364,6 @@ impl BreakerStep {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "updating the circuit breaker failed"),
         }
-    }
-}
-
-/// An admitted attempt. The worker may end it before the breaker's code after the handler
-/// runs: it aborts a handler past its timeout or a cancel's grace period, and a panic of a
-/// layer outside the handler's own [`CatchPanic`] unwinds through this one. Dropped so, the
-/// attempt still counts, from a task of its own: a timeout or a panic as a failure (a hanging
-/// dependency must open the circuit), a cancel (on request, a lost lease, shutdown) as an
-/// attempt that did not run, which gives a half-open probe's turn back.
-struct RunningThroughBreaker {
-    step: Option<BreakerStep>,
-    cancel: tokio_util::sync::CancellationToken,
-}
-
-impl Drop for RunningThroughBreaker {
-    fn drop(&mut self) {
-        let Some(step) = self.step.take() else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let op =
-            if std::thread::panicking() || !self.cancel.is_cancelled() { BreakerOp::Fail } else { BreakerOp::Held };
-        runtime.spawn(step.record(op));
     }
 }
 
@@ -391,52 +454,28 @@ impl Layer<JobService> for ConcurrencyLimit {
                     }
                 })
             };
-            let slot = HeldSlot { broker, name, member, renew: renew.abort_handle(), released: false };
+            let renewal = renew.abort_handle();
+            // Cut short, the attempt gives its slot back all the same: otherwise the renewal
+            // would keep it from every later job for as long as this worker lives.
+            let cut = OnCutShort::new(&ctx, {
+                let (broker, name, member, renewal) = (broker.clone(), name.clone(), member.clone(), renewal.clone());
+                move |_| {
+                    renewal.abort();
+                    spawn_detached(async move { give_back(&broker, &name, &member).await });
+                }
+            });
             let r = next.run(ctx).await;
-            slot.release().await;
+            renewal.abort();
+            give_back(&broker, &name, &member).await;
+            cut.finish();
             r
         })
-    }
-}
-
-/// A slot of a [`ConcurrencyLimit`] while its attempt runs. The attempt may end without the
-/// layer's code after the handler ever running: the worker aborts a handler past its timeout
-/// or a cancel's grace period, and a panic of a layer outside the handler's own [`CatchPanic`]
-/// unwinds through this one. Dropped unreleased, the guard
-/// stops the renewal and gives the slot back from a task of its own, so a cut-short attempt
-/// does not keep its slot (renewed for as long as the worker lives) from every later job.
-struct HeldSlot {
-    broker: Broker,
-    name: String,
-    member: String,
-    renew: tokio::task::AbortHandle,
-    released: bool,
-}
-
-impl HeldSlot {
-    async fn release(mut self) {
-        self.renew.abort();
-        give_back(&self.broker, &self.name, &self.member).await;
-        self.released = true;
     }
 }
 
 async fn give_back(broker: &Broker, name: &str, member: &str) {
     if let Err(e) = broker.release_slot(name, member).await {
         tracing::warn!(error = %e, "releasing a concurrency slot failed; it expires on its own");
-    }
-}
-
-impl Drop for HeldSlot {
-    fn drop(&mut self) {
-        self.renew.abort();
-        if self.released {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (broker, name, member) =
-            (self.broker.clone(), std::mem::take(&mut self.name), std::mem::take(&mut self.member));
-        runtime.spawn(async move { give_back(&broker, &name, &member).await });
     }
 }
 

@@ -153,6 +153,33 @@ async fn a_circuit_counts_timeouts_and_panics_as_failures_but_not_cancels() {
 }
 
 #[tokio::test]
+async fn the_metrics_layer_counts_an_attempt_cut_at_its_timeout() {
+    let metrics = jobq_core::ops::prometheus();
+    let env = TestEnv::new().await;
+    let mut registry = Registry::new();
+    registry.register("stall", |_ctx: JobContext| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(None)
+    });
+    registry.layer(layers::Metrics).layer(layers::Trace);
+    let (token, handle) = start(&env, registry);
+    // The worker's attempt timeout is 300 ms here.
+    let id = env.broker.enqueue(NewJob::new("stall", json!({})).max_attempts(1)).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Dead).await;
+    let text = metrics.render();
+    let line =
+        |name: &str| text.lines().find(|l| l.starts_with(name) && l.contains(r#"type="stall""#)).map(str::to_owned);
+    assert_eq!(
+        line("jobq_handler_outcomes_total").as_deref(),
+        Some(r#"jobq_handler_outcomes_total{type="stall",outcome="timeout"} 1"#),
+        "{text}"
+    );
+    let count = line("jobq_handler_duration_seconds_count").expect("the cut attempt was timed");
+    assert!(count.ends_with(" 1"), "{count}");
+    finish(env, [(token, handle)]).await;
+}
+
+#[tokio::test]
 async fn a_partition_limit_bounds_each_tenant_and_leaves_others_free() {
     let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "20")]).await;
     let running: Arc<Mutex<std::collections::HashMap<String, (usize, usize)>>> = Arc::default();
