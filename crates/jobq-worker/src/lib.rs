@@ -284,6 +284,7 @@ impl Worker {
             let mut started = 0usize;
             let mut paused = 0usize;
             let mut last_ids = Vec::new();
+            let mut again = false;
             let mut plan = planner.plan(permits.len());
             if self.settings.queues.weighted {
                 // Slots a queue could not use go to the others, highest weight first.
@@ -302,8 +303,9 @@ impl Worker {
                     Ok(fetched) => {
                         // Strict order: a queue that filled its fetch may have more ready jobs,
                         // so the slots left in this round are not offered to the queues after it.
-                        let more = fetched.jobs.len() == want && !self.settings.queues.weighted;
-                        if fetched.jobs.len() < want {
+                        let more = (fetched.jobs.len() == want || fetched.more) && !self.settings.queues.weighted;
+                        again |= fetched.more;
+                        if fetched.jobs.len() < want && !fetched.more {
                             empty.push(q);
                             paused += usize::from(fetched.paused);
                             last_ids.extend(fetched.last_ids);
@@ -348,7 +350,7 @@ impl Worker {
             }
             backoff = Duration::from_millis(50);
             drop(permits);
-            if started > 0 {
+            if started > 0 || again {
                 continue;
             }
             // Nothing ready: wait for an entry newer than what the fetch scripts saw. A paused

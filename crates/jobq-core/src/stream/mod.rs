@@ -221,6 +221,10 @@ pub struct Fetched<J = Delivery> {
     pub last_ids: Vec<(String, String)>,
     /// The queue is paused: nothing was started and nothing should be awaited.
     pub paused: bool,
+    /// The fetch stopped after dead-lettering or deleting many expired or stale entries, with
+    /// entries of this queue still to look at: fetch again at once rather than wait, and start
+    /// nothing of a queue after this one meanwhile.
+    pub more: bool,
 }
 
 /// Why an attempt failed and what should follow.
@@ -720,7 +724,7 @@ impl Broker {
     pub async fn fetch(&self, queue: &QueueName, consumer: &str, count: usize) -> Result<Fetched> {
         let raw = self.fetch_raw(queue, consumer, count).await?;
         let jobs = raw.jobs.into_iter().map(RawDelivery::decode).collect::<Result<Vec<_>>>()?;
-        Ok(Fetched { jobs, last_ids: raw.last_ids, paused: raw.paused })
+        Ok(Fetched { jobs, last_ids: raw.last_ids, paused: raw.paused, more: raw.more })
     }
 
     /// [`Broker::fetch`], leaving each job's envelope to decode ([`RawDelivery::decode`]).
@@ -736,10 +740,14 @@ impl Broker {
             .arg(self.keys.job_prefix(queue))
             .arg(secs(self.retention.dead));
         let reply = self.run_one(call).await?;
-        let (flat, last, paused, now): (Vec<Value>, Vec<String>, i64, String) =
+        let (flat, last, paused, now, more): (Vec<Value>, Vec<String>, i64, String, i64) =
             redis::from_redis_value(reply).map_err(protocol)?;
-        let mut fetched =
-            Fetched { jobs: Vec::with_capacity(flat.len() / 9), last_ids: Vec::new(), paused: paused == 1 };
+        let mut fetched = Fetched {
+            jobs: Vec::with_capacity(flat.len() / 9),
+            last_ids: Vec::new(),
+            paused: paused == 1,
+            more: more == 1,
+        };
         let started_ms: i64 = if flat.is_empty() { 0 } else { now.parse().map_err(|_| protocol("bad fetch clock"))? };
         let worker: Arc<str> = consumer.into();
         let mut it = flat.into_iter();
@@ -767,7 +775,7 @@ impl Broker {
                 checkpoint: redis::from_redis_value(checkpoint).map_err(protocol)?,
             });
         }
-        if fetched.jobs.is_empty() && !fetched.paused {
+        if fetched.jobs.is_empty() && !fetched.paused && !fetched.more {
             fetched.last_ids = streams.into_iter().zip(last).collect();
         }
         Ok(fetched)

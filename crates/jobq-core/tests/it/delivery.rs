@@ -317,3 +317,164 @@ async fn only_idle_consumers_with_nothing_pending_are_removed() {
     );
     env.cleanup().await;
 }
+
+fn failure(d: &Delivery, retry_in: Option<Duration>, reason: &'static str) -> Outcome {
+    Outcome { delivery: d.clone(), result: Err(Failure { message: "boom".into(), retry_in, reason }) }
+}
+
+async fn outbox(env: &TestEnv) -> Vec<redis::streams::StreamId> {
+    let r: redis::streams::StreamRangeReply =
+        env.broker.connection().xrange_all(env.keys().events(&q())).await.unwrap();
+    r.ids
+}
+
+#[tokio::test]
+async fn expired_or_stale_entries_at_the_head_of_a_stream_never_let_a_lower_priority_start() {
+    use jobq_core::job::Priority;
+    let env = TestEnv::new().await;
+    let expiring = |n: usize| {
+        let soon = chrono::Utc::now() + chrono::Duration::milliseconds(100);
+        (0..n).map(|_| NewJob::new("x", json!({})).priority(Priority::Critical).expires_at(soon)).collect()
+    };
+    env.broker.enqueue_many(expiring(2), false).await.unwrap();
+    let gone = env.broker.enqueue(NewJob::new("x", json!({})).priority(Priority::Critical)).await.unwrap().job.id;
+    let _: () = env.broker.connection().del(env.keys().job(&q(), gone)).await.unwrap();
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        live.push(env.broker.enqueue(NewJob::new("x", json!({})).priority(Priority::Critical)).await.unwrap().job.id);
+    }
+    env.broker.enqueue(NewJob::new("x", json!({})).priority(Priority::Low)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // No sweep has run: the fetch itself meets two expired entries and one whose hash is gone.
+    let got = fetch(&env.broker, "w", 2).await;
+    assert_eq!(got.iter().map(|d| d.envelope.id).collect::<Vec<_>>(), live, "the critical jobs start, not the low one");
+
+    // Past the per-call limit of entries that start nothing, the fetch stops and says so,
+    // starting nothing of a lower priority meanwhile.
+    env.broker.enqueue_many(expiring(1001), false).await.unwrap();
+    let next = env.broker.enqueue(NewJob::new("x", json!({})).priority(Priority::Critical)).await.unwrap().job.id;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let first = env.broker.fetch(&q(), "w", 1).await.unwrap();
+    assert!(first.jobs.is_empty() && first.more && first.last_ids.is_empty(), "{first:?}");
+    let second = env.broker.fetch(&q(), "w", 1).await.unwrap();
+    assert_eq!(second.jobs.iter().map(|d| d.envelope.id).collect::<Vec<_>>(), [next]);
+    assert!(!second.more);
+    let last = fetch(&env.broker, "w", 5).await;
+    assert_eq!(last.iter().map(|d| d.priority).collect::<Vec<_>>(), [Priority::Low]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cancel_requested_while_an_attempt_ran_stops_its_retry_and_its_postponement() {
+    let env = TestEnv::new().await;
+    let failing = env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(5)).await.unwrap().job.id;
+    let held = env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(5)).await.unwrap().job.id;
+    let d = fetch(&env.broker, "w", 2).await;
+    for id in [failing, held] {
+        assert_eq!(env.broker.cancel(id).await.unwrap(), Cancel::Requested);
+    }
+    // Both attempts end before their worker saw the request.
+    let settled = env
+        .broker
+        .settle(&[
+            failure(&d[0], Some(Duration::ZERO), "max_attempts"),
+            failure(&d[1], Some(Duration::ZERO), "postponed"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(settled, [Settled::Cancelled, Settled::Cancelled]);
+    for id in [failing, held] {
+        let job = env.broker.job(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Cancelled);
+        assert_eq!(job.last_error.as_deref().map(|e| e.contains("boom")), Some(true), "{job:?}");
+    }
+    assert_eq!(env.broker.job(held).await.unwrap().unwrap().attempt, 0, "a held attempt never ran");
+    let scheduled: u64 = env.broker.connection().zcard(env.keys().scheduled(&q())).await.unwrap();
+    assert_eq!(scheduled, 0, "nothing waits for a retry");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.broker.promote(&[q()], 10).await.unwrap();
+    assert!(fetch(&env.broker, "w", 10).await.is_empty(), "neither runs again");
+    let events = outbox(&env).await;
+    let rows: Vec<(String, String)> =
+        events.iter().map(|e| (e.get::<String>("id").unwrap(), e.get::<String>("outcome").unwrap())).collect();
+    assert_eq!(rows, [(failing.to_string(), "failed".to_string())], "only the attempt that ran has a history row");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dlq_retry_clears_the_deadline_of_the_run_that_died() {
+    let env = TestEnv::new().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    let id = env.broker.enqueue(NewJob::new("x", json!({})).expires_at(deadline)).await.unwrap().job.id;
+    let d = fetch(&env.broker, "w", 1).await.pop().unwrap();
+    assert_eq!(env.broker.settle(&[failure(&d, None, "fatal")]).await.unwrap(), [Settled::Dead]);
+    assert_eq!(env.broker.retry_dead(&d.envelope, 1).await.unwrap(), jobq_core::stream::Requeued::Queued { run: 2 });
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let p = env.broker.promote(&[q()], 100).await.unwrap();
+    assert_eq!(p[0].expired, 0, "run 2 has no deadline");
+    let again = fetch(&env.broker, "w", 1).await;
+    assert_eq!(again.iter().map(|d| (d.envelope.id, d.run)).collect::<Vec<_>>(), [(id, 2)]);
+    let zset: u64 = env.broker.connection().zcard(env.keys().expiring(&q())).await.unwrap();
+    assert_eq!(zset, 0, "the sweep dropped the stale member");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_job_dead_after_crashes_records_its_last_attempt_apart_from_the_earlier_ones() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("poison", json!({})).max_attempts(10)).await.unwrap().job.id;
+    let d = fetch(&env.broker, "w", 1).await.pop().unwrap();
+    assert_eq!(
+        env.broker.settle(&[failure(&d, Some(Duration::ZERO), "max_attempts")]).await.unwrap(),
+        [Settled::Retrying]
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    env.broker.promote(&[q()], 10).await.unwrap();
+    for round in 1..=2 {
+        let d = fetch(&env.broker, "w", 1).await;
+        assert_eq!(d.iter().map(|d| d.attempt).collect::<Vec<_>>(), [2], "round {round}: a crash spends no attempt");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        env.broker.reclaim("reaper", &[q()], Duration::from_millis(50), 1).await.unwrap();
+    }
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.dead_reason.as_deref(), job.attempt), (JobState::Dead, Some("max_reclaims"), 1));
+    let attempts: Vec<(String, String)> = outbox(&env)
+        .await
+        .iter()
+        .map(|e| (e.get::<String>("attempt").unwrap(), e.get::<String>("outcome").unwrap()))
+        .collect();
+    assert_eq!(attempts, [("1".into(), "failed".into()), ("2".into(), "dead".into())]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_unique_key_held_longer_than_the_retention_keeps_finding_its_job() {
+    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "1s"), ("JOBQ_RETENTION_DEAD", "1s")]).await;
+    let ttl = Some(Duration::from_millis(2500));
+    let done = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily-report", ttl)).await.unwrap().job.id;
+    let died = env.broker.enqueue(NewJob::new("x", json!({})).unique("nightly-sync", ttl)).await.unwrap().job.id;
+    let d = fetch(&env.broker, "w", 2).await;
+    let (ok, bad) = if d[0].envelope.id == done { (&d[0], &d[1]) } else { (&d[1], &d[0]) };
+    env.broker
+        .settle(&[Outcome { delivery: ok.clone(), result: Ok(None) }, failure(bad, None, "fatal")])
+        .await
+        .unwrap();
+    // Past both retentions, within the lock: the sweep keeps the hashes, and duplicates get
+    // their job back.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    env.broker.promote(&[q()], 100).await.unwrap();
+    for (key, id) in [("daily-report", done), ("nightly-sync", died)] {
+        let dup = env.broker.enqueue(NewJob::new("x", json!({})).unique(key, ttl)).await.unwrap();
+        assert!(!dup.created, "{key}: a duplicate within the key's ttl");
+        assert_eq!(dup.job.id, id);
+    }
+    // Once the lock expires, the hashes go and the key is free.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    env.broker.promote(&[q()], 100).await.unwrap();
+    for id in [done, died] {
+        assert!(env.broker.job(id).await.unwrap().is_none(), "{id} swept with its lock");
+    }
+    let again = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily-report", ttl)).await.unwrap();
+    assert!(again.created);
+    env.cleanup().await;
+}

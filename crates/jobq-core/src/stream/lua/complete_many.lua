@@ -3,8 +3,8 @@
 -- the hashes kept for the retention are named together by one member of the retained zset,
 -- scored by the end of their retention, which the promoter sweeps. With a retention of 0, a
 -- hash is deleted instead once its lock and dependents are released (the outbox event still
--- carries the attempt to the history; a job whose unique key is held for a time stays until the
--- key expires). Then, once for the whole call, their stream entries are XACKed and deleted (per
+-- carries the attempt to the history). A job whose unique key is held for a time, and still
+-- names it, stays at least until the key expires, so that a duplicate keeps finding it. Then, once for the whole call, their stream entries are XACKed and deleted (per
 -- priority stream one XACK, one XTRIM MINID up to the oldest entry still pending, and one XDEL
 -- of those newer than it), the outbox gets their events and the queue's succeeded counter goes
 -- up by their number. One completed attempt is written as a plain outbox event (as fail.lua
@@ -44,7 +44,7 @@ for i = 5, #ARGV, 5 do
     -- job), unless a unique lock held for a time still names the job: then it stays as long
     -- as the lock, so that an enqueue with the same key keeps getting this job back.
     local lock_ms = 0
-    if not keep and h[4] == 'ttl' and redis.call('GET', h[3]) == id then
+    if h[4] == 'ttl' and redis.call('GET', h[3]) == id then
       lock_ms = redis.call('PTTL', h[3])
     end
     if keep or lock_ms > 0 then
@@ -55,7 +55,11 @@ for i = 5, #ARGV, 5 do
       end
       -- `lease` and `entry` stay: every lease check also wants state running, and an entry is
       -- only looked at while the job is queued.
-      if keep then
+      if keep and lock_ms > 1000 * tonumber(retention) then
+        -- The lock outlasts the retention: the hash stays until the lock expires, in a
+        -- member of its own.
+        redis.call('ZADD', KEYS[6], string.format('%d', now + lock_ms), id)
+      elseif keep then
         kept[#kept + 1] = id
       else
         redis.call('PEXPIRE', jk, lock_ms)

@@ -1,6 +1,7 @@
 -- End a running attempt that did not succeed: check the lease token, ack and delete the stream
 -- entry, write the outbox event, then either schedule a retry (attempts left and the error is
--- retryable), cancel the job (reason 'cancelled': a cancel request stopped it), or dead-letter
+-- retryable and no cancel was requested), cancel the job (reason 'cancelled': a cancel request
+-- stopped it, or was made while a retryable attempt ran), or dead-letter
 -- it (the event then carries the envelope for the dead_jobs row). Reason 'postponed': the
 -- attempt never ran (a limit or an open circuit held it back): the job goes back to the
 -- scheduled set for the delay without spending an attempt and without a history row.
@@ -8,16 +9,27 @@
 -- ARGV: 1 id, 2 lease token, 3 entry id, 4 group, 5 error message,
 --       6 retry delay ms ('-1' = not retryable), 7 dead retention seconds, 8 reason when fatal
 -- Returns {1, 'retrying'|'dead'|'cancelled'|'postponed'}, or {0, state} when the lease is stale.
-local cur = redis.call('HMGET', KEYS[1], 'state', 'lease')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'lease', 'cancel_requested')
 if cur[1] ~= 'running' or cur[2] ~= ARGV[2] then
   return {0, cur[1] or ''}
 end
+-- A cancel requested while the attempt ran stops the job here too: it is not retried or
+-- postponed (the worker may not have seen the request before the attempt ended).
+local cancel_requested = cur[3] == '1'
+
 local now = now_ms()
 redis.call('XACK', KEYS[2], ARGV[4], ARGV[3])
 redis.call('XDEL', KEYS[2], ARGV[3])
 if ARGV[8] == 'cancelled' then
   attempt_event(KEYS[3], KEYS[1], ARGV[1], 'cancelled', now, {'error', ARGV[5]})
   finish(KEYS[1], ARGV[1], 'cancelled', now, ARGV[7], ARGV[5])
+  return {1, 'cancelled'}
+end
+if ARGV[8] == 'postponed' and cancel_requested then
+  -- The attempt never ran: no history row, and it does not count.
+  redis.call('HINCRBY', KEYS[1], 'attempt', -1)
+  redis.call('HINCRBY', KEYS[1], 'attempts_total', -1)
+  finish(KEYS[1], ARGV[1], 'cancelled', now, ARGV[7], 'cancelled before it ran (' .. ARGV[5] .. ')')
   return {1, 'cancelled'}
 end
 if ARGV[8] == 'postponed' then
@@ -32,6 +44,12 @@ if ARGV[8] == 'postponed' then
 end
 local h = redis.call('HMGET', KEYS[1], 'attempt', 'max_attempts')
 local delay = tonumber(ARGV[6])
+if delay >= 0 and tonumber(h[1]) < tonumber(h[2]) and cancel_requested then
+  -- The attempt failed on its own: its history row says so; the job ends cancelled.
+  attempt_event(KEYS[3], KEYS[1], ARGV[1], 'failed', now, {'error', ARGV[5]})
+  finish(KEYS[1], ARGV[1], 'cancelled', now, ARGV[7], ARGV[5])
+  return {1, 'cancelled'}
+end
 if delay >= 0 and tonumber(h[1]) < tonumber(h[2]) then
   local retry_at = now + delay
   attempt_event(KEYS[3], KEYS[1], ARGV[1], 'failed', now, {'error', ARGV[5], 'retry_at', retry_at})

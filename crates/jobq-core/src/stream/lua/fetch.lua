@@ -5,22 +5,37 @@
 -- that entry are acked and deleted. A paused queue starts nothing.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 pause flag
 -- ARGV: 1 group, 2 consumer, 3 count, 4 job key prefix, 5 dead retention seconds
--- Returns {jobs, last_ids, paused, now}: jobs is a flat list of 9-tuples
+-- A stream is read again while it filled its read but some entries started nothing (expired or
+-- stale), so that such entries at the head of a stream never let a lower priority start first.
+-- At most SKIP_LIMIT such entries are handled per call; past it the call returns more = 1 and
+-- starts nothing of a lower priority.
+-- Returns {jobs, last_ids, paused, now, more}: jobs is a flat list of 9-tuples
 --   (id, entry, priority index, attempt, lease, run, envelope, attempts over all runs,
 --   last checkpoint or '');
 -- last_ids (only when nothing was started) holds each stream's last generated id, so the caller
 -- can block on XREAD for anything newer without a race. now is the Redis clock in ms, each
 -- started job's started_at.
 if redis.call('EXISTS', KEYS[6]) == 1 then
-  return {{}, {}, 1, ''}
+  return {{}, {}, 1, '', 0}
 end
 local now, now_s = now_ms_pair()
 local want = tonumber(ARGV[3])
 local jobs = {}
+local SKIP_LIMIT = 1000
+local skipped = 0
+local more = 0
 for i = 1, 4 do
-  if want <= 0 then break end
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want, 'STREAMS', KEYS[i], '>')
+  if want <= 0 or more == 1 then break end
+  local reading = redis.call('EXISTS', KEYS[i]) == 1
+  while reading and want > 0 do
+    if skipped >= SKIP_LIMIT then
+      more = 1
+      break
+    end
+    local asked = want
+    local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', asked, 'STREAMS', KEYS[i], '>')
+    -- A read short of what it asked for emptied the stream of undelivered entries.
+    reading = res and #res[1][2] == asked
     if res then
       for _, e in ipairs(res[1][2]) do
         local entry = e[1]
@@ -34,6 +49,7 @@ for i = 1, 4 do
             redis.call('XACK', KEYS[i], ARGV[1], entry)
             redis.call('XDEL', KEYS[i], entry)
             dead_letter(jk, KEYS[5], id, 'expired', 'expired before it started', now, ARGV[5])
+            skipped = skipped + 1
           else
             local attempt = (tonumber(st[4]) or 0) + 1
             local lease = (tonumber(st[5]) or 0) + 1
@@ -58,13 +74,14 @@ for i = 1, 4 do
         else
           redis.call('XACK', KEYS[i], ARGV[1], entry)
           redis.call('XDEL', KEYS[i], entry)
+          skipped = skipped + 1
         end
       end
     end
   end
 end
 local last_ids = {}
-if #jobs == 0 then
+if #jobs == 0 and more == 0 then
   for i = 1, 4 do
     local last = '0-0'
     if redis.call('EXISTS', KEYS[i]) == 1 then
@@ -76,4 +93,4 @@ if #jobs == 0 then
     last_ids[i] = last
   end
 end
-return {jobs, last_ids, 0, now_s}
+return {jobs, last_ids, 0, now_s, more}

@@ -116,7 +116,17 @@ local function finish(jk, id, state, now, retention, err)
   redis.call('HDEL', jk, 'lease', 'entry')
   local h = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
   release_unique(jk, id, h)
-  if tonumber(retention) > 0 then redis.call('EXPIRE', jk, retention) end
+  if tonumber(retention) > 0 then
+    -- A unique key held for a time keeps its job's hash as long as itself, so that a
+    -- duplicate keeps finding the job.
+    local lock_ms = 0
+    if h[2] == 'ttl' and redis.call('GET', h[1]) == id then lock_ms = redis.call('PTTL', h[1]) end
+    if lock_ms > 1000 * tonumber(retention) then
+      redis.call('PEXPIRE', jk, lock_ms)
+    else
+      redis.call('EXPIRE', jk, retention)
+    end
+  end
   if h[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
   if h[4] then release_dependents(jk, id, state, now, retention) end
 end

@@ -13,8 +13,11 @@ local index = { critical = 2, high = 3, normal = 4, low = 5 }
 local expired = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   local jk = ARGV[2] .. id
-  local h = redis.call('HMGET', jk, 'state', 'entry', 'prio')
-  if h[1] == 'queued' or h[1] == 'scheduled' or h[1] == 'retrying' or h[1] == 'waiting' then
+  local h = redis.call('HMGET', jk, 'state', 'entry', 'prio', 'expires_at')
+  -- The hash decides: a member can outlive the job's deadline (a DLQ retry starts a run with
+  -- none).
+  local due = h[4] and tonumber(h[4]) <= now
+  if due and (h[1] == 'queued' or h[1] == 'scheduled' or h[1] == 'retrying' or h[1] == 'waiting') then
     if h[1] == 'queued' and h[2] and index[h[3]] then
       redis.call('XDEL', KEYS[index[h[3]]], h[2])
     end

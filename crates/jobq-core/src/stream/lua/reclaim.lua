@@ -29,18 +29,22 @@ for i = 1, 4 do
           local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel_requested')
           if h[1] == 'running' and h[2] == entry then
             local n = redis.call('HINCRBY', jk, 'reclaims', 1)
-            -- The crashed attempt does not count against max_attempts.
-            redis.call('HINCRBY', jk, 'attempt', -1)
             redis.call('HSET', jk, 'last_reclaimed_at', now)
+            -- A terminal event names the crashed attempt itself (an earlier attempt has its own
+            -- history row); after it, and before a re-queue, the crashed attempt stops counting
+            -- against max_attempts.
             if h[3] == '1' then
               attempt_event(KEYS[5], jk, id, 'cancelled', now, {'error', 'cancelled; its worker stopped'})
               finish(jk, id, 'cancelled', now, ARGV[7], 'cancelled; its worker stopped')
+              redis.call('HINCRBY', jk, 'attempt', -1)
               cancelled = cancelled + 1
             elseif n > tonumber(ARGV[6]) then
               dead_letter(jk, KEYS[5], id, 'max_reclaims',
                 'its worker stopped while running it ' .. n .. ' times (max_reclaims ' .. ARGV[6] .. ')', now, ARGV[7])
+              redis.call('HINCRBY', jk, 'attempt', -1)
               dead = dead + 1
             else
+              redis.call('HINCRBY', jk, 'attempt', -1)
               local fresh = redis.call('XADD', KEYS[i], '*', 'id', id)
               redis.call('HSET', jk, 'state', 'queued', 'entry', fresh)
               redis.call('HDEL', jk, 'lease')
