@@ -104,10 +104,17 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let response = next.run(req).await;
     if response.extensions().get::<RedisFailed>().is_some() {
         state.redis_breaker.trip();
-    } else if response.status() != StatusCode::SERVICE_UNAVAILABLE {
+    } else if answered_by_redis(response.status()) {
         state.redis_breaker.reset();
     }
     response
+}
+
+/// Whether a response shows that Redis answered: a success, or a job or state Redis reported
+/// (404, 409). Other client errors may have been refused before any Redis call, so they say
+/// nothing about Redis and leave the breaker as it is.
+fn answered_by_redis(status: StatusCode) -> bool {
+    status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT
 }
 
 #[cfg(test)]
@@ -125,6 +132,16 @@ mod tests {
         assert!(!b.admit(), "only one per interval");
         b.reset();
         assert!(b.admit() && !b.is_open());
+    }
+
+    #[test]
+    fn only_answers_from_redis_close_the_breaker() {
+        assert!(answered_by_redis(StatusCode::CREATED) && answered_by_redis(StatusCode::NOT_FOUND));
+        for refused_early in [StatusCode::BAD_REQUEST, StatusCode::UNPROCESSABLE_ENTITY, StatusCode::PAYLOAD_TOO_LARGE]
+        {
+            assert!(!answered_by_redis(refused_early), "{refused_early}");
+        }
+        assert!(!answered_by_redis(StatusCode::SERVICE_UNAVAILABLE));
     }
 
     #[test]

@@ -82,10 +82,10 @@ impl From<jobq_core::Error> for ApiError {
                 tracing::warn!(error = %e, "Redis unavailable");
                 Self::RedisUnavailable("Redis is unavailable; retry later".into())
             }
-            // Class 22 (data exception): a value Postgres cannot store, such as a NUL character
-            // in text or JSON; the caller's mistake, not an outage.
+            // Class 22 (data exception): a value Postgres cannot store or compare, such as a NUL
+            // character in text or a time out of its range; the caller's mistake, not an outage.
             E::Database(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("22")) => {
-                Self::Invalid("a value cannot be stored: text must not contain NUL characters (`\\u0000`)".into())
+                Self::Invalid(format!("a value cannot be stored or compared: {}", e.message()))
             }
             E::Database(e) => {
                 tracing::warn!(error = %e, "Postgres unavailable");

@@ -455,8 +455,24 @@ impl NewJob {
         if self.unique_ttl.is_some() && self.unique_key.is_none() {
             return invalid("`unique_ttl` needs a `unique_key`".into());
         }
-        if self.unique_ttl.is_some_and(|t| t < Duration::from_millis(1)) {
-            return invalid("`unique_ttl` must be at least 1ms".into());
+        if self.unique_ttl.is_some_and(|t| t < Duration::from_millis(1) || t > MAX_UNIQUE_TTL) {
+            return invalid("`unique_ttl` must be between 1ms and 10 years".into());
+        }
+        if self.tags.len() > 32 || self.tags.iter().any(|t| t.len() > 128) {
+            return invalid("`tags`: at most 32 tags of at most 128 characters".into());
+        }
+        if self.metadata.len() > 64 || self.metadata.iter().any(|(k, v)| k.len() > 128 || v.len() > 4096) {
+            return invalid("`metadata`: at most 64 entries, keys up to 128 and values up to 4096 characters".into());
+        }
+        // History and the DLQ keep these in Postgres, whose text and jsonb cannot hold U+0000.
+        if has_nul(&self.payload) {
+            return invalid("`payload` must not contain the character U+0000".into());
+        }
+        if self.tags.iter().any(|t| t.contains('\0')) {
+            return invalid("`tags` must not contain the character U+0000".into());
+        }
+        if self.metadata.iter().any(|(k, v)| k.contains('\0') || v.contains('\0')) {
+            return invalid("`metadata` must not contain the character U+0000".into());
         }
         if let Some(at) = self.expires_at {
             if at <= Utc::now() {
@@ -472,6 +488,20 @@ impl NewJob {
             }
         }
         Ok(())
+    }
+}
+
+/// The longest `unique_ttl`: a lock past it would outlive any retention and overflow Redis'
+/// expiry arithmetic well before `u64` milliseconds do.
+pub const MAX_UNIQUE_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Whether a string or key anywhere in `v` holds U+0000.
+pub fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 

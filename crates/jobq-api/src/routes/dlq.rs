@@ -190,6 +190,9 @@ pub(crate) async fn retry(
     };
     let body = body.unwrap_or_default();
     if let Some(p) = &body.payload {
+        if jobq_core::job::has_nul(p) {
+            return Err(ApiError::Invalid("`payload` must not contain the character U+0000".into()));
+        }
         let size = p.to_string().len();
         if size > state.payload_limit {
             return Err(ApiError::TooLarge(format!(

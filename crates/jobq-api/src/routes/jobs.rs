@@ -128,14 +128,6 @@ impl EnqueueRequest {
                 "`delay`, `run_at`, `ttl` and `expires_at` must end before the year 10000".into(),
             ));
         }
-        if self.tags.len() > 32 || self.tags.iter().any(|t| t.len() > 128) {
-            return Err(ApiError::Invalid("`tags`: at most 32 tags of at most 128 characters".into()));
-        }
-        if self.metadata.len() > 64 || self.metadata.iter().any(|(k, v)| k.len() > 128 || v.len() > 4096) {
-            return Err(ApiError::Invalid(
-                "`metadata`: at most 64 entries, keys up to 128 and values up to 4096 characters".into(),
-            ));
-        }
         let job = NewJob {
             kind: self.kind,
             payload: self.payload,

@@ -52,6 +52,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     ApiJson(spec): ApiJson<ScheduleSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
+    check_payload(&spec.job, state.payload_limit)?;
     let stored = state.store.create_schedule(&spec).await?;
     Ok((StatusCode::CREATED, Json(view(&stored))))
 }
@@ -60,6 +61,15 @@ pub(crate) async fn create(
 pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let all = state.store.schedules().await?;
     Ok(Json(json!({"items": all.iter().map(view).collect::<Vec<_>>()})))
+}
+
+/// Every tick enqueues the template's payload, so it is held to the limit of an enqueued one.
+fn check_payload(job: &JobTemplate, payload_limit: usize) -> Result<(), ApiError> {
+    let size = job.payload.to_string().len();
+    if size > payload_limit {
+        return Err(ApiError::TooLarge(format!("`job.payload` is {size} bytes; the limit is {payload_limit} bytes")));
+    }
+    Ok(())
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -90,6 +100,7 @@ pub(crate) async fn replace(
     if spec.name != name {
         return Err(ApiError::Invalid(format!("`name` is `{}` but the path names `{name}`", spec.name)));
     }
+    check_payload(&spec.job, state.payload_limit)?;
     let (stored, created) = state.store.put_schedule(&spec, "api").await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view(&stored))))
 }
@@ -119,6 +130,9 @@ pub(crate) async fn patch(
     Path(name): Path<String>,
     ApiJson(p): ApiJson<SchedulePatch>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if let Some(job) = &p.job {
+        check_payload(job, state.payload_limit)?;
+    }
     let stored = state
         .store
         .patch_schedule(&name, |s| {

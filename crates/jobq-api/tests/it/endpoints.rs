@@ -164,6 +164,10 @@ async fn executions_queue_stats_and_the_whole_dlq() {
     assert_eq!((job["payload"].clone(), job["state"].as_str()), (json!({"fixed": true}), Some("queued")));
     let (s, _) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", dead[0]), Some(r#"{"payload": 1, "x": 2}"#)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let nul = r#"{"payload": {"note": "a\u0000b"}}"#;
+    let (s, err) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", dead[1]), Some(nul)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("U+0000"), "{err}");
 
     // Retry by filter: a dry run counts, the real one replays in the background.
     let (s, dry) = call(&app, "POST", "/api/v1/dlq/retry", Some(r#"{"type": "mail", "dry_run": true}"#)).await;

@@ -127,11 +127,47 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
             "backoff.max",
         ),
         (r#"{"type":"echo","backoff":{"factor":2}}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "factor"),
+        // Past what Redis can expire: refused here, not a Redis error.
+        (
+            r#"{"type":"echo","unique_key":"k","unique_ttl":18446744073709551615}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "unique_ttl",
+        ),
+        (
+            r#"{"type":"echo","unique_key":"k","unique_ttl":"11years"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "unique_ttl",
+        ),
+        // Postgres keeps history and the DLQ, and cannot store U+0000.
+        (
+            r#"{"type":"echo","payload":{"a":["\u0000"]}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "payload",
+        ),
+        (r#"{"type":"echo","payload":{"\u0000":1}}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "payload"),
+        (r#"{"type":"echo","tags":["a\u0000"]}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "tags"),
+        (
+            r#"{"type":"echo","metadata":{"k":"\u0000"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "metadata",
+        ),
     ];
     for (body, status, code, mentions) in cases {
         let (got, err) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
         assert_eq!(got, *status, "{body} -> {err}");
         assert_error(&err, code, mentions);
+    }
+    // In a batch, such an item is refused alone and the others are enqueued.
+    let batch =
+        r#"{"jobs":[{"type":"echo","unique_key":"b","unique_ttl":"20years"},{"type":"echo","payload":"\u0000"}]}"#;
+    let (got, res) = call(&app, "POST", "/api/v1/jobs/batch", Some(batch)).await;
+    assert_eq!((got, res["failed"].as_u64()), (StatusCode::OK, Some(2)), "{res}");
+    for item in res["results"].as_array().unwrap() {
+        assert_eq!(item["error"]["code"], "invalid_request", "{item}");
     }
     assert!(env.broker.queues().await.unwrap().is_empty(), "nothing was enqueued");
     env.cleanup().await;
@@ -187,9 +223,11 @@ async fn dlq_listing_validates_its_query() {
     assert_error(&err, "invalid_request", "limit");
     let (status, _) = call(&app, "GET", "/api/v1/dlq?limit=many", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, err) = call(&app, "GET", "/api/v1/dlq?cursor=garbage", None).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_error(&err, "invalid_request", "cursor");
+    for cursor in ["garbage", &format!("-8000000000000000000_{}", uuid::Uuid::now_v7())] {
+        let (status, err) = call(&app, "GET", &format!("/api/v1/dlq?cursor={cursor}"), None).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_error(&err, "invalid_request", "cursor");
+    }
     let (status, _) = call(&app, "GET", "/api/v1/dlq?sort=asc", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     env.cleanup().await;
@@ -338,6 +376,11 @@ async fn bad_schedules_are_422_naming_the_field_and_never_stored() {
         (r#"{"name":"a","cron":"@daily","job":{"type":""}}"#, "`job`"),
         (r#"{"name":"a","cron":"@daily","job":{"type":"echo","colour":1}}"#, "colour"),
         (r#"{"name":"a","cron":"@daily","job":{"type":"echo"},"misfire":"sometimes"}"#, "sometimes"),
+        (r#"{"name":"a","cron":"@daily","job":{"type":"echo","payload":"\u0000"}}"#, "U+0000"),
+        (
+            r#"{"name":"a","cron":"@daily","job":{"type":"echo","tags":["t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t","t"]}}"#,
+            "tags",
+        ),
     ] {
         let (s, err) = call(&app, "POST", "/api/v1/schedules", Some(body)).await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
@@ -353,6 +396,15 @@ async fn bad_schedules_are_422_naming_the_field_and_never_stored() {
         call(&app, "PUT", "/api/v1/schedules/ok", Some(r#"{"name":"other","cron":"@daily","job":{"type":"echo"}}"#))
             .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    // Every tick enqueues the template, so its payload is held to the enqueue limit.
+    let limit = env.settings().api.payload_limit;
+    let big = json!({"name": "big", "cron": "@daily", "job": {"type": "echo", "payload": "x".repeat(limit)}});
+    let (s, err) = call(&app, "POST", "/api/v1/schedules", Some(&big.to_string())).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert_error(&err, "payload_too_large", "job.payload");
+    let patch = json!({"job": {"type": "echo", "payload": "x".repeat(limit)}});
+    let (s, _) = call(&app, "PATCH", "/api/v1/schedules/ok", Some(&patch.to_string())).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     let (_, list) = call(&app, "GET", "/api/v1/schedules", None).await;
     let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["ok"]);

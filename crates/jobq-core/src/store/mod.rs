@@ -6,7 +6,7 @@
 
 pub mod schedules;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool, Row};
@@ -168,7 +168,13 @@ fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
 fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, Uuid)> {
     let bad = || Error::Invalid(format!("invalid cursor `{c}`"));
     let (t, id) = c.split_once('_').ok_or_else(bad)?;
-    let t = t.parse::<i64>().ok().and_then(DateTime::<Utc>::from_timestamp_micros).ok_or_else(bad)?;
+    // Postgres keeps times from 4713 BC to 294276 AD; a cursor comes from a row it kept.
+    let t = t
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::<Utc>::from_timestamp_micros)
+        .filter(|t| (-4712..=294_275).contains(&t.year()))
+        .ok_or_else(bad)?;
     Ok((t, Uuid::parse_str(id).map_err(|_| bad())?))
 }
 

@@ -93,9 +93,35 @@ impl EventBatch {
     }
 }
 
+/// Postgres text and jsonb cannot hold U+0000; a handler's error message (or an envelope written
+/// before enqueue refused it) may. Such a character is stored as U+FFFD, so that one event can
+/// never stop the recorder.
+fn storable(mut s: String) -> String {
+    if s.contains('\0') {
+        s = s.replace('\0', "\u{FFFD}");
+    }
+    s
+}
+
+fn storable_json(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => *s = storable(std::mem::take(s)),
+        Value::Array(a) => a.iter_mut().for_each(storable_json),
+        Value::Object(o) => {
+            if o.keys().any(|k| k.contains('\0')) {
+                *o = std::mem::take(o).into_iter().map(|(k, v)| (storable(k), v)).collect();
+            }
+            o.values_mut().for_each(storable_json);
+        }
+        _ => {}
+    }
+}
+
 fn decode(queue: &QueueName, e: &StreamId) -> Option<Event> {
-    let s =
-        |f: &str| e.map.get(f).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).filter(|v| !v.is_empty());
+    let s = |f: &str| {
+        e.map.get(f).and_then(|v| redis::from_redis_value_ref::<String>(v).ok()).filter(|v| !v.is_empty()).map(storable)
+    };
     let n = |f: &str| s(f).and_then(|v| v.parse::<i64>().ok());
     Some(Event {
         queue: queue.clone(),
@@ -110,7 +136,10 @@ fn decode(queue: &QueueName, e: &StreamId) -> Option<Event> {
         worker: s("worker"),
         error: s("error"),
         reason: s("reason"),
-        envelope: s("envelope").and_then(|v| serde_json::from_str(&v).ok()),
+        envelope: s("envelope").and_then(|v| serde_json::from_str(&v).ok()).map(|mut v| {
+            storable_json(&mut v);
+            v
+        }),
     })
 }
 

@@ -137,3 +137,29 @@ async fn a_failed_enqueue_rolls_the_dlq_retry_back() {
     assert_eq!(env.store.dead_jobs(&DlqFilter { limit: 10, ..Default::default() }).await.unwrap().items.len(), 1);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_error_or_envelope_holding_u0000_is_recorded_and_does_not_stop_the_recorder() {
+    use redis::AsyncCommands;
+    let env = TestEnv::new().await;
+    let q = QueueName::default_queue();
+    let id = env.broker.enqueue(NewJob::new("mail", json!({"to": "a"})).max_attempts(1)).await.unwrap().job.id;
+    let d = env.broker.fetch(&q, "c", 1).await.unwrap().jobs.pop().unwrap();
+    // An envelope Postgres cannot take as jsonb (as an older API could have accepted), and a
+    // handler error with a NUL in it.
+    let mut envelope = serde_json::to_value(&d.envelope).unwrap();
+    envelope["payload"] = json!({"to": "a\u{0}b", "k\u{0}": [1]});
+    let _: () = env.broker.connection().hset(env.keys().job(&q, id), "envelope", envelope.to_string()).await.unwrap();
+    let failure = Failure { message: "bad\u{0}byte".into(), retry_in: None, reason: "fatal" };
+    env.broker.settle(&[Outcome { delivery: d, result: Err(failure) }]).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", &[q], 1000, Duration::from_millis(100)).await.unwrap();
+    env.store.record(&batch.events).await.unwrap();
+    let execs = env.store.executions(id).await.unwrap();
+    assert_eq!(execs.len(), 1);
+    assert_eq!(execs[0].error.as_deref(), Some("bad\u{FFFD}byte"));
+    let dead = env.store.dead_job(id).await.unwrap().expect("in the DLQ");
+    assert_eq!(dead.payload, json!({"to": "a\u{FFFD}b", "k\u{FFFD}": [1]}));
+    env.cleanup().await;
+}
