@@ -48,6 +48,10 @@ pub(crate) async fn run(broker: Broker, store: Store, settings: SchedulerSetting
                 if pass.skipped > 0 {
                     metrics::counter!("jobq_cron_misfires_total").increment(pass.skipped);
                 }
+                for (schedule, error) in &pass.failed {
+                    metrics::counter!("jobq_cron_errors_total").increment(1);
+                    tracing::error!(schedule = %schedule, error = %error, "schedule could not be fired; the other schedules go on, this one is tried again");
+                }
                 delay = settings.cron_poll;
             }
             Err(e) => {

@@ -70,6 +70,9 @@ pub struct FirePass {
     pub fired: Vec<FiredTick>,
     /// Ticks dropped by misfire policies.
     pub skipped: u64,
+    /// Schedules that could not be fired in this pass (name, error): their claim was rolled
+    /// back and the pass went on with the next due schedule.
+    pub failed: Vec<(String, String)>,
 }
 
 const COLUMNS: &str =
@@ -272,9 +275,10 @@ impl Store {
     /// ticks are misfires. At most `max` schedules are handled per pass.
     pub async fn fire_due(&self, broker: &Broker, grace: chrono::Duration, max: usize) -> Result<FirePass> {
         let mut pass = FirePass::default();
+        let mut passed_over: Vec<String> = Vec::new();
         for _ in 0..max {
             let mut tx = self.pool.begin().await?;
-            match claim_due(&mut tx, broker, grace, &mut pass.skipped).await {
+            match claim_due(&mut tx, broker, grace, &mut pass.skipped, &passed_over).await {
                 Ok(Claim::NothingDue) => break,
                 Ok(Claim::Unchanged) => {
                     tx.rollback().await?;
@@ -283,7 +287,14 @@ impl Store {
                     tx.commit().await?;
                     pass.fired.extend(fired);
                 }
-                Err(e) => {
+                // One schedule that cannot be fired (a row that no longer decodes, a refused
+                // job) must not hold back the ones due after it. An outage stops the pass.
+                Ok(Claim::Failed(name, e)) if !e.is_unavailable() => {
+                    tx.rollback().await?;
+                    pass.failed.push((name.clone(), e.to_string()));
+                    passed_over.push(name);
+                }
+                Ok(Claim::Failed(_, e)) | Err(e) => {
                     // Roll back before returning: a dropped transaction only queues its
                     // ROLLBACK for the connection's next use, and until then the row stays
                     // locked, so every replica's `SKIP LOCKED` passes the due tick by.
@@ -303,6 +314,8 @@ enum Claim {
     Unchanged,
     /// Its ticks are enqueued and `next_fire_at` advanced; commit to keep the claim.
     Fired(Vec<FiredTick>),
+    /// The schedule of that name could not be fired; roll back.
+    Failed(String, Error),
 }
 
 /// Locks the earliest due schedule, fires its ticks and advances it, inside `tx`.
@@ -311,20 +324,37 @@ async fn claim_due(
     broker: &Broker,
     grace: chrono::Duration,
     skipped: &mut u64,
+    passed_over: &[String],
 ) -> Result<Claim> {
     // A replica frozen mid-claim must not hold the row: the server ends its session.
     sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '10s'").execute(&mut **tx).await?;
     let Some(row) = sqlx::query(&format!(
         "SELECT {COLUMNS}, now() AS db_now FROM schedules
-             WHERE enabled AND next_fire_at <= now()
+             WHERE enabled AND next_fire_at <= now() AND NOT (name = ANY($1))
              ORDER BY next_fire_at LIMIT 1 FOR UPDATE SKIP LOCKED"
     ))
+    .bind(passed_over)
     .fetch_optional(&mut **tx)
     .await?
     else {
         return Ok(Claim::NothingDue);
     };
-    let s = schedule_of_row(&row)?;
+    let name: String = row.try_get("name")?;
+    match fire_claimed(tx, broker, grace, skipped, &row).await {
+        Ok(claim) => Ok(claim),
+        Err(e) => Ok(Claim::Failed(name, e)),
+    }
+}
+
+/// Fires the ticks of the schedule in `row`, locked by [`claim_due`], and advances it.
+async fn fire_claimed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    broker: &Broker,
+    grace: chrono::Duration,
+    skipped: &mut u64,
+    row: &PgRow,
+) -> Result<Claim> {
+    let s = schedule_of_row(row)?;
     let now: DateTime<Utc> = row.try_get("db_now")?;
     let seen = s.next_fire_at.unwrap_or(now);
     let (next, fired_here) = match s.spec.validate() {

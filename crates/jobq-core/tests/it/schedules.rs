@@ -204,3 +204,31 @@ async fn declared_schedules_upsert_by_name_and_keep_their_pending_tick() {
     assert!(env.store.create_schedule(&spec("from-api", "@daily")).await.is_err(), "names are unique");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_schedule_that_cannot_be_fired_does_not_hold_back_the_others() {
+    let env = TestEnv::new().await;
+    for name in ["broken", "fine"] {
+        env.store.create_schedule(&spec(name, "@hourly")).await.unwrap();
+    }
+    let broken_tick = rewind(&env, "broken", chrono::Duration::minutes(90)).await;
+    rewind(&env, "fine", chrono::Duration::minutes(30)).await;
+    // A row this version cannot read (as one written by a newer one could be): it is the
+    // earliest due, so every pass meets it first.
+    sqlx::query("UPDATE schedules SET job = '{\"type\": \"echo\", \"colour\": 1}' WHERE name = 'broken'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let pass = env.store.fire_due(&env.broker, long_grace(), 100).await.unwrap();
+    assert!(!pass.fired.is_empty() && pass.fired.iter().all(|f| f.schedule == "fine"), "{:?}", pass.fired);
+    assert_eq!(pass.failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["broken"]);
+    assert!(pass.failed[0].1.contains("colour"), "{:?}", pass.failed);
+    let broken =
+        sqlx::query_scalar::<_, chrono::DateTime<Utc>>("SELECT next_fire_at FROM schedules WHERE name = 'broken'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(broken, broken_tick, "its claim was rolled back: it is tried again next pass");
+    assert_eq!(backlog(&env).await, pass.fired.len() as u64, "only the fine schedule's ticks were enqueued");
+    env.cleanup().await;
+}
