@@ -410,7 +410,20 @@ impl Store {
             envelope.payload = p;
         }
         let dead_run: i32 = row.try_get("run")?;
-        let run = match broker.retry_dead(&envelope, dead_run as u32).await? {
+        // A later run in the history means an earlier retry re-enqueued the job and its commit
+        // failed; once that run finished and its hash was swept, Redis alone could not tell,
+        // and the job would run again.
+        let later: Option<i32> =
+            sqlx::query_scalar("SELECT max(run) FROM job_executions WHERE job_id = $1 AND run > $2")
+                .bind(id.0)
+                .bind(dead_run)
+                .fetch_one(&mut *tx)
+                .await?;
+        let requeued = match later {
+            Some(run) => Requeued::NotDead { run: run as u32, state: "recorded".into() },
+            None => broker.retry_dead(&envelope, dead_run as u32).await?,
+        };
+        let run = match requeued {
             Requeued::Queued { run } => run,
             // Enqueued by an earlier retry whose commit failed: just mark the row.
             Requeued::NotDead { run, state } => {

@@ -120,6 +120,34 @@ async fn a_dlq_retry_enqueues_once_and_hides_the_row() {
 }
 
 #[tokio::test]
+async fn a_dlq_retry_whose_commit_failed_is_not_run_again_after_its_run_finished() {
+    use redis::AsyncCommands;
+    let env = TestEnv::new().await;
+    let q = QueueName::default_queue();
+    let events = dead_jobs(&env, "a", 1).await;
+    env.store.record(&events).await.unwrap();
+    let id = events[0].job_id;
+    // The Redis half of a retry whose Postgres commit then failed: run 2 is queued, the DLQ
+    // row is not marked.
+    let envelope: jobq_core::job::Envelope =
+        serde_json::from_value(env.store.dead_envelope(id).await.unwrap().unwrap()).unwrap();
+    env.broker.retry_dead(&envelope, 1).await.unwrap();
+    let d = env.broker.fetch(&q, "c", 1).await.unwrap().jobs.pop().unwrap();
+    env.broker.settle(&[Outcome { delivery: d, result: Ok(None) }]).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", std::slice::from_ref(&q), 10, Duration::from_millis(100)).await;
+    env.store.record(&batch.unwrap().events).await.unwrap();
+    // Its hash is swept at the end of the retention.
+    let _: () = env.broker.connection().del(env.keys().job(&q, id)).await.unwrap();
+    let retried = env.store.retry_dead(&env.broker, id, None).await.unwrap();
+    assert_eq!(retried.run, 2, "the run that already happened");
+    assert!(env.broker.job(id).await.unwrap().is_none(), "not enqueued again");
+    assert!(env.broker.fetch(&q, "c", 10).await.unwrap().jobs.is_empty());
+    assert_eq!(env.store.dead_job(id).await.unwrap().unwrap().retry_count, 1, "the row is marked");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_failed_enqueue_rolls_the_dlq_retry_back() {
     let env = TestEnv::new().await;
     let events = dead_jobs(&env, "a", 1).await;
