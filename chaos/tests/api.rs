@@ -37,6 +37,8 @@ const ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/metrics", OPEN),
     ("GET", "/api/v1/openapi.json", OPEN),
     ("GET", "/api/v1/docs", OPEN),
+    ("GET", "/dashboard", OPEN),
+    ("GET", "/dashboard/app.js", OPEN),
     ("POST", "/api/v1/jobs", PRODUCE),
     ("GET", "/api/v1/jobs", READ),
     ("POST", "/api/v1/jobs/batch", PRODUCE),

@@ -9,7 +9,8 @@
 //! | `producer` | enqueue (`POST /api/v1/jobs`, `/jobs/batch`) and read the jobs it enqueued |
 //! | `reader` | every `GET` |
 //!
-//! `/health`, `/ready` and the OpenAPI document need no key. `JOBQ_AUTH=off` turns checks off
+//! `/health`, `/ready`, the OpenAPI document and the dashboard page (which shows only what its
+//! key may read) need no key. `JOBQ_AUTH=off` turns checks off
 //! (the server warns at start); `jobq dev` does so.
 
 use axum::extract::{MatchedPath, Request, State};
@@ -59,7 +60,13 @@ fn find<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
 /// The least role a route needs; `None` for open routes.
 pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     match path {
-        "/health" | "/ready" | "/metrics" | "/api/v1/openapi.json" | "/api/v1/docs" => None,
+        "/health"
+        | "/ready"
+        | "/metrics"
+        | "/api/v1/openapi.json"
+        | "/api/v1/docs"
+        | "/dashboard"
+        | "/dashboard/app.js" => None,
         "/api/v1/jobs" | "/api/v1/jobs/batch" if method == Method::POST => Some(Role::Producer),
         "/api/v1/jobs/{id}" | "/api/v1/jobs/{id}/executions" if method == Method::GET => Some(Role::Producer),
         _ if method == Method::GET || method == Method::HEAD => Some(Role::Reader),

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod breaker;
+pub mod dashboard;
 pub mod error;
 mod extract;
 pub mod limit;
@@ -90,6 +91,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .merge(routes::queues::router())
         .merge(routes::schedules::router())
         .merge(openapi::router())
+        .merge(dashboard::router())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), breaker::guard))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
         .fallback(|| async { error::error_response(StatusCode::NOT_FOUND, "not_found", "no such route", Value::Null) })

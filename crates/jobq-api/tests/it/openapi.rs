@@ -18,6 +18,7 @@ fn registered_routes() -> BTreeSet<(String, String)> {
         include_str!("../../src/routes/schedules.rs"),
         include_str!("../../src/routes/health.rs"),
         include_str!("../../src/openapi.rs"),
+        include_str!("../../src/dashboard.rs"),
     ];
     let mut out = BTreeSet::new();
     for src in sources {
@@ -48,7 +49,7 @@ async fn the_document_covers_every_served_route_and_is_openapi_3_1() {
         }
     }
     let registered = registered_routes();
-    assert!(registered.len() >= 29, "found the route calls: {registered:?}");
+    assert!(registered.len() >= 31, "found the route calls: {registered:?}");
     assert_eq!(documented, registered, "every served route is documented, and nothing else");
     let table: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
     assert_eq!(table, registered, "the auth matrix test covers every route");
@@ -72,4 +73,74 @@ async fn the_reference_page_needs_nothing_from_elsewhere() {
     assert!(html.contains("/api/v1/openapi.json"));
     assert!(!html.contains("http://") && !html.contains("https://"), "no external resources");
     env.cleanup().await;
+}
+
+async fn get_text(app: &axum::Router, uri: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+    let req = axum::http::Request::builder().uri(uri).body(axum::body::Body::empty()).unwrap();
+    let resp = tower::ServiceExt::oneshot(app.clone(), req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn the_dashboard_is_self_contained_and_calls_only_documented_routes() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (s, headers, html) = get_text(&app, "/dashboard").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    let policy = headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'self'") && policy.contains("connect-src 'self'"), "{policy}");
+    assert!(html.contains(r#"<script src="/dashboard/app.js">"#));
+    assert!(!html.contains("http://") && !html.contains("https://"), "no external resources");
+    for tab in ["tab-queues", "tab-jobs", "tab-dlq", "tab-schedules"] {
+        assert!(html.contains(tab), "{tab}");
+    }
+
+    let (s, headers, js) = get_text(&app, "/dashboard/app.js").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(!js.contains("innerHTML"), "values from the API go in as text");
+    // Every `call('METHOD', '/api/v1/...')` of the script names a documented operation.
+    let (_, doc) = call(&app, "GET", "/api/v1/openapi.json", None).await;
+    let mut called = BTreeSet::new();
+    for part in js.split("call('").skip(1) {
+        let Some((method, rest)) = part.split_once("', '") else { continue };
+        let path = &rest[..rest.find('\'').unwrap()];
+        assert!(
+            doc["paths"][path].get(method.to_lowercase()).is_some(),
+            "the dashboard calls {method} {path}, which the API does not serve"
+        );
+        called.insert((method.to_owned(), path.to_owned()));
+    }
+    for (method, path) in [
+        ("GET", "/api/v1/queues"),
+        ("POST", "/api/v1/queues/{queue}/pause"),
+        ("POST", "/api/v1/queues/{queue}/resume"),
+        ("GET", "/api/v1/jobs/{id}/executions"),
+        ("DELETE", "/api/v1/jobs/{id}"),
+        ("GET", "/api/v1/dlq"),
+        ("POST", "/api/v1/dlq/{id}/retry"),
+        ("POST", "/api/v1/dlq/retry"),
+        ("DELETE", "/api/v1/dlq/{id}"),
+        ("POST", "/api/v1/schedules/{name}/trigger"),
+        ("PATCH", "/api/v1/schedules/{name}"),
+    ] {
+        assert!(called.contains(&(method.to_owned(), path.to_owned())), "the dashboard offers {method} {path}");
+    }
+    // The script parses, where Node.js is installed (it is on the project's machines).
+    if let Ok(node) = which_node() {
+        let file = std::env::temp_dir().join(format!("jobq-dashboard-{}.js", uuid::Uuid::new_v4()));
+        std::fs::write(&file, &js).unwrap();
+        let out = std::process::Command::new(node).arg("--check").arg(&file).output().unwrap();
+        std::fs::remove_file(&file).ok();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    env.cleanup().await;
+}
+
+fn which_node() -> Result<std::path::PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path).map(|d| d.join("node")).find(|p| p.is_file()).ok_or(())
 }

@@ -18,6 +18,8 @@ pub(crate) const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/metrics", None),
     ("GET", "/api/v1/openapi.json", None),
     ("GET", "/api/v1/docs", None),
+    ("GET", "/dashboard", None),
+    ("GET", "/dashboard/app.js", None),
     ("POST", "/api/v1/jobs", Some("producer")),
     ("GET", "/api/v1/jobs", Some("reader")),
     ("POST", "/api/v1/jobs/batch", Some("producer")),
