@@ -3,8 +3,10 @@
 //!
 //! Ticks are wall-clock times in the schedule's zone, computed from the expression (never
 //! from sleeping intervals, so drift does not accumulate). A local time that does not exist
-//! (spring forward) fires once at the end of the gap; a local time that occurs twice (fall
-//! back) fires once, at its first occurrence.
+//! (spring forward) fires once at the end of the gap. A local time that occurs twice (fall
+//! back) fires once, at its first occurrence, when the expression names its hours (`30 1 * * *`);
+//! an expression with a wildcard hour (`*/15 * * * *`, `@hourly`) keeps its rhythm in real time
+//! and fires in both occurrences of the repeated hour, as cron does.
 //!
 //! ```
 //! use jobq_core::schedule::CronSchedule;
@@ -32,6 +34,8 @@ pub struct CronSchedule {
     expr: String,
     schedule: cron::Schedule,
     tz: Tz,
+    /// The hour field is a wildcard: the schedule fires in both occurrences of a repeated hour.
+    every_hour: bool,
 }
 
 const DAY_NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
@@ -120,7 +124,8 @@ impl CronSchedule {
         if schedule.upcoming(Utc).next().is_none() {
             return Err(Error::Invalid(format!("`cron`: expression `{expr}` never fires")));
         }
-        Ok(Self { expr: expr.trim().to_owned(), schedule, tz })
+        let every_hour = normalized.split_whitespace().nth(2).is_some_and(|h| h.contains('*'));
+        Ok(Self { expr: expr.trim().to_owned(), schedule, tz, every_hour })
     }
 
     /// The expression as given.
@@ -142,15 +147,43 @@ impl CronSchedule {
     pub fn upcoming(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
         // Evaluate the expression on naive wall-clock time (UTC stands in for "local"), then map
         // each local time to an instant in the zone, keeping ticks strictly after `after` and
-        // increasing (a repeated local hour maps to its first occurrence, already past).
+        // increasing (a repeated local hour maps to its first occurrence, already past, unless
+        // the hour is a wildcard: then the fold's ticks come in their first occurrences, then in
+        // their second ones).
         let local_after = after.with_timezone(&self.tz).naive_local() - Duration::seconds(1);
+        let mut local = self.schedule.after(&Utc.from_utc_datetime(&local_after)).map(|t| t.naive_utc()).peekable();
+        let mut fold: std::collections::VecDeque<DateTime<Utc>> = std::collections::VecDeque::new();
         let mut last = after;
-        self.schedule.after(&Utc.from_utc_datetime(&local_after)).filter_map(move |naive| {
-            let t = self.instant(naive.naive_utc())?;
-            (t > last).then(|| {
+        std::iter::from_fn(move || loop {
+            let t = match fold.pop_front() {
+                Some(t) => t,
+                None => {
+                    let naive = local.next()?;
+                    match self.tz.from_local_datetime(&naive) {
+                        LocalResult::Ambiguous(first, second) if self.every_hour => {
+                            let mut again = vec![second.with_timezone(&Utc)];
+                            fold.push_back(first.with_timezone(&Utc));
+                            while let Some(LocalResult::Ambiguous(first, second)) =
+                                local.peek().map(|n| self.tz.from_local_datetime(n))
+                            {
+                                fold.push_back(first.with_timezone(&Utc));
+                                again.push(second.with_timezone(&Utc));
+                                local.next();
+                            }
+                            fold.extend(again);
+                            continue;
+                        }
+                        _ => match self.instant(naive) {
+                            Some(t) => t,
+                            None => continue,
+                        },
+                    }
+                }
+            };
+            if t > last {
                 last = t;
-                t
-            })
+                return Some(t);
+            }
         })
     }
 
@@ -458,9 +491,39 @@ mod tests {
             ticks("0 30 2 * * *", "Europe/Berlin", "2026-10-24T12:00:00Z", 2),
             ["2026-10-25T00:30:00+00:00", "2026-10-26T01:30:00+00:00"]
         );
-        // An hourly schedule stays hourly in real time across spring forward (no duplicate).
+        // An hourly schedule stays hourly in real time across spring forward (no duplicate)
+        // and across fall back (02:00 comes twice: 00:00 and 01:00 UTC).
         let spring = ticks("@hourly", "Europe/Berlin", "2026-03-28T23:30:00Z", 3);
         assert_eq!(spring, ["2026-03-29T00:00:00+00:00", "2026-03-29T01:00:00+00:00", "2026-03-29T02:00:00+00:00"]);
+        let fall = ticks("@hourly", "Europe/Berlin", "2026-10-24T22:30:00Z", 4);
+        assert_eq!(
+            fall,
+            [
+                "2026-10-24T23:00:00+00:00",
+                "2026-10-25T00:00:00+00:00",
+                "2026-10-25T01:00:00+00:00",
+                "2026-10-25T02:00:00+00:00"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wildcard_hour_keeps_its_rhythm_through_a_repeated_hour_and_a_named_one_fires_once() {
+        // New York, 2026-11-01: 01:00-01:59 happens at 05:00-05:59Z (EDT) and 06:00-06:59Z (EST).
+        let quarter = ticks("*/15 * * * *", "America/New_York", "2026-11-01T04:50:00Z", 10);
+        let every_15_min: Vec<String> =
+            (0..10).map(|i| (at("2026-11-01T05:00:00Z") + Duration::minutes(15 * i)).to_rfc3339()).collect();
+        assert_eq!(quarter, every_15_min, "no gap and no repeat in real time");
+        // Hours 1-2 named: 01:30 fires once, at its first occurrence.
+        assert_eq!(
+            ticks("30 1-2 * * *", "America/New_York", "2026-11-01T04:50:00Z", 3),
+            ["2026-11-01T05:30:00+00:00", "2026-11-01T07:30:00+00:00", "2026-11-02T06:30:00+00:00"]
+        );
+        // Seconds resolution through the fold: 7,200 ticks in the two hours, strictly increasing.
+        let s = CronSchedule::parse("* * * * * *", "America/New_York").unwrap();
+        let got: Vec<_> = s.upcoming(at("2026-11-01T04:59:59Z")).take(7200).collect();
+        assert_eq!((got[0], got[7199]), (at("2026-11-01T05:00:00Z"), at("2026-11-01T06:59:59Z")));
+        assert!(got.windows(2).all(|w| w[1] - w[0] == Duration::seconds(1)));
     }
 
     fn at(s: &str) -> DateTime<Utc> {
