@@ -366,7 +366,8 @@ impl ScheduleSpec {
 pub struct TickPlan {
     /// Ticks to enqueue, oldest first.
     pub fire: Vec<DateTime<Utc>>,
-    /// Ticks dropped by the misfire policy.
+    /// Ticks dropped by the misfire policy (after a downtime of more than 10,000 ticks, at
+    /// least this many: the ticks jumped over are not counted).
     pub skipped: u64,
     /// The next tick after `now`.
     pub next: Option<DateTime<Utc>>,
@@ -403,8 +404,26 @@ pub fn plan_ticks(
             }
         }
         walked += 1;
-        if walked >= 1_000_000 {
-            // Down for ages on a fast schedule: stop walking; the rest are skipped.
+        if walked >= MAX_WALK {
+            // Down for long on a fast schedule: jump to the ticks just before `now` instead of
+            // walking every one. The late ticks kept so far are superseded by later ones; the
+            // ticks jumped over are not counted in `skipped`, which is then a lower bound.
+            let (window, from) = last_ticks(schedule, t, now, grace, keep);
+            if from > t {
+                skipped += late.len() as u64;
+                late.clear();
+            }
+            for u in window {
+                if now - u <= grace {
+                    recent.push(u);
+                } else {
+                    late.push_back(u);
+                    if late.len() > keep {
+                        late.pop_front();
+                        skipped += 1;
+                    }
+                }
+            }
             break;
         }
         tick = schedule.next_after(t);
@@ -412,6 +431,29 @@ pub fn plan_ticks(
     let mut fire: Vec<DateTime<Utc>> = late.into_iter().collect();
     fire.extend(recent);
     TickPlan { fire, skipped, next: schedule.next_after(now.max(next_fire_at)) }
+}
+
+/// Ticks walked one by one before [`plan_ticks`] jumps ahead.
+const MAX_WALK: u32 = 10_000;
+
+/// The ticks after `from` up to `now`, where `from` (not before `after`) is the latest start
+/// that still yields `keep` ticks older than the grace, or `after` itself.
+fn last_ticks(
+    schedule: &CronSchedule,
+    after: DateTime<Utc>,
+    now: DateTime<Utc>,
+    grace: Duration,
+    keep: usize,
+) -> (Vec<DateTime<Utc>>, DateTime<Utc>) {
+    let mut span = grace + Duration::hours(1);
+    loop {
+        let from = (now - span).max(after);
+        let window: Vec<DateTime<Utc>> = schedule.upcoming(from).take_while(|u| *u <= now).collect();
+        if from == after || window.iter().filter(|u| now - **u > grace).count() >= keep {
+            return (window, from);
+        }
+        span = span * 4;
+    }
 }
 
 trait TruncSubsecs {
@@ -558,6 +600,37 @@ mod tests {
         // Down longer than the grace with no recent tick: fire_once fires the latest missed one.
         let p = plan_ticks(&s, from, at("2026-01-01T10:05:45Z"), Misfire::FireOnce, 10, grace);
         assert_eq!(p.fire, [at("2026-01-01T10:05:00Z")]);
+    }
+
+    #[test]
+    fn after_a_long_downtime_the_policies_still_pick_the_latest_ticks() {
+        let grace = Duration::seconds(30);
+        let every_second = CronSchedule::parse("* * * * * *", "UTC").unwrap();
+        let (down, now) = (at("2026-01-01T00:00:00Z"), at("2026-01-31T12:00:00.5Z"));
+        let started = std::time::Instant::now();
+        let once = plan_ticks(&every_second, down, now, Misfire::FireOnce, 10, grace);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+        // The latest late tick, then the 30 within the grace.
+        assert_eq!(once.fire.len(), 31, "{:?}", &once.fire[..3]);
+        assert_eq!(once.fire[0], at("2026-01-31T11:59:30Z"));
+        assert_eq!(*once.fire.last().unwrap(), at("2026-01-31T12:00:00Z"));
+        assert!(once.skipped >= 10_000, "{}", once.skipped);
+        assert_eq!(once.next, Some(at("2026-01-31T12:00:01Z")));
+        let catch = plan_ticks(&every_second, down, now, Misfire::CatchUp, 5, grace);
+        assert_eq!(catch.fire[..5].first(), Some(&at("2026-01-31T11:59:26Z")));
+        assert_eq!(catch.fire.len(), 35);
+        let skip = plan_ticks(&every_second, down, now, Misfire::Skip, 10, grace);
+        assert_eq!((skip.fire.len(), skip.fire[0]), (30, at("2026-01-31T11:59:31Z")));
+        // Hourly, down five years (43,800 ticks): the last missed hour fires.
+        let hourly = CronSchedule::parse("@hourly", "UTC").unwrap();
+        let p =
+            plan_ticks(&hourly, at("2021-01-01T00:00:00Z"), at("2026-01-01T10:20:00Z"), Misfire::FireOnce, 10, grace);
+        assert_eq!(p.fire, [at("2026-01-01T10:00:00Z")]);
+        // Below the walking limit the count is exact: daily, down 100 days.
+        let daily = CronSchedule::parse("@daily", "UTC").unwrap();
+        let p =
+            plan_ticks(&daily, at("2025-09-23T00:00:00Z"), at("2026-01-01T10:00:00Z"), Misfire::FireOnce, 10, grace);
+        assert_eq!((p.fire.clone(), p.skipped), (vec![at("2026-01-01T00:00:00Z")], 100));
     }
 
     #[test]
