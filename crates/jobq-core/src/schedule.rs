@@ -150,7 +150,12 @@ impl CronSchedule {
         // increasing (a repeated local hour maps to its first occurrence, already past, unless
         // the hour is a wildcard: then the fold's ticks come in their first occurrences, then in
         // their second ones).
-        let local_after = after.with_timezone(&self.tz).naive_local() - Duration::seconds(1);
+        let mut local_after = after.with_timezone(&self.tz).naive_local() - Duration::seconds(1);
+        if self.every_hour && matches!(self.tz.from_local_datetime(&local_after), LocalResult::Ambiguous(..)) {
+            // `after` is inside a fold: start before it, so that the second occurrences of the
+            // fold's earlier ticks still come (the ones not after `after` are dropped below).
+            local_after -= Duration::hours(3);
+        }
         let mut local = self.schedule.after(&Utc.from_utc_datetime(&local_after)).map(|t| t.naive_utc()).peekable();
         let mut fold: std::collections::VecDeque<DateTime<Utc>> = std::collections::VecDeque::new();
         let mut last = after;
@@ -556,6 +561,14 @@ mod tests {
         let every_15_min: Vec<String> =
             (0..10).map(|i| (at("2026-11-01T05:00:00Z") + Duration::minutes(15 * i)).to_rfc3339()).collect();
         assert_eq!(quarter, every_15_min, "no gap and no repeat in real time");
+        // The scheduler asks for one tick at a time, from each tick it fired: the same ticks.
+        let s = CronSchedule::parse("*/15 * * * *", "America/New_York").unwrap();
+        let mut one_by_one = vec![s.next_after(at("2026-11-01T04:50:00Z")).unwrap()];
+        while one_by_one.len() < 10 {
+            one_by_one.push(s.next_after(*one_by_one.last().unwrap()).unwrap());
+        }
+        let one_by_one: Vec<String> = one_by_one.iter().map(|t| t.to_rfc3339()).collect();
+        assert_eq!(one_by_one, every_15_min);
         // Hours 1-2 named: 01:30 fires once, at its first occurrence.
         assert_eq!(
             ticks("30 1-2 * * *", "America/New_York", "2026-11-01T04:50:00Z", 3),
