@@ -476,5 +476,15 @@ async fn a_unique_key_held_longer_than_the_retention_keeps_finding_its_job() {
     }
     let again = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily-report", ttl)).await.unwrap();
     assert!(again.created);
+
+    // A job dead-lettered because its dependency was cancelled keeps its hash as long, too.
+    let dependency = env.broker.enqueue(NewJob::new("x", json!({})).delay(Duration::from_secs(60))).await.unwrap();
+    let dependent = NewJob::new("x", json!({})).unique("after-import", ttl).depends_on([dependency.job.id]);
+    let dependent = env.broker.enqueue(dependent).await.unwrap().job.id;
+    env.broker.cancel(dependency.job.id).await.unwrap();
+    assert_eq!(env.broker.job(dependent).await.unwrap().unwrap().state, JobState::Dead);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let dup = env.broker.enqueue(NewJob::new("x", json!({})).unique("after-import", ttl)).await.unwrap();
+    assert_eq!((dup.created, dup.job.id), (false, dependent), "past the dead retention, within the key's ttl");
     env.cleanup().await;
 }

@@ -65,6 +65,20 @@ local function release_waiting(base, jk, id, now)
   redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now)
 end
 
+-- Sets a finished job's hash to expire after `retention` seconds (0: never), or later while
+-- its unique key, held for a time, still names it, so that a duplicate keeps finding the job.
+-- u: the job's {unique_key, unique_hold}.
+local function expire_finished(jk, id, retention, u)
+  if tonumber(retention) <= 0 then return end
+  local lock_ms = 0
+  if u[2] == 'ttl' and redis.call('GET', u[1]) == id then lock_ms = redis.call('PTTL', u[1]) end
+  if lock_ms > 1000 * tonumber(retention) then
+    redis.call('PEXPIRE', jk, lock_ms)
+  else
+    redis.call('EXPIRE', jk, retention)
+  end
+end
+
 -- Dead-letters a job that waits for a dependency that will never succeed.
 local function fail_waiting(base, jk, id, cause, cause_state, now, retention)
   local err = 'dependency ' .. cause .. ' is ' .. cause_state
@@ -72,8 +86,9 @@ local function fail_waiting(base, jk, id, cause, cause_state, now, retention)
     {'error', err, 'reason', 'dependency_failed', 'envelope', redis.call('HGET', jk, 'envelope')})
   redis.call('HSET', jk, 'dead_reason', 'dependency_failed', 'state', 'dead', 'finished_at', now, 'last_error', err)
   redis.call('DEL', base .. 'waiting:' .. id)
-  release_unique(jk, id)
-  if tonumber(retention) > 0 then redis.call('EXPIRE', jk, retention) end
+  local u = redis.call('HMGET', jk, 'unique_key', 'unique_hold')
+  release_unique(jk, id, u)
+  expire_finished(jk, id, retention, u)
 end
 
 -- A job reached a terminal state: the jobs waiting for it (same queue) lose one dependency.
@@ -116,17 +131,7 @@ local function finish(jk, id, state, now, retention, err)
   redis.call('HDEL', jk, 'lease', 'entry')
   local h = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
   release_unique(jk, id, h)
-  if tonumber(retention) > 0 then
-    -- A unique key held for a time keeps its job's hash as long as itself, so that a
-    -- duplicate keeps finding the job.
-    local lock_ms = 0
-    if h[2] == 'ttl' and redis.call('GET', h[1]) == id then lock_ms = redis.call('PTTL', h[1]) end
-    if lock_ms > 1000 * tonumber(retention) then
-      redis.call('PEXPIRE', jk, lock_ms)
-    else
-      redis.call('EXPIRE', jk, retention)
-    end
-  end
+  expire_finished(jk, id, retention, h)
   if h[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
   if h[4] then release_dependents(jk, id, state, now, retention) end
 end
