@@ -110,11 +110,11 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     response
 }
 
-/// Whether a response shows that Redis answered: a success, or a job or state Redis reported
-/// (404, 409). Other client errors may have been refused before any Redis call, so they say
-/// nothing about Redis and leave the breaker as it is.
+/// Whether a response shows that Redis answered: a success. A client error may have been
+/// refused before any Redis call (a 422 from validation, a 404 or 409 from Postgres on the DLQ
+/// and schedule routes), so it says nothing about Redis and leaves the breaker as it is.
 fn answered_by_redis(status: StatusCode) -> bool {
-    status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT
+    status.is_success()
 }
 
 #[cfg(test)]
@@ -136,9 +136,14 @@ mod tests {
 
     #[test]
     fn only_answers_from_redis_close_the_breaker() {
-        assert!(answered_by_redis(StatusCode::CREATED) && answered_by_redis(StatusCode::NOT_FOUND));
-        for refused_early in [StatusCode::BAD_REQUEST, StatusCode::UNPROCESSABLE_ENTITY, StatusCode::PAYLOAD_TOO_LARGE]
-        {
+        assert!(answered_by_redis(StatusCode::CREATED) && answered_by_redis(StatusCode::OK));
+        for refused_early in [
+            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ] {
             assert!(!answered_by_redis(refused_early), "{refused_early}");
         }
         assert!(!answered_by_redis(StatusCode::SERVICE_UNAVAILABLE));

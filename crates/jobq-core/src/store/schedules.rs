@@ -289,7 +289,7 @@ impl Store {
                 }
                 // One schedule that cannot be fired (a row that no longer decodes, a refused
                 // job) must not hold back the ones due after it. An outage stops the pass.
-                Ok(Claim::Failed(name, e)) if !e.is_unavailable() => {
+                Ok(Claim::Failed(name, e)) if !is_outage(&e) => {
                     tx.rollback().await?;
                     pass.failed.push((name.clone(), e.to_string()));
                     passed_over.push(name);
@@ -304,6 +304,27 @@ impl Store {
             }
         }
         Ok(pass)
+    }
+}
+
+/// Whether `e` says Redis or Postgres cannot be reached (end the pass and retry later), as
+/// opposed to something about one schedule: a row or column that does not decode, a refused job,
+/// a script error on its queue's keys.
+fn is_outage(e: &Error) -> bool {
+    match e {
+        Error::Redis(r) => r.is_io_error() || r.is_timeout() || r.is_connection_dropped() || r.is_connection_refusal(),
+        Error::Database(d) => {
+            matches!(
+                d,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ) || matches!(d, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")))
+        }
+        _ => false,
     }
 }
 

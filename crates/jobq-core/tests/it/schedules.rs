@@ -219,10 +219,19 @@ async fn a_schedule_that_cannot_be_fired_does_not_hold_back_the_others() {
         .execute(&env.pool)
         .await
         .unwrap();
+    // And one whose queue's stream Redis refuses to append to (a key of another type there):
+    // a script error on that queue's keys, not an outage.
+    let mut jammed = spec("jammed", "@hourly");
+    jammed.job.queue = Some("jammed".parse().unwrap());
+    env.store.create_schedule(&jammed).await.unwrap();
+    rewind(&env, "jammed", chrono::Duration::minutes(60)).await;
+    let stream = env.keys().stream(&"jammed".parse().unwrap(), Priority::Normal);
+    let _: () = env.broker.connection().set(&stream, "not a stream").await.unwrap();
     let pass = env.store.fire_due(&env.broker, long_grace(), 100).await.unwrap();
     assert!(!pass.fired.is_empty() && pass.fired.iter().all(|f| f.schedule == "fine"), "{:?}", pass.fired);
-    assert_eq!(pass.failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["broken"]);
+    assert_eq!(pass.failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["broken", "jammed"]);
     assert!(pass.failed[0].1.contains("colour"), "{:?}", pass.failed);
+    let _: () = env.broker.connection().del(&stream).await.unwrap();
     let broken =
         sqlx::query_scalar::<_, chrono::DateTime<Utc>>("SELECT next_fire_at FROM schedules WHERE name = 'broken'")
             .fetch_one(&env.pool)
