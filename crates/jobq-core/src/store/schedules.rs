@@ -255,7 +255,9 @@ impl Store {
         job.metadata.insert("schedule".into(), name.to_owned());
         job.metadata.insert("trigger".into(), "manual".into());
         let enqueued = broker.enqueue(job).await?;
-        sqlx::query(
+        // The job is queued: a failure to note the run must not answer as if it were not (a
+        // caller retrying would fire the schedule twice).
+        let noted = sqlx::query(
             "INSERT INTO schedule_runs (schedule_name, tick, trigger, job_id, queue) VALUES ($1, now(), 'manual', $2, $3)
              ON CONFLICT DO NOTHING",
         )
@@ -263,7 +265,10 @@ impl Store {
         .bind(enqueued.job.id.0)
         .bind(enqueued.job.queue.as_str())
         .execute(&self.pool)
-        .await?;
+        .await;
+        if let Err(e) = noted {
+            tracing::warn!(schedule = %name, job.id = %enqueued.job.id, error = %e, "manual run enqueued but not listed in the schedule's runs");
+        }
         Ok(enqueued.job)
     }
 

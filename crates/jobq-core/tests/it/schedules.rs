@@ -241,3 +241,16 @@ async fn a_schedule_that_cannot_be_fired_does_not_hold_back_the_others() {
     assert_eq!(backlog(&env).await, pass.fired.len() as u64, "only the fine schedule's ticks were enqueued");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_manual_trigger_that_enqueued_answers_with_its_job_even_if_the_run_cannot_be_listed() {
+    let env = TestEnv::new().await;
+    env.store.create_schedule(&spec("report", "@daily")).await.unwrap();
+    // Postgres refuses the run's row (the table is gone) after Redis took the job.
+    sqlx::query("ALTER TABLE schedule_runs RENAME TO schedule_runs_away").execute(&env.pool).await.unwrap();
+    let job = env.store.trigger_schedule(&env.broker, "report").await.unwrap();
+    assert_eq!(env.broker.job(job.id).await.unwrap().unwrap().state, jobq_core::job::JobState::Queued);
+    assert_eq!(backlog(&env).await, 1, "enqueued once; a caller has no reason to trigger again");
+    sqlx::query("ALTER TABLE schedule_runs_away RENAME TO schedule_runs").execute(&env.pool).await.unwrap();
+    env.cleanup().await;
+}
