@@ -8,12 +8,21 @@ use sqlx::Row;
 use super::Store;
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobInfo};
-use crate::schedule::{plan_ticks, JobTemplate, ScheduleSpec};
+use crate::schedule::{plan_ticks, CronSchedule, JobTemplate, ScheduleSpec};
 use crate::stream::Broker;
 
-/// How long an idempotency key of a cron tick is held in Redis. A tick is only ever re-fired
-/// after a rolled-back claim, seconds later.
+/// How long an idempotency key of a cron tick is held in Redis at least. A tick is fired again
+/// only after a rolled-back claim: seconds later, or, when no scheduler ran meanwhile, as the
+/// latest missed tick once one runs again, which it stays until the next tick is due. So the
+/// key is held for two periods of the schedule, at least this long and at most a year.
 const TICK_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+const TICK_KEY_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
+/// The idempotency key's ttl for `tick` of `schedule`.
+fn tick_key_ttl(schedule: &CronSchedule, tick: DateTime<Utc>) -> std::time::Duration {
+    let period = schedule.next_after(tick).and_then(|next| (next - tick).to_std().ok()).unwrap_or_default();
+    (period * 2).clamp(TICK_KEY_TTL, TICK_KEY_TTL_MAX)
+}
 
 /// A stored schedule.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -393,7 +402,8 @@ async fn fire_claimed(
             let mut fired = Vec::new();
             for tick in plan.fire {
                 crate::fault::point("cron.claimed");
-                let job_id = fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick).await?;
+                let job_id =
+                    fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick, tick_key_ttl(&schedule, tick)).await?;
                 crate::fault::point("cron.enqueued");
                 fired.push(FiredTick {
                     schedule: s.spec.name.clone(),
@@ -435,8 +445,9 @@ async fn fire_tick(
     name: &str,
     template: &JobTemplate,
     tick: DateTime<Utc>,
+    key_ttl: std::time::Duration,
 ) -> Result<JobId> {
-    let mut job = template.new_job().unique(format!("cron:{name}:{}", tick.timestamp_millis()), Some(TICK_KEY_TTL));
+    let mut job = template.new_job().unique(format!("cron:{name}:{}", tick.timestamp_millis()), Some(key_ttl));
     job.metadata.insert("schedule".into(), name.to_owned());
     job.metadata.insert("tick".into(), tick.to_rfc3339());
     let enqueued = broker.enqueue(job).await?;
