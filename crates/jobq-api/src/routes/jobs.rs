@@ -260,13 +260,24 @@ pub(crate) async fn enqueue_batch(
     }
     let failed = results.len() - created - existing;
     let results: Vec<BatchItem> = results.into_iter().flatten().collect();
-    let mut body = BatchAnswer { created, existing, failed, results, on_complete: None };
+    let mut body = BatchAnswer { created, existing, failed, results, on_complete: None, on_complete_error: None };
     if let Some(callback) = callback {
-        let enqueued = state.broker.enqueue(callback.after_all_finish(done)).await?;
-        if enqueued.created {
-            count_enqueued(&enqueued.job, 1);
+        // The batch is in Redis whatever happens now: a failed callback is reported beside the
+        // batch's results, not instead of them (a client retrying the whole batch would
+        // enqueue it twice).
+        match state.broker.enqueue(callback.after_all_finish(done)).await {
+            Ok(enqueued) => {
+                if enqueued.created {
+                    count_enqueued(&enqueued.job, 1);
+                }
+                body.on_complete = Some(enqueued.job);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "batch enqueued but its on_complete job was not");
+                let e = ApiError::from(e);
+                body.on_complete_error = Some(ItemError { code: e.parts().1, message: e.to_string() });
+            }
         }
-        body.on_complete = Some(enqueued.job);
     }
     Ok(Json(body))
 }
@@ -281,6 +292,9 @@ struct BatchAnswer {
     results: Vec<BatchItem>,
     #[serde(skip_serializing_if = "Option::is_none")]
     on_complete: Option<JobInfo>,
+    /// Why the `on_complete` job was not enqueued (the batch's jobs were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_complete_error: Option<ItemError>,
 }
 
 /// One item of a batch answer: the job (201 created, 200 existing) or why it failed.

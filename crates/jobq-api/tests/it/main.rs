@@ -494,6 +494,22 @@ async fn dependencies_partition_keys_and_a_batch_callback_through_the_api() {
     let (status, err) = call(&app, "POST", "/api/v1/jobs/batch", Some(mixed)).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_error(&err, "invalid_request", "on_complete");
+
+    // Redis refuses the callback after it took the batch (its unique key's name holds a value
+    // of another type): the answer still lists the batch's jobs, and says what became of the
+    // callback, so that nobody sends the batch again.
+    let lock = env.keys().unique(&"reports".parse().unwrap(), "report-done");
+    let _: () = redis::AsyncCommands::hset(&mut env.broker.connection(), &lock, "not", "a string").await.unwrap();
+    let batch = r#"{"jobs":[{"type":"echo","payload":1,"queue":"reports"}],
+        "on_complete":{"type":"echo","unique_key":"report-done"}}"#;
+    let (status, out) = call(&app, "POST", "/api/v1/jobs/batch", Some(batch)).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["created"], 1, "{out}");
+    assert!(out.get("on_complete").is_none(), "{out}");
+    assert_eq!(out["on_complete_error"]["code"], "unavailable", "{out}");
+    let id = out["results"][0]["job"]["id"].as_str().unwrap();
+    let (status, _) = call(&app, "GET", &format!("/api/v1/jobs/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
     env.cleanup().await;
 }
 
