@@ -161,6 +161,33 @@ pub struct DlqRetried {
     pub run: u32,
 }
 
+/// One `job_executions` row per attempt of `events`: a repeated event (an outbox entry read
+/// again) once, and a `dead` event that follows a `failed` one of the same attempt (the job
+/// died before its next attempt started) folded into it.
+fn one_row_per_attempt(events: &[Event]) -> Vec<Event> {
+    let mut rows: Vec<Event> = Vec::with_capacity(events.len());
+    let mut seen: std::collections::HashMap<(JobId, i32, i32), usize> = std::collections::HashMap::new();
+    for e in events {
+        match seen.get(&(e.job_id, e.run, e.attempt)) {
+            None => {
+                seen.insert((e.job_id, e.run, e.attempt), rows.len());
+                rows.push(e.clone());
+            }
+            Some(&i) if e.outcome == "dead" && rows[i].outcome == "failed" => {
+                let row = &mut rows[i];
+                row.outcome = e.outcome.clone();
+                row.error = match (row.error.take(), &e.error) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or_else(|| b.clone()),
+                };
+                row.finished_at = e.finished_at.or(row.finished_at);
+            }
+            Some(_) => {}
+        }
+    }
+    rows
+}
+
 fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
     format!("{}_{id}", t.timestamp_micros())
 }
@@ -243,37 +270,47 @@ impl Store {
         // makes each row a speculative insertion, which costs Postgres about 60% more per row.
         // A batch holding an attempt written before (an outbox entry read again after a
         // recorder stopped between its commit and its ack) fails on the primary key as a whole,
-        // and is written again skipping the rows that exist.
-        match self.record_tx(events, false).await {
+        // and is written again skipping the rows that exist. So does a job that died without a
+        // new attempt after a failed one (it expired while waiting to retry): its `dead` event
+        // names the failed attempt, whose row then ends `dead`, with both errors.
+        match self.record_tx(events, events, false).await {
             Err(Error::Database(e)) if is_unique_violation(&e, "job_executions_pkey") => {
-                self.record_tx(events, true).await
+                self.record_tx(&one_row_per_attempt(events), events, true).await
             }
             r => r,
         }
     }
 
-    async fn record_tx(&self, events: &[Event], skip_existing: bool) -> Result<()> {
+    /// `rows` go to `job_executions` (with `skip_existing`, at most one per attempt), the dead
+    /// ones of `events` to `dead_jobs`.
+    async fn record_tx(&self, rows: &[Event], events: &[Event], skip_existing: bool) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let col = |f: fn(&Event) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+        let col = |f: fn(&Event) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
         const INSERT: &str = "INSERT INTO job_executions (job_id, run, attempt, queue, job_type, outcome, error, worker, started_at, finished_at)
              SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
                                   $9::timestamptz[], $10::timestamptz[])";
+        // Rows written before stay as they are, but a failed attempt's row takes the death that
+        // followed it (no row is proposed twice: `rows` holds one per attempt here).
         let sql = if skip_existing {
-            std::borrow::Cow::Owned(format!("{INSERT} ON CONFLICT (job_id, run, attempt) DO NOTHING"))
+            std::borrow::Cow::Owned(format!(
+                "{INSERT} ON CONFLICT (job_id, run, attempt) DO UPDATE SET outcome = 'dead',
+                     error = concat_ws('; ', job_executions.error, EXCLUDED.error), finished_at = EXCLUDED.finished_at
+                 WHERE EXCLUDED.outcome = 'dead' AND job_executions.outcome = 'failed'"
+            ))
         } else {
             std::borrow::Cow::Borrowed(INSERT)
         };
         sqlx::query(&sql)
-            .bind(events.iter().map(|e| e.job_id.0).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.run).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.attempt).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.queue.to_string()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.outcome.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.job_id.0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.run).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.attempt).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.queue.to_string()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.outcome.clone()).collect::<Vec<_>>())
             .bind(col(|e| e.error.clone()))
             .bind(col(|e| e.worker.clone()))
-            .bind(events.iter().map(|e| e.started_at).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.finished_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.started_at).collect::<Vec<_>>())
+            .bind(rows.iter().map(|e| e.finished_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
 

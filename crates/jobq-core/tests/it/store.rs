@@ -191,3 +191,53 @@ async fn an_error_or_envelope_holding_u0000_is_recorded_and_does_not_stop_the_re
     assert_eq!(dead.payload, json!({"to": "a\u{FFFD}b", "k\u{FFFD}": [1]}));
     env.cleanup().await;
 }
+
+/// A job whose attempt 1 failed and which then expired while waiting to retry: its events.
+async fn failed_then_expired(env: &TestEnv) -> (jobq_core::job::JobId, Vec<jobq_core::stream::outbox::Event>) {
+    let q = QueueName::default_queue();
+    let deadline = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    let id =
+        env.broker.enqueue(NewJob::new("mail", json!({})).max_attempts(5).expires_at(deadline)).await.unwrap().job.id;
+    let d = env.broker.fetch(&q, "c", 1).await.unwrap().jobs.pop().unwrap();
+    let failure =
+        Failure { message: "SMTP 451".into(), retry_in: Some(Duration::from_secs(60)), reason: "max_attempts" };
+    env.broker.settle(&[Outcome { delivery: d, result: Err(failure) }]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(env.broker.promote(std::slice::from_ref(&q), 10).await.unwrap()[0].expired, 1);
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", &[q], 100, Duration::from_millis(100)).await.unwrap();
+    let outcomes: Vec<&str> = batch.events.iter().map(|e| e.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["failed", "dead"], "both name attempt 1");
+    (id, batch.events)
+}
+
+async fn assert_died_after_its_failed_attempt(env: &TestEnv, id: jobq_core::job::JobId) {
+    let execs = env.store.executions(id).await.unwrap();
+    assert_eq!(execs.len(), 1, "{execs:?}");
+    assert_eq!((execs[0].attempt, execs[0].outcome.as_str()), (1, "dead"));
+    assert_eq!(execs[0].error.as_deref(), Some("SMTP 451; expired before it started"));
+    let dead = env.store.dead_job(id).await.unwrap().expect("in the DLQ");
+    assert_eq!((dead.reason.as_str(), dead.last_error.as_deref()), ("expired", Some("expired before it started")));
+}
+
+#[tokio::test]
+async fn a_job_that_expires_waiting_to_retry_ends_its_history_dead_in_one_batch_or_two() {
+    let env = TestEnv::new().await;
+    // Both events in one batch.
+    let (id, events) = failed_then_expired(&env).await;
+    env.store.record(&events).await.unwrap();
+    assert_died_after_its_failed_attempt(&env, id).await;
+    // Read again (a recorder stopped before its ack): nothing changes.
+    env.store.record(&events).await.unwrap();
+    assert_died_after_its_failed_attempt(&env, id).await;
+    // The failed attempt recorded first, the death in a later batch.
+    let (id, events) = failed_then_expired(&env).await;
+    env.store.record(&events[..1]).await.unwrap();
+    assert_eq!(env.store.executions(id).await.unwrap()[0].outcome, "failed");
+    env.store.record(&events[1..]).await.unwrap();
+    assert_died_after_its_failed_attempt(&env, id).await;
+    env.store.record(&events).await.unwrap();
+    assert_died_after_its_failed_attempt(&env, id).await;
+    env.cleanup().await;
+}
