@@ -393,21 +393,11 @@ pub fn plan_ticks(
         Misfire::FireOnce => 1,
         Misfire::CatchUp => catch_up_limit as usize,
     };
-    let mut late: std::collections::VecDeque<DateTime<Utc>> = Default::default();
-    let mut recent = Vec::new();
-    let mut skipped = 0u64;
+    let mut due = DueTicks { now, grace, keep, late: Default::default(), recent: Vec::new(), skipped: 0 };
     let mut tick = Some(next_fire_at);
     let mut walked = 0u32;
     while let Some(t) = tick.filter(|t| *t <= now) {
-        if now - t <= grace {
-            recent.push(t);
-        } else {
-            late.push_back(t);
-            if late.len() > keep {
-                late.pop_front();
-                skipped += 1;
-            }
-        }
+        due.add(t);
         walked += 1;
         if walked >= MAX_WALK {
             // Down for long on a fast schedule: jump to the ticks just before `now` instead of
@@ -415,27 +405,42 @@ pub fn plan_ticks(
             // ticks jumped over are not counted in `skipped`, which is then a lower bound.
             let (window, from) = last_ticks(schedule, t, now, grace, keep);
             if from > t {
-                skipped += late.len() as u64;
-                late.clear();
+                due.skipped += due.late.len() as u64;
+                due.late.clear();
             }
-            for u in window {
-                if now - u <= grace {
-                    recent.push(u);
-                } else {
-                    late.push_back(u);
-                    if late.len() > keep {
-                        late.pop_front();
-                        skipped += 1;
-                    }
-                }
-            }
+            window.into_iter().for_each(|u| due.add(u));
             break;
         }
         tick = schedule.next_after(t);
     }
-    let mut fire: Vec<DateTime<Utc>> = late.into_iter().collect();
-    fire.extend(recent);
-    TickPlan { fire, skipped, next: schedule.next_after(now.max(next_fire_at)) }
+    let mut fire: Vec<DateTime<Utc>> = due.late.into_iter().collect();
+    fire.extend(due.recent);
+    TickPlan { fire, skipped: due.skipped, next: schedule.next_after(now.max(next_fire_at)) }
+}
+
+/// The due ticks [`plan_ticks`] has seen, sorted as they come: within the grace they all fire;
+/// of the older ones, the latest `keep` do and the rest count as skipped.
+struct DueTicks {
+    now: DateTime<Utc>,
+    grace: Duration,
+    keep: usize,
+    late: std::collections::VecDeque<DateTime<Utc>>,
+    recent: Vec<DateTime<Utc>>,
+    skipped: u64,
+}
+
+impl DueTicks {
+    fn add(&mut self, t: DateTime<Utc>) {
+        if self.now - t <= self.grace {
+            self.recent.push(t);
+        } else {
+            self.late.push_back(t);
+            if self.late.len() > self.keep {
+                self.late.pop_front();
+                self.skipped += 1;
+            }
+        }
+    }
 }
 
 /// Ticks walked one by one before [`plan_ticks`] jumps ahead.
