@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backoff::Backoff;
-use crate::duration::serde_human;
+use crate::duration::serde_setting;
 use crate::job::QueueName;
 
 const DEFAULTS: &str = include_str!("../../../config/default.toml");
@@ -116,7 +116,7 @@ pub struct RedisSettings {
     /// Run even when Redis may evict keys.
     pub allow_eviction: bool,
     /// Longest wait for a reply.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub timeout: Duration,
 }
 
@@ -258,21 +258,21 @@ pub struct WorkerSettings {
     #[serde(deserialize_with = "queue_list")]
     pub queues: QueueSelection,
     /// Grace period for in-flight jobs on shutdown.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub shutdown_timeout: Duration,
     /// Longest idle wait.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub poll_interval: Duration,
     /// Consumer name ("" = generated).
     pub id: String,
     /// A running job whose worker has not renewed its lease for this long is reclaimed.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub lease: Duration,
     /// How often a worker renews the leases of its running jobs.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub heartbeat: Duration,
     /// How often a worker looks for jobs with lapsed leases.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub reaper_interval: Duration,
     /// Reclaims after which a job is dead (reason `max_reclaims`): a job that kills its worker.
     pub max_reclaims: u32,
@@ -300,20 +300,20 @@ impl QueueSelection {
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSettings {
     /// Promotion period.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub promote_interval: Duration,
     /// Jobs promoted per queue per call.
     pub promote_batch: usize,
     /// Events per Postgres transaction.
     pub record_batch: usize,
     /// Take over outbox entries idle this long.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub reclaim_idle: Duration,
     /// How often due cron ticks are looked for.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub cron_poll: Duration,
     /// A tick later than this is a misfire, handled by the schedule's misfire policy.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub misfire_grace: Duration,
 }
 
@@ -324,7 +324,7 @@ pub struct JobDefaults {
     /// Attempt budget.
     pub max_attempts: u32,
     /// Per-attempt timeout.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub timeout: Duration,
     /// Retry policy.
     pub backoff: Backoff,
@@ -335,16 +335,16 @@ pub struct JobDefaults {
 #[serde(deny_unknown_fields)]
 pub struct RetentionSettings {
     /// Succeeded job hashes.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub succeeded: Duration,
     /// Dead job hashes.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub dead: Duration,
     /// `job_executions` rows in Postgres.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub history: Duration,
     /// `dead_jobs` rows in Postgres.
-    #[serde(with = "serde_human")]
+    #[serde(with = "serde_setting")]
     pub dlq: Duration,
 }
 
@@ -435,7 +435,8 @@ pub fn load_from(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> R
     }
     let mut set = std::collections::HashSet::new();
     for (var, key) in ENV_VARS {
-        if let Some(value) = env(var) {
+        // An empty variable is unset, as `.env` files and compose files leave them.
+        if let Some(value) = env(var).filter(|v| !v.trim().is_empty()) {
             if set.insert(*key) {
                 builder = builder.set_override(*key, value).map_err(|e| ConfigError(e.to_string()))?;
             }
@@ -457,9 +458,16 @@ fn explain(message: &str) -> String {
     message.to_owned()
 }
 
-fn var_of(key: &str) -> &'static str {
-    ENV_VARS.iter().find(|(_, k)| *k == key).map(|(v, _)| *v).unwrap_or("")
+/// The environment variables of a setting key (`REDIS_URL or JOBQ_REDIS_URL`).
+fn var_of(key: &str) -> String {
+    let vars: Vec<&str> = ENV_VARS.iter().filter(|(_, k)| *k == key).map(|(v, _)| *v).collect();
+    vars.join(" or ")
 }
+
+/// Longest duration any setting takes: beyond it, times computed from it overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Longest wait between two passes of a loop (polling, promotion, reaping, cron).
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Settings {
     /// Checks values and relations between values.
@@ -500,7 +508,49 @@ impl Settings {
         if self.worker.lease < Duration::from_millis(100) {
             return bad("worker.lease", "must be at least 100ms".into());
         }
-        if self.worker.heartbeat.is_zero() || self.worker.heartbeat * 2 > self.worker.lease {
+        let durations = [
+            ("redis.timeout", self.redis.timeout),
+            ("worker.shutdown_timeout", self.worker.shutdown_timeout),
+            ("worker.poll_interval", self.worker.poll_interval),
+            ("worker.lease", self.worker.lease),
+            ("worker.heartbeat", self.worker.heartbeat),
+            ("worker.reaper_interval", self.worker.reaper_interval),
+            ("scheduler.promote_interval", self.scheduler.promote_interval),
+            ("scheduler.reclaim_idle", self.scheduler.reclaim_idle),
+            ("scheduler.cron_poll", self.scheduler.cron_poll),
+            ("scheduler.misfire_grace", self.scheduler.misfire_grace),
+            ("jobs.timeout", self.jobs.timeout),
+            ("retention.succeeded", self.retention.succeeded),
+            ("retention.dead", self.retention.dead),
+            ("retention.history", self.retention.history),
+            ("retention.dlq", self.retention.dlq),
+        ];
+        for (key, d) in durations {
+            if d > MAX_DURATION {
+                return bad(key, format!("must be at most 100 years, got {}", crate::duration::format(d)));
+            }
+        }
+        for (key, d) in [
+            ("worker.poll_interval", self.worker.poll_interval),
+            ("worker.reaper_interval", self.worker.reaper_interval),
+            ("scheduler.promote_interval", self.scheduler.promote_interval),
+            ("scheduler.cron_poll", self.scheduler.cron_poll),
+        ] {
+            if d > MAX_INTERVAL {
+                return bad(key, format!("must be at most 1h, got {}", crate::duration::format(d)));
+            }
+        }
+        if self.redis.timeout < Duration::from_millis(100) {
+            return bad("redis.timeout", "must be at least 100ms".into());
+        }
+        if self.scheduler.reclaim_idle < Duration::from_secs(1) {
+            return bad(
+                "scheduler.reclaim_idle",
+                "must be at least 1s: a shorter one lets recorders take each other's batches while they are written"
+                    .into(),
+            );
+        }
+        if self.worker.heartbeat.is_zero() || self.worker.heartbeat > self.worker.lease / 2 {
             return bad(
                 "worker.heartbeat",
                 format!(
@@ -518,8 +568,11 @@ impl Settings {
         if self.scheduler.promote_interval < Duration::from_millis(10) {
             return bad("scheduler.promote_interval", "must be at least 10ms".into());
         }
-        if self.scheduler.promote_batch == 0 || self.scheduler.record_batch == 0 {
-            return bad("scheduler.record_batch", "batches must hold at least one item".into());
+        if self.scheduler.promote_batch == 0 {
+            return bad("scheduler.promote_batch", "must be at least 1".into());
+        }
+        if self.scheduler.record_batch == 0 {
+            return bad("scheduler.record_batch", "must be at least 1".into());
         }
         if !(1..=1000).contains(&self.jobs.max_attempts) {
             return bad("jobs.max_attempts", format!("must be between 1 and 1000, got {}", self.jobs.max_attempts));
@@ -647,6 +700,65 @@ mod tests {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn a_duration_setting_needs_a_unit_unless_it_is_zero() {
+        let err = with(&[("JOBQ_JOBS_TIMEOUT", "600")]).unwrap_err().to_string();
+        assert!(err.contains("no unit") && err.contains("600s") && err.contains("JOBQ_JOBS_TIMEOUT"), "{err}");
+        let s = with(&[("JOBQ_JOBS_TIMEOUT", "600s"), ("JOBQ_RETENTION_SUCCEEDED", "0")]).unwrap();
+        assert_eq!(s.jobs.timeout, Duration::from_secs(600));
+        assert_eq!(s.retention.succeeded, Duration::ZERO);
+        // A number in a file is refused the same way.
+        let dir = std::env::temp_dir().join(format!("jobq-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jobq.toml");
+        std::fs::write(&path, "[worker]\nshutdown_timeout = 30\n").unwrap();
+        let err = load_from(Some(&path), |n| (n == "JOBQ_AUTH").then(|| "off".into())).unwrap_err().to_string();
+        assert!(err.contains("no unit") && err.contains("worker.shutdown_timeout"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_empty_variable_is_unset() {
+        let hash = "a".repeat(64);
+        let dir = std::env::temp_dir().join(format!("jobq-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jobq.toml");
+        std::fs::write(&path, format!("[api]\nauth = \"on\"\nkeys = \"ops:admin:{hash}\"\n")).unwrap();
+        // As an exported `.env` leaves them: empty values do not wipe the file's keys.
+        let s = load_from(Some(&path), |n| match n {
+            "JOBQ_API_KEYS" | "JOBQ_METRICS_ADDR" | "JOBQ_WORKER_ID" | "JOBQ_AUTH" => Some(String::new()),
+            _ => None,
+        })
+        .unwrap();
+        assert!(s.api.auth);
+        assert_eq!(s.api.keys.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_out_of_range_are_refused_without_a_panic() {
+        for (var, value, says) in [
+            ("JOBQ_WORKER_HEARTBEAT", "10000000000000000000s", "JOBQ_WORKER_HEARTBEAT"),
+            ("JOBQ_RETENTION_HISTORY", "300000y", "100 years"),
+            ("JOBQ_WORKER_LEASE", "200y", "100 years"),
+            ("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "2h", "at most 1h"),
+            ("JOBQ_SCHEDULER_CRON_POLL", "1d", "at most 1h"),
+            ("JOBQ_WORKER_POLL_INTERVAL", "90m", "at most 1h"),
+            ("JOBQ_REDIS_TIMEOUT", "0", "at least 100ms"),
+            ("JOBQ_SCHEDULER_RECLAIM_IDLE", "0", "at least 1s"),
+            ("JOBQ_SCHEDULER_PROMOTE_BATCH", "0", "scheduler.promote_batch"),
+            ("JOBQ_SCHEDULER_RECORD_BATCH", "0", "scheduler.record_batch"),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains(var), "{var}={value}: {err}");
+        }
+        // Both variables of a setting are named.
+        let err = with(&[("REDIS_URL", "http://x")]).unwrap_err().to_string();
+        assert!(err.contains("JOBQ_REDIS_URL or REDIS_URL"), "{err}");
+        let s = with(&[("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "10s"), ("JOBQ_SCHEDULER_MISFIRE_GRACE", "1h")]).unwrap();
+        assert_eq!(s.scheduler.promote_interval, Duration::from_secs(10));
     }
 
     #[test]

@@ -86,6 +86,62 @@ pub mod serde_human {
     }
 }
 
+/// `#[serde(with = "jobq_core::duration::serde_setting")]` for `Duration` settings: like
+/// [`serde_human`], but a value other than 0 needs a unit. `JOBQ_JOBS_TIMEOUT=600` is refused
+/// rather than read as 600 milliseconds, since a reader of the variable cannot tell which unit
+/// was meant.
+pub mod serde_setting {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Writes the duration as a human-readable string.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        super::serde_human::serialize(d, s)
+    }
+
+    /// Reads a string with a unit (`"30s"`), or 0.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(Setting)
+    }
+
+    struct Setting;
+
+    fn unitless<E: serde::de::Error>(n: impl std::fmt::Display) -> E {
+        E::custom(format!("duration `{n}` has no unit: write {n}ms, {n}s or {n}m (only 0 may go without one)"))
+    }
+
+    impl serde::de::Visitor<'_> for Setting {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration with a unit, such as \"30s\", \"500ms\" or \"5m\"")
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+            if n == 0 {
+                Ok(Duration::ZERO)
+            } else {
+                Err(unitless(n))
+            }
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+            if n == 0 {
+                Ok(Duration::ZERO)
+            } else {
+                Err(unitless(n))
+            }
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            match text.trim().parse::<u64>() {
+                Ok(n) => self.visit_u64(n),
+                Err(_) => super::parse(text).map_err(E::custom),
+            }
+        }
+    }
+}
+
 /// Like [`serde_human`], for `Option<Duration>`.
 pub mod serde_human_opt {
     use serde::{Deserialize, Deserializer, Serializer};

@@ -57,7 +57,7 @@ pub(crate) async fn run(broker: Broker, store: Store, settings: SchedulerSetting
             Err(e) => {
                 metrics::counter!("jobq_cron_errors_total").increment(1);
                 tracing::warn!(error = %e, "firing cron ticks failed; the claim was rolled back and is retried");
-                delay = (delay * 2).clamp(settings.cron_poll, Duration::from_secs(5));
+                delay = crate::retry_delay(delay, settings.cron_poll);
             }
         }
         tokio::select! {

@@ -16,6 +16,8 @@ mod cron;
 mod promoter;
 mod recorder;
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use jobq_core::config::Settings;
 use jobq_core::store::Store;
@@ -60,22 +62,61 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
     tracing::info!(consumer, "scheduler started");
     cron::upsert_declared(&store, &settings, &shutdown).await;
-    let promoter = tokio::spawn(promoter::run(broker.clone(), settings.scheduler.clone(), shutdown.clone()));
-    let cron = tokio::spawn(cron::run(broker.clone(), store.clone(), settings.scheduler.clone(), shutdown.clone()));
-    let pruner = tokio::spawn(prune_loop(store.clone(), settings.retention.clone(), shutdown.clone()));
-    tokio::spawn(gauges_loop(broker.clone(), shutdown.clone()));
-    let recorder = tokio::spawn(recorder::run(broker, store, settings.scheduler.clone(), consumer, shutdown.clone()));
-    let (p, c, r, _) = tokio::join!(promoter, cron, recorder, pruner);
-    p.context("promoter panicked")?;
-    c.context("cron loop panicked")?;
-    r.context("recorder panicked")?;
+    // The loops stop together: at shutdown, or when one of them ends before it (a panic).
+    let stop = shutdown.child_token();
+    let s = settings.scheduler.clone();
+    let ended = tokio::join!(
+        supervise("promoter", promoter::run(broker.clone(), s.clone(), stop.clone()), stop.clone()),
+        supervise("cron", cron::run(broker.clone(), store.clone(), s.clone(), stop.clone()), stop.clone()),
+        supervise("pruner", prune_loop(store.clone(), settings.retention.clone(), stop.clone()), stop.clone()),
+        supervise("gauges", gauges_loop(broker.clone(), stop.clone()), stop.clone()),
+        supervise("recorder", recorder::run(broker, store, s, consumer, stop.clone()), stop.clone()),
+    );
+    let failed: Vec<String> =
+        [ended.0, ended.1, ended.2, ended.3, ended.4].into_iter().filter_map(Result::err).collect();
+    if !failed.is_empty() {
+        anyhow::bail!("scheduler stopped: {}", failed.join("; "));
+    }
     tracing::info!("scheduler stopped");
     Ok(())
 }
 
+/// Runs one loop of the scheduler as a task of its own until it ends. A loop ends only once
+/// `stop` is cancelled; one that ends before (it panicked) cancels `stop`, so that the others
+/// end too and the process exits for its supervisor to restart, instead of running on without
+/// promotion or cron while `/ready` still answers.
+async fn supervise(
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let ended = tokio::spawn(task).await;
+    if ended.is_ok() && stop.is_cancelled() {
+        return Ok(());
+    }
+    stop.cancel();
+    let why = match ended {
+        Ok(()) => "ended on its own".to_owned(),
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+            format!("panicked: {}", msg.unwrap_or_else(|| "non-string panic".into()))
+        }
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(task = name, why, "a scheduler loop stopped; stopping the scheduler");
+    Err(format!("the {name} loop {why}"))
+}
+
+/// The wait before a loop tries again after an error: doubled each time, from `interval` up
+/// to 5 s, or `interval` when that is longer.
+pub(crate) fn retry_delay(delay: Duration, interval: Duration) -> Duration {
+    delay.saturating_mul(2).min(interval.max(Duration::from_secs(5))).max(interval)
+}
+
 /// Deletes history and DLQ rows past their retention every minute, in batches of 1,000.
 async fn prune_loop(store: Store, retention: jobq_core::config::RetentionSettings, shutdown: CancellationToken) {
-    let age = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(36500));
+    let age = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(36500));
     loop {
         let now = chrono::Utc::now();
         match store.prune(now - age(retention.history), now - age(retention.dlq), 1000).await {
@@ -85,7 +126,7 @@ async fn prune_loop(store: Store, retention: jobq_core::config::RetentionSetting
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
     }
 }
@@ -126,7 +167,48 @@ async fn gauges_loop(broker: Broker, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_delay_doubles_from_the_interval_up_to_five_seconds_or_the_interval() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_delay(ms(100), ms(100)), ms(200));
+        assert_eq!(retry_delay(ms(4000), ms(100)), ms(5000));
+        assert_eq!(retry_delay(ms(5000), ms(100)), ms(5000));
+        // An interval above 5 s is both the floor and the cap (clamp would panic here).
+        assert_eq!(retry_delay(ms(10_000), ms(10_000)), ms(10_000));
+        assert_eq!(retry_delay(Duration::ZERO, ms(10_000)), ms(10_000));
+        assert_eq!(retry_delay(Duration::MAX, ms(100)), ms(5000));
+    }
+
+    #[tokio::test]
+    async fn a_loop_that_panics_stops_the_others_and_names_itself() {
+        let stop = CancellationToken::new();
+        let (s1, s2) = (stop.clone(), stop.clone());
+        let (a, b) = tokio::join!(
+            supervise("first", async { panic!("boom") }, stop.clone()),
+            supervise("second", async move { s1.cancelled().await }, s2),
+        );
+        assert_eq!(a, Err("the first loop panicked: boom".to_owned()));
+        assert_eq!(b, Ok(()), "the other loop ends because it was stopped");
+        assert!(stop.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn loops_that_end_at_shutdown_end_cleanly() {
+        let stop = CancellationToken::new();
+        let s1 = stop.clone();
+        let running = tokio::spawn(supervise("cron", async move { s1.cancelled().await }, stop.clone()));
+        stop.cancel();
+        assert_eq!(running.await.unwrap(), Ok(()));
+        let early = supervise("gauges", async {}, CancellationToken::new()).await;
+        assert_eq!(early, Err("the gauges loop ended on its own".to_owned()));
     }
 }

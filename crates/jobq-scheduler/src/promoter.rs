@@ -37,7 +37,7 @@ pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: C
             Err(e) => {
                 metrics::counter!("jobq_redis_errors_total", "component" => "promoter").increment(1);
                 tracing::warn!(error = %e, "promotion failed; retrying");
-                delay = (delay * 2).clamp(settings.promote_interval, Duration::from_secs(5));
+                delay = crate::retry_delay(delay, settings.promote_interval);
             }
         }
         tokio::select! {
