@@ -172,6 +172,32 @@ async fn s3_sigterm_drains_exits_0_and_fetches_nothing_after_the_signal() {
 }
 
 #[tokio::test]
+async fn s3_a_cpu_bound_handler_past_the_shutdown_timeout_does_not_hold_the_process() {
+    // A handler that never yields keeps its runtime thread for 20 s; the shutdown timeout is 1 s.
+    let mut c = Cluster::start(1, &[("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "1s")]).await;
+    let acked = c.enqueue(vec![NewJob::new("chaos.hog", json!({"ms": 20_000}))]).await;
+    wait_until(Duration::from_secs(10), "the hog to start", || async {
+        let job = c.env.broker.job(acked[0]).await.ok()??;
+        (job.state == JobState::Running).then_some(())
+    })
+    .await;
+    let mut worker = c.workers.remove(0);
+    let t = Instant::now();
+    worker.signal("TERM");
+    let code = worker.wait(Duration::from_secs(30)).await;
+    let took = t.elapsed();
+    println!(
+        "  SIGTERM with a 20 s CPU-bound handler running: exit {code:?} after {took:.1?} (timeout 1 s + 5 s grace)"
+    );
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(10), "the process exits after the timeout and the grace, took {took:?}");
+    let job = c.env.broker.job(acked[0]).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Running, "the unfinished job stays pending for the reaper");
+    assert_eq!(job.attempt, 1);
+    c.env.cleanup().await;
+}
+
+#[tokio::test]
 async fn s4_a_frozen_zombie_worker_cannot_finish_its_jobs_twice() {
     let mut c = Cluster::start(2, &[]).await;
     let acked = c.enqueue(work(2000, 200)).await;

@@ -17,7 +17,7 @@ use crate::{HandlerError, HandlerResult, JobContext};
 /// Most outcomes written in one pipeline.
 const BATCH: usize = 512;
 /// How long a handler may take to return after its job was cancelled before it is dropped.
-const CANCEL_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// What a fetched job holds: a slot to run in, released when its handler returns, and its
 /// place among the jobs whose outcome is not written yet, released after the write.
@@ -179,8 +179,10 @@ impl Executor {
             Err(()) => Ended::TimedOut(timeout),
         };
         abort.abort();
-        if self.abandon.is_cancelled() {
-            // Shutdown gave up on this attempt: leave it pending for reclaim.
+        if self.abandon.is_cancelled() && !matches!(ended, Ended::Returned(Ok(_))) {
+            // Shutdown gave up on this attempt: leave it pending for reclaim. One that still
+            // succeeded within the grace is written, so it does not run again; an error it
+            // returned on seeing its context cancelled spends no attempt.
             return None;
         }
         let retry = |message: String| Failure { retry_in: Some(self.retry_delay(d)), message, reason: "max_attempts" };

@@ -68,6 +68,13 @@ struct Args {
 /// `JOBQ_*` variables), sets up logging and span export as `service`, and runs `registry`
 /// until SIGTERM/SIGINT.
 ///
+/// Once the worker has stopped it exits the process (status 0, or 1 with the error) rather
+/// than return: a handler still running past the shutdown timeout (a CPU-bound loop, a blocking
+/// call) holds a runtime thread, which dropping the runtime would wait for. If even the
+/// shutdown cannot proceed (every runtime thread held), the process exits
+/// `shutdown_timeout` + 17 s after the signal. Either way unfinished jobs stay pending and are
+/// reclaimed.
+///
 /// ```no_run
 /// #[tokio::main]
 /// async fn main() -> anyhow::Result<()> {
@@ -81,10 +88,38 @@ pub async fn main(service: &'static str, registry: Registry) -> anyhow::Result<(
     let settings = jobq_core::config::load(args.config.as_deref())?;
     let telemetry = jobq_core::telemetry::init(&settings.log, service);
     let shutdown = jobq_core::shutdown::token_from_signals();
+    exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout);
     let result = run(settings, registry, shutdown).await;
     telemetry.shutdown().await;
-    result
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::exit(1)
+        }
+    }
 }
+
+/// A thread outside the runtime (whose threads handlers may hold) that ends the process once
+/// a shutdown has had its time: the timeout, the grace of cancelled handlers, the completer's
+/// last write and a margin.
+fn exit_if_stuck(shutdown: CancellationToken, timeout: Duration) {
+    let deadline = timeout + executor::CANCEL_GRACE + COMPLETER_GRACE + Duration::from_secs(2);
+    std::thread::spawn(move || {
+        while !shutdown.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        std::thread::sleep(deadline);
+        eprintln!(
+            "jobq worker: still not stopped {} after the shutdown signal; exiting, unfinished jobs will be reclaimed",
+            jobq_core::duration::format(deadline)
+        );
+        std::process::exit(1);
+    });
+}
+
+/// How long the completer may take to write the last outcomes at shutdown.
+const COMPLETER_GRACE: Duration = Duration::from_secs(10);
 
 /// Connects to Redis, checks it, and runs a worker until `shutdown` is cancelled.
 pub async fn run(settings: Settings, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -399,7 +434,7 @@ impl Worker {
         drop(exec);
         // The completer ends once every outcome is written (or Redis stays down too long).
         let mut completer = completer;
-        if tokio::time::timeout(Duration::from_secs(10), &mut completer).await.is_err() {
+        if tokio::time::timeout(COMPLETER_GRACE, &mut completer).await.is_err() {
             tracing::warn!("could not write every outcome in time; those jobs stay pending and will be reclaimed");
             abandon.cancel();
             let _ = completer.await;

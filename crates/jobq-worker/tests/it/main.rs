@@ -186,6 +186,41 @@ async fn a_handler_past_its_timeout_is_cancelled_and_the_attempt_fails() {
 }
 
 #[tokio::test]
+async fn past_the_shutdown_timeout_a_late_success_is_written_and_a_cancelled_attempt_is_left_pending() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::with_builtins();
+    // Ignores the cancellation and succeeds within the grace.
+    registry.register("stubborn", |_ctx: JobContext| async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        Ok(Some(json!("finished")))
+    });
+    // Stops when told to, with an error.
+    registry.register("polite", |ctx: JobContext| async move {
+        ctx.cancel.cancelled().await;
+        Err(HandlerError::retry(anyhow::anyhow!("stopped: shutting down")))
+    });
+    let mut settings = env.settings().worker.clone();
+    settings.shutdown_timeout = Duration::from_millis(200);
+    let worker = Worker::new(env.broker.clone(), registry, settings, Duration::from_secs(30));
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let stubborn = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
+    let polite = env.broker.enqueue(NewJob::new("polite", json!({}))).await.unwrap().job.id;
+    wait_state(&env, stubborn, JobState::Running).await;
+    wait_state(&env, polite, JobState::Running).await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    let done = env.broker.job(stubborn).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "its success is not thrown away to run it again");
+    assert_eq!(done.result, Some(json!("finished")));
+    let left = env.broker.job(polite).await.unwrap().unwrap();
+    assert_eq!(left.state, JobState::Running, "left pending for the reaper, not failed");
+    assert_eq!(left.attempt, 1);
+    assert!(left.last_error.is_none(), "the error it returned on cancellation spent no attempt");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
     let env = TestEnv::new().await;
     let (token, handle) = start(&env, Registry::with_builtins());
