@@ -84,10 +84,14 @@ impl BenchEnv {
         store.migrate().await.context("migrating the bench database")?;
         let broker = Broker::connect(&settings).await?;
         broker.check_server(settings.redis.allow_eviction).await?;
+        // The prefixed names too: an inherited JOBQ_DATABASE_URL would win over DATABASE_URL
+        // and point the processes at another database.
         let vars: HashMap<String, String> = [
             ("JOBQ_NAMESPACE", settings.namespace.clone()),
             ("REDIS_URL", settings.redis.url.clone()),
-            ("DATABASE_URL", url),
+            ("JOBQ_REDIS_URL", settings.redis.url.clone()),
+            ("DATABASE_URL", url.clone()),
+            ("JOBQ_DATABASE_URL", url),
             ("JOBQ_DATABASE_MIGRATE", "false".into()),
             ("JOBQ_LOG_LEVEL", log_level.to_owned()),
             ("JOBQ_AUTH", "off".into()),
@@ -285,16 +289,11 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let mut probe = <sqlx::PgConnection as sqlx::Connection>::connect(&env.settings.database.url).await?;
     let probe_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut probe).await?;
     let cpu0 = CpuSample::take(env, &mut probe, probe_pid).await?;
-    let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
     let started = Instant::now();
-    for i in 0..args.workers {
-        procs.push(env.spawn(
-            "jobq-worker",
-            &[("JOBQ_WORKER_CONCURRENCY", args.concurrency.to_string()), ("JOBQ_WORKER_ID", format!("bench-{i}"))],
-        )?);
-    }
+    let mut procs = start_fleet(env, args)?;
     let n = args.jobs as u64;
     while counts(&env.broker).await? < n {
+        alive(&mut procs)?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let processed = started.elapsed().as_secs_f64();
@@ -303,6 +302,7 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         if rows as u64 >= n {
             break;
         }
+        alive(&mut procs)?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let recorded = started.elapsed().as_secs_f64();
@@ -522,6 +522,17 @@ async fn wait_done(broker: &Broker, q: &QueueName, id: JobId) -> anyhow::Result<
     }
 }
 
+/// Fails once a started process has exited: the scenario would otherwise wait for it forever.
+fn alive(procs: &mut [tokio::process::Child]) -> anyhow::Result<()> {
+    for (i, p) in procs.iter_mut().enumerate() {
+        if let Some(status) = p.try_wait()? {
+            let name = if i == 0 { "jobq-scheduler" } else { "jobq-worker" };
+            bail!("{name} exited ({status}) during the scenario; its error is above");
+        }
+    }
+    Ok(())
+}
+
 /// Starts a scheduler and `workers` worker processes.
 fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Vec<tokio::process::Child>> {
     let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
@@ -564,12 +575,15 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         let mut backlog = (produced as u64).saturating_sub(counts(&env.broker).await?);
         backlog_max = backlog_max.max(backlog);
         // Without a rate, keep the backlog small: steady state, not a drain.
+        alive(&mut procs)?;
         while args.rate.is_none() && backlog > 2_000 {
+            alive(&mut procs)?;
             tokio::time::sleep(Duration::from_millis(2)).await;
             backlog = (produced as u64).saturating_sub(counts(&env.broker).await?);
         }
     }
     while counts(&env.broker).await? < produced as u64 {
+        alive(&mut procs)?;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = started.elapsed().as_secs_f64();
@@ -619,6 +633,7 @@ async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         prefill(&env.broker, chunk).await?;
         produced += chunk;
         while counts(&env.broker).await? < produced as u64 {
+            alive(&mut procs)?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
@@ -632,7 +647,9 @@ async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
 }
 
 /// Runs the chosen scenarios and prints their results.
-pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
+/// Runs the chosen scenarios; `config` (the `--config` file, if any) is passed on to the
+/// processes it starts.
+pub async fn run(settings: &Settings, config: Option<&std::path::Path>, args: BenchArgs) -> anyhow::Result<()> {
     let chosen: Vec<&str> = if args.scenario == "all" { SCENARIOS.to_vec() } else { vec![args.scenario.as_str()] };
     if let Some(bad) = chosen.iter().find(|s| !SCENARIOS.contains(s)) {
         bail!("unknown scenario `{bad}`: use {} or all", SCENARIOS.join(", "));
@@ -640,10 +657,26 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
     if args.rate == Some(0) {
         bail!("--rate: the producer offers at least 1 job per second");
     }
+    if !(1..=64).contains(&args.workers) {
+        bail!("--workers: between 1 and 64 worker processes");
+    }
+    if !(1..=10_000).contains(&args.concurrency) {
+        bail!("--concurrency: between 1 and 10000");
+    }
+    if args.jobs == 0 {
+        bail!("-n: at least 1 job");
+    }
+    if !settings.metrics_addr.is_empty() {
+        bail!("unset JOBQ_METRICS_ADDR (metrics_addr) for the benchmark: each of its worker processes would bind it");
+    }
     let mut checked = settings.clone();
     checked.log.level.clone_from(&args.log_level);
     checked.validate().context("--log-level")?;
-    let env = BenchEnv::new(settings, &args.log_level).await?;
+    let mut env = BenchEnv::new(settings, &args.log_level).await?;
+    if let Some(path) = config {
+        let path = std::fs::canonicalize(path).with_context(|| format!("--config {}", path.display()))?;
+        env.vars.insert("JOBQ_CONFIG".into(), path.display().to_string());
+    }
     let mut results = Vec::new();
     let outcome: anyhow::Result<()> = async {
         for s in &chosen {
@@ -680,4 +713,17 @@ pub async fn run(settings: &Settings, args: BenchArgs) -> anyhow::Result<()> {
         println!("{:<12} {:>10} {:>14}  {}", r["scenario"].as_str().unwrap_or(""), r["n"], rate, details.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_process_that_exited_fails_the_scenario() {
+        let mut procs = vec![tokio::process::Command::new("sleep").arg("5").kill_on_drop(true).spawn().unwrap()];
+        super::alive(&mut procs).unwrap();
+        procs.push(tokio::process::Command::new("false").spawn().unwrap());
+        procs[1].wait().await.unwrap();
+        let err = super::alive(&mut procs).unwrap_err().to_string();
+        assert!(err.contains("jobq-worker exited"), "{err}");
+    }
 }

@@ -61,10 +61,10 @@ async fn main() -> std::process::ExitCode {
         println!("config: JOBQ_API_KEYS=\"{name}:{role}:{}\"", jobq_api::auth::hash_key(&key));
         return std::process::ExitCode::SUCCESS;
     }
-    let is_dev = matches!(cli.command, Command::Dev);
-    let env =
-        |name: &str| std::env::var(name).ok().or_else(|| (is_dev && name == "JOBQ_AUTH").then(|| "off".to_owned()));
-    let settings = match jobq_core::config::load_from(cli.config.as_deref(), env) {
+    // `jobq dev` runs with auth off unless the file or the environment turns it on.
+    let defaults = if matches!(cli.command, Command::Dev) { "[api]\nauth = \"off\"\n" } else { "" };
+    let env = |name: &str| std::env::var(name).ok();
+    let settings = match jobq_core::config::load_layered(cli.config.as_deref(), env, defaults) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -76,7 +76,7 @@ async fn main() -> std::process::ExitCode {
         Command::Migrate => migrate(&settings).await,
         Command::Dev => dev(settings).await,
         Command::ApiKey { .. } => Ok(()),
-        Command::Bench(args) => bench::run(&settings, args).await,
+        Command::Bench(args) => bench::run(&settings, cli.config.as_deref(), args).await,
         Command::Admin(cmd) => {
             return match admin::run(&settings, cmd, cli.json).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
@@ -125,7 +125,11 @@ async fn dev(mut settings: Settings) -> anyhow::Result<()> {
         }
     };
     let api = jobq_api::serve(settings.clone(), listener, shutdown.clone());
-    let worker = jobq_worker::run(settings.clone(), jobq_worker::Registry::with_builtins(), shutdown.clone());
+    // One process, one metrics registry: the scheduler serves JOBQ_METRICS_ADDR (if set) for all
+    // three, as the API's port does.
+    let mut worker_settings = settings.clone();
+    worker_settings.metrics_addr.clear();
+    let worker = jobq_worker::run(worker_settings, jobq_worker::Registry::with_builtins(), shutdown.clone());
     let scheduler = jobq_scheduler::run(settings, shutdown.clone());
     let (a, w, s) = tokio::join!(
         async { stop_all(shutdown.clone())(api.await) },

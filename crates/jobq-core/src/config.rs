@@ -426,7 +426,20 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
 /// Like [`load`], reading variables through `env` (tests pass a closure instead of mutating
 /// the process environment).
 pub fn load_from(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
-    let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+    load_layered(file, env, "")
+}
+
+/// Like [`load_from`], with `defaults` (TOML) over the built-in defaults and under the file and
+/// the environment: a command's own defaults (`jobq dev` runs with auth off unless the file or
+/// the environment says otherwise).
+pub fn load_layered(
+    file: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+    defaults: &str,
+) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+        .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
     if let Some(path) = file {
         if !path.exists() {
             return Err(ConfigError(format!("config file {} does not exist", path.display())));

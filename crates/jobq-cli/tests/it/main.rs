@@ -62,6 +62,36 @@ async fn dev_runs_api_worker_and_scheduler_in_one_process() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn dev_keeps_the_auth_a_file_turns_on_and_serves_metrics_addr_once() {
+    let env = TestEnv::new().await;
+    let (port, metrics) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("jobq-dev-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("auth.toml");
+    let line = format!("ops:admin:{}", jobq_api::auth::hash_key("jobq_secret"));
+    std::fs::write(&file, format!("[api]\nauth = \"on\"\nkeys = \"{line}\"\n")).unwrap();
+    let mut vars = env.env_with(&[
+        ("JOBQ_API_ADDR", &format!("127.0.0.1:{port}")),
+        ("JOBQ_METRICS_ADDR", &format!("127.0.0.1:{metrics}")),
+    ]);
+    vars.remove("JOBQ_AUTH");
+    let mut dev = Proc::spawn_args("jobq", &["--config", file.to_str().unwrap(), "dev"], &vars);
+    let api = Api::new(port);
+    api.wait_ready(Duration::from_secs(30)).await;
+    let (status, _) = api.get("/api/v1/queues").await;
+    assert_eq!(status, 401, "the file's auth = on holds in dev");
+    let r = api.client.get(format!("{}/api/v1/queues", api.base)).bearer_auth("jobq_secret").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // Worker and scheduler share the process: JOBQ_METRICS_ADDR is served once, not bound twice.
+    let m = api.client.get(format!("http://127.0.0.1:{metrics}/metrics")).send().await.unwrap();
+    assert_eq!(m.status().as_u16(), 200);
+    dev.signal("TERM");
+    assert_eq!(dev.wait(Duration::from_secs(15)).await, Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+    env.cleanup().await;
+}
+
 /// Runs `jobq bench --scenario all` on 300 jobs; returns its JSON lines and its whole stdout.
 async fn bench_all(env: &TestEnv) -> (Vec<serde_json::Value>, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
@@ -149,6 +179,41 @@ async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_o
     assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
     let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--log-level", "warn,["]).await;
     assert!(err.contains("--log-level") && err.contains("not a valid filter"), "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bench_processes_use_the_bench_database_whatever_jobq_database_url_says() {
+    // JOBQ_DATABASE_URL wins over DATABASE_URL: inherited, it pointed the bench's scheduler at
+    // the test's database, and the drain waited forever for rows in its own.
+    let env = TestEnv::new().await;
+    let mut vars = env.env();
+    vars.insert("JOBQ_DATABASE_URL".into(), env.database_url.clone());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["bench", "-n", "200", "--scenario", "drain", "--concurrency", "5"])
+        .envs(&vars)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out).await.expect("the drain ends").unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&env.pool).await.unwrap_or_default();
+    assert_eq!(rows, 0, "nothing recorded into the test's own database");
+    for (args, says) in [
+        (&["--workers", "0"][..], "--workers"),
+        (&["--concurrency", "0"][..], "--concurrency"),
+        (&["-n", "0"][..], "-n"),
+    ] {
+        let err = bench_refused(&env, &[&["--scenario", "drain"], args].concat()).await;
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["bench", "-n", "10", "--scenario", "drain"])
+        .envs(env.env_with(&[("JOBQ_METRICS_ADDR", "127.0.0.1:9")]))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JOBQ_METRICS_ADDR"));
     env.cleanup().await;
 }
 
