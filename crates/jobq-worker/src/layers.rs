@@ -314,7 +314,7 @@ impl Layer<JobService> for CircuitBreaker {
             let step =
                 BreakerStep { broker, name: format!("type:{}", ctx.kind), kind: ctx.kind.clone(), id: ctx.id, cfg };
             let wait = step.broker.breaker(&step.name, BreakerOp::Admit, cfg.threshold, cfg.open_for, step.id);
-            let wait = wait.await.map_err(HandlerError::retry)?;
+            let wait = wait.await.map_err(|e| unreachable_state("circuit breaker", e))?;
             if wait > 0 {
                 let why = format!("circuit open for type `{}`", step.kind);
                 return Err(HandlerError::held(why, Duration::from_millis(wait)));
@@ -436,7 +436,11 @@ impl Layer<JobService> for ConcurrencyLimit {
             };
             let Some(broker) = ctx.broker().cloned() else { return next.run(ctx).await };
             let member = format!("{}:{}", ctx.id, ctx.attempts_total);
-            if !broker.acquire_slot(&name, &member, cfg.limit, cfg.ttl).await.map_err(HandlerError::retry)? {
+            if !broker
+                .acquire_slot(&name, &member, cfg.limit, cfg.ttl)
+                .await
+                .map_err(|e| unreachable_state("concurrency limit", e))?
+            {
                 let what = name.replace(':', " `") + "`";
                 return Err(HandlerError::held(
                     format!("concurrency limit {} of {what}", cfg.limit),
@@ -473,6 +477,15 @@ impl Layer<JobService> for ConcurrencyLimit {
     }
 }
 
+/// A layer whose state in Redis could not be read or written holds the job back for about a
+/// second rather than fail it: the attempt never ran, so it spends none (with `max_attempts`
+/// 1, a Redis blip would otherwise dead-letter the job), and a breaker does not count it.
+fn unreachable_state(layer: &str, e: jobq_core::Error) -> HandlerError {
+    metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+    tracing::warn!(error = %e, layer, "a layer's state in Redis could not be reached; the job is held back");
+    HandlerError::held(format!("{layer} unavailable: {e}"), jittered(Duration::from_secs(1)))
+}
+
 async fn give_back(broker: &Broker, name: &str, member: &str) {
     if let Err(e) = broker.release_slot(name, member).await {
         tracing::warn!(error = %e, "releasing a concurrency slot failed; it expires on its own");
@@ -505,7 +518,11 @@ impl Layer<JobService> for RateLimit {
             let Some(broker) = ctx.broker().cloned() else { return next.run(ctx).await };
             let name = format!("type:{}", ctx.kind);
             let member = ctx.id.to_string();
-            match broker.rate_take(&name, &member, cfg.per_second, cfg.burst).await.map_err(HandlerError::retry)? {
+            match broker
+                .rate_take(&name, &member, cfg.per_second, cfg.burst)
+                .await
+                .map_err(|e| unreachable_state("rate limit", e))?
+            {
                 None => next.run(ctx).await,
                 Some(wait) => {
                     Err(HandlerError::held(format!("rate limit {}/s of type `{}`", cfg.per_second, ctx.kind), wait))

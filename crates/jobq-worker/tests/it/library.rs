@@ -499,3 +499,49 @@ async fn cancelling_a_dependency_dead_letters_its_waiting_dependents() {
     assert_eq!(after.state, JobState::Queued, "a callback waits for any outcome");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_layer_whose_redis_state_fails_holds_the_job_back_without_spending_an_attempt() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::new();
+    let layer_keys = [
+        ("limited", "slots", "concurrency limit"),
+        ("rated", "rate", "rate limit"),
+        ("guarded", "breaker", "circuit breaker"),
+    ];
+    for (kind, _, _) in layer_keys {
+        registry.register(kind, |_ctx: JobContext| async { Ok(Some(json!("ran"))) });
+    }
+    registry.layer_for("limited", layers::ConcurrencyLimit::per_type(2));
+    registry.layer_for("rated", layers::RateLimit::per_type(100.0, 10));
+    registry.layer_for("guarded", layers::CircuitBreaker::new(3, Duration::from_secs(5)));
+    // Each layer's key of the wrong type: every script call on it fails (WRONGTYPE), as it
+    // would while Redis does not answer.
+    let mut conn = env.broker.connection();
+    for (kind, key, _) in layer_keys {
+        let key = env.keys().limit(key, &format!("type:{kind}"));
+        redis::cmd("LPUSH").arg(&key).arg("x").query_async::<()>(&mut conn).await.unwrap();
+    }
+    let started = start(&env, registry);
+    let mut ids = Vec::new();
+    for (kind, _, layer) in layer_keys {
+        let id = env.broker.enqueue(NewJob::new(kind, json!({})).max_attempts(1)).await.unwrap().job.id;
+        let job = wait_until(WAIT, "the job to be held back", || async {
+            let job = env.broker.job(id).await.unwrap()?;
+            job.held_by.is_some().then_some(job)
+        })
+        .await;
+        assert!(job.held_by.as_deref().unwrap().contains(layer), "{kind}: {:?}", job.held_by);
+        assert_eq!(job.attempt, 0, "{kind}: the attempt that never ran is not spent");
+        ids.push(id);
+    }
+    for (kind, key, _) in layer_keys {
+        let key = env.keys().limit(key, &format!("type:{kind}"));
+        redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await.unwrap();
+    }
+    for id in ids {
+        let job = wait_state(&env, id, JobState::Succeeded).await;
+        assert_eq!((job.attempt, job.result), (1, Some(json!("ran"))), "runs once its layer's state is back");
+    }
+    finish(env, [started]).await;
+}
