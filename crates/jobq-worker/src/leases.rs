@@ -164,8 +164,9 @@ const CONSUMER_CLEANUP_EVERY: Duration = Duration::from_secs(300);
 /// is created again by its next read).
 pub(crate) const CONSUMER_IDLE: Duration = Duration::from_secs(3600);
 
-/// Every `reaper_interval`, reclaims jobs of `queues` whose lease lapsed, and now and then
-/// removes idle consumers with nothing pending.
+/// At start and then every `reaper_interval`, registers this worker's lease and reclaims jobs
+/// of `queues` whose lease lapsed, and now and then removes idle consumers with nothing
+/// pending.
 pub(crate) async fn reaper_loop(
     broker: Broker,
     consumer: String,
@@ -174,11 +175,16 @@ pub(crate) async fn reaper_loop(
     stop: CancellationToken,
 ) {
     let mut last_cleanup = std::time::Instant::now();
+    // The first pass at once: it registers this worker's lease before its jobs can be idle.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(settings.reaper_interval) => {}
+        if !first {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(settings.reaper_interval) => {}
+            }
         }
+        first = false;
         if last_cleanup.elapsed() >= CONSUMER_CLEANUP_EVERY {
             last_cleanup = std::time::Instant::now();
             match broker.cleanup_consumers(&queues, jobq_core::stream::Keys::GROUP, CONSUMER_IDLE).await {
@@ -187,7 +193,9 @@ pub(crate) async fn reaper_loop(
                 Err(e) => tracing::debug!(error = %e, "consumer clean-up failed"),
             }
         }
-        match broker.reclaim(&consumer, &queues, settings.lease, settings.max_reclaims).await {
+        // The registration of this worker's lease holds for three passes of its reaper.
+        let registered_for = settings.reaper_interval * 3;
+        match broker.reclaim(&consumer, &queues, settings.lease, settings.max_reclaims, registered_for).await {
             Ok(results) => {
                 for (q, r) in queues.iter().zip(results) {
                     for (result, n) in

@@ -82,6 +82,12 @@ impl Keys {
         format!("{}:{{q:{queue}}}:stats", self.ns)
     }
 
+    /// Hash of the leases the queue's workers run with (consumer -> `lease_ms until_ms`),
+    /// registered by their reapers: a reaper waits for the longest one before it takes a job.
+    pub fn leases(&self, queue: &QueueName) -> String {
+        format!("{}:{{q:{queue}}}:leases", self.ns)
+    }
+
     /// Flag that pauses a queue: while it exists, workers start none of the queue's jobs.
     pub fn paused(&self, queue: &QueueName) -> String {
         format!("{}:{{q:{queue}}}:paused", self.ns)

@@ -995,6 +995,9 @@ pub struct Reclaimed {
     pub cancelled: u64,
     /// Pending entries whose content was deleted (should never happen; an alarm).
     pub deleted: u64,
+    /// The idle time an entry needed to be taken: the longest lease a live worker of the
+    /// queue has registered (at least this reaper's own).
+    pub min_idle: Duration,
 }
 
 /// Result of [`Broker::cancel`].
@@ -1112,22 +1115,26 @@ impl Broker {
         Ok(out)
     }
 
-    /// Reclaims jobs of `queues` whose lease (pending idle time) exceeds `lease`: re-queues
-    /// them, or dead-letters those reclaimed more than `max_reclaims` times.
+    /// Reclaims jobs of `queues` whose pending idle time exceeds the longest lease their live
+    /// workers run with: re-queues them, or dead-letters those reclaimed more than
+    /// `max_reclaims` times. Registers `lease` as this consumer's for `registered_for` (the
+    /// caller renews it by calling again within that time); other reapers wait for it.
     pub async fn reclaim(
         &self,
         consumer: &str,
         queues: &[QueueName],
         lease: Duration,
         max_reclaims: u32,
+        registered_for: Duration,
     ) -> Result<Vec<Reclaimed>> {
         let calls = queues
             .iter()
             .map(|q| {
                 let streams = self.keys.streams(q);
-                let events = self.keys.events(q);
+                let (events, leases) = (self.keys.events(q), self.keys.leases(q));
                 let mut keys: Vec<&str> = streams.iter().map(String::as_str).collect();
                 keys.push(&events);
+                keys.push(&leases);
                 Call::new(&SCRIPTS.reclaim, &keys)
                     .arg(Keys::GROUP)
                     .arg(consumer)
@@ -1136,15 +1143,16 @@ impl Broker {
                     .arg(self.keys.job_prefix(q))
                     .arg(max_reclaims)
                     .arg(secs(self.retention.dead))
+                    .arg(registered_for.as_millis() as u64)
             })
             .collect();
         self.run(calls)
             .await?
             .into_iter()
             .map(|r| {
-                let (requeued, dead, cancelled, deleted): (u64, u64, u64, u64) =
+                let (requeued, dead, cancelled, deleted, min_idle): (u64, u64, u64, u64, u64) =
                     redis::from_redis_value(r?).map_err(protocol)?;
-                Ok(Reclaimed { requeued, dead, cancelled, deleted })
+                Ok(Reclaimed { requeued, dead, cancelled, deleted, min_idle: Duration::from_millis(min_idle) })
             })
             .collect()
     }

@@ -35,7 +35,7 @@ async fn heartbeats_keep_a_lease_and_the_reaper_takes_lapsed_ones() {
     let (dh, dl) = if jobs[0].envelope.id == held { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(env.broker.heartbeat("w1", &[lease(dh)]).await.unwrap(), [LeaseStatus::Held]);
-    let r = env.broker.reclaim("w2", &[q()], Duration::from_millis(1000), 3).await.unwrap();
+    let r = env.broker.reclaim("w2", &[q()], Duration::from_millis(1000), 3, Duration::from_secs(1)).await.unwrap();
     assert_eq!(r[0].requeued, 1, "only the job without a heartbeat is reclaimed");
     let job = env.broker.job(lapsed).await.unwrap().unwrap();
     assert_eq!((job.state, job.reclaims, job.attempt), (JobState::Queued, 1, 0), "the crashed attempt is not counted");
@@ -70,7 +70,8 @@ async fn a_job_reclaimed_more_than_max_reclaims_times_is_dead() {
         let d = fetch(&env.broker, "w", 1).await;
         assert_eq!(d.len(), 1, "round {round}");
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let r = env.broker.reclaim("reaper", &[q()], Duration::from_millis(50), 2).await.unwrap();
+        let r =
+            env.broker.reclaim("reaper", &[q()], Duration::from_millis(50), 2, Duration::from_secs(1)).await.unwrap();
         let expect_dead = round == 3;
         assert_eq!((r[0].requeued, r[0].dead), if expect_dead { (0, 1) } else { (1, 0) }, "round {round}");
     }
@@ -434,7 +435,7 @@ async fn a_job_dead_after_crashes_records_its_last_attempt_apart_from_the_earlie
         let d = fetch(&env.broker, "w", 1).await;
         assert_eq!(d.iter().map(|d| d.attempt).collect::<Vec<_>>(), [2], "round {round}: a crash spends no attempt");
         tokio::time::sleep(Duration::from_millis(60)).await;
-        env.broker.reclaim("reaper", &[q()], Duration::from_millis(50), 1).await.unwrap();
+        env.broker.reclaim("reaper", &[q()], Duration::from_millis(50), 1, Duration::from_secs(1)).await.unwrap();
     }
     let job = env.broker.job(id).await.unwrap().unwrap();
     assert_eq!((job.state, job.dead_reason.as_deref(), job.attempt), (JobState::Dead, Some("max_reclaims"), 1));
@@ -486,5 +487,31 @@ async fn a_unique_key_held_longer_than_the_retention_keeps_finding_its_job() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let dup = env.broker.enqueue(NewJob::new("x", json!({})).unique("after-import", ttl)).await.unwrap();
     assert_eq!((dup.created, dup.job.id), (false, dependent), "past the dead retention, within the key's ttl");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reaper_waits_for_the_longest_lease_a_live_worker_of_the_queue_runs_with() {
+    let env = TestEnv::new().await;
+    let id = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
+    // Worker "long" runs with a 5 s lease (heartbeats every 2.5 s); its reaper registers it.
+    let r = env.broker.reclaim("long", &[q()], Duration::from_secs(5), 3, Duration::from_millis(600)).await.unwrap();
+    assert_eq!(r[0].min_idle, Duration::from_secs(5));
+    assert_eq!(fetch(&env.broker, "long", 1).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Worker "short" runs with a 100 ms lease: the job, idle 300 ms, is still within the
+    // lease of the worker that runs it, and stays where it is.
+    let r = env.broker.reclaim("short", &[q()], Duration::from_millis(100), 3, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((r[0].requeued, r[0].min_idle), (0, Duration::from_secs(5)));
+    assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Running);
+    // "long" stops renewing its registration (its process is gone): once it lapses, the
+    // shorter leases decide again and the job is reclaimed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = env.broker.reclaim("short", &[q()], Duration::from_millis(100), 3, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((r[0].requeued, r[0].min_idle), (1, Duration::from_millis(100)));
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.reclaims), (JobState::Queued, 1));
+    let leases: Vec<String> = env.broker.connection().hkeys(env.keys().leases(&q())).await.unwrap();
+    assert_eq!(leases, ["short"], "the lapsed registration is removed");
     env.cleanup().await;
 }

@@ -221,6 +221,35 @@ async fn past_the_shutdown_timeout_a_late_success_is_written_and_a_cancelled_att
 }
 
 #[tokio::test]
+async fn a_worker_with_a_shorter_lease_does_not_take_a_job_another_worker_still_renews() {
+    let env = TestEnv::new().await;
+    let slow = || {
+        let mut r = Registry::with_builtins();
+        r.register("slow", |_ctx: JobContext| async {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            Ok(None)
+        });
+        r
+    };
+    let mut long = env.settings().worker.clone();
+    (long.lease, long.heartbeat, long.reaper_interval) =
+        (Duration::from_secs(3), Duration::from_millis(1500), Duration::from_millis(500));
+    let mut short = long.clone();
+    (short.lease, short.heartbeat, short.reaper_interval) =
+        (Duration::from_millis(400), Duration::from_millis(100), Duration::from_millis(100));
+    let a = CancellationToken::new();
+    let ha = tokio::spawn(Worker::new(env.broker.clone(), slow(), long, Duration::from_secs(30)).run(a.clone()));
+    let id = env.broker.enqueue(NewJob::new("slow", json!({}))).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Running).await;
+    // A second worker, configured with a lease shorter than the first one's heartbeat.
+    let b = CancellationToken::new();
+    let hb = tokio::spawn(Worker::new(env.broker.clone(), slow(), short, Duration::from_secs(30)).run(b.clone()));
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!((job.reclaims, job.attempt, job.run), (0, 1, 1), "it ran once, on the worker that took it");
+    finish(env, [(a, ha), (b, hb)]).await;
+}
+
+#[tokio::test]
 async fn fail_handler_fails_its_first_n_attempts_then_succeeds() {
     let env = TestEnv::new().await;
     let (token, handle) = start(&env, Registry::with_builtins());

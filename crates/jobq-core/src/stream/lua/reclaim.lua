@@ -3,19 +3,35 @@
 -- attempt not counted), or cancel it (a cancel was requested), or dead-letter it once it has
 -- been reclaimed more than MAX_RECLAIMS times (a poison job that kills its worker).
 -- Entries whose content Redis reports deleted are counted (an alarm: it should not happen).
--- KEYS: 1..4 priority streams, 5 events stream
--- ARGV: 1 group, 2 consumer, 3 min idle ms, 4 count, 5 job key prefix, 6 max reclaims,
---       7 dead retention seconds
--- Returns {requeued, dead, cancelled, deleted}
+-- Workers of a queue may run with different leases: each reaper registers its own in the
+-- queue's leases hash (consumer -> "lease_ms until_ms", until = when the registration lapses
+-- unless renewed by its next pass), and an entry is taken only once idle past the longest lease
+-- registered and not lapsed, so that no worker takes a job whose own worker still renews it.
+-- KEYS: 1..4 priority streams, 5 events stream, 6 leases hash
+-- ARGV: 1 group, 2 consumer, 3 lease ms, 4 count, 5 job key prefix, 6 max reclaims,
+--       7 dead retention seconds, 8 ms this registration holds without renewal
+-- Returns {requeued, dead, cancelled, deleted, min idle ms used}
 local now = now_ms()
 local requeued, dead, cancelled, deleted = 0, 0, 0, 0
 local budget = tonumber(ARGV[4])
+redis.call('HSET', KEYS[6], ARGV[2], ARGV[3] .. ' ' .. string.format('%d', now + tonumber(ARGV[8])))
+local min_idle = tonumber(ARGV[3])
+local leases = redis.call('HGETALL', KEYS[6])
+for k = 1, #leases, 2 do
+  local lease, until_ms = string.match(leases[k + 1], '^(%d+) (%d+)$')
+  if not lease or tonumber(until_ms) < now then
+    redis.call('HDEL', KEYS[6], leases[k])
+  elseif tonumber(lease) > min_idle then
+    min_idle = tonumber(lease)
+  end
+end
+local min_idle_s = string.format('%d', min_idle)
 for i = 1, 4 do
   if budget <= 0 then break end
   if redis.call('EXISTS', KEYS[i]) == 1 then
     local cursor = '0-0'
     repeat
-      local r = redis.call('XAUTOCLAIM', KEYS[i], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', budget)
+      local r = redis.call('XAUTOCLAIM', KEYS[i], ARGV[1], ARGV[2], min_idle_s, cursor, 'COUNT', budget)
       cursor = r[1]
       deleted = deleted + #r[3]
       for _, e in ipairs(r[2]) do
@@ -56,4 +72,4 @@ for i = 1, 4 do
     until cursor == '0-0' or budget <= 0
   end
 end
-return {requeued, dead, cancelled, deleted}
+return {requeued, dead, cancelled, deleted, min_idle}
