@@ -278,13 +278,25 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
         AdminCommand::Stats => {
             let queues = broker.queues().await?;
             let stats = broker.queue_stats(&queues).await?;
-            let dead = store().await?.dead_counts().await.unwrap_or_default();
+            // Redis' figures stand without Postgres; DEAD then shows `?` (null in JSON).
+            let dead = match store().await {
+                Ok(store) => store.dead_counts().await,
+                Err(e) => Err(e),
+            };
+            let dead = match dead {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    eprintln!("warning: dead-job counts unavailable (Postgres: {e})");
+                    None
+                }
+            };
+            let dead_of = |q: &str| dead.as_ref().map(|d| d.get(q).copied().unwrap_or(0));
             if as_json {
                 let items: Vec<Value> = stats
                     .iter()
                     .map(|s| {
                         let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-                        v["dead"] = json!(dead.get(s.queue.as_str()).copied().unwrap_or(0));
+                        v["dead"] = json!(dead_of(s.queue.as_str()));
                         v
                     })
                     .collect();
@@ -303,7 +315,7 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
                             q("low"),
                             s.running.to_string(),
                             s.scheduled.to_string(),
-                            dead.get(s.queue.as_str()).copied().unwrap_or(0).to_string(),
+                            dead_of(s.queue.as_str()).map_or("?".into(), |n| n.to_string()),
                             if s.paused { "yes".into() } else { "no".into() },
                             c("succeeded"),
                             c("failed"),
@@ -427,6 +439,9 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
     let print = |v: Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cmd {
         DlqCommand::List { filter, limit } => {
+            if !(1..=jobq_core::store::MAX_PAGE).contains(&limit) {
+                return Err(usage(format!("-n: between 1 and {}", jobq_core::store::MAX_PAGE)));
+            }
             let page = store.dead_jobs(&filter.filter(limit)).await?;
             if as_json {
                 print(serde_json::to_value(&page).unwrap_or(Value::Null));

@@ -56,6 +56,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Command::ApiKey { name, role } = &cli.command {
+        if let Err(e) = jobq_core::config::valid_key_name(name) {
+            eprintln!("error: --name: {e}");
+            return std::process::ExitCode::from(2);
+        }
         let key = format!("jobq_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         println!("key:    {key}");
         println!("config: JOBQ_API_KEYS=\"{name}:{role}:{}\"", jobq_api::auth::hash_key(&key));

@@ -474,6 +474,17 @@ impl NewJob {
         if self.metadata.iter().any(|(k, v)| k.contains('\0') || v.contains('\0')) {
             return invalid("`metadata` must not contain the character U+0000".into());
         }
+        // Times are answered in RFC 3339, which has four-digit years.
+        let last =
+            chrono::NaiveDate::from_ymd_opt(9999, 12, 31).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|t| t.and_utc());
+        let start_at = match &self.start {
+            Start::After(d) => chrono::Duration::from_std(*d).ok().and_then(|d| Utc::now().checked_add_signed(d)),
+            Start::At(t) => Some(*t),
+            Start::Now => Some(Utc::now()),
+        };
+        if start_at.is_none() || [start_at, self.expires_at].into_iter().flatten().any(|t| Some(t) > last) {
+            return invalid("`delay`, `run_at`, `ttl` and `expires_at` must end before the year 10000".into());
+        }
         if let Some(at) = self.expires_at {
             if at <= Utc::now() {
                 return invalid("`expires_at` is in the past".into());
@@ -728,5 +739,20 @@ mod tests {
         let err = NewJob::new("x", serde_json::Value::Null).max_attempts(0).validate().unwrap_err();
         assert!(err.to_string().contains("`max_attempts`"));
         assert!(NewJob::new("echo", serde_json::json!({})).validate().is_ok());
+    }
+
+    #[test]
+    fn a_start_or_deadline_past_the_year_9999_is_refused_wherever_the_job_comes_from() {
+        let mut job = NewJob::new("echo", serde_json::json!({}));
+        job.start = Start::After(Duration::from_secs(20_000 * 365 * 24 * 3600));
+        assert!(job.validate().unwrap_err().to_string().contains("year 10000"));
+        job.start = Start::After(Duration::MAX);
+        assert!(job.validate().unwrap_err().to_string().contains("year 10000"));
+        job.start = Start::After(Duration::from_secs(3600));
+        job.expires_at =
+            chrono::NaiveDate::from_ymd_opt(10_001, 1, 1).map(|d| d.and_hms_opt(0, 0, 0).unwrap().and_utc());
+        assert!(job.validate().unwrap_err().to_string().contains("year 10000"));
+        job.expires_at = None;
+        assert!(job.validate().is_ok());
     }
 }

@@ -115,19 +115,7 @@ impl EnqueueRequest {
             }
             (None, None) => None,
         };
-        // Times are answered in RFC 3339, which has four-digit years.
-        let last =
-            chrono::NaiveDate::from_ymd_opt(9999, 12, 31).and_then(|d| d.and_hms_opt(0, 0, 0)).map(|t| t.and_utc());
-        let start_at = match &start {
-            Start::After(d) => chrono::Duration::from_std(*d).ok().and_then(|d| Utc::now().checked_add_signed(d)),
-            Start::At(t) => Some(*t),
-            Start::Now => Some(Utc::now()),
-        };
-        if [start_at, expires_at].into_iter().flatten().any(|t| Some(t) > last) || start_at.is_none() {
-            return Err(ApiError::Invalid(
-                "`delay`, `run_at`, `ttl` and `expires_at` must end before the year 10000".into(),
-            ));
-        }
+        // Start and deadline past the year 9999 are refused by `NewJob::validate`.
         let job = NewJob {
             kind: self.kind,
             payload: self.payload,

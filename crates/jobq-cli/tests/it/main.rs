@@ -43,6 +43,40 @@ fn bad_settings_stop_the_program_naming_the_variable() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("JOBQ_WORKER_CONCURRENCY"));
     let out = jobq().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("jobq "));
+    // A key name the JOBQ_API_KEYS list could not hold is refused, not printed.
+    for bad in ["a:b", "a,b", "", "two words"] {
+        let out = jobq().args(["api-key", "--name", bad, "--role", "admin"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("key name"), "{bad}");
+    }
+    let out = jobq().args(["api-key", "--name", "ci-deploy", "--role", "producer"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("config: JOBQ_API_KEYS=")).unwrap().trim_matches('"');
+    let parsed = jobq_core::config::load_from(None, |n| match n {
+        "JOBQ_API_KEYS" => Some(line.to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(parsed.api.keys[0].name, "ci-deploy");
+}
+
+#[tokio::test]
+async fn stats_show_redis_figures_when_postgres_is_down_and_dlq_pages_are_bounded() {
+    let env = TestEnv::new().await;
+    let mut vars = env.env();
+    vars.insert("DATABASE_URL".into(), "postgres://postgres@127.0.0.1:1/nowhere".into());
+    env.broker.enqueue(jobq_core::job::NewJob::new("echo", json!({}))).await.unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq")).arg("stats").envs(&vars).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out).await.unwrap().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("dead-job counts unavailable"), "{stderr}");
+    let row = stdout.lines().find(|l| l.starts_with("default")).unwrap();
+    assert!(row.split_whitespace().any(|c| c == "?"), "DEAD is unknown, not 0: {row}");
+    let (code, _, err) = jobq_in(&env, &["dlq", "list", "-n", "1000"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("between 1 and 500"), "{err}");
+    env.cleanup().await;
 }
 
 #[tokio::test]
