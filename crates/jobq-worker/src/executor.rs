@@ -224,12 +224,12 @@ impl Executor {
 }
 
 /// Writes outcomes in batches until every sender is gone. Redis errors are retried with
-/// backoff; once `abandon` is cancelled, a batch that cannot be written is left pending.
+/// backoff; once `give_up` is cancelled, a batch that cannot be written is left pending.
 pub(crate) async fn complete_loop(
     broker: Broker,
     mut rx: mpsc::UnboundedReceiver<Done>,
     running: crate::leases::Running,
-    abandon: CancellationToken,
+    give_up: CancellationToken,
     job_metrics: JobMetrics,
 ) {
     let mut buf: Vec<Done> = Vec::with_capacity(BATCH);
@@ -258,7 +258,7 @@ pub(crate) async fn complete_loop(
                     metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
                     tracing::warn!(error = %e, jobs = outcomes.len(), "writing outcomes failed; retrying");
                     tokio::select! {
-                        _ = abandon.cancelled() => break,
+                        _ = give_up.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(2));

@@ -452,8 +452,15 @@ impl Layer<JobService> for ConcurrencyLimit {
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(cfg.ttl / 3).await;
-                        if let Err(e) = broker.acquire_slot(&name, &member, cfg.limit, cfg.ttl).await {
-                            tracing::warn!(error = %e, "renewing a concurrency slot failed");
+                        match broker.acquire_slot(&name, &member, cfg.limit, cfg.ttl).await {
+                            Ok(true) => {}
+                            // Renewed too late (its runtime starved): the slot expired and
+                            // another job took it, so more than the limit run now.
+                            Ok(false) => {
+                                metrics::counter!("jobq_worker_slots_lost_total").increment(1);
+                                tracing::warn!(limit = %name, "a concurrency slot lapsed before its renewal and was taken: the limit is exceeded until a job ends");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "renewing a concurrency slot failed"),
                         }
                     }
                 })

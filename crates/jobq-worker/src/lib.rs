@@ -256,6 +256,9 @@ impl Worker {
         // running plus at most `concurrency` waiting for the completer.
         let held = Arc::new(Semaphore::new(self.settings.concurrency * 2));
         let abandon = CancellationToken::new();
+        // The completer's own: it stops retrying a write only once its grace has elapsed, not
+        // when running jobs are given up.
+        let give_up = CancellationToken::new();
         let background = CancellationToken::new();
         let running = leases::Running::default();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -264,7 +267,7 @@ impl Worker {
             self.broker.clone(),
             done_rx,
             running.clone(),
-            abandon.clone(),
+            give_up.clone(),
             job_metrics.clone(),
         ));
         let heartbeat = leases::spawn_heartbeat(
@@ -436,7 +439,7 @@ impl Worker {
         let mut completer = completer;
         if tokio::time::timeout(COMPLETER_GRACE, &mut completer).await.is_err() {
             tracing::warn!("could not write every outcome in time; those jobs stay pending and will be reclaimed");
-            abandon.cancel();
+            give_up.cancel();
             let _ = completer.await;
         }
         background.cancel();

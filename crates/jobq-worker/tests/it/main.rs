@@ -221,6 +221,43 @@ async fn past_the_shutdown_timeout_a_late_success_is_written_and_a_cancelled_att
 }
 
 #[tokio::test]
+async fn an_outcome_whose_write_fails_after_the_shutdown_timeout_is_retried_within_the_grace() {
+    let env = TestEnv::new().await;
+    let redis: std::net::SocketAddr = jobq_testutil::redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("REDIS_URL as redis://host:port");
+    let proxy = jobq_testutil::TcpProxy::start(redis).await;
+    let mut settings = env.settings();
+    settings.redis.url = format!("redis://127.0.0.1:{}", proxy.port());
+    settings.redis.timeout = Duration::from_millis(300);
+    settings.worker.shutdown_timeout = Duration::from_millis(200);
+    let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
+    let mut registry = Registry::new();
+    // Ignores the cancellation and succeeds within the grace after the shutdown timeout.
+    registry.register("stubborn", |_ctx: JobContext| async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        Ok(None)
+    });
+    let token = CancellationToken::new();
+    let handle =
+        tokio::spawn(Worker::new(broker, registry, settings.worker, Duration::from_secs(30)).run(token.clone()));
+    let id = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Running).await;
+    token.cancel();
+    // Redis is unreachable from the worker when the handler returns, for 1.5 s.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    handle.await.unwrap().unwrap();
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "the write was retried after the jobs were given up");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_worker_with_a_shorter_lease_does_not_take_a_job_another_worker_still_renews() {
     let env = TestEnv::new().await;
     let slow = || {
