@@ -50,9 +50,17 @@ impl Slot {
 pub(crate) struct Running(Arc<Mutex<HashMap<JobId, Arc<Slot>>>>);
 
 impl Running {
+    /// Registers a started attempt. An earlier attempt of the same job still registered here
+    /// (its lease lapsed and this worker fetched the job again) has lost its lease: it is told
+    /// so, instead of running on unrenewed and deaf to cancel requests.
     pub(crate) fn insert(&self, id: JobId, slot: Arc<Slot>) {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(id, slot);
+        let replaced = self.0.lock().ok().and_then(|mut m| m.insert(id, slot));
+        if let Some(old) = replaced {
+            if !old.settling.load(Ordering::Acquire) {
+                metrics::counter!("jobq_worker_leases_lost_total").increment(1);
+                tracing::warn!(job.id = %id, "fetched again while an earlier attempt still ran here: that attempt lost its lease and is stopped");
+            }
+            old.stop(Stop::LeaseLost);
         }
     }
 
@@ -222,5 +230,42 @@ pub(crate) async fn reaper_loop(
             }
             Err(e) => tracing::warn!(error = %e, "reclaim failed; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: JobId, token: &str) -> Arc<Slot> {
+        Arc::new(Slot {
+            lease: Lease {
+                queue: QueueName::default_queue(),
+                priority: jobq_core::job::Priority::Normal,
+                entry: "1-0".into(),
+                id,
+                token: token.into(),
+            },
+            cancel: CancellationToken::new(),
+            stop: Mutex::new(None),
+            settling: AtomicBool::new(false),
+        })
+    }
+
+    #[test]
+    fn a_job_fetched_again_stops_its_earlier_attempt_on_this_worker() {
+        let running = Running::default();
+        let id = JobId(uuid::Uuid::now_v7());
+        let (first, second) = (slot(id, "1"), slot(id, "2"));
+        running.insert(id, first.clone());
+        running.insert(id, second.clone());
+        assert!(first.cancel.is_cancelled(), "the earlier attempt is told to stop");
+        assert_eq!(first.stopped(), Some(Stop::LeaseLost));
+        assert!(!second.cancel.is_cancelled());
+        // The earlier attempt ending does not end the renewal of the new one.
+        running.remove(&id, "1");
+        assert!(running.get(&id).is_some_and(|s| s.lease.token == "2"));
+        running.remove(&id, "2");
+        assert!(running.get(&id).is_none());
     }
 }
