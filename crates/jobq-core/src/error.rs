@@ -40,7 +40,46 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Redis(_) | Error::Database(_))
     }
+
+    /// True when a Redis call failed for a reason that passes on its own: the connection
+    /// (refused, dropped, I/O), a timeout, or a server that is loading, out of memory, or in a
+    /// cluster fail-over. False for errors that the same call would meet again (a key of the
+    /// wrong type, a refused command, a script error).
+    pub fn is_transient_redis(&self) -> bool {
+        let Error::Redis(e) = self else { return false };
+        e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::MasterDown
+                )
+            )
+            || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING"))
+    }
 }
 
 /// `Result` with [`Error`] as default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_transient_and_a_wrong_key_is_not() {
+        let io = redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        assert!(Error::Redis(io).is_transient_redis());
+        let loading =
+            redis::RedisError::from((redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading), "loading"));
+        assert!(Error::Redis(loading).is_transient_redis());
+        let wrong = redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "WRONGTYPE"));
+        assert!(!Error::Redis(wrong).is_transient_redis());
+        assert!(!Error::Invalid("x".into()).is_transient_redis());
+    }
+}

@@ -450,13 +450,16 @@ impl Layer<JobService> for ConcurrencyLimit {
             let renew = {
                 let (broker, name, member) = (broker.clone(), name.clone(), member.clone());
                 tokio::spawn(async move {
+                    let mut lost = false;
                     loop {
                         tokio::time::sleep(cfg.ttl / 3).await;
                         match broker.acquire_slot(&name, &member, cfg.limit, cfg.ttl).await {
-                            Ok(true) => {}
+                            Ok(held) if held || lost => lost = !held,
                             // Renewed too late (its runtime starved): the slot expired and
-                            // another job took it, so more than the limit run now.
-                            Ok(false) => {
+                            // another job took it, so more than the limit run now (counted
+                            // once; later renewals take a slot again when one is free).
+                            Ok(_) => {
+                                lost = true;
                                 metrics::counter!("jobq_worker_slots_lost_total").increment(1);
                                 tracing::warn!(limit = %name, "a concurrency slot lapsed before its renewal and was taken: the limit is exceeded until a job ends");
                             }
@@ -484,11 +487,17 @@ impl Layer<JobService> for ConcurrencyLimit {
     }
 }
 
-/// A layer whose state in Redis could not be read or written holds the job back for about a
-/// second rather than fail it: the attempt never ran, so it spends none (with `max_attempts`
-/// 1, a Redis blip would otherwise dead-letter the job), and a breaker does not count it.
+/// A layer whose state in Redis could not be reached (an outage that passes on its own) holds
+/// the job back for about a second rather than fail it: the attempt never ran, so it spends
+/// none (with `max_attempts` 1, a Redis blip would otherwise dead-letter the job), and a breaker
+/// does not count it. Any other error (the layer's key of the wrong type, a refused script)
+/// would come back on every try: it fails the attempt as before, so the job ends in the DLQ
+/// instead of being held back for ever.
 fn unreachable_state(layer: &str, e: jobq_core::Error) -> HandlerError {
     metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+    if !e.is_transient_redis() {
+        return HandlerError::retry(anyhow::anyhow!("{layer}: {e}"));
+    }
     tracing::warn!(error = %e, layer, "a layer's state in Redis could not be reached; the job is held back");
     HandlerError::held(format!("{layer} unavailable: {e}"), jittered(Duration::from_secs(1)))
 }
@@ -542,6 +551,21 @@ impl Layer<JobService> for RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_outage_in_a_layer_holds_the_job_and_a_lasting_error_fails_it() {
+        let io = redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        match unreachable_state("rate limit", jobq_core::Error::Redis(io)) {
+            HandlerError::Held(why, after) => {
+                assert!(why.starts_with("rate limit unavailable"), "{why}");
+                assert!(after >= Duration::from_secs(1) && after <= Duration::from_secs(2));
+            }
+            other => panic!("held expected, got {other:?}"),
+        }
+        let wrong = redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "WRONGTYPE"));
+        let e = unreachable_state("rate limit", jobq_core::Error::Redis(wrong));
+        assert!(matches!(e, HandlerError::Retry(_)), "{e:?}");
+    }
 
     fn service(f: impl Fn(JobContext) -> HandlerResult + Clone + Send + Sync + 'static) -> JobService {
         JobService::new(tower::service_fn(move |ctx: JobContext| {

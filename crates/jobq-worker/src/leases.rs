@@ -86,24 +86,33 @@ impl Running {
 /// Runs [`heartbeat_loop`] on a thread of its own, with its own runtime and Redis connection,
 /// so leases hold while handlers keep every thread of the worker's runtime busy with CPU-bound
 /// work (a lapsed lease would hand a healthy job to another worker).
+/// `(queues, lease, every)`: the queues served, the lease, and how often to renew.
+pub(crate) type Renewal = (Vec<QueueName>, Duration, Duration);
+
 pub(crate) fn spawn_heartbeat(
     broker: &Broker,
     consumer: String,
     running: Running,
-    every: Duration,
+    renewal: Renewal,
     stop: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let broker = broker.with_own_connection()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let thread = std::thread::Builder::new()
         .name("jobq-heartbeat".into())
-        .spawn(move || runtime.block_on(heartbeat_loop(broker, consumer, running, every, stop)))?;
+        .spawn(move || runtime.block_on(heartbeat_loop(broker, consumer, running, renewal, stop)))?;
     Ok(thread)
 }
 
-/// Renews the lease of every running job each `every`, until `stop`.
-async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, every: Duration, stop: CancellationToken) {
+/// Each `every` until `stop`: renews this worker's lease registration on its queues (for three
+/// heartbeats: reapers of other workers wait for it, also while this worker shuts down or its
+/// runtime is busy) and the lease of every running job.
+async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, renewal: Renewal, stop: CancellationToken) {
+    let (queues, lease, every) = renewal;
     loop {
+        if let Err(e) = broker.register_lease(&consumer, &queues, lease, every * 3).await {
+            tracing::warn!(error = %e, "registering this worker's lease failed");
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

@@ -68,12 +68,14 @@ struct Args {
 /// `JOBQ_*` variables), sets up logging and span export as `service`, and runs `registry`
 /// until SIGTERM/SIGINT.
 ///
-/// Once the worker has stopped it exits the process (status 0, or 1 with the error) rather
-/// than return: a handler still running past the shutdown timeout (a CPU-bound loop, a blocking
-/// call) holds a runtime thread, which dropping the runtime would wait for. If even the
-/// shutdown cannot proceed (every runtime thread held), the process exits
-/// `shutdown_timeout` + 17 s after the signal. Either way unfinished jobs stay pending and are
-/// reclaimed.
+/// Once the worker has stopped it exits the process (status 0, or 1 with the error) instead
+/// of returning, so code after the call does not run: a handler still running past the
+/// shutdown timeout (a CPU-bound loop, a blocking call) holds a runtime thread, which dropping
+/// the runtime would wait for. If the shutdown, once begun, cannot proceed (handlers hold every
+/// runtime thread), the process exits `shutdown_timeout` + 17 s + 3 × `redis.timeout` after the
+/// signal was handled. (With every runtime thread held, even the signal waits for one to be
+/// free: run CPU-bound work with `spawn_blocking`.) Either way unfinished jobs stay pending and
+/// are reclaimed.
 ///
 /// ```no_run
 /// #[tokio::main]
@@ -88,7 +90,7 @@ pub async fn main(service: &'static str, registry: Registry) -> anyhow::Result<(
     let settings = jobq_core::config::load(args.config.as_deref())?;
     let telemetry = jobq_core::telemetry::init(&settings.log, service);
     let shutdown = jobq_core::shutdown::token_from_signals();
-    exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout);
+    exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout, settings.redis.timeout);
     let result = run(settings, registry, shutdown).await;
     telemetry.shutdown().await;
     match result {
@@ -102,9 +104,10 @@ pub async fn main(service: &'static str, registry: Registry) -> anyhow::Result<(
 
 /// A thread outside the runtime (whose threads handlers may hold) that ends the process once
 /// a shutdown has had its time: the timeout, the grace of cancelled handlers, the completer's
-/// last write and a margin.
-fn exit_if_stuck(shutdown: CancellationToken, timeout: Duration) {
-    let deadline = timeout + executor::CANCEL_GRACE + COMPLETER_GRACE + Duration::from_secs(2);
+/// last write, a fetch and the heartbeat's last call in flight (a Redis timeout each) and a
+/// margin.
+fn exit_if_stuck(shutdown: CancellationToken, timeout: Duration, redis_timeout: Duration) {
+    let deadline = timeout + executor::CANCEL_GRACE + COMPLETER_GRACE + redis_timeout * 3 + Duration::from_secs(2);
     std::thread::spawn(move || {
         while !shutdown.is_cancelled() {
             std::thread::sleep(Duration::from_millis(250));
@@ -274,7 +277,7 @@ impl Worker {
             &self.broker,
             self.consumer.clone(),
             running.clone(),
-            self.settings.heartbeat,
+            (self.settings.queues.names(), self.settings.lease, self.settings.heartbeat),
             background.clone(),
         )?;
         let listener = tokio::spawn(leases::cancel_listener(self.broker.clone(), running.clone(), background.clone()));

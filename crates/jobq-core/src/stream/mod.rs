@@ -63,6 +63,7 @@ struct Scripts {
     retry_dead: Script,
     heartbeat: Script,
     reclaim: Script,
+    lease_register: Script,
     cancel: Script,
     cleanup_consumers: Script,
     touch: Script,
@@ -87,6 +88,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     retry_dead: script(include_str!("lua/retry_dead.lua")),
     heartbeat: script(include_str!("lua/heartbeat.lua")),
     reclaim: script(include_str!("lua/reclaim.lua")),
+    lease_register: script(include_str!("lua/lease_register.lua")),
     cancel: script(include_str!("lua/cancel.lua")),
     cleanup_consumers: script(include_str!("lua/cleanup_consumers.lua")),
     touch: script(include_str!("lua/touch.lua")),
@@ -95,7 +97,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     breaker: script(include_str!("lua/breaker.lua")),
 });
 
-fn all_scripts() -> [&'static Script; 14] {
+/// Longest delay before a retry or a held-back job's next start.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn all_scripts() -> [&'static Script; 15] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -106,6 +111,7 @@ fn all_scripts() -> [&'static Script; 14] {
         &s.retry_dead,
         &s.heartbeat,
         &s.reclaim,
+        &s.lease_register,
         &s.cancel,
         &s.cleanup_consumers,
         &s.touch,
@@ -821,7 +827,9 @@ impl Broker {
                     let stream = self.keys.stream(&d.queue, d.priority);
                     let events = self.keys.events(&d.queue);
                     let scheduled = self.keys.scheduled(&d.queue);
-                    let delay = f.retry_in.map(|d| d.as_millis() as i64).unwrap_or(-1);
+                    // At most 10 years: a handler's `retry_after(Duration::MAX)` would
+                    // otherwise wrap to "not retryable" or schedule past the year 9999.
+                    let delay = f.retry_in.map(|d| d.min(MAX_RETRY_DELAY).as_millis() as i64).unwrap_or(-1);
                     calls.push(
                         Call::new(&SCRIPTS.fail, &[&job_key, &stream, &events, &scheduled])
                             .arg(id.to_string())
@@ -1079,6 +1087,31 @@ impl Broker {
             .arg(job.to_string());
         let n: i64 = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         Ok(n.max(0) as u64)
+    }
+
+    /// Registers `lease` as the one `consumer` runs its jobs of `queues` with, for `valid_for`
+    /// (one script per queue, one pipeline): reapers of the queues wait for the longest lease
+    /// registered and not lapsed before they take a job (see [`Broker::reclaim`]).
+    pub async fn register_lease(
+        &self,
+        consumer: &str,
+        queues: &[QueueName],
+        lease: Duration,
+        valid_for: Duration,
+    ) -> Result<()> {
+        let calls = queues
+            .iter()
+            .map(|q| {
+                Call::new(&SCRIPTS.lease_register, &[&self.keys.leases(q)])
+                    .arg(consumer)
+                    .arg(lease.as_millis() as u64)
+                    .arg(valid_for.as_millis() as u64)
+            })
+            .collect();
+        for r in self.run(calls).await? {
+            r?;
+        }
+        Ok(())
     }
 
     /// Renews leases (one heartbeat script per queue, one pipeline). Statuses match `leases`.

@@ -494,8 +494,8 @@ async fn a_unique_key_held_longer_than_the_retention_keeps_finding_its_job() {
 async fn a_reaper_waits_for_the_longest_lease_a_live_worker_of_the_queue_runs_with() {
     let env = TestEnv::new().await;
     let id = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
-    // Worker "long" runs with a 5 s lease (heartbeats every 2.5 s); its reaper registers it.
-    let r = env.broker.reclaim("long", &[q()], Duration::from_secs(5), 3, Duration::from_millis(600)).await.unwrap();
+    // Worker "long" runs with a 5 s lease (heartbeats every 2.5 s); it registers it for 2 s.
+    let r = env.broker.reclaim("long", &[q()], Duration::from_secs(5), 3, Duration::from_secs(2)).await.unwrap();
     assert_eq!(r[0].min_idle, Duration::from_secs(5));
     assert_eq!(fetch(&env.broker, "long", 1).await.len(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -506,12 +506,24 @@ async fn a_reaper_waits_for_the_longest_lease_a_live_worker_of_the_queue_runs_wi
     assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Running);
     // "long" stops renewing its registration (its process is gone): once it lapses, the
     // shorter leases decide again and the job is reclaimed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let r = env.broker.reclaim("short", &[q()], Duration::from_millis(100), 3, Duration::from_secs(5)).await.unwrap();
     assert_eq!((r[0].requeued, r[0].min_idle), (1, Duration::from_millis(100)));
     let job = env.broker.job(id).await.unwrap().unwrap();
     assert_eq!((job.state, job.reclaims), (JobState::Queued, 1));
     let leases: Vec<String> = env.broker.connection().hkeys(env.keys().leases(&q())).await.unwrap();
     assert_eq!(leases, ["short"], "the lapsed registration is removed");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_registration_counts_for_reapers_and_a_shorter_one_does_not_cut_it() {
+    let env = TestEnv::new().await;
+    env.broker.register_lease("long", &[q()], Duration::from_secs(7), Duration::from_secs(30)).await.unwrap();
+    // The same lease registered again for less time (as a reaper pass does) keeps the longer.
+    env.broker.register_lease("long", &[q()], Duration::from_secs(7), Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = env.broker.reclaim("short", &[q()], Duration::from_millis(100), 3, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(r[0].min_idle, Duration::from_secs(7));
     env.cleanup().await;
 }

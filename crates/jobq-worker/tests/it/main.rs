@@ -189,10 +189,15 @@ async fn a_handler_past_its_timeout_is_cancelled_and_the_attempt_fails() {
 async fn past_the_shutdown_timeout_a_late_success_is_written_and_a_cancelled_attempt_is_left_pending() {
     let env = TestEnv::new().await;
     let mut registry = Registry::with_builtins();
-    // Ignores the cancellation and succeeds within the grace.
-    registry.register("stubborn", |_ctx: JobContext| async {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        Ok(Some(json!("finished")))
+    // Ignores the cancellation and succeeds within the grace, once the test lets it.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let g = go.clone();
+    registry.register("stubborn", move |_ctx: JobContext| {
+        let g = g.clone();
+        async move {
+            g.notified().await;
+            Ok(Some(json!("finished")))
+        }
     });
     // Stops when told to, with an error.
     registry.register("polite", |ctx: JobContext| async move {
@@ -209,6 +214,9 @@ async fn past_the_shutdown_timeout_a_late_success_is_written_and_a_cancelled_att
     wait_state(&env, stubborn, JobState::Running).await;
     wait_state(&env, polite, JobState::Running).await;
     token.cancel();
+    // Past the 200 ms shutdown timeout: both jobs are given up, and the stubborn one returns.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    go.notify_one();
     handle.await.unwrap().unwrap();
     let done = env.broker.job(stubborn).await.unwrap().unwrap();
     assert_eq!(done.state, JobState::Succeeded, "its success is not thrown away to run it again");
@@ -235,10 +243,16 @@ async fn an_outcome_whose_write_fails_after_the_shutdown_timeout_is_retried_with
     settings.worker.shutdown_timeout = Duration::from_millis(200);
     let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
     let mut registry = Registry::new();
-    // Ignores the cancellation and succeeds within the grace after the shutdown timeout.
-    registry.register("stubborn", |_ctx: JobContext| async {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        Ok(None)
+    // Ignores the cancellation and succeeds within the grace after the shutdown timeout, once
+    // the test lets it.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let g = go.clone();
+    registry.register("stubborn", move |_ctx: JobContext| {
+        let g = g.clone();
+        async move {
+            g.notified().await;
+            Ok(None)
+        }
     });
     let token = CancellationToken::new();
     let handle =
@@ -246,9 +260,11 @@ async fn an_outcome_whose_write_fails_after_the_shutdown_timeout_is_retried_with
     let id = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
     wait_state(&env, id, JobState::Running).await;
     token.cancel();
-    // Redis is unreachable from the worker when the handler returns, for 1.5 s.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Past the 200 ms shutdown timeout, Redis becomes unreachable from the worker, then the
+    // handler returns; Redis comes back 1.5 s later.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     proxy.cut();
+    go.notify_one();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.restore();
     handle.await.unwrap().unwrap();

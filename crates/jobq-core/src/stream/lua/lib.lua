@@ -143,3 +143,15 @@ local function dead_letter(jk, events, id, reason, err, now, retention)
   redis.call('HSET', jk, 'dead_reason', reason)
   finish(jk, id, 'dead', now, retention, err)
 end
+
+-- Registers CONSUMER's LEASE_S (ms, as a string) in the leases hash until NOW + FOR_MS, unless a
+-- registration of the same lease already lasts longer. Value: "lease_ms until_ms".
+local function register_lease(key, consumer, lease_s, for_ms, now)
+  local until_ms = now + for_ms
+  local cur = redis.call('HGET', key, consumer)
+  if cur then
+    local lease, old_until = string.match(cur, '^(%d+) (%d+)$')
+    if lease == lease_s and tonumber(old_until) >= until_ms then return end
+  end
+  redis.call('HSET', key, consumer, lease_s .. ' ' .. string.format('%d', until_ms))
+end

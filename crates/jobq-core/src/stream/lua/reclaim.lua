@@ -3,10 +3,11 @@
 -- attempt not counted), or cancel it (a cancel was requested), or dead-letter it once it has
 -- been reclaimed more than MAX_RECLAIMS times (a poison job that kills its worker).
 -- Entries whose content Redis reports deleted are counted (an alarm: it should not happen).
--- Workers of a queue may run with different leases: each reaper registers its own in the
--- queue's leases hash (consumer -> "lease_ms until_ms", until = when the registration lapses
--- unless renewed by its next pass), and an entry is taken only once idle past the longest lease
--- registered and not lapsed, so that no worker takes a job whose own worker still renews it.
+-- Workers of a queue may run with different leases: each registers its own in the queue's
+-- leases hash (consumer -> "lease_ms until_ms", until = when the registration lapses unless
+-- renewed; renewed here and by the worker's heartbeat), and an entry is taken only once idle
+-- past the longest lease registered and not lapsed, so that no worker takes a job whose own
+-- worker still renews it.
 -- KEYS: 1..4 priority streams, 5 events stream, 6 leases hash
 -- ARGV: 1 group, 2 consumer, 3 lease ms, 4 count, 5 job key prefix, 6 max reclaims,
 --       7 dead retention seconds, 8 ms this registration holds without renewal
@@ -14,7 +15,7 @@
 local now = now_ms()
 local requeued, dead, cancelled, deleted = 0, 0, 0, 0
 local budget = tonumber(ARGV[4])
-redis.call('HSET', KEYS[6], ARGV[2], ARGV[3] .. ' ' .. string.format('%d', now + tonumber(ARGV[8])))
+register_lease(KEYS[6], ARGV[2], ARGV[3], tonumber(ARGV[8]), now)
 local min_idle = tonumber(ARGV[3])
 local leases = redis.call('HGETALL', KEYS[6])
 for k = 1, #leases, 2 do
