@@ -525,5 +525,9 @@ async fn a_heartbeat_registration_counts_for_reapers_and_a_shorter_one_does_not_
     tokio::time::sleep(Duration::from_millis(50)).await;
     let r = env.broker.reclaim("short", &[q()], Duration::from_millis(100), 3, Duration::from_secs(5)).await.unwrap();
     assert_eq!(r[0].min_idle, Duration::from_secs(7));
+    // The hash lasts as long as its longest registration, plus a second.
+    let ttl: i64 =
+        redis::cmd("PTTL").arg(env.keys().leases(&q())).query_async(&mut env.broker.connection()).await.unwrap();
+    assert!(ttl > 29_000 && ttl <= 31_000, "{ttl}");
     env.cleanup().await;
 }

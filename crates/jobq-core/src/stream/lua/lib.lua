@@ -154,4 +154,9 @@ local function register_lease(key, consumer, lease_s, for_ms, now)
     if lease == lease_s and tonumber(old_until) >= until_ms then return end
   end
   redis.call('HSET', key, consumer, lease_s .. ' ' .. string.format('%d', until_ms))
+  -- The hash outlives its longest registration by a second, then goes: no key is left behind
+  -- once every worker of the queue has stopped.
+  if redis.call('PTTL', key) < for_ms + 1000 then
+    redis.call('PEXPIRE', key, for_ms + 1000)
+  end
 end
