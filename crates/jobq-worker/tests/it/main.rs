@@ -185,20 +185,26 @@ async fn a_handler_past_its_timeout_is_cancelled_and_the_attempt_fails() {
     finish(env, [(token, handle)]).await;
 }
 
+/// Registers `stubborn`: a handler that ignores cancellation and succeeds with `result` once the
+/// returned `Notify` lets it (after the shutdown timeout, in the tests below).
+fn stubborn(registry: &mut Registry, result: Option<serde_json::Value>) -> Arc<tokio::sync::Notify> {
+    let go = Arc::new(tokio::sync::Notify::new());
+    let g = go.clone();
+    registry.register("stubborn", move |_ctx: JobContext| {
+        let (g, result) = (g.clone(), result.clone());
+        async move {
+            g.notified().await;
+            Ok(result)
+        }
+    });
+    go
+}
+
 #[tokio::test]
 async fn past_the_shutdown_timeout_a_late_success_is_written_and_a_cancelled_attempt_is_left_pending() {
     let env = TestEnv::new().await;
     let mut registry = Registry::with_builtins();
-    // Ignores the cancellation and succeeds within the grace, once the test lets it.
-    let go = Arc::new(tokio::sync::Notify::new());
-    let g = go.clone();
-    registry.register("stubborn", move |_ctx: JobContext| {
-        let g = g.clone();
-        async move {
-            g.notified().await;
-            Ok(Some(json!("finished")))
-        }
-    });
+    let go = stubborn(&mut registry, Some(json!("finished")));
     // Stops when told to, with an error.
     registry.register("polite", |ctx: JobContext| async move {
         ctx.cancel.cancelled().await;
@@ -243,17 +249,7 @@ async fn an_outcome_whose_write_fails_after_the_shutdown_timeout_is_retried_with
     settings.worker.shutdown_timeout = Duration::from_millis(200);
     let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
     let mut registry = Registry::new();
-    // Ignores the cancellation and succeeds within the grace after the shutdown timeout, once
-    // the test lets it.
-    let go = Arc::new(tokio::sync::Notify::new());
-    let g = go.clone();
-    registry.register("stubborn", move |_ctx: JobContext| {
-        let g = g.clone();
-        async move {
-            g.notified().await;
-            Ok(None)
-        }
-    });
+    let go = stubborn(&mut registry, None);
     let token = CancellationToken::new();
     let handle =
         tokio::spawn(Worker::new(broker, registry, settings.worker, Duration::from_secs(30)).run(token.clone()));
