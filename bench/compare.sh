@@ -23,6 +23,10 @@ for c in 50 200; do
   # attempts are still recorded in Postgres.
   JOBQ_RETENTION_SUCCEEDED=0 jobq --scenario drain --workers 1 --concurrency $c
   JOBQ_RETENTION_SUCCEEDED=0 jobq --scenario drain --workers 2 --concurrency $c
+  # One runtime thread per worker process (JOBQ_WORKER_THREADS=1), as the baseline's one
+  # Node.js thread: for handlers that wait rather than compute (docs/operations.md).
+  JOBQ_WORKER_THREADS=1 jobq --scenario drain --workers 1 --concurrency $c
+  JOBQ_WORKER_THREADS=1 JOBQ_RETENTION_SUCCEEDED=0 jobq --scenario drain --workers 1 --concurrency $c
   if [ "$c" = 50 ]; then jobq --scenario latency; fi
   bullmq $c
 done
@@ -46,16 +50,18 @@ j = [json.loads(l) for l in (d / "jobq.json").read_text().splitlines() if l.stri
 api = next(r for r in j if r["scenario"] == "enqueue-api")
 drains = [r for r in j if r["scenario"] == "drain"]
 lat = next(r for r in j if r["scenario"] == "latency")
-row = lambda label, theirs, ours: print(f"{label:<78} {theirs:>10.0f} {ours:>10.0f} {ours / theirs:>7.2f}")
+row = lambda label, theirs, ours: print(f"{label:<92} {theirs:>10.0f} {ours:>10.0f} {ours / theirs:>7.2f}")
 print()
-print(f"{'measure (BullMQ: 1 worker process, same concurrency)':<78} {'BullMQ':>10} {'jobq':>10} {'ratio':>7}")
+print(f"{'measure (BullMQ: 1 worker process, same concurrency)':<92} {'BullMQ':>10} {'jobq':>10} {'ratio':>7}")
 row("bulk enqueue jobs/s (addBulk vs POST /jobs/batch)", b["enqueue_bulk_jobs_per_s"], api["jobs_per_s"])
 for r in drains:
     w, c = r["workers"], r["concurrency"]
     kept = "" if r.get("retention_succeeded_s", 1) else ", removed on success"
+    if r.get("worker_threads", 0) == 1:
+        kept += ", 1 runtime thread"
     theirs = bull[c]["process_jobs_per_s"]
     row(f"processing jobs/s, concurrency {c}, {w} worker process(es){kept}", theirs, r["jobs_per_s"])
     row("  ... with every attempt recorded in Postgres", theirs, r["recorded_jobs_per_s"])
 for p in ("p50", "p99"):
-    print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<78} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
+    print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<92} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
 PY

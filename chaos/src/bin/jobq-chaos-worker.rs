@@ -23,8 +23,11 @@ struct Typed {
     n: u32,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() {
+    jobq_worker::main_with("jobq-chaos-worker", setup)
+}
+
+async fn setup() -> anyhow::Result<Registry> {
     let url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!("DATABASE_URL is not set"))?;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(20).connect(&url).await?;
     jobq_chaos::create_effects_table(&pool).await?;
@@ -63,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
         .register("chaos.abort", |_ctx: JobContext| async { std::process::abort() })
         .register("chaos.hang", |_ctx: JobContext| async { std::future::pending().await })
         .register_typed("chaos.typed", |t: Typed, _ctx: JobContext| async move { Ok(t.n) });
-    jobq_worker::main("jobq-chaos-worker", registry).await
+    Ok(registry)
 }
 
 /// Appends the side effect of one attempt.

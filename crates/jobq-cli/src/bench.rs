@@ -342,6 +342,7 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     Ok(json!({
         "scenario": "drain", "n": n, "workers": args.workers, "concurrency": args.concurrency,
         "retention_succeeded_s": env.settings.retention.succeeded.as_secs(), "log_level": args.log_level,
+        "worker_threads": env.settings.worker.threads,
         "jobs_per_s": (n as f64 / processed).round(),
         "recorded_jobs_per_s": (n as f64 / recorded).round(),
         "cpu_us_per_job": {

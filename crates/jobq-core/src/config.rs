@@ -55,6 +55,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("JOBQ_WORKER_HEARTBEAT", "worker.heartbeat"),
     ("JOBQ_WORKER_REAPER_INTERVAL", "worker.reaper_interval"),
     ("JOBQ_WORKER_MAX_RECLAIMS", "worker.max_reclaims"),
+    ("JOBQ_WORKER_THREADS", "worker.threads"),
     ("JOBQ_SCHEDULER_PROMOTE_INTERVAL", "scheduler.promote_interval"),
     ("JOBQ_SCHEDULER_PROMOTE_BATCH", "scheduler.promote_batch"),
     ("JOBQ_SCHEDULER_RECORD_BATCH", "scheduler.record_batch"),
@@ -287,6 +288,8 @@ pub struct WorkerSettings {
     pub reaper_interval: Duration,
     /// Reclaims after which a job is dead (reason `max_reclaims`): a job that kills its worker.
     pub max_reclaims: u32,
+    /// Runtime threads of a worker binary (`jobq_worker::main`); 0 = one per core.
+    pub threads: usize,
 }
 
 /// The queues a worker serves and how it picks among them.
@@ -529,6 +532,12 @@ impl Settings {
         if !(1..=10_000).contains(&self.worker.concurrency) {
             return bad("worker.concurrency", format!("must be between 1 and 10000, got {}", self.worker.concurrency));
         }
+        if self.worker.threads > 1024 {
+            return bad(
+                "worker.threads",
+                format!("must be at most 1024 (0 = one per core), got {}", self.worker.threads),
+            );
+        }
         if self.worker.lease < Duration::from_millis(100) {
             return bad("worker.lease", "must be at least 100ms".into());
         }
@@ -720,6 +729,8 @@ mod tests {
             ("JOBQ_WORKER_QUEUES", "a=x"),
             ("JOBQ_WORKER_QUEUES", "a,a"),
             ("JOBQ_WORKER_HEARTBEAT", "20s"),
+            ("JOBQ_WORKER_THREADS", "2000"),
+            ("JOBQ_WORKER_THREADS", "-1"),
             ("JOBQ_OTLP_ENDPOINT", "collector:4318"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();

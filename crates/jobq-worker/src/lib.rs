@@ -65,8 +65,9 @@ struct Args {
 }
 
 /// The whole `main` of a worker binary: parses `--config`, loads the settings (file, then
-/// `JOBQ_*` variables), sets up logging and span export as `service`, and runs `registry`
-/// until SIGTERM/SIGINT.
+/// `JOBQ_*` variables), starts a runtime of `worker.threads` threads (`JOBQ_WORKER_THREADS`;
+/// 0 = one per core), sets up logging and span export as `service`, and runs `registry` until
+/// SIGTERM/SIGINT.
 ///
 /// Once the worker has stopped it exits the process (status 0, or 1 with the error) instead
 /// of returning, so code after the call does not run: a handler still running past the
@@ -75,31 +76,85 @@ struct Args {
 /// runtime thread), the process exits `shutdown_timeout` + 17 s + 3 × `redis.timeout` after the
 /// signal was handled. (With every runtime thread held, even the signal waits for one to be
 /// free: run CPU-bound work with `spawn_blocking`.) Either way unfinished jobs stay pending and
-/// are reclaimed.
+/// are reclaimed. To own the runtime and the settings, call [`run`] instead.
 ///
 /// ```no_run
-/// #[tokio::main]
-/// async fn main() -> anyhow::Result<()> {
+/// fn main() {
 ///     let mut registry = jobq_worker::Registry::new();
 ///     registry.register("hello", |_ctx: jobq_worker::JobContext| async { Ok(None) });
-///     jobq_worker::main("my-worker", registry).await
+///     jobq_worker::main("my-worker", registry)
 /// }
 /// ```
-pub async fn main(service: &'static str, registry: Registry) -> anyhow::Result<()> {
+// The examples show the `fn main` a worker binary has.
+#[allow(clippy::needless_doctest_main)]
+pub fn main(service: &'static str, registry: Registry) -> ! {
+    main_with(service, move || async move { Ok(registry) })
+}
+
+/// [`main`] for a registry whose handlers need the runtime to be built (a database pool, an
+/// HTTP client that connects at start): `setup` runs on the worker's runtime, after the
+/// settings are loaded and logging is set up; an error it returns ends the process (status 1).
+///
+/// ```no_run
+/// fn main() {
+///     jobq_worker::main_with("my-worker", || async {
+///         let template: std::sync::Arc<str> = tokio::fs::read_to_string("welcome.txt").await?.into();
+///         let mut registry = jobq_worker::Registry::new();
+///         registry.register("welcome", move |_ctx: jobq_worker::JobContext| {
+///             let body = template.clone();
+///             async move { Ok(Some(serde_json::json!({ "bytes": body.len() }))) }
+///         });
+///         Ok(registry)
+///     })
+/// }
+/// ```
+#[allow(clippy::needless_doctest_main)]
+pub fn main_with<F, Fut>(service: &'static str, setup: F) -> !
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Registry>>,
+{
     let args = <Args as clap::Parser>::parse();
-    let settings = jobq_core::config::load(args.config.as_deref())?;
-    let telemetry = jobq_core::telemetry::init(&settings.log, service);
-    let shutdown = jobq_core::shutdown::token_from_signals();
-    exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout, settings.redis.timeout);
-    let result = run(settings, registry, shutdown).await;
-    telemetry.shutdown().await;
+    let settings = match jobq_core::config::load(args.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => exit_with(e.into()),
+    };
+    let rt = match runtime(settings.worker.threads) {
+        Ok(rt) => rt,
+        Err(e) => exit_with(anyhow::Error::new(e).context("cannot start the runtime")),
+    };
+    let result = rt.block_on(async move {
+        let telemetry = jobq_core::telemetry::init(&settings.log, service);
+        let shutdown = jobq_core::shutdown::token_from_signals();
+        let result = match setup().await {
+            Ok(registry) => {
+                exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout, settings.redis.timeout);
+                run(settings, registry, shutdown).await
+            }
+            Err(e) => Err(e.context("worker setup failed")),
+        };
+        telemetry.shutdown().await;
+        result
+    });
     match result {
+        // Not dropping the runtime: that would wait for handlers still holding its threads.
         Ok(()) => std::process::exit(0),
-        Err(e) => {
-            eprintln!("Error: {e:?}");
-            std::process::exit(1)
-        }
+        Err(e) => exit_with(e),
     }
+}
+
+fn exit_with(e: anyhow::Error) -> ! {
+    eprintln!("Error: {e:#}");
+    std::process::exit(1)
+}
+
+/// A multi-thread runtime with `threads` worker threads, or one per core for 0.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
 }
 
 /// A thread outside the runtime (whose threads handlers may hold) that ends the process once
@@ -251,6 +306,7 @@ impl Worker {
             queues = ?self.settings.queues.queues.iter().map(|(q, w)| format!("{q}={w}")).collect::<Vec<_>>(),
             weighted = self.settings.queues.weighted,
             concurrency = self.settings.concurrency,
+            runtime_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             handlers = ?self.registry.types(),
             "worker started"
         );
@@ -475,6 +531,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_runtime_has_the_configured_threads_or_one_per_core() {
+        assert_eq!(runtime(1).unwrap().metrics().num_workers(), 1);
+        assert_eq!(runtime(3).unwrap().metrics().num_workers(), 3);
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+        assert_eq!(runtime(0).unwrap().metrics().num_workers(), cores);
+    }
 
     fn planner(spec: &[&str]) -> QueuePlanner {
         let names: Vec<String> = spec.iter().map(|s| s.to_string()).collect();

@@ -5,7 +5,6 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    jobq_worker::main("jobq-worker", jobq_worker::Registry::with_builtins()).await
+fn main() {
+    jobq_worker::main("jobq-worker", jobq_worker::Registry::with_builtins())
 }

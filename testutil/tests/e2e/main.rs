@@ -165,6 +165,37 @@ async fn several_workers_share_a_queue_without_running_a_job_twice() {
 }
 
 #[tokio::test]
+async fn a_worker_on_one_runtime_thread_runs_jobs_and_bad_thread_counts_are_refused() {
+    let env = TestEnv::new().await;
+    for bad in ["lots", "-1", "5000"] {
+        let out = std::process::Command::new(jobq_testutil::bin_path("jobq-worker"))
+            .envs(env.env())
+            .env("JOBQ_WORKER_THREADS", bad)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "JOBQ_WORKER_THREADS={bad}: {stderr}");
+        assert!(stderr.contains("JOBQ_WORKER_THREADS"), "JOBQ_WORKER_THREADS={bad}: {stderr}");
+    }
+    let mut worker = Proc::spawn("jobq-worker", &env.env_with(&[("JOBQ_WORKER_THREADS", "1")]));
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let kind = if i % 2 == 0 { "echo" } else { "sleep" };
+        ids.push(env.broker.enqueue(jobq_core::job::NewJob::new(kind, json!({"ms": 50}))).await.unwrap().job.id);
+    }
+    for id in ids {
+        jobq_testutil::wait_until(WAIT, "every job to succeed", || async {
+            let job = env.broker.job(id).await.unwrap()?;
+            (job.state == jobq_core::job::JobState::Succeeded).then_some(())
+        })
+        .await;
+    }
+    worker.signal("TERM");
+    assert_eq!(worker.wait(Duration::from_secs(15)).await, Some(0));
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn sigterm_lets_the_running_job_finish_and_exits_zero() {
     let env = TestEnv::new().await;
     let vars = env.env();

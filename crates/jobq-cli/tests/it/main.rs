@@ -141,11 +141,12 @@ async fn bench_all(env: &TestEnv) -> (Vec<serde_json::Value>, String) {
 }
 
 #[tokio::test]
-async fn bench_runs_every_scenario_with_succeeded_jobs_removed_at_once() {
-    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0")]).await;
+async fn bench_runs_every_scenario_with_succeeded_jobs_removed_at_once_on_one_runtime_thread() {
+    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0"), ("JOBQ_WORKER_THREADS", "1")]).await;
     let (lines, _) = bench_all(&env).await;
     assert_eq!(lines.len(), 6);
     assert_eq!(lines[2]["retention_succeeded_s"], 0, "{}", lines[2]);
+    assert_eq!(lines[2]["worker_threads"], 1, "{}", lines[2]);
     assert!(lines[2]["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "every attempt recorded: {}", lines[2]);
     assert!(lines[3]["start_ms_p99"].as_f64().unwrap() > 0.0, "{}", lines[3]);
     assert!(lines[4]["jobs_per_s"].as_f64().unwrap() > 0.0, "{}", lines[4]);
