@@ -50,18 +50,19 @@ j = [json.loads(l) for l in (d / "jobq.json").read_text().splitlines() if l.stri
 api = next(r for r in j if r["scenario"] == "enqueue-api")
 drains = [r for r in j if r["scenario"] == "drain"]
 lat = next(r for r in j if r["scenario"] == "latency")
-row = lambda label, theirs, ours: print(f"{label:<92} {theirs:>10.0f} {ours:>10.0f} {ours / theirs:>7.2f}")
+row = lambda label, theirs, ours: print(f"{label:<100} {theirs:>10.0f} {ours:>10.0f} {ours / theirs:>7.2f}")
 print()
-print(f"{'measure (BullMQ: 1 worker process, same concurrency)':<92} {'BullMQ':>10} {'jobq':>10} {'ratio':>7}")
+print(f"{'measure (BullMQ: 1 worker process, same concurrency)':<100} {'BullMQ':>10} {'jobq':>10} {'ratio':>7}")
 row("bulk enqueue jobs/s (addBulk vs POST /jobs/batch)", b["enqueue_bulk_jobs_per_s"], api["jobs_per_s"])
 for r in drains:
     w, c = r["workers"], r["concurrency"]
     kept = "" if r.get("retention_succeeded_s", 1) else ", removed on success"
-    if r.get("worker_threads", 0) == 1:
-        kept += ", 1 runtime thread"
+    t = r.get("worker_threads", 0)
+    if t:
+        kept += f", {t} runtime thread{'s' if t > 1 else ''}"
     theirs = bull[c]["process_jobs_per_s"]
     row(f"processing jobs/s, concurrency {c}, {w} worker process(es){kept}", theirs, r["jobs_per_s"])
     row("  ... with every attempt recorded in Postgres", theirs, r["recorded_jobs_per_s"])
 for p in ("p50", "p99"):
-    print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<92} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
+    print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<100} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
 PY

@@ -288,7 +288,7 @@ pub struct WorkerSettings {
     pub reaper_interval: Duration,
     /// Reclaims after which a job is dead (reason `max_reclaims`): a job that kills its worker.
     pub max_reclaims: u32,
-    /// Runtime threads of a worker binary (`jobq_worker::main`); 0 = one per core.
+    /// Runtime threads of a worker binary (`jobq_worker::main`, `main_with`); 0 = one per core.
     pub threads: usize,
 }
 

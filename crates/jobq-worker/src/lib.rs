@@ -93,16 +93,18 @@ pub fn main(service: &'static str, registry: Registry) -> ! {
 
 /// [`main`] for a registry whose handlers need the runtime to be built (a database pool, an
 /// HTTP client that connects at start): `setup` runs on the worker's runtime, after the
-/// settings are loaded and logging is set up; an error it returns ends the process (status 1).
+/// settings are loaded and logging is set up; an error it returns ends the process (status 1),
+/// and so does SIGTERM/SIGINT while it runs (status 0).
 ///
 /// ```no_run
 /// fn main() {
 ///     jobq_worker::main_with("my-worker", || async {
-///         let template: std::sync::Arc<str> = tokio::fs::read_to_string("welcome.txt").await?.into();
+///         // Resolved once at start: a worker that cannot reach its mail relay does not start.
+///         let relay = tokio::net::lookup_host("smtp.example.com:587").await?.next();
+///         let relay = relay.ok_or_else(|| anyhow::anyhow!("smtp.example.com has no address"))?;
 ///         let mut registry = jobq_worker::Registry::new();
-///         registry.register("welcome", move |_ctx: jobq_worker::JobContext| {
-///             let body = template.clone();
-///             async move { Ok(Some(serde_json::json!({ "bytes": body.len() }))) }
+///         registry.register("mail.send", move |_ctx: jobq_worker::JobContext| async move {
+///             Ok(Some(serde_json::json!({ "relay": relay.to_string() })))
 ///         });
 ///         Ok(registry)
 ///     })
@@ -114,6 +116,12 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Registry>>,
 {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        exit_with(anyhow::anyhow!(
+            "jobq_worker::main builds its own runtime: call it from a plain `fn main`, not from \
+             async code (to run a worker on a runtime of your own, call jobq_worker::run)"
+        ));
+    }
     let args = <Args as clap::Parser>::parse();
     let settings = match jobq_core::config::load(args.config.as_deref()) {
         Ok(s) => s,
@@ -126,12 +134,21 @@ where
     let result = rt.block_on(async move {
         let telemetry = jobq_core::telemetry::init(&settings.log, service);
         let shutdown = jobq_core::shutdown::token_from_signals();
-        let result = match setup().await {
-            Ok(registry) => {
-                exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout, settings.redis.timeout);
-                run(settings, registry, shutdown).await
+        exit_if_stuck(shutdown.clone(), settings.worker.shutdown_timeout, settings.redis.timeout);
+        // A signal during the setup (a database that does not answer, say) stops the process
+        // as it would stop the worker.
+        let setup = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            r = setup() => Some(r),
+        };
+        let result = match setup {
+            None => {
+                tracing::info!("stopped before the worker started");
+                Ok(())
             }
-            Err(e) => Err(e.context("worker setup failed")),
+            Some(Ok(registry)) => run(settings, registry, shutdown).await,
+            Some(Err(e)) => Err(e.context("worker setup failed")),
         };
         telemetry.shutdown().await;
         result
@@ -144,17 +161,15 @@ where
 }
 
 fn exit_with(e: anyhow::Error) -> ! {
-    eprintln!("Error: {e:#}");
+    eprintln!("Error: {e:?}");
     std::process::exit(1)
 }
 
-/// A multi-thread runtime with `threads` worker threads, or one per core for 0.
+/// A multi-thread runtime with `threads` worker threads, or one per core for 0 (set here, so
+/// that `TOKIO_WORKER_THREADS` does not override the setting).
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
-        b.worker_threads(threads);
-    }
-    b.enable_all().build()
+    let threads = if threads > 0 { threads } else { std::thread::available_parallelism().map_or(1, usize::from) };
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
 }
 
 /// A thread outside the runtime (whose threads handlers may hold) that ends the process once

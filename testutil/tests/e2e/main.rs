@@ -196,6 +196,20 @@ async fn a_worker_on_one_runtime_thread_runs_jobs_and_bad_thread_counts_are_refu
 }
 
 #[tokio::test]
+async fn sigterm_during_a_worker_setup_that_hangs_exits_zero() {
+    // The chaos worker connects to Postgres in its setup; this "database" accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let env = TestEnv::new().await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/none");
+    let mut worker = Proc::spawn("jobq-chaos-worker", &env.env_with(&[("DATABASE_URL", &url)]));
+    let (_held, _) = tokio::time::timeout(WAIT, silent.accept()).await.expect("the setup connects").unwrap();
+    worker.signal("TERM");
+    assert_eq!(worker.wait(Duration::from_secs(10)).await, Some(0));
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn sigterm_lets_the_running_job_finish_and_exits_zero() {
     let env = TestEnv::new().await;
     let vars = env.env();
