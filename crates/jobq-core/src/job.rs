@@ -461,7 +461,10 @@ impl NewJob {
         if self.tags.len() > 32 || self.tags.iter().any(|t| t.len() > 128) {
             return invalid("`tags`: at most 32 tags of at most 128 characters".into());
         }
-        if self.metadata.len() > 64 || self.metadata.iter().any(|(k, v)| k.len() > 128 || v.len() > 4096) {
+        // The entries jobq adds itself (trace context, a cron tick's schedule and tick) do not
+        // count: a job valid as sent stays valid once they are added.
+        let own = self.metadata.keys().filter(|k| !SYSTEM_METADATA.contains(&k.as_str())).count();
+        if own > 64 || self.metadata.iter().any(|(k, v)| k.len() > 128 || v.len() > 4096) {
             return invalid("`metadata`: at most 64 entries, keys up to 128 and values up to 4096 characters".into());
         }
         // History and the DLQ keep these in Postgres, whose text and jsonb cannot hold U+0000.
@@ -604,6 +607,10 @@ pub struct JobInfo {
 /// Most entries in `depends_on`.
 pub const MAX_DEPENDENCIES: usize = 1000;
 
+/// Metadata entries jobq writes itself: the trace context of the enqueuing request, and the
+/// schedule and tick of a cron job. They do not count towards the 64 entries a job may carry.
+pub const SYSTEM_METADATA: [&str; 4] = ["traceparent", "tracestate", "schedule", "tick"];
+
 /// What the jobs in `depends_on` must reach before the dependent job is queued.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -684,6 +691,20 @@ mod tests {
             metadata: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
             tags: vec!["t".into()],
         }
+    }
+
+    #[test]
+    fn metadata_jobq_adds_itself_does_not_count_towards_the_limit() {
+        let mut job = NewJob::new("report", serde_json::json!({}));
+        job.metadata = (0..64).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        job.validate().unwrap();
+        for name in SYSTEM_METADATA {
+            job.metadata.insert(name.into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        }
+        job.validate().expect("64 entries of the caller's plus the ones jobq adds");
+        job.metadata.insert("k64".into(), "v".into());
+        let err = job.validate().unwrap_err().to_string();
+        assert!(err.contains("at most 64 entries"), "{err}");
     }
 
     #[test]

@@ -132,7 +132,7 @@ with_filter! {
         #[param(minimum = 1, maximum = 500)]
         limit: Option<i64>,
         /// `next_cursor` of the previous page.
-        #[param(pattern = r"^-?[0-9]{1,15}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+        #[param(pattern = r"^-?[0-9]{1,16}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
         cursor: Option<String>,
     }
 }
@@ -169,8 +169,14 @@ pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBody {
-    /// Replaces the job's payload for the new run.
+    /// Replaces the job's payload for the new run (`null` included).
+    #[serde(default, deserialize_with = "present")]
     pub payload: Option<Value>,
+}
+
+/// A field that is present is `Some`, even when it is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 #[utoipa::path(post, path = "/api/v1/dlq/{id}/retry", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")), request_body(content = Option<RetryBody>, description = "optional edited payload"),
@@ -207,10 +213,8 @@ pub(crate) async fn retry(
         e => e.into(),
     })?;
     let details = edited.then(|| json!({"payload": body.payload}));
-    state
-        .store
-        .audit(&who.name, if edited { "dlq.retry_edited" } else { "dlq.retry" }, Some(id.to_string()), None, 1, details)
-        .await?;
+    let action = if edited { "dlq.retry_edited" } else { "dlq.retry" };
+    audit_done(&state, &who, action, Some(id.to_string()), None, 1, details).await;
     Ok(Json(json!({"job_id": retried.job_id, "run": retried.run, "state": "queued"})))
 }
 
@@ -294,7 +298,7 @@ pub(crate) async fn remove(
     if !state.store.delete_dead(id).await? {
         return Err(not_in_dlq(id));
     }
-    state.store.audit(&who.name, "dlq.delete", Some(id.to_string()), None, 1, None).await?;
+    audit_done(&state, &who, "dlq.delete", Some(id.to_string()), None, 1, None).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -322,8 +326,26 @@ pub(crate) async fn purge(
     let filter = q.filter().into_store(0, None)?;
     let deleted = state.store.purge_dead(&filter).await?;
     let f = serde_json::to_value(&filter).unwrap_or(Value::Null);
-    state.store.audit(&who.name, "dlq.purge", None, Some(f), deleted as i64, None).await?;
+    audit_done(&state, &who, "dlq.purge", None, Some(f), deleted as i64, None).await;
     Ok(Json(json!({"deleted": deleted})))
+}
+
+/// Writes the audit entry of an action that has already taken effect. A failure to write it
+/// is logged and counted, not answered: the caller must not retry what is done (a retried
+/// retry would answer 409, a retried purge would find nothing).
+async fn audit_done(
+    state: &AppState,
+    who: &Principal,
+    action: &str,
+    target: Option<String>,
+    filter: Option<Value>,
+    count: i64,
+    details: Option<Value>,
+) {
+    if let Err(e) = state.store.audit(&who.name, action, target.clone(), filter, count, details).await {
+        metrics::counter!("jobq_postgres_errors_total", "component" => "audit").increment(1);
+        tracing::error!(error = %e, action, target = target.as_deref().unwrap_or(""), actor = %who.name, "the action took effect but its audit entry could not be written");
+    }
 }
 
 /// Query of `GET /api/v1/audit`.

@@ -382,7 +382,9 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
-    #[param(pattern = r"^[0-9]{1,9}\.[0-9]{1,19}$")]
+    #[param(
+        pattern = r"^[0-9]{1,19}\.[0-9]{1,3}\.(-|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\.[A-Za-z0-9_.-]{1,64}$"
+    )]
     pub cursor: Option<String>,
 }
 
