@@ -1,7 +1,7 @@
 //! API errors: one JSON shape everywhere, `{"error": {"code", "message", "details"}}`.
 //! Caller mistakes are 4xx; an outage of Redis or Postgres is 503; only bugs are 500.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -113,6 +113,16 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
         Self::BadRequest(r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let text = r.body_text();
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge(format!("request body is over the limit: {text}")),
+            _ => Self::BadRequest(text),
+        }
     }
 }
 

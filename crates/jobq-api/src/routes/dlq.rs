@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{job_id, ApiJson, ApiQuery};
+use crate::extract::{job_id, ApiJson, ApiPath, ApiQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -157,7 +158,10 @@ fn not_in_dlq(id: impl std::fmt::Display) -> ApiError {
 
 #[utoipa::path(get, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, description = "row, envelope and every attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
-pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     let dead = state.store.dead_job(id).await?.ok_or_else(|| not_in_dlq(id))?;
     let envelope = state.store.dead_envelope(id).await?;
@@ -184,10 +188,11 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 pub(crate) async fn retry(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
-    body: Bytes,
+    ApiPath(id): ApiPath<String>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
+    let body = body?;
     // No body (or `null`) retries the job as it was.
     let body: Option<RetryBody> = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -292,7 +297,7 @@ pub(crate) async fn retry_matching(
 pub(crate) async fn remove(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     if !state.store.delete_dead(id).await? {

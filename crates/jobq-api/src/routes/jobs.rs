@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{job_id, ApiJson, ApiQuery};
+use crate::extract::{job_id, ApiJson, ApiPath, ApiQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -416,7 +416,7 @@ fn visible(who: &Principal, job: &jobq_core::job::JobInfo) -> bool {
 pub(crate) async fn get_job(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     let job = state.broker.job(id).await?.filter(|j| visible(&who, j));
@@ -429,7 +429,7 @@ pub(crate) async fn get_job(
 pub(crate) async fn executions(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     if who.role == Role::Producer {
@@ -448,7 +448,7 @@ pub(crate) async fn executions(
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     let status = match state.broker.cancel(id).await? {

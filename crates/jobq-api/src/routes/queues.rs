@@ -1,6 +1,6 @@
 //! `POST /api/v1/queues/{queue}/pause` and `/resume`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -8,6 +8,7 @@ use jobq_core::job::QueueName;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::extract::ApiPath;
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -58,7 +59,10 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoRespo
 /// `GET /api/v1/queues/{queue}`.
 #[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = QueueStats), (status = 404, body = ApiErrorBody)))]
-pub(crate) async fn show(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    ApiPath(q): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
     if !state.broker.queues().await?.contains(&q) {
         return Err(ApiError::NotFound(format!("queue `{q}` not found")));
@@ -70,7 +74,10 @@ pub(crate) async fn show(State(state): State<AppState>, Path(q): Path<String>) -
 /// Workers stop starting the queue's jobs; enqueueing still works; running jobs finish.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/pause", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
-pub(crate) async fn pause(State(state): State<AppState>, Path(q): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn pause(
+    State(state): State<AppState>,
+    ApiPath(q): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
     state.broker.pause(&q).await?;
     Ok(Json(json!({"queue": q, "paused": true})))
@@ -81,7 +88,7 @@ pub(crate) async fn pause(State(state): State<AppState>, Path(q): Path<String>) 
     responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
 pub(crate) async fn resume(
     State(state): State<AppState>,
-    Path(q): Path<String>,
+    ApiPath(q): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let q = queue(&q)?;
     state.broker.resume(&q).await?;

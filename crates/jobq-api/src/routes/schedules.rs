@@ -2,7 +2,7 @@
 //! /api/v1/schedules/{name}`, `POST /api/v1/schedules/{name}/trigger`,
 //! `GET /api/v1/schedules/{name}/runs`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -80,7 +80,7 @@ fn not_found(name: &str) -> ApiError {
     responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let s = state.store.schedule(&name).await?.ok_or_else(|| not_found(&name))?;
     Ok(Json(view(&s)))
@@ -91,7 +91,7 @@ pub(crate) async fn show(
     responses((status = 200, body = StoredSchedule), (status = 201, body = StoredSchedule), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn replace(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(mut spec): ApiJson<ScheduleSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
     if spec.name.is_empty() {
@@ -127,7 +127,7 @@ pub struct SchedulePatch {
     responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(p): ApiJson<SchedulePatch>,
 ) -> Result<impl IntoResponse, ApiError> {
     if let Some(job) = &p.job {
@@ -163,7 +163,7 @@ pub(crate) async fn patch(
     responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     if state.store.delete_schedule(&name).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -176,7 +176,7 @@ pub(crate) async fn remove(
     responses((status = 201, body = JobInfo), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn trigger(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let job = state.store.trigger_schedule(&state.broker, &name).await?;
     Ok((StatusCode::CREATED, Json(job)))
@@ -196,7 +196,7 @@ pub struct RunsQuery {
     responses((status = 200, description = "recent runs with their job state", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn runs(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<RunsQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     state.store.schedule(&name).await?.ok_or_else(|| not_found(&name))?;

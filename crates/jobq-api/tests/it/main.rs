@@ -187,6 +187,12 @@ async fn size_limits_are_413_with_the_limit_in_the_message() {
     let (status, err) =
         call(&app, "POST", "/api/v1/jobs", Some(&json!({"type": "echo", "payload": huge}).to_string())).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert_eq!(err["error"]["code"], "payload_too_large", "{err}");
+    // The DLQ retry reads its optional body itself: over the limit it answers the same JSON.
+    let uri = format!("/api/v1/dlq/{}/retry", uuid::Uuid::now_v7());
+    let (status, err) = call(&app, "POST", &uri, Some(&json!({"payload": huge}).to_string())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert_eq!(err["error"]["code"], "payload_too_large", "{err}");
     let req = Request::builder().method("POST").uri("/api/v1/jobs").body(Body::from(r#"{"type":"echo"}"#)).unwrap();
     assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     env.cleanup().await;
@@ -202,6 +208,15 @@ async fn unknown_jobs_routes_and_ids_are_4xx_json() {
     let (status, err) = call(&app, "GET", "/api/v1/jobs/not-a-uuid", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_error(&err, "bad_request", "not-a-uuid");
+    // A path segment that is not UTF-8 once decoded: the same JSON error, on every route.
+    for uri in ["/api/v1/jobs/%FF", "/api/v1/dlq/%FF", "/api/v1/queues/%FF", "/api/v1/schedules/%FF"] {
+        let (status, err) = call(&app, "GET", uri, None).await;
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_request")),
+            "{uri}: {err}"
+        );
+    }
     let (status, err) = call(&app, "GET", "/api/v1/nothing", None).await;
     assert_eq!((status, err["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
     let (status, err) = call(&app, "PUT", "/api/v1/dlq", None).await;
