@@ -33,6 +33,10 @@ use crate::job::{NewJob, Priority, QueueName};
 pub struct CronSchedule {
     expr: String,
     schedule: cron::Schedule,
+    /// A crontab expression restricting both the day of the month and the day of the week
+    /// fires when either matches (the `cron` crate wants both): `schedule` takes the day of
+    /// the month, this one the day of the week, and the ticks are those of either.
+    or_weekday: Option<cron::Schedule>,
     tz: Tz,
     /// The hour field is a wildcard: the schedule fires in both occurrences of a repeated hour.
     every_hour: bool,
@@ -81,8 +85,9 @@ fn crontab_days(field: &str) -> std::result::Result<String, String> {
     Ok(days.join(","))
 }
 
-/// Normalizes the accepted forms into the `cron` crate's syntax.
-fn normalize(expr: &str) -> std::result::Result<String, String> {
+/// Normalizes the accepted forms into the `cron` crate's syntax: one expression, or two whose
+/// ticks together are the expression's (see [`CronSchedule::or_weekday`]).
+fn normalize(expr: &str) -> std::result::Result<(String, Option<String>), String> {
     let e = expr.trim();
     let alias = match e.to_ascii_lowercase().as_str() {
         "@yearly" | "@annually" => Some("0 0 0 1 1 *"),
@@ -93,15 +98,24 @@ fn normalize(expr: &str) -> std::result::Result<String, String> {
         _ => None,
     };
     if let Some(a) = alias {
-        return Ok(a.to_owned());
+        return Ok((a.to_owned(), None));
     }
     if e.starts_with('@') {
         return Err(format!("unknown alias `{e}` (use @yearly, @monthly, @weekly, @daily or @hourly)"));
     }
     let fields: Vec<&str> = e.split_whitespace().collect();
     match fields.len() {
-        5 => Ok(format!("0 {} {} {} {} {}", fields[0], fields[1], fields[2], fields[3], crontab_days(fields[4])?)),
-        6 | 7 => Ok(fields.join(" ")),
+        5 => {
+            let (m, h, dom, month) = (fields[0], fields[1], fields[2], fields[3]);
+            let dow = crontab_days(fields[4])?;
+            let any = |f: &str| f == "*" || f == "?";
+            if any(dom) || any(&dow) {
+                Ok((format!("0 {m} {h} {dom} {month} {dow}"), None))
+            } else {
+                Ok((format!("0 {m} {h} {dom} {month} *"), Some(format!("0 {m} {h} * {month} {dow}"))))
+            }
+        }
+        6 | 7 => Ok((fields.join(" "), None)),
         n => Err(format!("expected 5 fields (crontab), 6 or 7 (with seconds and year), got {n}")),
     }
 }
@@ -117,15 +131,17 @@ impl CronSchedule {
     /// Parses `expr` in zone `tz`; errors name the field (`cron` or `timezone`).
     pub fn parse(expr: &str, tz: &str) -> Result<Self> {
         let tz = parse_tz(tz)?;
-        let normalized =
-            normalize(expr).map_err(|e| Error::Invalid(format!("`cron`: invalid expression `{expr}`: {e}")))?;
-        let schedule = cron::Schedule::from_str(&normalized)
-            .map_err(|e| Error::Invalid(format!("`cron`: invalid expression `{expr}`: {e}")))?;
-        if schedule.upcoming(Utc).next().is_none() {
+        let invalid = |e: &dyn std::fmt::Display| Error::Invalid(format!("`cron`: invalid expression `{expr}`: {e}"));
+        let (normalized, weekday) = normalize(expr).map_err(|e| invalid(&e))?;
+        let schedule = cron::Schedule::from_str(&normalized).map_err(|e| invalid(&e))?;
+        let or_weekday = weekday.map(|w| cron::Schedule::from_str(&w)).transpose().map_err(|e| invalid(&e))?;
+        if schedule.upcoming(Utc).next().is_none()
+            && or_weekday.as_ref().is_none_or(|w| w.upcoming(Utc).next().is_none())
+        {
             return Err(Error::Invalid(format!("`cron`: expression `{expr}` never fires")));
         }
         let every_hour = normalized.split_whitespace().nth(2).is_some_and(|h| h.contains('*'));
-        Ok(Self { expr: expr.trim().to_owned(), schedule, tz, every_hour })
+        Ok(Self { expr: expr.trim().to_owned(), schedule, or_weekday, tz, every_hour })
     }
 
     /// The expression as given.
@@ -156,7 +172,23 @@ impl CronSchedule {
             // fold's earlier ticks still come (the ones not after `after` are dropped below).
             local_after -= Duration::hours(3);
         }
-        let mut local = self.schedule.after(&Utc.from_utc_datetime(&local_after)).map(|t| t.naive_utc()).peekable();
+        let start = Utc.from_utc_datetime(&local_after);
+        let mut days = self.schedule.after(&start).map(|t| t.naive_utc()).peekable();
+        let mut weekdays = self.or_weekday.as_ref().map(|w| w.after(&start).map(|t| t.naive_utc()).peekable());
+        // The local times of either schedule, in order, once each.
+        let mut local = std::iter::from_fn(move || {
+            let Some(w) = weekdays.as_mut() else { return days.next() };
+            match (days.peek(), w.peek()) {
+                (Some(d), Some(x)) if d == x => {
+                    w.next();
+                    days.next()
+                }
+                (Some(d), Some(x)) if x < d => w.next(),
+                (Some(_), _) => days.next(),
+                (None, _) => w.next(),
+            }
+        })
+        .peekable();
         let mut fold: std::collections::VecDeque<DateTime<Utc>> = std::collections::VecDeque::new();
         let mut last = after;
         std::iter::from_fn(move || loop {
@@ -502,6 +534,32 @@ mod tests {
         assert_eq!(ticks("0 9 * * 0", "UTC", "2026-01-01T00:00:00Z", 1), ["2026-01-04T09:00:00+00:00"]);
         assert_eq!(ticks("0 9 * * 7", "UTC", "2026-01-01T00:00:00Z", 1), ["2026-01-04T09:00:00+00:00"]);
         assert_eq!(ticks("@weekly", "UTC", "2026-01-01T00:00:00Z", 1), ["2026-01-04T00:00:00+00:00"]);
+    }
+
+    #[test]
+    fn a_crontab_naming_both_day_fields_fires_when_either_matches() {
+        // 2026-12-01 is a Tuesday: the 1st of each month and every Monday, as crontab does.
+        assert_eq!(
+            ticks("0 9 1 * MON", "UTC", "2026-12-01T00:00:00Z", 7),
+            [
+                "2026-12-01T09:00:00+00:00",
+                "2026-12-07T09:00:00+00:00",
+                "2026-12-14T09:00:00+00:00",
+                "2026-12-21T09:00:00+00:00",
+                "2026-12-28T09:00:00+00:00",
+                "2027-01-01T09:00:00+00:00",
+                "2027-01-04T09:00:00+00:00",
+            ]
+        );
+        // A Monday that is the 1st fires once; in a zone, the same wall-clock rules hold.
+        assert_eq!(
+            ticks("30 8 1,15 * 1", "Europe/Berlin", "2027-02-27T00:00:00Z", 3),
+            ["2027-03-01T07:30:00+00:00", "2027-03-08T07:30:00+00:00", "2027-03-15T07:30:00+00:00"]
+        );
+        // With a wildcard in either day field the other decides alone; the six-field form keeps
+        // the `cron` crate's meaning (both must match).
+        assert_eq!(ticks("0 9 * * MON", "UTC", "2026-12-01T00:00:00Z", 1), ["2026-12-07T09:00:00+00:00"]);
+        assert_eq!(ticks("0 0 9 1 * MON", "UTC", "2026-12-01T00:00:00Z", 1), ["2027-02-01T09:00:00+00:00"]);
     }
 
     #[test]
