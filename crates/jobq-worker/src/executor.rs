@@ -53,6 +53,8 @@ pub(crate) struct Executor {
     pub(crate) running: Running,
     pub(crate) metrics: JobMetrics,
     pub(crate) in_flight: metrics::Gauge,
+    /// The leases of attempts given up at shutdown, handed back once every job has ended.
+    pub(crate) given_up: Mutex<Vec<Lease>>,
 }
 
 /// How the handler's task ended.
@@ -183,13 +185,19 @@ impl Executor {
             // Shutdown gave up on this attempt: leave it pending for reclaim. One that still
             // succeeded within the grace is written, so it does not run again; an error it
             // returned on seeing its context cancelled spends no attempt.
+            if slot.stopped() != Some(Stop::LeaseLost) {
+                self.given_up.lock().unwrap_or_else(|e| e.into_inner()).push(slot.lease.clone());
+            }
             return None;
         }
         let retry = |message: String| Failure { retry_in: Some(self.retry_delay(d)), message, reason: "max_attempts" };
         let succeeded = matches!(ended, Ended::Returned(Ok(_)));
+        // A held-back attempt never ran: written as postponed, the cancel request (in the job
+        // hash) ends the job without a history row and without spending an attempt.
+        let held = matches!(ended, Ended::Returned(Err(HandlerError::Held(..))));
         match slot.stopped() {
             Some(Stop::LeaseLost) => return None,
-            Some(Stop::CancelRequested) if !succeeded => {
+            Some(Stop::CancelRequested) if !succeeded && !held => {
                 return Some(Err(Failure {
                     message: "cancelled on request".into(),
                     retry_in: None,

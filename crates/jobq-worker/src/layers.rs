@@ -329,11 +329,16 @@ impl Layer<JobService> for CircuitBreaker {
                     spawn_detached(step.record(op));
                 }
             });
+            let cancel = ctx.cancel.clone();
             let r = next.run(ctx).await;
             cut.finish();
+            // An error after a cancel (on request, a lost lease, shutdown) is the handler
+            // stopping, and a fatal error is the job's own input: neither says anything of the
+            // dependency, so neither counts, and a probe gives its turn back.
             let op = match &r {
-                Ok(_) | Err(HandlerError::Fail(_)) => BreakerOp::Ok,
-                Err(HandlerError::Held(..)) => BreakerOp::Held,
+                Ok(_) => BreakerOp::Ok,
+                Err(_) if cancel.is_cancelled() => BreakerOp::Held,
+                Err(HandlerError::Fail(_) | HandlerError::Held(..)) => BreakerOp::Held,
                 Err(_) => BreakerOp::Fail,
             };
             step.record(op).await;

@@ -147,8 +147,14 @@ async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, rene
 /// Delivers published cancel requests to running jobs at once, reconnecting on errors.
 pub(crate) async fn cancel_listener(broker: Broker, running: Running, stop: CancellationToken) {
     while !stop.is_cancelled() {
-        match broker.cancel_requests().await {
-            Ok(stream) => {
+        // Raced against the stop, and bounded: subscribing has no timeout of its own, and a
+        // Redis that accepts connections but does not answer would hold up the shutdown.
+        let subscribed = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(SUBSCRIBE_TIMEOUT, broker.cancel_requests()) => r,
+        };
+        match subscribed {
+            Ok(Ok(stream)) => {
                 let mut stream = std::pin::pin!(stream);
                 loop {
                     let next = tokio::select! {
@@ -166,7 +172,8 @@ pub(crate) async fn cancel_listener(broker: Broker, running: Running, stop: Canc
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "cancel subscription failed; heartbeats still deliver cancels"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cancel subscription failed; heartbeats still deliver cancels"),
+            Err(_) => tracing::debug!("cancel subscription timed out; heartbeats still deliver cancels"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -175,6 +182,8 @@ pub(crate) async fn cancel_listener(broker: Broker, running: Running, stop: Canc
     }
 }
 
+/// How long subscribing to cancel requests may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the reaper removes consumers of stopped workers.
 const CONSUMER_CLEANUP_EVERY: Duration = Duration::from_secs(300);
 /// A consumer with nothing pending and idle this long is removed (its process is gone, or it

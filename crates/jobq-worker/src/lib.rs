@@ -73,7 +73,7 @@ struct Args {
 /// of returning, so code after the call does not run: a handler still running past the
 /// shutdown timeout (a CPU-bound loop, a blocking call) holds a runtime thread, which dropping
 /// the runtime would wait for. If the shutdown, once begun, cannot proceed (handlers hold every
-/// runtime thread), the process exits `shutdown_timeout` + 17 s + 3 × `redis.timeout` after the
+/// runtime thread), the process exits `shutdown_timeout` + 19 s + 3 × `redis.timeout` after the
 /// signal was handled. (With every runtime thread held, even the signal waits for one to be
 /// free: run CPU-bound work with `spawn_blocking`.) Either way unfinished jobs stay pending and
 /// are reclaimed. To own the runtime and the settings, call [`run`] instead.
@@ -173,11 +173,16 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// A thread outside the runtime (whose threads handlers may hold) that ends the process once
-/// a shutdown has had its time: the timeout, the grace of cancelled handlers, the completer's
-/// last write, a fetch and the heartbeat's last call in flight (a Redis timeout each) and a
-/// margin.
+/// a shutdown has had its time: the timeout, the grace of cancelled handlers, handing back the
+/// jobs given up, the completer's last write, a fetch and the heartbeat's last call in flight
+/// (a Redis timeout each) and a margin.
 fn exit_if_stuck(shutdown: CancellationToken, timeout: Duration, redis_timeout: Duration) {
-    let deadline = timeout + executor::CANCEL_GRACE + COMPLETER_GRACE + redis_timeout * 3 + Duration::from_secs(2);
+    let deadline = timeout
+        + executor::CANCEL_GRACE
+        + GIVE_UP_TIMEOUT
+        + COMPLETER_GRACE
+        + redis_timeout * 3
+        + Duration::from_secs(2);
     std::thread::spawn(move || {
         while !shutdown.is_cancelled() {
             std::thread::sleep(Duration::from_millis(250));
@@ -190,6 +195,9 @@ fn exit_if_stuck(shutdown: CancellationToken, timeout: Duration, redis_timeout: 
         std::process::exit(1);
     });
 }
+
+/// How long handing back the jobs given up at shutdown may take.
+const GIVE_UP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the completer may take to write the last outcomes at shutdown.
 const COMPLETER_GRACE: Duration = Duration::from_secs(10);
@@ -370,6 +378,7 @@ impl Worker {
             running: running.clone(),
             metrics: job_metrics,
             in_flight: metrics::gauge!("jobq_worker_in_flight"),
+            given_up: Default::default(),
         });
         let mut blocking = None;
         let mut backoff = Duration::from_millis(50);
@@ -507,6 +516,19 @@ impl Worker {
             );
             abandon.cancel();
             tracker.wait().await;
+            let given_up = std::mem::take(&mut *exec.given_up.lock().unwrap_or_else(|e| e.into_inner()));
+            if !given_up.is_empty() {
+                // Best effort: not handed back, they are reclaimed a lease later, as after a crash.
+                match tokio::time::timeout(GIVE_UP_TIMEOUT, self.broker.give_up(&self.consumer, &given_up)).await {
+                    Ok(Ok(n)) => tracing::info!(jobs = n, "handed the given-up jobs back for the next reaper pass"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not hand the given-up jobs back; they are reclaimed once their lease lapses")
+                    }
+                    Err(_) => tracing::warn!(
+                        "handing the given-up jobs back timed out; they are reclaimed once their lease lapses"
+                    ),
+                }
+            }
         }
         drop(exec);
         // The completer ends once every outcome is written (or Redis stays down too long).

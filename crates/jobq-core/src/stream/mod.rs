@@ -70,6 +70,7 @@ struct Scripts {
     slot_acquire: Script,
     rate_take: Script,
     breaker: Script,
+    give_up: Script,
 }
 
 /// Helpers prepended to every script.
@@ -95,12 +96,13 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     slot_acquire: script(include_str!("lua/slot_acquire.lua")),
     rate_take: script(include_str!("lua/rate_take.lua")),
     breaker: script(include_str!("lua/breaker.lua")),
+    give_up: script(include_str!("lua/give_up.lua")),
 });
 
 /// Longest delay before a retry or a held-back job's next start.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-fn all_scripts() -> [&'static Script; 15] {
+fn all_scripts() -> [&'static Script; 16] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -118,6 +120,7 @@ fn all_scripts() -> [&'static Script; 15] {
         &s.slot_acquire,
         &s.rate_take,
         &s.breaker,
+        &s.give_up,
     ]
 }
 
@@ -1114,8 +1117,10 @@ impl Broker {
         Ok(())
     }
 
-    /// Renews leases (one heartbeat script per queue, one pipeline). Statuses match `leases`.
-    pub async fn heartbeat(&self, consumer: &str, leases: &[Lease]) -> Result<Vec<LeaseStatus>> {
+    /// One call of `script` per queue of `leases`, each with the queue's priority streams as
+    /// keys and ARGV group, consumer, job key prefix, then per lease its priority index, entry,
+    /// id and token; with the indexes into `leases` of each call.
+    fn lease_calls(&self, script: &Script, consumer: &str, leases: &[Lease]) -> (Vec<Vec<usize>>, Vec<Call>) {
         let mut by_queue: std::collections::BTreeMap<&QueueName, Vec<usize>> = Default::default();
         for (i, l) in leases.iter().enumerate() {
             by_queue.entry(&l.queue).or_default().push(i);
@@ -1124,8 +1129,7 @@ impl Broker {
         for (q, idx) in &by_queue {
             let streams = self.keys.streams(q);
             let keys: Vec<&str> = streams.iter().map(String::as_str).collect();
-            let mut call =
-                Call::new(&SCRIPTS.heartbeat, &keys).arg(Keys::GROUP).arg(consumer).arg(self.keys.job_prefix(q));
+            let mut call = Call::new(script, &keys).arg(Keys::GROUP).arg(consumer).arg(self.keys.job_prefix(q));
             for &i in idx {
                 let l = &leases[i];
                 let prio = Priority::ALL.iter().position(|p| *p == l.priority).unwrap_or(2) + 1;
@@ -1133,9 +1137,15 @@ impl Broker {
             }
             calls.push(call);
         }
+        (by_queue.into_values().collect(), calls)
+    }
+
+    /// Renews leases (one heartbeat script per queue, one pipeline). Statuses match `leases`.
+    pub async fn heartbeat(&self, consumer: &str, leases: &[Lease]) -> Result<Vec<LeaseStatus>> {
+        let (by_queue, calls) = self.lease_calls(&SCRIPTS.heartbeat, consumer, leases);
         let results = self.run(calls).await?;
         let mut out = vec![LeaseStatus::Lost; leases.len()];
-        for ((_, idx), r) in by_queue.iter().zip(results) {
+        for (idx, r) in by_queue.iter().zip(results) {
             let codes: Vec<i64> = redis::from_redis_value(r?).map_err(protocol)?;
             for (&i, code) in idx.iter().zip(codes) {
                 out[i] = match code {
@@ -1146,6 +1156,18 @@ impl Broker {
             }
         }
         Ok(out)
+    }
+
+    /// Hands back attempts `consumer` gave up at shutdown without an outcome: they stay pending,
+    /// and the next reaper pass of any worker re-queues them without counting a reclaim. A lease
+    /// lost meanwhile is left alone. Returns how many were handed back.
+    pub async fn give_up(&self, consumer: &str, leases: &[Lease]) -> Result<u64> {
+        let (_, calls) = self.lease_calls(&SCRIPTS.give_up, consumer, leases);
+        let mut handed = 0;
+        for r in self.run(calls).await? {
+            handed += redis::from_redis_value::<u64>(r?).map_err(protocol)?;
+        }
+        Ok(handed)
     }
 
     /// Reclaims jobs of `queues` whose pending idle time exceeds the longest lease their live

@@ -100,7 +100,7 @@ async fn a_concurrency_slot_comes_back_when_its_attempt_times_out_or_panics() {
 }
 
 #[tokio::test]
-async fn a_circuit_counts_timeouts_and_panics_as_failures_but_not_cancels() {
+async fn a_circuit_counts_timeouts_and_panics_as_failures_but_not_cancels_or_fatal_errors() {
     let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "4")]).await;
     let mut registry = Registry::new();
     registry.register("hang", |_ctx: JobContext| async move {
@@ -113,9 +113,23 @@ async fn a_circuit_counts_timeouts_and_panics_as_failures_but_not_cancels() {
         tokio::time::sleep(Duration::from_secs(60)).await;
         Ok(None)
     });
+    // Honours its cancel with a retryable error, as a handler should.
+    registry.register("polite", |ctx: JobContext| async move {
+        ctx.cancel.cancelled().await;
+        Err(HandlerError::retry(anyhow::anyhow!("stopped on cancel")))
+    });
+    // Fails retryably, or fatally (bad input) when its payload says so.
+    registry.register("flaky", |ctx: JobContext| async move {
+        if ctx.payload == json!("fatal") {
+            return Err(HandlerError::fail(anyhow::anyhow!("bad input")));
+        }
+        Err(HandlerError::retry(anyhow::anyhow!("dependency down")))
+    });
     registry.layer_for("hang", layers::CircuitBreaker::new(2, Duration::from_secs(30)));
     registry.layer_for("boom", layers::CircuitBreaker::new(2, Duration::from_secs(30)));
     registry.layer_for("stubborn", layers::CircuitBreaker::new(1, Duration::from_secs(30)));
+    registry.layer_for("polite", layers::CircuitBreaker::new(1, Duration::from_secs(30)));
+    registry.layer_for("flaky", layers::CircuitBreaker::new(2, Duration::from_secs(30)));
     let (token, handle) = start(&env, registry);
     let is_open = |kind: &str| {
         let mut conn = env.broker.connection();
@@ -149,6 +163,45 @@ async fn a_circuit_counts_timeouts_and_panics_as_failures_but_not_cancels() {
     // The dropped attempt's step is written by a task of its own: give it time to land.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!is_open("stubborn").await, "a cancelled attempt is not a failure (threshold 1)");
+    let id = env.broker.enqueue(NewJob::new("polite", json!({})).max_attempts(1)).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Running).await;
+    env.broker.cancel(id).await.unwrap();
+    wait_state(&env, id, JobState::Cancelled).await;
+    assert!(!is_open("polite").await, "an error returned on a cancel is not a failure (threshold 1)");
+    // failure, fatal, failure: the fatal error neither counts nor ends the streak (threshold 2).
+    for (i, payload) in ["retry", "fatal", "retry"].into_iter().enumerate() {
+        let id = env.broker.enqueue(NewJob::new("flaky", json!(payload)).max_attempts(1)).await.unwrap().job.id;
+        wait_state(&env, id, JobState::Dead).await;
+        if i < 2 {
+            assert!(!is_open("flaky").await, "one retryable failure, then a fatal one: still closed");
+        }
+    }
+    let open = wait_until(WAIT, "the circuit of `flaky` to open", || async { is_open("flaky").await.then_some(true) });
+    assert!(open.await, "two retryable failures around a fatal one opened the circuit");
+    finish(env, [(token, handle)]).await;
+}
+
+#[tokio::test]
+async fn a_job_held_back_after_its_cancel_was_seen_ends_cancelled_without_spending_an_attempt() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::new();
+    // As a limit that gives up waiting once the job is cancelled: held back, it never ran.
+    registry.register("waits", |ctx: JobContext| async move {
+        ctx.cancel.cancelled().await;
+        Err(HandlerError::held("slot still taken", Duration::from_secs(1)))
+    });
+    let (token, handle) = start(&env, registry);
+    let mut job = NewJob::new("waits", json!({})).max_attempts(3);
+    job.timeout = Some(Duration::from_secs(30));
+    let id = env.broker.enqueue(job).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Running).await;
+    env.broker.cancel(id).await.unwrap();
+    let job = wait_state(&env, id, JobState::Cancelled).await;
+    assert_eq!(job.attempt, 0, "the held-back attempt is not counted");
+    let events = env.keys().events(&jobq_core::job::QueueName::default_queue());
+    let mut conn = env.broker.connection();
+    let events: u64 = redis::cmd("XLEN").arg(&events).query_async(&mut conn).await.unwrap();
+    assert_eq!(events, 0, "no history event for an attempt that never ran");
     finish(env, [(token, handle)]).await;
 }
 

@@ -1,7 +1,8 @@
 -- Reclaim jobs whose worker stopped heartbeating: XAUTOCLAIM entries idle past the lease, then
 -- for each job still running on that entry: re-queue it (new entry, lease revoked, the crashed
 -- attempt not counted), or cancel it (a cancel was requested), or dead-letter it once it has
--- been reclaimed more than MAX_RECLAIMS times (a poison job that kills its worker).
+-- been reclaimed more than MAX_RECLAIMS times (a poison job that kills its worker). A job its
+-- worker gave up at a graceful stop (give_up.lua) is re-queued without counting a reclaim.
 -- Entries whose content Redis reports deleted are counted (an alarm: it should not happen).
 -- Workers of a queue may run with different leases: each registers its own in the queue's
 -- leases hash (consumer -> "lease_ms until_ms", until = when the registration lapses unless
@@ -43,10 +44,16 @@ for i = 1, 4 do
         if e[2] then
           local id = e[2][2]
           local jk = ARGV[5] .. id
-          local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel_requested')
+          local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel_requested', 'lease', 'given_up')
           if h[1] == 'running' and h[2] == entry then
-            local n = redis.call('HINCRBY', jk, 'reclaims', 1)
-            redis.call('HSET', jk, 'last_reclaimed_at', now)
+            -- An attempt its worker gave up at a graceful stop (give_up.lua) is not a crash.
+            local n = 0
+            if h[5] and h[5] == h[4] then
+              redis.call('HDEL', jk, 'given_up')
+            else
+              n = redis.call('HINCRBY', jk, 'reclaims', 1)
+              redis.call('HSET', jk, 'last_reclaimed_at', now)
+            end
             -- A terminal event names the crashed attempt itself (an earlier attempt has its own
             -- history row); after it, and before a re-queue, the crashed attempt stops counting
             -- against max_attempts.
