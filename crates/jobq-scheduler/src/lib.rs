@@ -28,8 +28,8 @@ pub use cron::upsert_declared;
 pub use promoter::promote_once;
 pub use recorder::record_once;
 
-/// Connects, applies migrations when configured, and runs promoter and recorder until
-/// `shutdown` is cancelled.
+/// Connects, and runs the promoter at once and, once the migrations (when configured) are
+/// applied, cron, recorder and pruner, until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     jobq_core::ops::prometheus();
     let broker = Broker::connect(&settings).await.context("invalid Redis settings")?;
@@ -52,28 +52,46 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     if !broker.wait_until_ready(settings.redis.allow_eviction, &shutdown).await? {
         return Ok(());
     }
-    if settings.database.migrate {
-        store.migrate_with_retry(&shutdown).await?;
-    }
     let consumer = if settings.worker.id.is_empty() {
         format!("scheduler-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..6])
     } else {
         format!("scheduler-{}", settings.worker.id)
     };
     tracing::info!(consumer, "scheduler started");
-    cron::upsert_declared(&store, &settings, &shutdown).await;
     // The loops stop together: at shutdown, or when one of them ends before it (a panic).
     let stop = shutdown.child_token();
     let s = settings.scheduler.clone();
-    let ended = tokio::join!(
+    // Promotion needs Redis only: it runs from the start, also while Postgres is down. The loops
+    // that need Postgres start once the migrations (when configured) are applied and the
+    // declared schedules upserted, each retried until Postgres answers.
+    let with_postgres = async {
+        if settings.database.migrate {
+            if let Err(e) = store.migrate_with_retry(&stop).await {
+                stop.cancel();
+                return vec![Err(format!("migrations failed: {e}"))];
+            }
+        }
+        cron::upsert_declared(&store, &settings, &stop).await;
+        if stop.is_cancelled() {
+            return Vec::new();
+        }
+        let ended = tokio::join!(
+            supervise("cron", cron::run(broker.clone(), store.clone(), s.clone(), stop.clone()), stop.clone()),
+            supervise("pruner", prune_loop(store.clone(), settings.retention.clone(), stop.clone()), stop.clone()),
+            supervise(
+                "recorder",
+                recorder::run(broker.clone(), store.clone(), s.clone(), consumer, stop.clone()),
+                stop.clone()
+            ),
+        );
+        vec![ended.0, ended.1, ended.2]
+    };
+    let (promoter, gauges, others) = tokio::join!(
         supervise("promoter", promoter::run(broker.clone(), s.clone(), stop.clone()), stop.clone()),
-        supervise("cron", cron::run(broker.clone(), store.clone(), s.clone(), stop.clone()), stop.clone()),
-        supervise("pruner", prune_loop(store.clone(), settings.retention.clone(), stop.clone()), stop.clone()),
         supervise("gauges", gauges_loop(broker.clone(), stop.clone()), stop.clone()),
-        supervise("recorder", recorder::run(broker, store, s, consumer, stop.clone()), stop.clone()),
+        with_postgres,
     );
-    let failed: Vec<String> =
-        [ended.0, ended.1, ended.2, ended.3, ended.4].into_iter().filter_map(Result::err).collect();
+    let failed: Vec<String> = [promoter, gauges].into_iter().chain(others).filter_map(Result::err).collect();
     if !failed.is_empty() {
         anyhow::bail!("scheduler stopped: {}", failed.join("; "));
     }
@@ -120,7 +138,9 @@ async fn prune_loop(store: Store, retention: jobq_core::config::RetentionSetting
     loop {
         let now = chrono::Utc::now();
         match store.prune(now - age(retention.history), now - age(retention.dlq), 1000).await {
-            Ok((h, d)) if h + d > 0 => tracing::info!(history = h, dlq = d, "pruned rows past retention"),
+            Ok((h, d, r)) if h + d + r > 0 => {
+                tracing::info!(history = h, dlq = d, schedule_runs = r, "pruned rows past retention")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning failed; retrying in a minute"),
         }

@@ -231,12 +231,19 @@ async fn executions_queue_stats_and_the_whole_dlq() {
 }
 
 #[tokio::test]
-async fn retention_prunes_history_and_dlq_rows_in_batches() {
+async fn retention_prunes_history_dlq_and_schedule_run_rows_in_batches() {
     let env = TestEnv::new().await;
     kill_jobs(&env, "old", "x", 5).await;
+    let spec: jobq_core::schedule::ScheduleSpec =
+        serde_json::from_value(json!({"name": "often", "cron": "0 0 * * * *", "job": {"type": "echo"}})).unwrap();
+    env.store.create_schedule(&spec).await.unwrap();
+    for _ in 0..3 {
+        env.store.trigger_schedule(&env.broker, "often").await.unwrap();
+    }
     let future = chrono::Utc::now() + chrono::Duration::minutes(1);
     let past = chrono::Utc::now() - chrono::Duration::days(1);
-    assert_eq!(env.store.prune(past, past, 2).await.unwrap(), (0, 0));
-    assert_eq!(env.store.prune(future, future, 2).await.unwrap(), (5, 5));
+    assert_eq!(env.store.prune(past, past, 2).await.unwrap(), (0, 0, 0));
+    assert_eq!(env.store.prune(future, future, 2).await.unwrap(), (5, 5, 3));
+    assert!(env.store.schedule("often").await.unwrap().is_some(), "the schedule itself stays");
     env.cleanup().await;
 }

@@ -244,6 +244,10 @@ impl Store {
                 Err(Error::Database(e)) => {
                     tracing::warn!(error = %e, "Postgres is not reachable yet; retrying migrations")
                 }
+                // The migrator wraps the pool's errors: one that cannot connect is an outage too.
+                Err(Error::Migrate(sqlx::migrate::MigrateError::Execute(
+                    e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)),
+                ))) => tracing::warn!(error = %e, "Postgres is not reachable yet; retrying migrations"),
                 Err(e) => return Err(e),
             }
             tokio::select! {
@@ -586,14 +590,15 @@ impl Store {
             .collect()
     }
 
-    /// Deletes, in batches of `batch`, history rows finished before `history_before` and DLQ
-    /// rows that died before `dlq_before`; returns (history rows, DLQ rows) deleted.
+    /// Deletes, in batches of `batch`, history rows (attempts, and the runs of schedules)
+    /// finished or fired before `history_before` and DLQ rows that died before `dlq_before`;
+    /// returns (attempt rows, DLQ rows, schedule run rows) deleted.
     pub async fn prune(
         &self,
         history_before: DateTime<Utc>,
         dlq_before: DateTime<Utc>,
         batch: i64,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(u64, u64, u64)> {
         let history = self
             .delete_in_batches(
                 "DELETE FROM job_executions WHERE ctid IN (SELECT ctid FROM job_executions WHERE finished_at < $1 LIMIT $2)",
@@ -608,7 +613,14 @@ impl Store {
                 batch,
             )
             .await?;
-        Ok((history, dlq))
+        let runs = self
+            .delete_in_batches(
+                "DELETE FROM schedule_runs WHERE ctid IN (SELECT ctid FROM schedule_runs WHERE fired_at < $1 LIMIT $2)",
+                history_before,
+                batch,
+            )
+            .await?;
+        Ok((history, dlq, runs))
     }
 
     /// Runs a `DELETE ... $1 (before) ... LIMIT $2 (batch)` until a batch deletes less than

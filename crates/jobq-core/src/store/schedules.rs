@@ -8,20 +8,35 @@ use sqlx::Row;
 use super::Store;
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobInfo};
-use crate::schedule::{plan_ticks, CronSchedule, JobTemplate, ScheduleSpec};
+use crate::schedule::{plan_ticks, CronSchedule, JobTemplate, Misfire, ScheduleSpec};
 use crate::stream::Broker;
 
 /// How long an idempotency key of a cron tick is held in Redis at least. A tick is fired again
-/// only after a rolled-back claim: seconds later, or, when no scheduler ran meanwhile, as the
-/// latest missed tick once one runs again, which it stays until the next tick is due. So the
-/// key is held for two periods of the schedule, at least this long and at most a year.
+/// only after a rolled-back claim: seconds later, or, when no scheduler ran meanwhile, once one
+/// runs again, for as long as the tick is still among those the plan fires: within the misfire
+/// grace, or among the latest `keep` older ones (1 with `fire_once`, `catch_up_limit` with
+/// `catch_up`), which it stays until `keep` later ticks are due. So the key is held for the
+/// grace plus `keep + 1` periods of the schedule, at least this long.
 const TICK_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
-const TICK_KEY_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+/// The longest such hold (a yearly schedule catching up on many years).
+const TICK_KEY_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(100 * 366 * 24 * 3600);
 
 /// The idempotency key's ttl for `tick` of `schedule`.
-fn tick_key_ttl(schedule: &CronSchedule, tick: DateTime<Utc>) -> std::time::Duration {
+fn tick_key_ttl(
+    schedule: &CronSchedule,
+    tick: DateTime<Utc>,
+    misfire: Misfire,
+    catch_up_limit: u32,
+    grace: chrono::Duration,
+) -> std::time::Duration {
     let period = schedule.next_after(tick).and_then(|next| (next - tick).to_std().ok()).unwrap_or_default();
-    (period * 2).clamp(TICK_KEY_TTL, TICK_KEY_TTL_MAX)
+    let keep = match misfire {
+        Misfire::Skip => 0,
+        Misfire::FireOnce => 1,
+        Misfire::CatchUp => catch_up_limit,
+    };
+    let hold = period.saturating_mul(keep + 1).saturating_add(grace.to_std().unwrap_or_default());
+    hold.clamp(TICK_KEY_TTL, TICK_KEY_TTL_MAX)
 }
 
 /// A stored schedule.
@@ -402,8 +417,8 @@ async fn fire_claimed(
             let mut fired = Vec::new();
             for tick in plan.fire {
                 crate::fault::point("cron.claimed");
-                let job_id =
-                    fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick, tick_key_ttl(&schedule, tick)).await?;
+                let ttl = tick_key_ttl(&schedule, tick, s.spec.misfire, s.spec.catch_up_limit, grace);
+                let job_id = fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick, ttl).await?;
                 crate::fault::point("cron.enqueued");
                 fired.push(FiredTick {
                     schedule: s.spec.name.clone(),
@@ -462,4 +477,40 @@ async fn fire_tick(
     .execute(&mut **tx)
     .await?;
     Ok(enqueued.job.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tick_key_outlives_every_plan_that_could_fire_its_tick_again() {
+        let hourly = CronSchedule::parse("0 0 * * * *", "UTC").unwrap();
+        let tick: DateTime<Utc> = "2026-03-01T10:00:00Z".parse().unwrap();
+        let grace = chrono::Duration::seconds(30);
+        let h = std::time::Duration::from_secs(3600);
+        // A rolled-back tick of an hourly schedule is fired again while it is among the plan's
+        // late ticks kept: up to `keep` periods later (plus the grace).
+        assert_eq!(tick_key_ttl(&hourly, tick, Misfire::FireOnce, 10, grace), 2 * h + grace.to_std().unwrap());
+        assert_eq!(tick_key_ttl(&hourly, tick, Misfire::CatchUp, 10, grace), 11 * h + grace.to_std().unwrap());
+        // A long grace fires every tick within it again.
+        let day = chrono::Duration::days(1);
+        assert_eq!(tick_key_ttl(&hourly, tick, Misfire::Skip, 10, day), h + day.to_std().unwrap());
+        // Never under an hour, and bounded.
+        let every_second = CronSchedule::parse("* * * * * *", "UTC").unwrap();
+        assert_eq!(tick_key_ttl(&every_second, tick, Misfire::CatchUp, 10, grace), TICK_KEY_TTL);
+        let yearly = CronSchedule::parse("0 0 0 1 1 *", "UTC").unwrap();
+        assert_eq!(tick_key_ttl(&yearly, tick, Misfire::CatchUp, 1000, grace), TICK_KEY_TTL_MAX);
+        // Whatever the plan, the tick's key is still held when a plan fires it again.
+        for (policy, limit) in [(Misfire::FireOnce, 1), (Misfire::CatchUp, 10), (Misfire::CatchUp, 3)] {
+            for hours_down in 0..15 {
+                let now = tick + chrono::Duration::hours(hours_down) + chrono::Duration::minutes(59);
+                let plan = plan_ticks(&hourly, tick, now, policy, limit, grace);
+                if plan.fire.contains(&tick) {
+                    let ttl = tick_key_ttl(&hourly, tick, policy, limit, grace);
+                    assert!(now - tick < chrono::Duration::from_std(ttl).unwrap(), "{policy:?} {limit} {hours_down}h");
+                }
+            }
+        }
+    }
 }

@@ -438,6 +438,36 @@ async fn a_dlq_retry_rebuilds_an_expired_job_hash_from_the_envelope() {
     assert_eq!(env.broker.retry_dead(&d.envelope, 1).await.unwrap(), Requeued::Queued { run: 2 });
     let job = env.broker.job(id).await.unwrap().unwrap();
     assert_eq!((job.state, job.payload), (JobState::Queued, json!({"keep": 1})));
+    // A worker frozen since the job's first life still holds lease "1": the rebuilt hash does
+    // not hand that token out again, so the zombie cannot complete the new attempt.
+    assert_eq!(d.lease, "1");
+    let again = fetch_one(&env.broker).await;
+    assert_ne!(again.lease, d.lease, "a rebuilt hash's lease tokens do not start over");
+    let zombie = Outcome { delivery: Delivery { entry: again.entry.clone(), ..d.clone() }, result: Ok(None) };
+    assert_eq!(env.broker.settle(&[zombie]).await.unwrap(), [Settled::Stale]);
+    let mine = Outcome { delivery: again, result: Ok(None) };
+    assert_eq!(env.broker.settle(&[mine]).await.unwrap(), [Settled::Succeeded]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_finished_job_leaves_the_expiring_set_whatever_ends_it() {
+    let env = TestEnv::new().await;
+    let later = chrono::Utc::now() + chrono::Duration::days(30);
+    let expiring = env.keys().expiring(&q());
+    let members = || async { env.broker.connection().zcard::<_, u64>(&expiring).await.unwrap() };
+    // Succeeded, dead, cancelled while queued.
+    for _ in 0..2 {
+        env.broker.enqueue(NewJob::new("x", json!({})).expires_at(later)).await.unwrap();
+    }
+    let cancelled = env.broker.enqueue(NewJob::new("x", json!({})).expires_at(later)).await.unwrap().job.id;
+    assert_eq!(members().await, 3);
+    let mut f = env.broker.fetch(&q(), "c1", 2).await.unwrap();
+    let (a, b) = (f.jobs.pop().unwrap(), f.jobs.pop().unwrap());
+    let done = env.broker.settle(&[Outcome { delivery: a, result: Ok(None) }, fail(&b, None)]).await.unwrap();
+    assert_eq!(done, [Settled::Succeeded, Settled::Dead]);
+    env.broker.cancel(cancelled).await.unwrap();
+    assert_eq!(members().await, 0, "no member left behind for a job that ended");
     env.cleanup().await;
 }
 

@@ -38,6 +38,26 @@ async fn the_scheduler_promotes_due_jobs_and_records_attempts() {
 }
 
 #[tokio::test]
+async fn a_scheduler_started_while_postgres_is_down_promotes_jobs_and_stops_cleanly() {
+    let env = TestEnv::new().await;
+    let mut settings = env.settings();
+    settings.database.url = "postgres://postgres@127.0.0.1:1/nowhere".into();
+    settings.database.create = false;
+    settings.database.migrate = true;
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(jobq_scheduler::run(settings, token.clone()));
+    let id = env.broker.enqueue(NewJob::new("x", json!({})).delay(Duration::from_millis(200))).await.unwrap().job.id;
+    wait_until(WAIT, "promotion while the migrations wait for Postgres", || async {
+        (env.broker.job(id).await.unwrap()?.state == JobState::Queued).then_some(())
+    })
+    .await;
+    assert!(!handle.is_finished(), "still waiting for Postgres, not failed");
+    token.cancel();
+    tokio::time::timeout(WAIT, handle).await.expect("stops while Postgres is still down").unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn events_wait_in_the_outbox_while_postgres_is_down_and_are_written_once_after() {
     let env = TestEnv::new().await;
     let q = QueueName::default_queue();

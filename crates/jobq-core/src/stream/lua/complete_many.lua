@@ -1,5 +1,6 @@
 -- Complete many running attempts of one queue in one call. Each attempt whose `lease` still owns
--- it is marked succeeded (hash fields, result, unique lock, dependents, as `finish` does), and
+-- it is marked succeeded (hash fields, result, unique lock, dependents, its member of the
+-- expiring set, as `finish` does), and
 -- the hashes kept for the retention are named together by one member of the retained zset,
 -- scored by the end of their retention, which the promoter sweeps. With a retention of 0, a
 -- hash is deleted instead once its lock and dependents are released (the outbox event still
@@ -29,7 +30,8 @@ local n = 0
 for i = 5, #ARGV, 5 do
   local id, lease = ARGV[i + 1], ARGV[i + 2]
   local jk = ARGV[3] .. id
-  local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
+  local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
+    'expires_at')
   if h[1] ~= 'running' or h[2] ~= lease then
     out[#out + 1] = 0
   else
@@ -40,6 +42,7 @@ for i = 5, #ARGV, 5 do
     if h[3] then release_unique(jk, id, {h[3], h[4]}) end
     if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
+    if h[7] then redis.call('ZREM', queue_base(jk, id) .. 'expiring', id) end
     -- With no retention the hash goes now (one DEL for the whole call instead of an HSET per
     -- job), unless a unique lock held for a time still names the job: then it stays as long
     -- as the lock, so that an enqueue with the same key keeps getting this job back.

@@ -86,9 +86,10 @@ local function fail_waiting(base, jk, id, cause, cause_state, now, retention)
     {'error', err, 'reason', 'dependency_failed', 'envelope', redis.call('HGET', jk, 'envelope')})
   redis.call('HSET', jk, 'dead_reason', 'dependency_failed', 'state', 'dead', 'finished_at', now, 'last_error', err)
   redis.call('DEL', base .. 'waiting:' .. id)
-  local u = redis.call('HMGET', jk, 'unique_key', 'unique_hold')
+  local u = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'expires_at')
   release_unique(jk, id, u)
   expire_finished(jk, id, retention, u)
+  if u[3] then redis.call('ZREM', base .. 'expiring', id) end
 end
 
 -- A job reached a terminal state: the jobs waiting for it (same queue) lose one dependency.
@@ -123,15 +124,16 @@ local function release_dependents(jk, id, state, now, retention)
   end
 end
 
--- Moves a job to a terminal state: hash fields, unique lock, retention, dependents. Stream
--- membership and the event are the caller's business.
+-- Moves a job to a terminal state: hash fields, unique lock, retention, its member of the
+-- expiring set, dependents. Stream membership and the event are the caller's business.
 local function finish(jk, id, state, now, retention, err)
   redis.call('HSET', jk, 'state', state, 'finished_at', now)
   if err then redis.call('HSET', jk, 'last_error', err) end
   redis.call('HDEL', jk, 'lease', 'entry')
-  local h = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents')
+  local h = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents', 'expires_at')
   release_unique(jk, id, h)
   expire_finished(jk, id, retention, h)
+  if h[5] then redis.call('ZREM', queue_base(jk, id) .. 'expiring', id) end
   if h[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
   if h[4] then release_dependents(jk, id, state, now, retention) end
 end

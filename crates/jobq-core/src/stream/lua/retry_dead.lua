@@ -18,5 +18,11 @@ redis.call('HDEL', KEYS[1], 'last_error', 'result', 'started_at', 'finished_at',
   'expires_at', 'cancel_requested', 'unique_key', 'unique_hold', 'progress', 'checkpoint', 'held_by', 'postponed')
 redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'state', 'queued', 'prio', ARGV[3], 'type', ARGV[4],
   'max_attempts', ARGV[5], 'attempt', 0, 'reclaims', 0, 'run', run, 'run_at', now, 'enqueued_at', now, 'entry', entry)
+if not h[1] then
+  -- A rebuilt hash has lost its lease counter: lease tokens go on from the Redis clock, past
+  -- any token of the job's earlier life, so that a worker still holding one (frozen since)
+  -- cannot complete the new attempt.
+  redis.call('HSET', KEYS[1], 'lease_seq', string.format('%d', now))
+end
 redis.call('PERSIST', KEYS[1])
 return {1, 'queued', run}
