@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the BullMQ baseline and jobq's benchmarks against the same Redis in one run, and prints
 # the ratios. Usage: bench/compare.sh [N] (default 100000). Needs node/npm for the baseline.
+# PAIRS=K (default 4) then runs bench/pairs.sh: K back-to-back pairs of the baseline and the
+# 1 worker x 50 drain, and their median ratio, which the machine's drift moves less (0: skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100000}
@@ -66,3 +68,8 @@ for r in drains:
 for p in ("p50", "p99"):
     print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<100} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
 PY
+if [ "${PAIRS:-4}" -gt 0 ]; then
+  echo
+  echo "1 worker x 50, back-to-back pairs (bench/pairs.sh ${PAIRS:-4} $N):"
+  BIN=target/release bash bench/pairs.sh "${PAIRS:-4}" "$N" | grep -v '^\(round [0-9]*\|bullmq\|jobq\) *[0-9.]*$'
+fi
