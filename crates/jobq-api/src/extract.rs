@@ -26,6 +26,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// Refuses a query string on a route that takes no query parameters (400 naming the first
+/// parameter), as the routes that take some refuse unknown ones; an empty `?` is accepted.
+pub struct NoQuery;
+
+impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let Some(query) = parts.uri.query().filter(|q| !q.is_empty()) else { return Ok(Self) };
+        let first = query.split('&').find(|p| !p.is_empty()).unwrap_or(query);
+        let name: String = first.split('=').next().unwrap_or(first).chars().take(64).collect();
+        Err(ApiError::BadRequest(format!("unknown query parameter `{name}`: this route takes no query parameters")))
+    }
+}
+
 /// `Path<T>` whose errors are [`ApiError`]s (a segment that is not UTF-8 is a JSON 400 too).
 pub struct ApiPath<T>(pub T);
 

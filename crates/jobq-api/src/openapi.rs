@@ -108,7 +108,8 @@ impl utoipa::Modify for Conventions {
             for (method, op) in operations {
                 let Some(op) = op.as_mut() else { continue };
                 let mut extra = Vec::new();
-                if crate::auth::required_role(&method, path).is_none() {
+                let api = crate::auth::required_role(&method, path).is_some();
+                if !api {
                     op.security = Some(Vec::new());
                 } else {
                     extra.push(("401", "no API key, or an unknown one"));
@@ -116,8 +117,12 @@ impl utoipa::Modify for Conventions {
                     extra.push(("429", "over the key's rate limit; see `Retry-After`"));
                     extra.push(("503", "Redis or Postgres is unavailable"));
                 }
-                if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) || op.request_body.is_some() {
-                    extra.push(("400", "malformed path, query or body"));
+                let takes_input = op.parameters.as_ref().is_some_and(|p| !p.is_empty()) || op.request_body.is_some();
+                if api || takes_input {
+                    // Every API route refuses query parameters it does not take.
+                    extra.push(("400", "malformed path, query or body, or a query parameter the route does not take"));
+                }
+                if takes_input {
                     extra.push(("422", "well-formed but invalid; the message names the field"));
                 }
                 if op.request_body.is_some() {

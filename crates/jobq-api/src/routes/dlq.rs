@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{job_id, ApiJson, ApiPath, ApiQuery};
+use crate::extract::{job_id, ApiJson, ApiPath, ApiQuery, NoQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -159,6 +159,7 @@ fn not_in_dlq(id: impl std::fmt::Display) -> ApiError {
 #[utoipa::path(get, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, description = "row, envelope and every attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -186,6 +187,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 #[utoipa::path(post, path = "/api/v1/dlq/{id}/retry", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")), request_body(content = Option<RetryBody>, description = "optional edited payload"),
     responses((status = 200, body = DlqRetried), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn retry(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
@@ -242,6 +244,7 @@ with_filter! {
 #[utoipa::path(post, path = "/api/v1/dlq/retry", tag = "dlq", request_body = RetryMatching,
     responses((status = 200, description = "dry run: matched count", body = serde_json::Value), (status = 202, description = "replay started", body = serde_json::Value), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn retry_matching(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<RetryMatching>,
@@ -295,6 +298,7 @@ pub(crate) async fn retry_matching(
 #[utoipa::path(delete, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn remove(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,

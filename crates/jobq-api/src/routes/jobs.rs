@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{job_id, ApiJson, ApiPath, ApiQuery};
+use crate::extract::{job_id, ApiJson, ApiPath, ApiQuery, NoQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -144,6 +144,7 @@ impl EnqueueRequest {
     responses((status = 201, description = "enqueued", body = JobInfo), (status = 200, description = "a job with this unique key exists", body = JobInfo),
         (status = 400, body = ApiErrorBody), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn enqueue(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
@@ -187,6 +188,7 @@ pub struct BatchRequest {
 #[utoipa::path(post, path = "/api/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
     responses((status = 200, description = "per-item results", body = serde_json::Value), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn enqueue_batch(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
@@ -414,6 +416,7 @@ fn visible(who: &Principal, job: &jobq_core::job::JobInfo) -> bool {
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, body = JobInfo), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn get_job(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
@@ -427,6 +430,7 @@ pub(crate) async fn get_job(
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/executions", tag = "jobs", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
     responses((status = 200, description = "every recorded attempt", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn executions(
+    _: NoQuery,
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
@@ -447,6 +451,7 @@ pub(crate) async fn executions(
     responses((status = 200, description = "cancelled; never starts", body = JobInfo), (status = 202, description = "running; asked to stop", body = JobInfo),
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub(crate) async fn cancel(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -8,7 +8,7 @@ use jobq_core::job::QueueName;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::extract::ApiPath;
+use crate::extract::{ApiPath, NoQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -51,7 +51,7 @@ async fn stats(state: &AppState, queues: &[QueueName]) -> Result<Vec<Value>, Api
 /// `GET /api/v1/queues`: every queue with depth per priority, running, scheduled, dead,
 /// paused, counts by outcome and the oldest job's age.
 #[utoipa::path(get, path = "/api/v1/queues", tag = "queues", responses((status = 200, description = "stats of every queue", body = serde_json::Value)))]
-pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn list(_: NoQuery, State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let queues = state.broker.queues().await?;
     Ok(Json(json!({"items": stats(&state, &queues).await?})))
 }
@@ -60,6 +60,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoRespo
 #[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = QueueStats), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(q): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -75,6 +76,7 @@ pub(crate) async fn show(
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/pause", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
 pub(crate) async fn pause(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(q): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -87,6 +89,7 @@ pub(crate) async fn pause(
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/resume", tag = "queues", params(("queue" = QueueName, Path)),
     responses((status = 200, body = serde_json::Value), (status = 400, body = ApiErrorBody)))]
 pub(crate) async fn resume(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(q): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, NoQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -49,6 +49,7 @@ fn view(s: &StoredSchedule) -> Value {
 #[utoipa::path(post, path = "/api/v1/schedules", tag = "schedules", request_body = ScheduleSpec,
     responses((status = 201, body = StoredSchedule), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn create(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiJson(spec): ApiJson<ScheduleSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -58,7 +59,7 @@ pub(crate) async fn create(
 }
 
 #[utoipa::path(get, path = "/api/v1/schedules", tag = "schedules", responses((status = 200, description = "every schedule with its next 5 fire times", body = serde_json::Value)))]
-pub(crate) async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub(crate) async fn list(_: NoQuery, State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let all = state.store.schedules().await?;
     Ok(Json(json!({"items": all.iter().map(view).collect::<Vec<_>>()})))
 }
@@ -79,6 +80,7 @@ fn not_found(name: &str) -> ApiError {
 #[utoipa::path(get, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn show(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -90,6 +92,7 @@ pub(crate) async fn show(
 #[utoipa::path(put, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")), request_body = ScheduleSpec,
     responses((status = 200, body = StoredSchedule), (status = 201, body = StoredSchedule), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn replace(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(mut spec): ApiJson<ScheduleSpec>,
@@ -126,6 +129,7 @@ pub struct SchedulePatch {
 #[utoipa::path(patch, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")), request_body = SchedulePatch,
     responses((status = 200, body = StoredSchedule), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn patch(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(p): ApiJson<SchedulePatch>,
@@ -162,6 +166,7 @@ pub(crate) async fn patch(
 #[utoipa::path(delete, path = "/api/v1/schedules/{name}", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 204, description = "deleted"), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn remove(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -175,6 +180,7 @@ pub(crate) async fn remove(
 #[utoipa::path(post, path = "/api/v1/schedules/{name}/trigger", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 201, body = JobInfo), (status = 404, body = ApiErrorBody)))]
 pub(crate) async fn trigger(
+    _: NoQuery,
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {

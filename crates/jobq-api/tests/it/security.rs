@@ -112,6 +112,40 @@ async fn every_route_answers_401_without_a_key_and_403_for_a_role_below_its_own(
 }
 
 #[tokio::test]
+async fn every_api_route_refuses_a_query_parameter_it_does_not_take() {
+    let env = TestEnv::new().await;
+    let app = secured(&env, &[]);
+    let mut refused = 0;
+    for (method, path, needed) in ROUTES {
+        if needed.is_none() {
+            continue;
+        }
+        let uri = format!("{}?colour=red&limit=1", concrete(path));
+        let req = Request::builder()
+            .method(*method)
+            .uri(&uri)
+            .header("content-type", "application/json")
+            .header("x-api-key", "k-admin")
+            .body(Body::from("{}"))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{method} {uri}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("colour"), "{method} {uri} names the parameter: {message}");
+        refused += 1;
+    }
+    assert_eq!(refused, 25, "every authenticated route was tried");
+    // A bare `?` carries no parameter.
+    let req = Request::builder().uri("/api/v1/queues?").header("x-api-key", "k-reader").body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_producer_reads_only_the_jobs_its_key_enqueued() {
     let env = TestEnv::new().await;
     let app = secured(&env, &[]);
