@@ -39,13 +39,14 @@ mod leases;
 mod registry;
 pub mod testing;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use jobq_core::config::{QueueSelection, Settings, WorkerSettings};
 use jobq_core::job::QueueName;
-use jobq_core::stream::Broker;
+use jobq_core::stream::{Broker, Received};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -386,7 +387,22 @@ impl Worker {
         // At most half the slots per fetch: two batches in flight, so the worker decodes and
         // completes one while Redis runs the other's script (measured: drain +10% at 50 slots).
         let max_fetch = self.settings.concurrency.div_ceil(2).max(1);
+        // Per queue, the last entries received; and the queues whose last fetch failed, whose
+        // reply may have been lost with jobs it started: those are handed back before the
+        // queue is fetched again.
+        let mut received: HashMap<QueueName, Received> = HashMap::new();
+        let mut lost: Vec<QueueName> = Vec::new();
         'outer: loop {
+            if let Err(e) = self.disown_lost(&mut lost, &received).await {
+                metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "handing back the jobs of a failed fetch failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue 'outer;
+            }
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -422,6 +438,12 @@ impl Worker {
                 let want = permits.len().min(*share).min(max_fetch);
                 match self.broker.fetch_raw(q, &self.consumer, want).await {
                     Ok(fetched) => {
+                        if !fetched.jobs.is_empty() {
+                            match received.get_mut(q) {
+                                Some(r) => r.note(&fetched.jobs),
+                                None => received.entry(q.clone()).or_default().note(&fetched.jobs),
+                            }
+                        }
                         // Strict order: a queue that filled its fetch may have more ready jobs,
                         // so the slots left in this round are not offered to the queues after it.
                         let more = (fetched.jobs.len() == want || fetched.more) && !self.settings.queues.weighted;
@@ -458,6 +480,9 @@ impl Worker {
                     }
                     Err(e) => {
                         drop(permits);
+                        if !lost.contains(q) {
+                            lost.push(q.clone());
+                        }
                         metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
                         tracing::warn!(error = %e, queue.name = %q, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
                         tokio::select! {
@@ -507,6 +532,18 @@ impl Worker {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        if !lost.is_empty() {
+            // Best effort: what is not handed back now is reclaimed once its lease lapses.
+            match tokio::time::timeout(GIVE_UP_TIMEOUT, self.disown_lost(&mut lost, &received)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not hand back the jobs of a failed fetch; they are reclaimed once their lease lapses")
+                }
+                Err(_) => tracing::warn!(
+                    "handing back the jobs of a failed fetch timed out; they are reclaimed once their lease lapses"
+                ),
+            }
+        }
         tracing::info!(in_flight = tracker.len(), "stopped fetching; waiting for in-flight jobs");
         tracker.close();
         if tokio::time::timeout(self.settings.shutdown_timeout, tracker.wait()).await.is_err() {
@@ -541,6 +578,25 @@ impl Worker {
         background.cancel();
         let _ = tokio::join!(listener, reaper, tokio::task::spawn_blocking(move || heartbeat.join()));
         tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    /// Hands back, queue by queue, the jobs that failed fetches may have started without their
+    /// reply reaching this worker ([`Broker::disown`]); a queue leaves `lost` once done.
+    async fn disown_lost(
+        &self,
+        lost: &mut Vec<QueueName>,
+        received: &HashMap<QueueName, Received>,
+    ) -> anyhow::Result<()> {
+        while let Some(q) = lost.last() {
+            let none = Received::default();
+            let n = self.broker.disown(q, &self.consumer, received.get(q).unwrap_or(&none)).await?;
+            if n > 0 {
+                metrics::counter!("jobq_worker_lost_fetch_jobs_total").increment(n);
+                tracing::warn!(queue.name = %q, jobs = n, "a fetch reply was lost: handed its jobs back for the next reaper pass");
+            }
+            lost.pop();
+        }
         Ok(())
     }
 }

@@ -71,6 +71,7 @@ struct Scripts {
     rate_take: Script,
     breaker: Script,
     give_up: Script,
+    disown: Script,
 }
 
 /// Helpers prepended to every script.
@@ -97,12 +98,13 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     rate_take: script(include_str!("lua/rate_take.lua")),
     breaker: script(include_str!("lua/breaker.lua")),
     give_up: script(include_str!("lua/give_up.lua")),
+    disown: script(include_str!("lua/disown.lua")),
 });
 
 /// Longest delay before a retry or a held-back job's next start.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-fn all_scripts() -> [&'static Script; 16] {
+fn all_scripts() -> [&'static Script; 17] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -121,6 +123,7 @@ fn all_scripts() -> [&'static Script; 16] {
         &s.rate_take,
         &s.breaker,
         &s.give_up,
+        &s.disown,
     ]
 }
 
@@ -218,6 +221,24 @@ impl RawDelivery {
             started_ms: self.started_ms,
             worker: self.worker,
         })
+    }
+}
+
+/// The last entry a worker received from each priority stream of one queue, noted from every
+/// fetch reply that reached it, so that after a fetch whose reply was lost [`Broker::disown`]
+/// can tell the attempts that fetch started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Received([Option<String>; 4]);
+
+impl Received {
+    /// Notes the jobs of a fetch reply (each stream's come in id order, so its last one is the
+    /// newest).
+    pub fn note(&mut self, jobs: &[RawDelivery]) {
+        for (slot, priority) in self.0.iter_mut().zip(Priority::ALL) {
+            if let Some(last) = jobs.iter().rev().find(|j| j.priority == priority) {
+                *slot = Some(last.entry.clone());
+            }
+        }
     }
 }
 
@@ -1168,6 +1189,23 @@ impl Broker {
             handed += redis::from_redis_value::<u64>(r?).map_err(protocol)?;
         }
         Ok(handed)
+    }
+
+    /// Hands back the attempts a fetch of `queue` started for `consumer` whose reply never
+    /// reached it (a timeout, a dropped connection): the entries pending to `consumer` newer than
+    /// what `received` noted. As with [`Broker::give_up`], the next reaper pass of any worker
+    /// re-queues them without counting a reclaim, instead of once their lease lapses. Call it
+    /// after a failed fetch, and fetch the queue again only once it has succeeded. Returns how
+    /// many were handed back.
+    pub async fn disown(&self, queue: &QueueName, consumer: &str, received: &Received) -> Result<u64> {
+        let streams = self.keys.streams(queue);
+        let keys: Vec<&str> = streams.iter().map(String::as_str).collect();
+        let mut call =
+            Call::new(&SCRIPTS.disown, &keys).arg(Keys::GROUP).arg(consumer).arg(self.keys.job_prefix(queue));
+        for last in &received.0 {
+            call = call.arg(last.as_deref().unwrap_or(""));
+        }
+        redis::from_redis_value(self.run_one(call).await?).map_err(protocol)
     }
 
     /// Reclaims jobs of `queues` whose pending idle time exceeds the longest lease their live

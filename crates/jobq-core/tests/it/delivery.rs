@@ -531,3 +531,50 @@ async fn a_heartbeat_registration_counts_for_reapers_and_a_shorter_one_does_not_
     assert!(ttl > 29_000 && ttl <= 31_000, "{ttl}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_jobs_of_a_fetch_whose_reply_was_lost_are_handed_back_uncounted_and_no_others() {
+    use jobq_core::job::Priority;
+    use jobq_core::stream::Received;
+    let env = TestEnv::new().await;
+    let enqueue = |p: Priority| {
+        let broker = env.broker.clone();
+        async move { broker.enqueue(NewJob::new("a", json!({})).priority(p)).await.unwrap().job.id }
+    };
+    let h1 = enqueue(Priority::High).await;
+    let n1 = enqueue(Priority::Normal).await;
+    let n2 = enqueue(Priority::Normal).await;
+    let n3 = enqueue(Priority::Normal).await;
+    let mut received = Received::default();
+    let seen = env.broker.fetch_raw(&q(), "w1", 2).await.unwrap().jobs;
+    assert_eq!(seen.iter().map(|j| j.id).collect::<Vec<_>>(), [h1, n1]);
+    received.note(&seen);
+    // Nothing newer than what w1 received is pending to it: nothing to hand back.
+    assert_eq!(env.broker.disown(&q(), "w1", &received).await.unwrap(), 0);
+    let h2 = enqueue(Priority::High).await;
+    // w1's next fetch starts h2 and n2, but its reply never reaches w1.
+    let lost = env.broker.fetch_raw(&q(), "w1", 2).await.unwrap().jobs;
+    assert_eq!(lost.iter().map(|j| j.id).collect::<Vec<_>>(), [h2, n2]);
+    drop(lost);
+    // Another worker's job, newer than anything w1 received, is not w1's to hand back.
+    assert_eq!(env.broker.fetch_raw(&q(), "w2", 1).await.unwrap().jobs[0].id, n3);
+
+    assert_eq!(env.broker.disown(&q(), "w1", &received).await.unwrap(), 2);
+    assert_eq!(env.broker.disown(&q(), "w1", &received).await.unwrap(), 0, "none is handed back twice");
+    // The next reaper pass takes them at once, long before the 30 s lease, and counts nothing.
+    let r = env.broker.reclaim("reaper", &[q()], Duration::from_secs(30), 3, Duration::from_secs(1)).await.unwrap();
+    assert_eq!((r[0].requeued, r[0].dead), (2, 0));
+    for id in [h2, n2] {
+        let job = env.broker.job(id).await.unwrap().unwrap();
+        assert_eq!((job.state, job.attempt, job.reclaims), (JobState::Queued, 0, 0), "{id}: re-queued, uncounted");
+    }
+    for id in [h1, n1, n3] {
+        let job = env.broker.job(id).await.unwrap().unwrap();
+        assert_eq!((job.state, job.attempt), (JobState::Running, 1), "{id}: still running where it was received");
+    }
+    // Strict priority still holds for the re-queued jobs.
+    let again = env.broker.fetch_raw(&q(), "w1", 2).await.unwrap().jobs;
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [h2, n2]);
+    assert!(again.into_iter().all(|j| j.decode().unwrap().attempt == 1), "their first counted attempt");
+    env.cleanup().await;
+}

@@ -370,3 +370,44 @@ async fn jobs_are_served_in_the_configured_queue_order() {
     let order = start_order("1", 3, Duration::ZERO).await;
     assert_eq!(order, ["urgent", "urgent", "urgent", "default", "default", "default"]);
 }
+
+#[tokio::test]
+async fn a_job_whose_fetch_reply_timed_out_runs_long_before_its_lease_lapses_and_counts_nothing() {
+    // A server of its own, frozen with SIGSTOP while the worker fetches.
+    let redis = jobq_testutil::RedisServer::start();
+    let env = TestEnv::with(&[
+        ("REDIS_URL", &redis.url()),
+        ("JOBQ_REDIS_TIMEOUT", "300ms"),
+        ("JOBQ_WORKER_CONCURRENCY", "1"),
+        ("JOBQ_WORKER_LEASE", "30s"),
+        ("JOBQ_WORKER_HEARTBEAT", "1s"),
+        ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
+    ])
+    .await;
+    let mut registry = Registry::new();
+    let go = stubborn(&mut registry, None);
+    registry.register("quick", |_ctx: JobContext| async { Ok(Some(json!("ran"))) });
+    let token = CancellationToken::new();
+    let worker = Worker::new(env.broker.clone(), registry, env.settings().worker, Duration::from_secs(30));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let first = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
+    wait_state(&env, first, JobState::Running).await;
+    let quick = env.broker.enqueue(NewJob::new("quick", json!({}))).await.unwrap().job.id;
+    // The one slot frees while Redis is frozen: the fetch that starts `quick` reaches Redis but
+    // its reply comes after the worker stopped waiting for it.
+    redis.signal("STOP");
+    go.notify_one();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.signal("CONT");
+    let back = std::time::Instant::now();
+    let job = wait_state(&env, quick, JobState::Succeeded).await;
+    assert!(back.elapsed() < Duration::from_secs(10), "ran again after {:?}, not after its 30 s lease", back.elapsed());
+    assert_eq!(
+        (job.attempt, job.reclaims),
+        (1, 0),
+        "the attempt whose reply was lost counts neither as an attempt nor as a reclaim"
+    );
+    assert_eq!(job.result, Some(json!("ran")));
+    assert_eq!(wait_state(&env, first, JobState::Succeeded).await.attempt, 1);
+    finish(env, [(token, handle)]).await;
+}

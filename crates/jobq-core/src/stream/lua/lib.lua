@@ -162,3 +162,17 @@ local function register_lease(key, consumer, lease_s, for_ms, now)
     redis.call('PEXPIRE', key, for_ms + 1000)
   end
 end
+
+-- Hands attempt LEASE of the job at JK, pending on ENTRY of STREAM, back to the reaper: the
+-- entry stays pending to CONSUMER with an idle time as long as Redis allows (delivered at the
+-- epoch's first millisecond: XCLAIM takes an idle time past now as 0), past any lease a worker
+-- holds, so that the next reaper pass of any worker takes it; and the job is marked `given_up`
+-- with that lease, so that the reaper re-queues it without counting a reclaim (max_reclaims
+-- catches jobs that crash their worker). IDLE: now in ms minus one, as a string.
+-- Returns 1, or 0 when the entry is no longer pending.
+local function hand_back(stream, group, consumer, entry, jk, lease, idle)
+  local claimed = redis.call('XCLAIM', stream, group, consumer, 0, entry, 'IDLE', idle, 'JUSTID')
+  if #claimed ~= 1 then return 0 end
+  redis.call('HSET', jk, 'given_up', lease)
+  return 1
+end

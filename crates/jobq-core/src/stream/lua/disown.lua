@@ -1,0 +1,37 @@
+-- Hand back the attempts a fetch started for a worker that never got its reply (it timed out, or
+-- the connection dropped on the way back). A group delivers each stream in id order and a
+-- fetch's jobs stay pending to its consumer until their outcome is written, so those attempts
+-- are the entries pending to the consumer newer than the last one its worker received from
+-- that stream. Each job still running on such an entry is handed back (lib.lua's hand_back):
+-- the next reaper pass re-queues it, without counting a reclaim, instead of once its lease
+-- lapses. The worker calls this after a failed fetch and before its next one of the queue.
+-- KEYS: 1..4 priority streams (critical, high, normal, low)
+-- ARGV: 1 group, 2 consumer, 3 job key prefix, 4..7 the last entry the worker received from
+--       each stream ('' for none)
+-- Returns the number of jobs handed back (none twice).
+local idle = string.format('%d', now_ms() - 1)
+local PAGE = 500
+local n = 0
+for i = 1, 4 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local start = '-'
+    if ARGV[3 + i] ~= '' then start = '(' .. ARGV[3 + i] end
+    repeat
+      local pending = redis.call('XPENDING', KEYS[i], ARGV[1], start, '+', PAGE, ARGV[2])
+      for _, p in ipairs(pending) do
+        local entry = p[1]
+        local e = redis.call('XRANGE', KEYS[i], entry, entry)[1]
+        if e then
+          local id = e[2][2]
+          local jk = ARGV[3] .. id
+          local h = redis.call('HMGET', jk, 'state', 'entry', 'lease', 'given_up')
+          if h[1] == 'running' and h[2] == entry and h[3] and h[4] ~= h[3] then
+            n = n + hand_back(KEYS[i], ARGV[1], ARGV[2], entry, jk, h[3], idle)
+          end
+        end
+        start = '(' .. entry
+      end
+    until #pending < PAGE
+  end
+end
+return n
