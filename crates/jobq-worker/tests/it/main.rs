@@ -411,3 +411,52 @@ async fn a_job_whose_fetch_reply_timed_out_runs_long_before_its_lease_lapses_and
     assert_eq!(wait_state(&env, first, JobState::Succeeded).await.attempt, 1);
     finish(env, [(token, handle)]).await;
 }
+
+#[tokio::test]
+async fn a_job_whose_fetch_lost_its_connection_runs_long_before_its_lease_lapses_and_counts_nothing() {
+    // A server of its own, frozen while the worker's fetch waits in it; the worker reaches it
+    // through a proxy that then drops the connection.
+    let redis = jobq_testutil::RedisServer::start();
+    let env = TestEnv::with(&[
+        ("REDIS_URL", &redis.url()),
+        ("JOBQ_REDIS_TIMEOUT", "1s"),
+        ("JOBQ_WORKER_CONCURRENCY", "1"),
+        ("JOBQ_WORKER_LEASE", "30s"),
+        ("JOBQ_WORKER_HEARTBEAT", "1s"),
+        ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
+    ])
+    .await;
+    let proxy = jobq_testutil::TcpProxy::start(redis.url().trim_start_matches("redis://").parse().unwrap()).await;
+    let mut settings = env.settings();
+    settings.redis.url = format!("redis://127.0.0.1:{}", proxy.port());
+    let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
+    let mut registry = Registry::new();
+    let go = stubborn(&mut registry, None);
+    registry.register("quick", |_ctx: JobContext| async { Ok(Some(json!("ran"))) });
+    let token = CancellationToken::new();
+    let handle =
+        tokio::spawn(Worker::new(broker, registry, settings.worker, Duration::from_secs(30)).run(token.clone()));
+    let first = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
+    wait_state(&env, first, JobState::Running).await;
+    let quick = env.broker.enqueue(NewJob::new("quick", json!({}))).await.unwrap().job.id;
+    // The fetch that starts `quick` waits in the frozen server's socket; the connection drops
+    // before any reply, and the worker reconnects while the server is still frozen.
+    redis.signal("STOP");
+    go.notify_one();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.signal("CONT");
+    let back = std::time::Instant::now();
+    let job = wait_state(&env, quick, JobState::Succeeded).await;
+    assert!(back.elapsed() < Duration::from_secs(10), "ran again after {:?}, not after its 30 s lease", back.elapsed());
+    assert_eq!(
+        (job.attempt, job.reclaims),
+        (1, 0),
+        "the attempt whose reply was lost counts neither as an attempt nor as a reclaim"
+    );
+    assert_eq!(wait_state(&env, first, JobState::Succeeded).await.attempt, 1);
+    finish(env, [(token, handle)]).await;
+}
