@@ -905,7 +905,8 @@ impl Broker {
             } else {
                 let codes: Vec<i64> = redis::from_redis_value(v).map_err(protocol)?;
                 for (i, code) in idx.into_iter().zip(codes) {
-                    settled[i] = if code == 1 { Settled::Succeeded } else { Settled::Stale };
+                    // 2: written by an earlier call whose reply was lost (a retried write).
+                    settled[i] = if code == 1 || code == 2 { Settled::Succeeded } else { Settled::Stale };
                 }
             }
         }

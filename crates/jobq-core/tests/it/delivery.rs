@@ -578,3 +578,60 @@ async fn the_jobs_of_a_fetch_whose_reply_was_lost_are_handed_back_uncounted_and_
     assert!(again.into_iter().all(|j| j.decode().unwrap().attempt == 1), "their first counted attempt");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_outcome_written_again_after_its_reply_was_lost_is_reported_written_and_changes_nothing() {
+    let env = TestEnv::new().await;
+    let a = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
+    let b = env.broker.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id;
+    let jobs = fetch(&env.broker, "w1", 2).await;
+    let (da, db) = if jobs[0].envelope.id == a { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
+    let ok = |d: &Delivery| Outcome { delivery: d.clone(), result: Ok(Some(json!("done"))) };
+    // The write of `a` lands, but its reply never reaches the worker.
+    assert_eq!(env.broker.settle(&[ok(da)]).await.unwrap(), [Settled::Succeeded]);
+    let events = outbox(&env).await.len();
+    // The worker writes it again, with the outcome that came after it.
+    assert_eq!(env.broker.settle(&[ok(da), ok(db)]).await.unwrap(), [Settled::Succeeded, Settled::Succeeded]);
+    let after = outbox(&env).await;
+    assert_eq!(after.len(), events + 1, "one event more, for b alone");
+    assert_eq!(after.last().unwrap().get::<String>("id"), Some(b.to_string()));
+    let stats = env.broker.queue_stats(&[q()]).await.unwrap();
+    assert_eq!(stats[0].counts.get("succeeded"), Some(&2), "each success counted once");
+    assert_eq!(env.broker.job(a).await.unwrap().unwrap().result, Some(json!("done")));
+    // A write on any other lease of the same job is still refused.
+    let mut zombie = da.clone();
+    zombie.lease = "999".into();
+    assert_eq!(env.broker.settle(&[ok(&zombie)]).await.unwrap(), [Settled::Stale]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_failure_written_again_after_its_reply_was_lost_is_reported_as_before_and_changes_nothing() {
+    let env = TestEnv::new().await;
+    let retried = env.broker.enqueue(NewJob::new("r", json!({})).max_attempts(3)).await.unwrap().job.id;
+    let dies = env.broker.enqueue(NewJob::new("d", json!({})).max_attempts(3)).await.unwrap().job.id;
+    let jobs = fetch(&env.broker, "w1", 2).await;
+    let (dr, dd) = if jobs[0].envelope.id == retried { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
+    let outcomes = [failure(dr, Some(Duration::from_secs(3600)), "handler_error"), failure(dd, None, "fatal")];
+    for o in &outcomes {
+        let first = env.broker.settle(std::slice::from_ref(o)).await.unwrap();
+        let events = outbox(&env).await.len();
+        assert_eq!(
+            env.broker.settle(std::slice::from_ref(o)).await.unwrap(),
+            first,
+            "written again: reported as before"
+        );
+        assert_eq!(outbox(&env).await.len(), events, "no second history event");
+    }
+    let r = env.broker.job(retried).await.unwrap().unwrap();
+    assert_eq!((r.state, r.attempt), (JobState::Retrying, 1));
+    assert_eq!(env.broker.job(dies).await.unwrap().unwrap().state, JobState::Dead);
+    let stats = env.broker.queue_stats(&[q()]).await.unwrap();
+    assert_eq!((stats[0].counts.get("failed"), stats[0].counts.get("dead")), (Some(&1), Some(&1)), "each counted once");
+    // Once the retry has moved on, an old write is stale again.
+    let mut zombie = dr.clone();
+    zombie.lease = "999".into();
+    let stale = failure(&zombie, Some(Duration::from_secs(1)), "handler_error");
+    assert_eq!(env.broker.settle(&[stale]).await.unwrap(), [Settled::Stale]);
+    env.cleanup().await;
+}

@@ -17,7 +17,8 @@
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 retained zset
 -- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array
 --       (JSON), then per job: priority index, id, lease token, entry id, result json or ''
--- Returns one 1 (completed) or 0 (stale lease) per job.
+-- Returns one 1 (completed), 2 (completed by an earlier call on the same lease) or 0 (stale
+-- lease) per job.
 local now, now_s = now_ms_pair()
 local retention = ARGV[2]
 local keep = tonumber(retention) > 0
@@ -33,7 +34,10 @@ for i = 5, #ARGV, 5 do
   local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
     'expires_at')
   if h[1] ~= 'running' or h[2] ~= lease then
-    out[#out + 1] = 0
+    -- Succeeded on this very lease: an earlier call wrote it and its reply was lost, and the
+    -- worker sent the outcome again. Reported as written (2), changing nothing; a hash already
+    -- deleted (no retention) reads as stale.
+    if h[1] == 'succeeded' and h[2] == lease then out[#out + 1] = 2 else out[#out + 1] = 0 end
   else
     out[#out + 1] = 1
     n = n + 1

@@ -8,11 +8,19 @@
 -- KEYS: 1 job hash, 2 priority stream, 3 events stream, 4 scheduled zset
 -- ARGV: 1 id, 2 lease token, 3 entry id, 4 group, 5 error message,
 --       6 retry delay ms ('-1' = not retryable), 7 dead retention seconds, 8 reason when fatal
--- Returns {1, 'retrying'|'dead'|'cancelled'|'postponed'}, or {0, state} when the lease is stale.
-local cur = redis.call('HMGET', KEYS[1], 'state', 'lease', 'cancel_requested')
+-- Returns {1, 'retrying'|'dead'|'cancelled'|'postponed'}, or {0, state} when the lease is stale,
+-- or {2, what} when this lease's outcome was written already (an earlier call whose reply was
+-- lost, sent again by the worker) and the job is still where that call left it: nothing
+-- changes. The hash's `ended_lease` names the attempt whose outcome this script last wrote.
+local cur = redis.call('HMGET', KEYS[1], 'state', 'lease', 'cancel_requested', 'ended_lease')
 if cur[1] ~= 'running' or cur[2] ~= ARGV[2] then
+  if cur[4] == ARGV[2] then
+    local was = ({retrying = 'retrying', scheduled = 'postponed', dead = 'dead', cancelled = 'cancelled'})[cur[1]]
+    if was then return {2, was} end
+  end
   return {0, cur[1] or ''}
 end
+redis.call('HSET', KEYS[1], 'ended_lease', ARGV[2])
 -- A cancel requested while the attempt ran stops the job here too: it is not retried or
 -- postponed (the worker may not have seen the request before the attempt ended).
 local cancel_requested = cur[3] == '1'
