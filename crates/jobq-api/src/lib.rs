@@ -16,6 +16,7 @@ pub mod error;
 mod extract;
 pub mod limit;
 pub mod openapi;
+pub mod replay;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -146,6 +147,7 @@ pub async fn serve(settings: Settings, listener: TcpListener, shutdown: Cancella
     }
     let addr: SocketAddr = listener.local_addr()?;
     let state = AppState::new(broker, store, &settings);
+    tokio::spawn(replay::take_over_loop(state.clone(), shutdown.clone()));
     tracing::info!(url = %format!("http://{addr}"), "api listening");
     axum::serve(listener, router(state, settings.api.body_limit))
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -2,8 +2,6 @@
 //! retry one (optionally with an edited payload), retry by filter (dry run, bounded rate),
 //! delete one, purge by filter. Every retry, edit, delete and purge goes to the audit log.
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -259,39 +257,9 @@ pub(crate) async fn retry_matching(
         return Ok((StatusCode::OK, Json(json!({"matched": matched, "dry_run": true}))));
     }
     let ids = state.store.dead_ids(&filter, limit).await?;
-    let audit_id = state
-        .store
-        .audit(&who.name, "dlq.retry_filter", None, Some(serde_json::to_value(&filter).unwrap_or(Value::Null)), 0, None)
-        .await?;
-    let rate = state.dlq_replay_rate.max(1);
-    let total = ids.len();
-    tokio::spawn(async move {
-        let pause = Duration::from_secs_f64(1.0 / f64::from(rate));
-        let mut retried = 0i64;
-        let mut skipped = 0i64;
-        let mut failed = 0i64;
-        let mut tick = tokio::time::interval(pause);
-        for id in ids {
-            tick.tick().await;
-            match state.store.retry_dead(&state.broker, id, None).await {
-                Ok(_) => retried += 1,
-                Err(jobq_core::Error::Conflict(_) | jobq_core::Error::JobNotFound(_)) => skipped += 1,
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(job.id = %id, error = %e, "DLQ replay of one job failed; it stays in the DLQ");
-                }
-            }
-            if (retried + skipped + failed) % 1000 == 0 {
-                let progress =
-                    json!({"retried": retried, "skipped": skipped, "failed": failed, "of": total, "done": false});
-                let _ = state.store.audit_progress(audit_id, retried, progress).await;
-            }
-        }
-        let done = json!({"retried": retried, "skipped": skipped, "failed": failed, "of": total, "done": true});
-        if let Err(e) = state.store.audit_progress(audit_id, retried, done).await {
-            tracing::warn!(error = %e, "could not record the end of a DLQ replay");
-        }
-    });
+    let replay = state.store.start_replay(&who.name, &filter, ids.len() as i64).await?;
+    let (audit_id, total, rate) = (replay.audit_id, replay.of, state.dlq_replay_rate.max(1));
+    crate::replay::spawn(state, replay, ids);
     Ok((StatusCode::ACCEPTED, Json(json!({"matched": total, "rate_per_sec": rate, "audit_id": audit_id}))))
 }
 

@@ -247,3 +247,50 @@ async fn retention_prunes_history_dlq_and_schedule_run_rows_in_batches() {
     assert!(env.store.schedule("often").await.unwrap().is_some(), "the schedule itself stays");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_dlq_replay_whose_process_stopped_mid_way_is_taken_over_and_finished() {
+    let env = TestEnv::with(&[("JOBQ_API_DLQ_REPLAY_RATE", "50")]).await;
+    kill_jobs(&env, "mail", "smtp down", 10).await;
+    kill_jobs(&env, "sms", "gateway down", 2).await;
+    // A replay of the ten mails whose API process stopped after three: its audit entry and its
+    // retries as that process left them.
+    let filter = jobq_core::store::DlqFilter { kind: Some("mail".into()), ..Default::default() };
+    let mut replay = env.store.start_replay("ops", &filter, 10).await.unwrap();
+    let ids = env.store.dead_ids(&filter, 10).await.unwrap();
+    for id in &ids[..3] {
+        env.store.retry_dead(&env.broker, *id, None).await.unwrap();
+        replay.retried += 1;
+    }
+    assert!(env.store.replay_progress(&replay, false).await.unwrap());
+    let state = jobq_api::AppState::new(env.broker.clone(), env.store.clone(), &env.settings());
+    assert_eq!(
+        jobq_api::replay::take_over(&state, Duration::from_secs(30)).await.unwrap(),
+        0,
+        "not silent long enough"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(jobq_api::replay::take_over(&state, Duration::from_millis(200)).await.unwrap(), 1);
+    assert!(
+        !env.store.replay_progress(&replay, false).await.unwrap(),
+        "the stopped replay's owner may not report any more"
+    );
+    let app = app(&env);
+    let entry = wait_until(Duration::from_secs(10), "the replay to be finished", || async {
+        let (_, log) = call(&app, "GET", "/api/v1/audit", None).await;
+        log["items"].as_array()?.iter().find(|e| e["id"] == replay.audit_id && e["details"]["done"] == true).cloned()
+    })
+    .await;
+    assert_eq!(entry["details"], json!({"retried": 10, "skipped": 0, "failed": 0, "of": 10, "done": true}), "{entry}");
+    assert_eq!(entry["count"], 10);
+    let (_, left) = call(&app, "POST", "/api/v1/dlq/retry", Some(r#"{"type": "mail", "dry_run": true}"#)).await;
+    assert_eq!(left["matched"], 0, "every mail retried once");
+    let (_, other) = call(&app, "POST", "/api/v1/dlq/retry", Some(r#"{"type": "sms", "dry_run": true}"#)).await;
+    assert_eq!(other["matched"], 2, "nothing outside its filter");
+    assert_eq!(
+        jobq_api::replay::take_over(&state, Duration::ZERO).await.unwrap(),
+        0,
+        "a finished replay is not taken over"
+    );
+    env.cleanup().await;
+}

@@ -57,6 +57,37 @@ pub struct DeadJob {
     pub retry_count: i32,
 }
 
+/// A DLQ retry by filter in progress, as its audit entry (`dlq.retry_filter`) records it.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Its audit entry.
+    pub audit_id: i64,
+    /// This run of it: a replay taken over by another process gets a new one.
+    pub owner: uuid::Uuid,
+    /// Which dead jobs.
+    pub filter: DlqFilter,
+    /// How many it set out to retry.
+    pub of: i64,
+    /// Retried so far.
+    pub retried: i64,
+    /// Skipped: retried or deleted by someone else meanwhile.
+    pub skipped: i64,
+    /// Could not be retried (Redis or Postgres errors); they stay in the DLQ.
+    pub failed: i64,
+}
+
+impl Replay {
+    /// Dead jobs still to retry.
+    pub fn left(&self) -> i64 {
+        (self.of - self.retried - self.skipped - self.failed).max(0)
+    }
+
+    /// The audit entry's `details`.
+    pub fn details(&self, done: bool) -> serde_json::Value {
+        serde_json::json!({"retried": self.retried, "skipped": self.skipped, "failed": self.failed, "of": self.of, "done": done})
+    }
+}
+
 /// Filters and cursor of a DLQ listing.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct DlqFilter {
@@ -555,15 +586,75 @@ impl Store {
         .await?)
     }
 
-    /// Updates the count and details of an audit entry (progress of a bulk replay).
-    pub async fn audit_progress(&self, id: i64, count: i64, details: serde_json::Value) -> Result<()> {
-        sqlx::query("UPDATE audit_log SET count = $2, details = $3 WHERE id = $1")
-            .bind(id)
-            .bind(count)
-            .bind(details)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Starts a DLQ replay (retry by filter) of `of` dead jobs: its audit entry, owned by the
+    /// returned [`Replay`] and alive from now on.
+    pub async fn start_replay(&self, actor: &str, filter: &DlqFilter, of: i64) -> Result<Replay> {
+        let mut replay = Replay {
+            audit_id: 0,
+            owner: uuid::Uuid::new_v4(),
+            filter: filter.clone(),
+            of,
+            retried: 0,
+            skipped: 0,
+            failed: 0,
+        };
+        replay.audit_id = sqlx::query_scalar(
+            "INSERT INTO audit_log (actor, action, filter, count, details, replay_owner, replay_alive_at) \
+             VALUES ($1, 'dlq.retry_filter', $2, 0, $3, $4, now()) RETURNING id",
+        )
+        .bind(actor)
+        .bind(serde_json::to_value(filter)?)
+        .bind(replay.details(false))
+        .bind(replay.owner)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(replay)
+    }
+
+    /// Writes a replay's progress into its audit entry, and that it is alive (or, with `done`,
+    /// finished). False when another replay has taken it over meanwhile: this one must stop.
+    pub async fn replay_progress(&self, replay: &Replay, done: bool) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE audit_log SET count = $3, details = $4, replay_alive_at = CASE WHEN $5 THEN NULL ELSE now() END, \
+             replay_owner = CASE WHEN $5 THEN NULL ELSE replay_owner END WHERE id = $1 AND replay_owner = $2",
+        )
+        .bind(replay.audit_id)
+        .bind(replay.owner)
+        .bind(replay.retried)
+        .bind(replay.details(done))
+        .bind(done)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Takes over the oldest replay that has not reported for `stale` (its process stopped
+    /// mid-way), if any: it gets a new owner and is alive again. Its failures are forgotten, so
+    /// that the jobs they left in the DLQ are tried again.
+    pub async fn claim_stale_replay(&self, stale: std::time::Duration) -> Result<Option<Replay>> {
+        let row = sqlx::query(
+            "UPDATE audit_log SET replay_owner = $1, replay_alive_at = now() WHERE id = ( \
+               SELECT id FROM audit_log WHERE replay_alive_at < now() - $2 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, filter, details, replay_owner",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(stale)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let details: serde_json::Value = row.try_get("details")?;
+        let filter: Option<serde_json::Value> = row.try_get("filter")?;
+        let count = |k: &str| details.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        Ok(Some(Replay {
+            audit_id: row.try_get("id")?,
+            owner: row.try_get("replay_owner")?,
+            filter: filter.map(serde_json::from_value).transpose()?.unwrap_or_default(),
+            of: count("of"),
+            retried: count("retried"),
+            skipped: count("skipped"),
+            failed: 0,
+        }))
     }
 
     /// Newest audit entries first.
