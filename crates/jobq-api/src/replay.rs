@@ -1,7 +1,7 @@
 //! DLQ retries by filter, replayed in the background at `JOBQ_API_DLQ_REPLAY_RATE` jobs per
 //! second with their progress in their audit entry. A replay whose API process stopped mid-way
 //! goes silent; any API process (the same one restarted, or another replica) takes it over and
-//! retries the dead jobs that still match its filter.
+//! retries the jobs that match its filter and were dead when it began.
 
 use std::time::Duration;
 
@@ -68,8 +68,8 @@ async fn run(state: AppState, mut replay: Replay, ids: Vec<JobId>) {
     tracing::warn!(audit_id = replay.audit_id, "the end of a DLQ replay is not recorded; it is taken over once silent");
 }
 
-/// Takes over every replay silent for `stale` and goes on with the dead jobs that still match
-/// its filter, up to what it had left. Returns how many it took over.
+/// Takes over every replay silent for `stale` and goes on with the jobs that match its filter
+/// and were dead when it began, up to what it had left. Returns how many it took over.
 pub async fn take_over(state: &AppState, stale: Duration) -> jobq_core::Result<usize> {
     let mut n = 0;
     while let Some(replay) = state.store.claim_stale_replay(stale).await? {

@@ -630,13 +630,14 @@ impl Store {
     }
 
     /// Takes over the oldest replay that has not reported for `stale` (its process stopped
-    /// mid-way), if any: it gets a new owner and is alive again. Its failures are forgotten, so
-    /// that the jobs they left in the DLQ are tried again.
+    /// mid-way), if any: it gets a new owner and is alive again, and its filter is narrowed to
+    /// the jobs that died before it began. Its failures are forgotten, so that the jobs they
+    /// left in the DLQ are tried again.
     pub async fn claim_stale_replay(&self, stale: std::time::Duration) -> Result<Option<Replay>> {
         let row = sqlx::query(
             "UPDATE audit_log SET replay_owner = $1, replay_alive_at = now() WHERE id = ( \
                SELECT id FROM audit_log WHERE replay_alive_at < now() - $2 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, filter, details, replay_owner",
+             RETURNING id, at, filter, details, replay_owner",
         )
         .bind(uuid::Uuid::new_v4())
         .bind(stale)
@@ -646,10 +647,15 @@ impl Store {
         let details: serde_json::Value = row.try_get("details")?;
         let filter: Option<serde_json::Value> = row.try_get("filter")?;
         let count = |k: &str| details.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        // Only jobs dead when the replay began: one it retried that died again since is not
+        // its business any more.
+        let began: DateTime<Utc> = row.try_get("at")?;
+        let mut filter: DlqFilter = filter.map(serde_json::from_value).transpose()?.unwrap_or_default();
+        filter.failed_before = Some(filter.failed_before.map_or(began, |b| b.min(began)));
         Ok(Some(Replay {
             audit_id: row.try_get("id")?,
             owner: row.try_get("replay_owner")?,
-            filter: filter.map(serde_json::from_value).transpose()?.unwrap_or_default(),
+            filter,
             of: count("of"),
             retried: count("retried"),
             skipped: count("skipped"),
