@@ -74,7 +74,8 @@ pub async fn take_over(state: &AppState, stale: Duration) -> jobq_core::Result<u
     let mut n = 0;
     while let Some(replay) = state.store.claim_stale_replay(stale).await? {
         let ids = state.store.dead_ids(&replay.filter, replay.left()).await?;
-        tracing::info!(audit_id = replay.audit_id, left = ids.len(), "taking over an interrupted DLQ replay");
+        metrics::counter!("jobq_api_dlq_replays_taken_over_total").increment(1);
+        tracing::warn!(audit_id = replay.audit_id, left = ids.len(), "taking over an interrupted DLQ replay");
         spawn(state.clone(), replay, ids);
         n += 1;
     }
