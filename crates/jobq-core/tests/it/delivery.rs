@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use jobq_core::job::{JobState, NewJob, QueueName};
+use jobq_core::job::{JobId, JobState, NewJob, QueueName};
 use jobq_core::stream::{Broker, Cancel, Delivery, Failure, Lease, LeaseStatus, Outcome, Settled};
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
@@ -26,13 +26,22 @@ async fn fetch(broker: &Broker, consumer: &str, n: usize) -> Vec<Delivery> {
     broker.fetch(&q(), consumer, n).await.unwrap().jobs
 }
 
+/// The two jobs of a fetch of two, `first` first.
+fn by_id(jobs: &[Delivery], first: JobId) -> (&Delivery, &Delivery) {
+    if jobs[0].envelope.id == first {
+        (&jobs[0], &jobs[1])
+    } else {
+        (&jobs[1], &jobs[0])
+    }
+}
+
 #[tokio::test]
 async fn heartbeats_keep_a_lease_and_the_reaper_takes_lapsed_ones() {
     let env = TestEnv::new().await;
     let held = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
     let lapsed = env.broker.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id;
     let jobs = fetch(&env.broker, "w1", 2).await;
-    let (dh, dl) = if jobs[0].envelope.id == held { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
+    let (dh, dl) = by_id(&jobs, held);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(env.broker.heartbeat("w1", &[lease(dh)]).await.unwrap(), [LeaseStatus::Held]);
     let r = env.broker.reclaim("w2", &[q()], Duration::from_millis(1000), 3, Duration::from_secs(1)).await.unwrap();
@@ -455,7 +464,7 @@ async fn a_unique_key_held_longer_than_the_retention_keeps_finding_its_job() {
     let done = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily-report", ttl)).await.unwrap().job.id;
     let died = env.broker.enqueue(NewJob::new("x", json!({})).unique("nightly-sync", ttl)).await.unwrap().job.id;
     let d = fetch(&env.broker, "w", 2).await;
-    let (ok, bad) = if d[0].envelope.id == done { (&d[0], &d[1]) } else { (&d[1], &d[0]) };
+    let (ok, bad) = by_id(&d, done);
     env.broker
         .settle(&[Outcome { delivery: ok.clone(), result: Ok(None) }, failure(bad, None, "fatal")])
         .await
@@ -585,7 +594,7 @@ async fn an_outcome_written_again_after_its_reply_was_lost_is_reported_written_a
     let a = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
     let b = env.broker.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id;
     let jobs = fetch(&env.broker, "w1", 2).await;
-    let (da, db) = if jobs[0].envelope.id == a { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
+    let (da, db) = by_id(&jobs, a);
     let ok = |d: &Delivery| Outcome { delivery: d.clone(), result: Ok(Some(json!("done"))) };
     // The write of `a` lands, but its reply never reaches the worker.
     assert_eq!(env.broker.settle(&[ok(da)]).await.unwrap(), [Settled::Succeeded]);
@@ -611,7 +620,7 @@ async fn a_failure_written_again_after_its_reply_was_lost_is_reported_as_before_
     let retried = env.broker.enqueue(NewJob::new("r", json!({})).max_attempts(3)).await.unwrap().job.id;
     let dies = env.broker.enqueue(NewJob::new("d", json!({})).max_attempts(3)).await.unwrap().job.id;
     let jobs = fetch(&env.broker, "w1", 2).await;
-    let (dr, dd) = if jobs[0].envelope.id == retried { (&jobs[0], &jobs[1]) } else { (&jobs[1], &jobs[0]) };
+    let (dr, dd) = by_id(&jobs, retried);
     let outcomes = [failure(dr, Some(Duration::from_secs(3600)), "handler_error"), failure(dd, None, "fatal")];
     for o in &outcomes {
         let first = env.broker.settle(std::slice::from_ref(o)).await.unwrap();

@@ -371,33 +371,60 @@ async fn jobs_are_served_in_the_configured_queue_order() {
     assert_eq!(order, ["urgent", "urgent", "urgent", "default", "default", "default"]);
 }
 
-#[tokio::test]
-async fn a_job_whose_fetch_reply_timed_out_runs_long_before_its_lease_lapses_and_counts_nothing() {
-    // A server of its own, frozen with SIGSTOP while the worker fetches.
+/// How the reply of a fetch never reaches the worker.
+enum LostReply {
+    /// Redis is frozen (SIGSTOP) past the worker's timeout while the fetch waits in it.
+    TimedOut,
+    /// The fetch waits in the frozen server's socket, and the proxy the worker goes through
+    /// drops the connection before any reply; the worker reconnects while Redis is still frozen.
+    ConnectionDropped,
+}
+
+/// A job started by a fetch whose reply was lost runs again long before its 30 s lease lapses,
+/// counting neither an attempt nor a reclaim. A Redis server of the test's own, one slot: the
+/// fetch that starts `quick` goes out once `stubborn` returns, while Redis is frozen.
+async fn a_lost_fetch_reply_hands_its_job_back(how: LostReply) {
     let redis = jobq_testutil::RedisServer::start();
+    let timeout = match how {
+        LostReply::TimedOut => "300ms",
+        LostReply::ConnectionDropped => "1s",
+    };
     let env = TestEnv::with(&[
         ("REDIS_URL", &redis.url()),
-        ("JOBQ_REDIS_TIMEOUT", "300ms"),
+        ("JOBQ_REDIS_TIMEOUT", timeout),
         ("JOBQ_WORKER_CONCURRENCY", "1"),
         ("JOBQ_WORKER_LEASE", "30s"),
         ("JOBQ_WORKER_HEARTBEAT", "1s"),
         ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
     ])
     .await;
+    let proxy = jobq_testutil::TcpProxy::start(redis.url().trim_start_matches("redis://").parse().unwrap()).await;
+    let mut settings = env.settings();
+    if matches!(how, LostReply::ConnectionDropped) {
+        settings.redis.url = format!("redis://127.0.0.1:{}", proxy.port());
+    }
+    let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
     let mut registry = Registry::new();
     let go = stubborn(&mut registry, None);
     registry.register("quick", |_ctx: JobContext| async { Ok(Some(json!("ran"))) });
     let token = CancellationToken::new();
-    let worker = Worker::new(env.broker.clone(), registry, env.settings().worker, Duration::from_secs(30));
-    let handle = tokio::spawn(worker.run(token.clone()));
+    let handle =
+        tokio::spawn(Worker::new(broker, registry, settings.worker, Duration::from_secs(30)).run(token.clone()));
     let first = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
     wait_state(&env, first, JobState::Running).await;
     let quick = env.broker.enqueue(NewJob::new("quick", json!({}))).await.unwrap().job.id;
-    // The one slot frees while Redis is frozen: the fetch that starts `quick` reaches Redis but
-    // its reply comes after the worker stopped waiting for it.
     redis.signal("STOP");
     go.notify_one();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    match how {
+        LostReply::TimedOut => tokio::time::sleep(Duration::from_millis(1500)).await,
+        LostReply::ConnectionDropped => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            proxy.cut();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            proxy.restore();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     redis.signal("CONT");
     let back = std::time::Instant::now();
     let job = wait_state(&env, quick, JobState::Succeeded).await;
@@ -413,50 +440,11 @@ async fn a_job_whose_fetch_reply_timed_out_runs_long_before_its_lease_lapses_and
 }
 
 #[tokio::test]
+async fn a_job_whose_fetch_reply_timed_out_runs_long_before_its_lease_lapses_and_counts_nothing() {
+    a_lost_fetch_reply_hands_its_job_back(LostReply::TimedOut).await;
+}
+
+#[tokio::test]
 async fn a_job_whose_fetch_lost_its_connection_runs_long_before_its_lease_lapses_and_counts_nothing() {
-    // A server of its own, frozen while the worker's fetch waits in it; the worker reaches it
-    // through a proxy that then drops the connection.
-    let redis = jobq_testutil::RedisServer::start();
-    let env = TestEnv::with(&[
-        ("REDIS_URL", &redis.url()),
-        ("JOBQ_REDIS_TIMEOUT", "1s"),
-        ("JOBQ_WORKER_CONCURRENCY", "1"),
-        ("JOBQ_WORKER_LEASE", "30s"),
-        ("JOBQ_WORKER_HEARTBEAT", "1s"),
-        ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
-    ])
-    .await;
-    let proxy = jobq_testutil::TcpProxy::start(redis.url().trim_start_matches("redis://").parse().unwrap()).await;
-    let mut settings = env.settings();
-    settings.redis.url = format!("redis://127.0.0.1:{}", proxy.port());
-    let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
-    let mut registry = Registry::new();
-    let go = stubborn(&mut registry, None);
-    registry.register("quick", |_ctx: JobContext| async { Ok(Some(json!("ran"))) });
-    let token = CancellationToken::new();
-    let handle =
-        tokio::spawn(Worker::new(broker, registry, settings.worker, Duration::from_secs(30)).run(token.clone()));
-    let first = env.broker.enqueue(NewJob::new("stubborn", json!({}))).await.unwrap().job.id;
-    wait_state(&env, first, JobState::Running).await;
-    let quick = env.broker.enqueue(NewJob::new("quick", json!({}))).await.unwrap().job.id;
-    // The fetch that starts `quick` waits in the frozen server's socket; the connection drops
-    // before any reply, and the worker reconnects while the server is still frozen.
-    redis.signal("STOP");
-    go.notify_one();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.restore();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    redis.signal("CONT");
-    let back = std::time::Instant::now();
-    let job = wait_state(&env, quick, JobState::Succeeded).await;
-    assert!(back.elapsed() < Duration::from_secs(10), "ran again after {:?}, not after its 30 s lease", back.elapsed());
-    assert_eq!(
-        (job.attempt, job.reclaims),
-        (1, 0),
-        "the attempt whose reply was lost counts neither as an attempt nor as a reclaim"
-    );
-    assert_eq!(wait_state(&env, first, JobState::Succeeded).await.attempt, 1);
-    finish(env, [(token, handle)]).await;
+    a_lost_fetch_reply_hands_its_job_back(LostReply::ConnectionDropped).await;
 }
