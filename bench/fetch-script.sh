@@ -18,25 +18,11 @@ COUNT=${COUNT:-25}
 source bench/private-redis.sh
 start_private_redis
 
-cat >"$dir/fill.lua" <<'EOF'
--- KEYS[1] the normal stream; ARGV: job key prefix, first, last
-local env = '{"id":"01a235a7-8422-741d-baeb-5b61ab000000","type":"noop","queue":"default","priority":"normal",'
-  .. '"payload":{"n":1},"max_attempts":10,"backoff":{"strategy":"exponential","jitter":"equal","base":"1s",'
-  .. '"max":"1h"},"timeout":"30s","metadata":{},"created_at":"2026-12-02T07:28:20.532Z"}'
-for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
-  local id = string.format('01a235a4-2a79-76d0-9bff-%012d', i)
-  local e = redis.call('XADD', KEYS[1], '*', 'id', id)
-  redis.call('HSET', ARGV[1] .. id, 'envelope', env, 'prio', 'normal', 'type', 'noop', 'max_attempts', '10', 'run', '1',
-    'run_at', '1764662400000', 'enqueued_at', '1764662400000', 'state', 'queued', 'entry', e)
-end
-return 1
-EOF
-
 q='b:{q:default}:'
 for _ in $(seq "$ROUNDS"); do
   $R flushall >/dev/null
   for p in critical high normal low; do $R xgroup create "${q}stream:$p" jobq-workers '$' mkstream >/dev/null; done
-  for first in 1 50001; do $R --eval "$dir/fill.lua" "${q}stream:normal" , "${q}job:" "$first" "$((first + 49999))" >/dev/null; done
+  for first in 1 50001; do $R --eval bench/fill-jobs.lua "${q}stream:normal" , "${q}job:" "$first" "$((first + 49999))" >/dev/null; done
   sha=$(cat crates/jobq-core/src/stream/lua/lib.lua "$SCRIPT" | $R -x script load)
   $R config resetstat >/dev/null
   for _ in $(seq $((10000 / COUNT))); do

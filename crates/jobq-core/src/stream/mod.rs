@@ -879,6 +879,10 @@ impl Broker {
                 .arg(secs(self.retention.succeeded))
                 .arg(self.keys.job_prefix(q))
                 .arg(batch_event(idx.iter().map(|&i| &outcomes[i].delivery)));
+            let delivered = idx.iter().map(|&i| &outcomes[i].delivery);
+            for newest in newest_entries(delivered.map(|d| (d.priority, d.entry.as_str()))) {
+                call = call.arg(newest.unwrap_or(""));
+            }
             for &i in &idx {
                 let o = &outcomes[i];
                 let d = &o.delivery;
@@ -956,6 +960,27 @@ impl Broker {
             redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         Ok(if ok == 1 { Requeued::Queued { run } } else { Requeued::NotDead { state, run } })
     }
+}
+
+/// Per priority stream (in `Priority::ALL` order), the newest of these entries on it: what
+/// `complete_many` trims up to when nothing older is pending.
+fn newest_entries<'a>(entries: impl Iterator<Item = (Priority, &'a str)>) -> [Option<&'a str>; 4] {
+    let mut newest: [Option<((u64, u64), &str)>; 4] = [None; 4];
+    for (priority, entry) in entries {
+        let Some(at) = Priority::ALL.iter().position(|p| *p == priority) else { continue };
+        // Entries come from Redis: one that does not parse is named only if nothing else is.
+        let id = stream_id(entry).unwrap_or((0, 0));
+        if newest[at].is_none_or(|(seen, _)| id > seen) {
+            newest[at] = Some((id, entry));
+        }
+    }
+    newest.map(|n| n.map(|(_, entry)| entry))
+}
+
+/// A stream entry id (`<ms>-<seq>`) as two numbers.
+fn stream_id(entry: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = entry.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// The `batch` array of a `complete_many` outbox event for these attempts: six JSON strings
@@ -1753,5 +1778,24 @@ impl Broker {
         }
         items.sort_by_key(|j| std::cmp::Reverse(j.id));
         Ok((items, queues.get(qi).map(|q| format!("{scan}.0.-.{q}"))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_entry_per_stream_compares_ids_as_numbers() {
+        let entries = [
+            (Priority::Normal, "1733486400000-9"),
+            (Priority::Normal, "1733486400000-10"),
+            (Priority::Normal, "999999999999-99"),
+            (Priority::Critical, "5-0"),
+        ];
+        assert_eq!(newest_entries(entries.into_iter()), [Some("5-0"), None, Some("1733486400000-10"), None]);
+        assert_eq!(newest_entries([].into_iter()), [None; 4]);
+        assert_eq!(stream_id("12-3"), Some((12, 3)));
+        assert_eq!(stream_id("12"), None);
     }
 }

@@ -16,7 +16,8 @@
 -- holds, it goes to the outbox as it is, and only the completed attempts' part otherwise.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 events stream, 6 retained zset
 -- ARGV: 1 group, 2 retention seconds (0: delete the hash), 3 job key prefix, 4 the batch array
---       (JSON), then per job: priority index, id, lease token, entry id, result json or ''
+--       (JSON), 5..8 per priority stream the newest entry id of the call's jobs on it ('' for
+--       none), then per job: priority index, id, lease token, entry id, result json or ''
 -- Returns one 1 (completed), 2 (completed by an earlier call on the same lease) or 0 (stale
 -- lease) per job.
 local now, now_s = now_ms_pair()
@@ -28,7 +29,7 @@ local entries = {{}, {}, {}, {}}
 -- retention, with one ZADD per call.
 local gone, kept = {}, {}
 local n = 0
-for i = 5, #ARGV, 5 do
+for i = 9, #ARGV, 5 do
   local id, lease = ARGV[i + 1], ARGV[i + 2]
   local jk = ARGV[3] .. id
   local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
@@ -93,25 +94,25 @@ for p = 1, 4 do
     -- every entry older than the oldest pending one (or, with none pending, up to the newest of
     -- this call) is acked: one exact XTRIM MINID deletes those, node by node, where an XDEL
     -- seeks each id from the start of its node (about ten times the cost). Entries of this call
-    -- newer than an older pending one are XDELed.
+    -- newer than an older pending one are XDELed. The caller names the newest entry of the call
+    -- on each stream, so that the usual case (every entry of the call older than the oldest
+    -- pending one) parses two ids, not each entry's.
     local first = redis.call('XPENDING', KEYS[p], ARGV[1], '-', '+', 1)
-    local fms, fseq
-    if first[1] then
-      fms, fseq = id_parts(first[1][1])
+    local nms, nseq = id_parts(ARGV[4 + p])
+    if not first[1] then
+      redis.call('XTRIM', KEYS[p], 'MINID', string.format('%d-%d', nms, nseq + 1))
     else
-      fms, fseq = 0, 0
-      for _, entry in ipairs(e) do
-        local ms, seq = id_parts(entry)
-        if ms > fms or (ms == fms and seq >= fseq) then fms, fseq = ms, seq + 1 end
+      redis.call('XTRIM', KEYS[p], 'MINID', first[1][1])
+      local fms, fseq = id_parts(first[1][1])
+      if nms > fms or (nms == fms and nseq >= fseq) then
+        local rest = {}
+        for _, entry in ipairs(e) do
+          local ms, seq = id_parts(entry)
+          if ms > fms or (ms == fms and seq >= fseq) then rest[#rest + 1] = entry end
+        end
+        if #rest > 0 then redis.call('XDEL', KEYS[p], unpack(rest)) end
       end
     end
-    redis.call('XTRIM', KEYS[p], 'MINID', string.format('%d-%d', fms, fseq))
-    local rest = {}
-    for _, entry in ipairs(e) do
-      local ms, seq = id_parts(entry)
-      if ms > fms or (ms == fms and seq >= fseq) then rest[#rest + 1] = entry end
-    end
-    if #rest > 0 then redis.call('XDEL', KEYS[p], unpack(rest)) end
   end
 end
 if n > 0 then
