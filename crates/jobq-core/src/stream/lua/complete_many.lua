@@ -24,14 +24,17 @@ local now, now_s = now_ms_pair()
 local retention = ARGV[2]
 local keep = tonumber(retention) > 0
 local out = {}
-local entries = {{}, {}, {}, {}}
+-- Entries to ack per stream, by the priority index as the caller sent it (no tonumber per job);
+-- ARGV and the key prefix in locals (a global lookup per use otherwise).
+local entries = {['1'] = {}, ['2'] = {}, ['3'] = {}, ['4'] = {}}
+local argv, prefix = ARGV, ARGV[3]
 -- Hashes to delete (no retention), with one DEL per call; ids of the hashes kept for the
 -- retention, with one ZADD per call.
 local gone, kept = {}, {}
 local n = 0
-for i = 9, #ARGV, 5 do
-  local id, lease = ARGV[i + 1], ARGV[i + 2]
-  local jk = ARGV[3] .. id
+for i = 9, #argv, 5 do
+  local id, lease = argv[i + 1], argv[i + 2]
+  local jk = prefix .. id
   local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
     'expires_at')
   if h[1] ~= 'running' or h[2] ~= lease then
@@ -42,8 +45,8 @@ for i = 9, #ARGV, 5 do
   else
     out[#out + 1] = 1
     n = n + 1
-    local e = entries[tonumber(ARGV[i])]
-    e[#e + 1] = ARGV[i + 3]
+    local e = entries[argv[i]]
+    e[#e + 1] = argv[i + 3]
     if h[3] then release_unique(jk, id, {h[3], h[4]}) end
     if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
     if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
@@ -56,8 +59,8 @@ for i = 9, #ARGV, 5 do
       lock_ms = redis.call('PTTL', h[3])
     end
     if keep or lock_ms > 0 then
-      if ARGV[i + 4] ~= '' then
-        redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', ARGV[i + 4])
+      if argv[i + 4] ~= '' then
+        redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s, 'result', argv[i + 4])
       else
         redis.call('HSET', jk, 'state', 'succeeded', 'finished_at', now_s)
       end
@@ -87,7 +90,7 @@ if #kept > 0 then
   redis.call('ZADD', KEYS[6], string.format('%d', now + 1000 * tonumber(retention)), table.concat(kept, ' '))
 end
 for p = 1, 4 do
-  local e = entries[p]
+  local e = entries[tostring(p)]
   if #e > 0 then
     redis.call('XACK', KEYS[p], ARGV[1], unpack(e))
     -- The group delivers in id order and every delivered entry stays pending until acked, so

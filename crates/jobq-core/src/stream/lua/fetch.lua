@@ -20,6 +20,7 @@ if redis.call('EXISTS', KEYS[6]) == 1 then
 end
 local now, now_s = now_ms_pair()
 local want = tonumber(ARGV[3])
+local consumer, prefix = ARGV[2], ARGV[4]
 local jobs = {}
 local SKIP_LIMIT = 1000
 local skipped = 0
@@ -40,7 +41,7 @@ for i = 1, 4 do
       for _, e in ipairs(res[1][2]) do
         local entry = e[1]
         local id = e[2][2]
-        local jk = ARGV[4] .. id
+        local jk = prefix .. id
         -- One read and one write per job: the counters are incremented here, not with HINCRBY.
         local st = redis.call('HMGET', jk, 'state', 'entry', 'expires_at', 'attempt', 'lease_seq', 'attempts_total',
           'run', 'envelope', 'checkpoint')
@@ -57,7 +58,7 @@ for i = 1, 4 do
             -- Formatted once each as integers (a number given to redis.call goes through
             -- printf('%.17g')); the lease token doubles as the lease counter.
             local lease_s = string.format('%d', lease)
-            redis.call('HSET', jk, 'state', 'running', 'started_at', now_s, 'lease', lease_s, 'worker', ARGV[2],
+            redis.call('HSET', jk, 'state', 'running', 'started_at', now_s, 'lease', lease_s, 'worker', consumer,
               'attempt', string.format('%d', attempt), 'lease_seq', lease_s, 'attempts_total', string.format('%d', total))
             local n = #jobs
             jobs[n + 1] = id
