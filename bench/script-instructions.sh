@@ -76,8 +76,9 @@ complete = cmd("SCRIPT", "LOAD", prelude + open(complete_path).read())
 def fetch_batch():
     reply = cmd("EVALSHA", fetch, 6, *streams, q + "events", q + "paused", "jobq-workers", "bench-0", count,
                 q + "job:", 86400)
+    # Per job: head (id entry priority attempt lease run total), envelope, checkpoint.
     flat, now = reply[0], reply[3]
-    return [flat[k:k + 9] for k in range(0, len(flat), 9)], now.decode()
+    return [head.split(b" ") for head in flat[0::3]], now.decode()
 
 def stream_id(entry):
     ms, seq = entry.decode().split("-")

@@ -773,7 +773,7 @@ impl Broker {
         let (flat, last, paused, now, more): (Vec<Value>, Vec<String>, i64, String, i64) =
             redis::from_redis_value(reply).map_err(protocol)?;
         let mut fetched = Fetched {
-            jobs: Vec::with_capacity(flat.len() / 9),
+            jobs: Vec::with_capacity(flat.len() / 3),
             last_ids: Vec::new(),
             paused: paused == 1,
             more: more == 1,
@@ -781,24 +781,28 @@ impl Broker {
         let started_ms: i64 = if flat.is_empty() { 0 } else { now.parse().map_err(|_| protocol("bad fetch clock"))? };
         let worker: Arc<str> = consumer.into();
         let mut it = flat.into_iter();
-        while let Some(id) = it.next() {
-            let mut field = || it.next().ok_or_else(|| protocol("short fetch reply"));
-            let (entry, prio, attempt, lease, run, envelope, total, checkpoint) =
-                (field()?, field()?, field()?, field()?, field()?, field()?, field()?, field()?);
-            let id: String = redis::from_redis_value(id).map_err(protocol)?;
+        while let Some(head) = it.next() {
+            let (Some(envelope), Some(checkpoint)) = (it.next(), it.next()) else {
+                return Err(protocol("short fetch reply"));
+            };
+            let head: String = redis::from_redis_value(head).map_err(protocol)?;
+            let mut parts = head.split(' ');
+            let mut part = || parts.next().ok_or_else(|| protocol("short job head in fetch reply"));
+            let (id, entry, prio, attempt, lease, run, total) =
+                (part()?, part()?, part()?, part()?, part()?, part()?, part()?);
+            let number = |s: &str| s.parse::<u32>().map_err(|_| protocol("bad number in fetch reply"));
             let id: JobId = id.parse().map_err(|_| protocol("bad job id in fetch reply"))?;
-            let prio: usize = redis::from_redis_value(prio).map_err(protocol)?;
-            let lease: i64 = redis::from_redis_value(lease).map_err(protocol)?;
+            let prio: usize = prio.parse().map_err(|_| protocol("bad priority index"))?;
             let priority = *Priority::ALL.get(prio.wrapping_sub(1)).ok_or_else(|| protocol("bad priority index"))?;
             fetched.jobs.push(RawDelivery {
                 id,
                 queue: queue.clone(),
-                entry: redis::from_redis_value(entry).map_err(protocol)?,
+                entry: entry.to_owned(),
                 priority,
-                attempt: redis::from_redis_value(attempt).map_err(protocol)?,
-                attempts_total: redis::from_redis_value(total).map_err(protocol)?,
-                lease: lease.to_string(),
-                run: redis::from_redis_value(run).map_err(protocol)?,
+                attempt: number(attempt)?,
+                attempts_total: number(total)?,
+                lease: lease.to_owned(),
+                run: number(run)?,
                 started_ms,
                 worker: worker.clone(),
                 envelope: redis::from_redis_value(envelope).map_err(protocol)?,

@@ -9,9 +9,10 @@
 -- stale), so that such entries at the head of a stream never let a lower priority start first.
 -- At most SKIP_LIMIT such entries are handled per call; past it the call returns more = 1 and
 -- starts nothing of a lower priority.
--- Returns {jobs, last_ids, paused, now, more}: jobs is a flat list of 9-tuples
---   (id, entry, priority index, attempt, lease, run, envelope, attempts over all runs,
---   last checkpoint or '');
+-- Returns {jobs, last_ids, paused, now, more}: jobs is a flat list of 3-tuples
+--   (head, envelope, last checkpoint or ''), head being 'id entry priority-index attempt lease
+--   run attempts-over-all-runs' in one string (one reply value instead of seven: fewer to
+--   convert here and to parse in the worker);
 -- last_ids (only when nothing was started) holds each stream's last generated id, so the caller
 -- can block on XREAD for anything newer without a race. now is the Redis clock in ms, each
 -- started job's started_at.
@@ -22,6 +23,8 @@ local now, now_s = now_ms_pair()
 local want = tonumber(ARGV[3])
 local consumer, prefix = ARGV[2], ARGV[4]
 local jobs = {}
+-- Priority indexes as strings, for the head.
+local PRIO = {'1', '2', '3', '4'}
 local SKIP_LIMIT = 1000
 local skipped = 0
 local more = 0
@@ -57,19 +60,15 @@ for i = 1, 4 do
             local total = (tonumber(st[6]) or 0) + 1
             -- Formatted once each as integers (a number given to redis.call goes through
             -- printf('%.17g')); the lease token doubles as the lease counter.
-            local lease_s = string.format('%d', lease)
+            local lease_s, attempt_s, total_s = string.format('%d', lease), string.format('%d', attempt),
+              string.format('%d', total)
             redis.call('HSET', jk, 'state', 'running', 'started_at', now_s, 'lease', lease_s, 'worker', consumer,
-              'attempt', string.format('%d', attempt), 'lease_seq', lease_s, 'attempts_total', string.format('%d', total))
+              'attempt', attempt_s, 'lease_seq', lease_s, 'attempts_total', total_s)
             local n = #jobs
-            jobs[n + 1] = id
-            jobs[n + 2] = entry
-            jobs[n + 3] = i
-            jobs[n + 4] = attempt
-            jobs[n + 5] = lease
-            jobs[n + 6] = tonumber(st[7])
-            jobs[n + 7] = st[8]
-            jobs[n + 8] = total
-            jobs[n + 9] = st[9] or ''
+            jobs[n + 1] = id .. ' ' .. entry .. ' ' .. PRIO[i] .. ' ' .. attempt_s .. ' ' .. lease_s .. ' ' .. (st[7] or '1')
+              .. ' ' .. total_s
+            jobs[n + 2] = st[8]
+            jobs[n + 3] = st[9] or ''
             want = want - 1
           end
         else
