@@ -467,7 +467,9 @@ impl Worker {
                                     let id = raw.id;
                                     match raw.decode() {
                                         Ok(delivery) => {
-                                            jobs.spawn(exec.clone().execute(delivery, permits));
+                                            // Boxed: the task cell and its moves hold a pointer,
+                                            // not the whole attempt's state.
+                                            jobs.spawn(Box::pin(exec.clone().execute(delivery, permits)));
                                         }
                                         Err(e) => exec.undecodable(id, e),
                                     }
