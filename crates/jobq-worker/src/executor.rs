@@ -160,7 +160,8 @@ impl Executor {
         let ctx = JobContext::attached(d, slot.cancel.clone(), attached);
         let timeout = env.timeout.unwrap_or(self.default_timeout);
         // Its own task, so a panicking handler fails the attempt and not the worker.
-        let mut task = tokio::spawn(tower::ServiceExt::oneshot(service, ctx).in_current_span());
+        // Boxed, as the attempt itself is: the task cell holds a pointer.
+        let mut task = tokio::spawn(Box::pin(tower::ServiceExt::oneshot(service, ctx).in_current_span()));
         let abort = task.abort_handle();
         let joined = async {
             tokio::select! {

@@ -887,12 +887,15 @@ impl Broker {
             for newest in newest_entries(delivered.map(|d| (d.priority, d.entry.as_str()))) {
                 call = call.arg(newest.unwrap_or(""));
             }
+            let mut id = uuid::Uuid::encode_buffer();
             for &i in &idx {
                 let o = &outcomes[i];
                 let d = &o.delivery;
                 let prio = Priority::ALL.iter().position(|p| *p == d.priority).unwrap_or(2) + 1;
                 let result = o.result.as_ref().ok().and_then(Option::as_ref).map(bounded_result).unwrap_or_default();
-                call = call.arg(prio).arg(d.envelope.id.to_string()).arg(&d.lease).arg(&d.entry).arg(result);
+                // The id encoded into a buffer on the stack, not through `fmt` into a new String.
+                let id = &*d.envelope.id.0.as_hyphenated().encode_lower(&mut id);
+                call = call.arg(prio).arg(id).arg(&d.lease).arg(&d.entry).arg(result);
             }
             calls.push(call);
             answers.push(idx);
@@ -992,13 +995,16 @@ fn stream_id(entry: &str) -> Option<(u64, u64)> {
 fn batch_event<'a>(deliveries: impl ExactSizeIterator<Item = &'a Delivery>) -> Vec<u8> {
     use std::io::Write;
     let mut out = Vec::with_capacity(deliveries.len() * 128 + 2);
+    let mut id = uuid::Uuid::encode_buffer();
     out.push(b'[');
     for (k, d) in deliveries.enumerate() {
         if k > 0 {
             out.push(b',');
         }
         // Ids and numbers need no escaping; the type and the worker name go through serde_json.
-        let _ = write!(out, "\"{}\",\"{}\",\"{}\",", d.envelope.id, d.run, d.attempt);
+        out.push(b'"');
+        out.extend_from_slice(d.envelope.id.0.as_hyphenated().encode_lower(&mut id).as_bytes());
+        let _ = write!(out, "\",\"{}\",\"{}\",", d.run, d.attempt);
         let _ = serde_json::to_writer(&mut out, &d.envelope.kind);
         let _ = write!(out, ",\"{}\",", d.started_ms);
         let _ = serde_json::to_writer(&mut out, &*d.worker);
