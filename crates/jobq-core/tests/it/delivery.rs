@@ -26,6 +26,13 @@ async fn fetch(broker: &Broker, consumer: &str, n: usize) -> Vec<Delivery> {
     broker.fetch(&q(), consumer, n).await.unwrap().jobs
 }
 
+/// Enqueues two jobs and fetches both on `consumer`: their ids, and the deliveries as fetched.
+async fn two_fetched(env: &TestEnv, consumer: &str, first: NewJob, second: NewJob) -> (JobId, JobId, Vec<Delivery>) {
+    let a = env.broker.enqueue(first).await.unwrap().job.id;
+    let b = env.broker.enqueue(second).await.unwrap().job.id;
+    (a, b, fetch(&env.broker, consumer, 2).await)
+}
+
 /// The two jobs of a fetch of two, `first` first.
 fn by_id(jobs: &[Delivery], first: JobId) -> (&Delivery, &Delivery) {
     if jobs[0].envelope.id == first {
@@ -38,9 +45,7 @@ fn by_id(jobs: &[Delivery], first: JobId) -> (&Delivery, &Delivery) {
 #[tokio::test]
 async fn heartbeats_keep_a_lease_and_the_reaper_takes_lapsed_ones() {
     let env = TestEnv::new().await;
-    let held = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
-    let lapsed = env.broker.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id;
-    let jobs = fetch(&env.broker, "w1", 2).await;
+    let (held, lapsed, jobs) = two_fetched(&env, "w1", NewJob::new("a", json!({})), NewJob::new("b", json!({}))).await;
     let (dh, dl) = by_id(&jobs, held);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(env.broker.heartbeat("w1", &[lease(dh)]).await.unwrap(), [LeaseStatus::Held]);
@@ -377,9 +382,13 @@ async fn expired_or_stale_entries_at_the_head_of_a_stream_never_let_a_lower_prio
 #[tokio::test]
 async fn a_cancel_requested_while_an_attempt_ran_stops_its_retry_and_its_postponement() {
     let env = TestEnv::new().await;
-    let failing = env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(5)).await.unwrap().job.id;
-    let held = env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(5)).await.unwrap().job.id;
-    let d = fetch(&env.broker, "w", 2).await;
+    let (failing, held, d) = two_fetched(
+        &env,
+        "w",
+        NewJob::new("x", json!({})).max_attempts(5),
+        NewJob::new("x", json!({})).max_attempts(5),
+    )
+    .await;
     for id in [failing, held] {
         assert_eq!(env.broker.cancel(id).await.unwrap(), Cancel::Requested);
     }
@@ -461,9 +470,13 @@ async fn a_job_dead_after_crashes_records_its_last_attempt_apart_from_the_earlie
 async fn a_unique_key_held_longer_than_the_retention_keeps_finding_its_job() {
     let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "1s"), ("JOBQ_RETENTION_DEAD", "1s")]).await;
     let ttl = Some(Duration::from_millis(2500));
-    let done = env.broker.enqueue(NewJob::new("x", json!({})).unique("daily-report", ttl)).await.unwrap().job.id;
-    let died = env.broker.enqueue(NewJob::new("x", json!({})).unique("nightly-sync", ttl)).await.unwrap().job.id;
-    let d = fetch(&env.broker, "w", 2).await;
+    let (done, died, d) = two_fetched(
+        &env,
+        "w",
+        NewJob::new("x", json!({})).unique("daily-report", ttl),
+        NewJob::new("x", json!({})).unique("nightly-sync", ttl),
+    )
+    .await;
     let (ok, bad) = by_id(&d, done);
     env.broker
         .settle(&[Outcome { delivery: ok.clone(), result: Ok(None) }, failure(bad, None, "fatal")])
@@ -591,9 +604,7 @@ async fn the_jobs_of_a_fetch_whose_reply_was_lost_are_handed_back_uncounted_and_
 #[tokio::test]
 async fn an_outcome_written_again_after_its_reply_was_lost_is_reported_written_and_changes_nothing() {
     let env = TestEnv::new().await;
-    let a = env.broker.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
-    let b = env.broker.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id;
-    let jobs = fetch(&env.broker, "w1", 2).await;
+    let (a, b, jobs) = two_fetched(&env, "w1", NewJob::new("a", json!({})), NewJob::new("b", json!({}))).await;
     let (da, db) = by_id(&jobs, a);
     let ok = |d: &Delivery| Outcome { delivery: d.clone(), result: Ok(Some(json!("done"))) };
     // The write of `a` lands, but its reply never reaches the worker.
@@ -617,9 +628,13 @@ async fn an_outcome_written_again_after_its_reply_was_lost_is_reported_written_a
 #[tokio::test]
 async fn a_failure_written_again_after_its_reply_was_lost_is_reported_as_before_and_changes_nothing() {
     let env = TestEnv::new().await;
-    let retried = env.broker.enqueue(NewJob::new("r", json!({})).max_attempts(3)).await.unwrap().job.id;
-    let dies = env.broker.enqueue(NewJob::new("d", json!({})).max_attempts(3)).await.unwrap().job.id;
-    let jobs = fetch(&env.broker, "w1", 2).await;
+    let (retried, dies, jobs) = two_fetched(
+        &env,
+        "w1",
+        NewJob::new("r", json!({})).max_attempts(3),
+        NewJob::new("d", json!({})).max_attempts(3),
+    )
+    .await;
     let (dr, dd) = by_id(&jobs, retried);
     let outcomes = [failure(dr, Some(Duration::from_secs(3600)), "handler_error"), failure(dd, None, "fatal")];
     for o in &outcomes {
