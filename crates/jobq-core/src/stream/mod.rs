@@ -240,6 +240,15 @@ impl Received {
             }
         }
     }
+
+    /// Takes what `later` noted (from a fetch sent after the ones noted here), stream by stream.
+    pub fn merge(&mut self, later: Received) {
+        for (slot, entry) in self.0.iter_mut().zip(later.0) {
+            if entry.is_some() {
+                *slot = entry;
+            }
+        }
+    }
 }
 
 /// What [`Broker::fetch`] ([`Broker::fetch_raw`]) found.
@@ -1804,6 +1813,16 @@ mod tests {
             (Priority::Critical, "5-0"),
         ];
         assert_eq!(newest_entries(entries.into_iter()), [Some("5-0"), None, Some("1733486400000-10"), None]);
+    }
+
+    #[test]
+    fn a_later_fetch_replaces_the_noted_entries_of_its_streams_only() {
+        let noted = |e: [Option<&str>; 4]| Received(e.map(|e| e.map(str::to_owned)));
+        let mut received = noted([Some("1-0"), None, Some("2-0"), None]);
+        received.merge(noted([None, Some("3-0"), Some("4-0"), None]));
+        assert_eq!(received, noted([Some("1-0"), Some("3-0"), Some("4-0"), None]));
+        received.merge(Received::default());
+        assert_eq!(received, noted([Some("1-0"), Some("3-0"), Some("4-0"), None]));
         assert_eq!(newest_entries([].into_iter()), [None; 4]);
         assert_eq!(stream_id("12-3"), Some((12, 3)));
         assert_eq!(stream_id("12"), None);

@@ -371,6 +371,55 @@ async fn jobs_are_served_in_the_configured_queue_order() {
     assert_eq!(order, ["urgent", "urgent", "urgent", "default", "default", "default"]);
 }
 
+#[tokio::test]
+async fn with_a_backlog_and_two_fetches_in_flight_slots_hold_each_job_runs_once_and_order_holds() {
+    // Jobs that return at once, so that the worker sends the next fetch of `urgent` before the
+    // reply of the one in flight. Still at most `concurrency` handlers at a time, each job once,
+    // and no `default` job starts while an `urgent` one waits in its streams.
+    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default"), ("JOBQ_WORKER_CONCURRENCY", "8")]).await;
+    let urgent: jobq_core::job::QueueName = "urgent".parse().unwrap();
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<JobId, usize>::new()));
+    let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let waiting_urgent = Arc::new(tokio::sync::OnceCell::<u64>::new());
+    let mut registry = Registry::new();
+    let (r, now, most, waiting, broker, q) =
+        (runs.clone(), running.clone(), peak.clone(), waiting_urgent.clone(), env.broker.clone(), urgent.clone());
+    registry.register("noop", move |ctx: JobContext| {
+        let (r, now, most, waiting, broker, q) =
+            (r.clone(), now.clone(), most.clone(), waiting.clone(), broker.clone(), q.clone());
+        async move {
+            most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            *r.lock().unwrap().entry(ctx.id).or_default() += 1;
+            if ctx.queue != q {
+                waiting
+                    .get_or_init(|| async {
+                        let stats = broker.queue_stats(std::slice::from_ref(&q)).await.unwrap();
+                        stats[0].queued.values().sum()
+                    })
+                    .await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(None)
+        }
+    });
+    let per_queue = 400;
+    let jobs = (0..per_queue)
+        .flat_map(|_| [NewJob::new("noop", json!({})), NewJob::new("noop", json!({})).queue(urgent.clone())])
+        .collect();
+    let ids: Vec<JobId> =
+        env.broker.enqueue_many(jobs, true).await.unwrap().into_iter().map(|i| i.unwrap().job.id).collect();
+    let (token, handle) = start(&env, registry);
+    wait_until(WAIT, "every job to run", || async { (runs.lock().unwrap().len() == ids.len()).then_some(()) }).await;
+    for id in &ids {
+        wait_state(&env, *id, JobState::Succeeded).await;
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert!(runs.values().all(|&n| n == 1), "a job ran twice: {runs:?}");
+    assert!(peak.load(Ordering::SeqCst) <= 8, "{} handlers at once with 8 slots", peak.load(Ordering::SeqCst));
+    assert_eq!(waiting_urgent.get(), Some(&0), "a default job started while urgent jobs waited");
+    finish(env, [(token, handle)]).await;
+}
+
 /// How the reply of a fetch never reaches the worker.
 enum LostReply {
     /// Redis is frozen (SIGSTOP) past the worker's timeout while the fetch waits in it.
