@@ -1,6 +1,6 @@
 //! Running one attempt and writing outcomes back in batches.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub(crate) struct Executor {
     pub(crate) in_flight: metrics::Gauge,
     /// The leases of attempts given up at shutdown, handed back once every job has ended.
     pub(crate) given_up: Mutex<Vec<Lease>>,
+    /// How long a handler has taken lately, in ns (a moving average over about 16 attempts).
+    pub(crate) handler_ns: AtomicU64,
 }
 
 /// How the handler's task ended.
@@ -126,7 +128,11 @@ impl Executor {
             let result = self.attempt(&d, &slot).await;
             drop(permits.run);
             self.in_flight.decrement(1.0);
-            m.duration.record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            let avg = self.handler_ns.load(Ordering::Relaxed);
+            let took_ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+            self.handler_ns.store(avg - avg / 16 + took_ns / 16, Ordering::Relaxed);
+            m.duration.record(took.as_secs_f64());
             let Some(result) = result else {
                 self.running.remove(&d.envelope.id, &d.lease);
                 return;

@@ -382,6 +382,7 @@ impl Worker {
             metrics: job_metrics,
             in_flight: metrics::gauge!("jobq_worker_in_flight"),
             given_up: Default::default(),
+            handler_ns: Default::default(),
         });
         let mut blocking = None;
         let mut backoff = Duration::from_millis(50);
@@ -396,6 +397,10 @@ impl Worker {
         let pipelined = (!self.settings.queues.weighted || queues.len() == 1).then(|| queues[0].clone());
         let mut backlog = false;
         let mut ahead: Option<Ahead> = None;
+        // The last fetch's round trip: with a backlog and handlers that take much less, a round
+        // without a fetch in flight waits up to that long for `max_fetch` free slots (those of
+        // the batch just started), so that its fetch is full and the next can go ahead again.
+        let mut round_trip = Duration::ZERO;
         // Per queue, the last entries received; and the queues whose last fetch failed, whose
         // reply may have been lost with jobs it started: those are handed back before the
         // queue is fetched again (and once no fetch is in flight: a fetch sent after the failed
@@ -457,20 +462,37 @@ impl Worker {
                     (Vec::new(), vec![(a.queue.clone(), a.want)])
                 }
                 None => {
-                    let first = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => break,
-                        p = slots.clone().acquire_owned() => p.context("slots closed")?,
-                    };
-                    let first_held = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => break,
-                        p = held.clone().acquire_owned() => p.context("slots closed")?,
-                    };
-                    let mut permits = vec![executor::Permits { run: first, held: first_held }];
-                    while let Ok(run) = slots.clone().try_acquire_owned() {
-                        let Ok(held) = held.clone().try_acquire_owned() else { break };
-                        permits.push(executor::Permits { run, held });
+                    let mut permits = Vec::new();
+                    if backlog
+                        && pipelined.is_some()
+                        && Duration::from_nanos(exec.handler_ns.load(std::sync::atomic::Ordering::Relaxed)) * 4
+                            < round_trip
+                    {
+                        let full = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break,
+                            p = tokio::time::timeout(round_trip, take_permits(&slots, &held, max_fetch)) => p,
+                        };
+                        if let Ok(full) = full {
+                            permits = full?;
+                        }
+                    }
+                    if permits.is_empty() {
+                        let first = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break,
+                            p = slots.clone().acquire_owned() => p.context("slots closed")?,
+                        };
+                        let first_held = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break,
+                            p = held.clone().acquire_owned() => p.context("slots closed")?,
+                        };
+                        permits.push(executor::Permits { run: first, held: first_held });
+                        while let Ok(run) = slots.clone().try_acquire_owned() {
+                            let Ok(held) = held.clone().try_acquire_owned() else { break };
+                            permits.push(executor::Permits { run, held });
+                        }
                     }
                     let mut plan = planner.plan(permits.len());
                     if self.settings.queues.weighted {
@@ -490,6 +512,7 @@ impl Worker {
                 }
                 let adopt = adopted.take();
                 let want = adopt.as_ref().map_or(permits.len().min(*share).min(max_fetch), |a| a.want);
+                let sent = adopt.as_ref().map_or_else(std::time::Instant::now, |a| a.sent);
                 let reply: FetchReply<'_> = match adopt {
                     Some(a) => Box::pin(async move { a.reply.await.unwrap_or_else(|e| Err(fetch_task_failed(e))) }),
                     None => Box::pin(async {
@@ -511,6 +534,7 @@ impl Worker {
                 } else {
                     reply.await
                 };
+                round_trip = sent.elapsed();
                 match result {
                     Ok(fetched) => {
                         let (n, fetched) = match fetched {
@@ -678,7 +702,7 @@ impl Worker {
             start_jobs(batch, &jobs, &exec);
             Ok(Fetch::Started(Started { n, received, rest: fetched }))
         });
-        Ahead { queue: queue.clone(), want, reply }
+        Ahead { queue: queue.clone(), want, reply, sent: std::time::Instant::now() }
     }
 
     /// Hands back, queue by queue, the jobs that failed fetches may have started without their
@@ -706,6 +730,7 @@ struct Ahead {
     queue: QueueName,
     want: usize,
     reply: tokio::task::JoinHandle<jobq_core::Result<Fetch>>,
+    sent: std::time::Instant,
 }
 
 impl Ahead {
