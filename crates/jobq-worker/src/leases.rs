@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use jobq_core::config::WorkerSettings;
@@ -83,6 +83,52 @@ impl Running {
     }
 }
 
+/// The fetches of this worker whose jobs are not registered for renewal yet: sent and not
+/// answered, or answered and not started. Both wait for a runtime thread, which handlers that
+/// do not yield may hold for longer than a lease; meanwhile the jobs such a fetch started run
+/// under this worker's name in Redis, and only [`heartbeat_loop`] (on a thread of its own) can
+/// keep them.
+#[derive(Clone, Default)]
+pub(crate) struct InTransit(Arc<Mutex<Sent>>);
+
+/// The fetches in transit, by number, with the time each was sent; and the last number given.
+#[derive(Default)]
+struct Sent {
+    last: u64,
+    fetches: Vec<(u64, Instant)>,
+}
+
+impl InTransit {
+    /// Notes a fetch about to be sent, until the returned guard is dropped (once its jobs are
+    /// registered, or it failed).
+    pub(crate) fn begin(&self) -> Transit {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.last += 1;
+        let seq = g.last;
+        g.fetches.push((seq, Instant::now()));
+        Transit { of: self.clone(), seq }
+    }
+
+    /// When the oldest fetch still in transit was sent.
+    fn oldest(&self) -> Option<Instant> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.fetches.iter().map(|t| t.1).min()
+    }
+}
+
+/// A fetch in transit (see [`InTransit`]).
+pub(crate) struct Transit {
+    of: InTransit,
+    seq: u64,
+}
+
+impl Drop for Transit {
+    fn drop(&mut self) {
+        let mut g = self.of.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.fetches.retain(|t| t.0 != self.seq);
+    }
+}
+
 /// Runs [`heartbeat_loop`] on a thread of its own, with its own runtime and Redis connection,
 /// so leases hold while handlers keep every thread of the worker's runtime busy with CPU-bound
 /// work (a lapsed lease would hand a healthy job to another worker).
@@ -92,7 +138,7 @@ pub(crate) type Renewal = (Vec<QueueName>, Duration, Duration);
 pub(crate) fn spawn_heartbeat(
     broker: &Broker,
     consumer: String,
-    running: Running,
+    jobs: (Running, InTransit),
     renewal: Renewal,
     stop: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
@@ -100,14 +146,22 @@ pub(crate) fn spawn_heartbeat(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let thread = std::thread::Builder::new()
         .name("jobq-heartbeat".into())
-        .spawn(move || runtime.block_on(heartbeat_loop(broker, consumer, running, renewal, stop)))?;
+        .spawn(move || runtime.block_on(heartbeat_loop(broker, consumer, jobs, renewal, stop)))?;
     Ok(thread)
 }
 
 /// Each `every` until `stop`: renews this worker's lease registration on its queues (for three
 /// heartbeats: reapers of other workers wait for it, also while this worker shuts down or its
-/// runtime is busy) and the lease of every running job.
-async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, renewal: Renewal, stop: CancellationToken) {
+/// runtime is busy) and the lease of every running job. While a fetch has been in transit for
+/// half of `every` or more, the leases of every job running under this worker's name are
+/// renewed too, those of jobs it does not know of yet included.
+async fn heartbeat_loop(
+    broker: Broker,
+    consumer: String,
+    (running, in_transit): (Running, InTransit),
+    renewal: Renewal,
+    stop: CancellationToken,
+) {
     let (queues, lease, every) = renewal;
     loop {
         if let Err(e) = broker.register_lease(&consumer, &queues, lease, every * 3).await {
@@ -116,6 +170,15 @@ async fn heartbeat_loop(broker: Broker, consumer: String, running: Running, rene
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+        if in_transit.oldest().is_some_and(|t| t.elapsed() >= every / 2) {
+            match broker.renew_pending(&queues, &consumer).await {
+                Ok(n) => {
+                    metrics::counter!("jobq_worker_in_transit_renewals_total").increment(1);
+                    tracing::debug!(jobs = n, "a fetch is still in transit: renewed every job running here");
+                }
+                Err(e) => tracing::warn!(error = %e, "renewing the jobs of a fetch in transit failed"),
+            }
         }
         let slots = running.snapshot();
         if slots.is_empty() {

@@ -1243,6 +1243,25 @@ impl Broker {
     /// after a failed fetch, and fetch the queue again only once it has succeeded. Returns how
     /// many were handed back.
     pub async fn disown(&self, queue: &QueueName, consumer: &str, received: &Received) -> Result<u64> {
+        redis::from_redis_value(self.run_one(self.disown_call(queue, consumer, received, false)).await?)
+            .map_err(protocol)
+    }
+
+    /// Renews the lease of every job of `queues` running under `consumer` (one call per queue,
+    /// in one pipeline), as [`Broker::heartbeat`] does for the leases it is given: for the jobs
+    /// a fetch started whose reply has not reached the worker yet, so that it does not know
+    /// their leases. Returns how many were renewed.
+    pub async fn renew_pending(&self, queues: &[QueueName], consumer: &str) -> Result<u64> {
+        let none = Received::default();
+        let calls = queues.iter().map(|q| self.disown_call(q, consumer, &none, true)).collect();
+        let mut renewed = 0;
+        for r in self.run(calls).await? {
+            renewed += redis::from_redis_value::<u64>(r?).map_err(protocol)?;
+        }
+        Ok(renewed)
+    }
+
+    fn disown_call(&self, queue: &QueueName, consumer: &str, received: &Received, renew: bool) -> Call {
         let streams = self.keys.streams(queue);
         let keys: Vec<&str> = streams.iter().map(String::as_str).collect();
         let mut call =
@@ -1250,7 +1269,7 @@ impl Broker {
         for last in &received.0 {
             call = call.arg(last.as_deref().unwrap_or(""));
         }
-        redis::from_redis_value(self.run_one(call).await?).map_err(protocol)
+        call.arg(if renew { "1" } else { "" })
     }
 
     /// Reclaims jobs of `queues` whose pending idle time exceeds the longest lease their live

@@ -497,3 +497,73 @@ async fn a_job_whose_fetch_reply_timed_out_runs_long_before_its_lease_lapses_and
 async fn a_job_whose_fetch_lost_its_connection_runs_long_before_its_lease_lapses_and_counts_nothing() {
     a_lost_fetch_reply_hands_its_job_back(LostReply::ConnectionDropped).await;
 }
+
+#[tokio::test]
+async fn jobs_whose_fetch_reply_waits_behind_a_handler_holding_the_runtime_keep_their_lease() {
+    // The worker on a runtime of its own with one thread, which `hog` holds without yielding
+    // for three leases. The fetch sent beside it starts `quick` in Redis, but its reply waits
+    // for that thread, so the worker cannot register `quick` for renewal meanwhile. Another
+    // worker's reaper looks for lapsed leases all along.
+    let env = TestEnv::with(&[
+        ("JOBQ_WORKER_CONCURRENCY", "2"),
+        ("JOBQ_WORKER_LEASE", "600ms"),
+        ("JOBQ_WORKER_HEARTBEAT", "200ms"),
+    ])
+    .await;
+    let seen_running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut registry = Registry::new();
+    let seen = seen_running.clone();
+    registry.register("hog", move |_ctx: JobContext| {
+        let seen = seen.clone();
+        async move {
+            let since = std::time::Instant::now();
+            while !seen.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(1800));
+            Ok(None)
+        }
+    });
+    registry.register("quick", |_ctx: JobContext| async { Ok(Some(json!("ran"))) });
+    let hog = env.broker.enqueue(NewJob::new("hog", json!({}))).await.unwrap().job.id;
+    let quick = env.broker.enqueue(NewJob::new("quick", json!({}))).await.unwrap().job.id;
+    let settings = env.settings();
+    let token = CancellationToken::new();
+    let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_secs(30));
+    let t = token.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async move { tokio::spawn(worker.run(t)).await.unwrap() })
+    });
+    wait_state(&env, quick, JobState::Running).await;
+    seen_running.store(true, Ordering::SeqCst);
+    assert_eq!(
+        env.broker.job(hog).await.unwrap().unwrap().state,
+        JobState::Running,
+        "quick started while hog holds the worker's thread"
+    );
+    let queue = jobq_core::job::QueueName::default_queue();
+    let reaping = std::time::Instant::now();
+    let mut reclaimed = 0;
+    while reaping.elapsed() < Duration::from_millis(2500) {
+        let r = env
+            .broker
+            .reclaim(
+                "other-worker",
+                std::slice::from_ref(&queue),
+                Duration::from_millis(600),
+                5,
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        reclaimed += r.iter().map(|r| r.requeued + r.dead).sum::<u64>();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job = wait_state(&env, quick, JobState::Succeeded).await;
+    assert_eq!((reclaimed, job.reclaims, job.attempt, job.run), (0, 0, 1, 1), "quick ran once, where it started");
+    assert_eq!(wait_state(&env, hog, JobState::Succeeded).await.reclaims, 0);
+    token.cancel();
+    tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap().unwrap();
+    env.cleanup().await;
+}

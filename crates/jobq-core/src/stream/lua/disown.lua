@@ -5,10 +5,13 @@
 -- that stream. Each job still running on such an entry is handed back (lib.lua's hand_back):
 -- the next reaper pass re-queues it, without counting a reclaim, instead of once its lease
 -- lapses. The worker calls this after a failed fetch and before its next one of the queue.
+-- With RENEW set, each such job's lease is renewed instead (XCLAIM ... JUSTID to the same
+-- consumer, as the heartbeat does): the worker's heartbeat calls it for the attempts of a fetch
+-- whose reply waits for a runtime thread that handlers hold, before the worker registers them.
 -- KEYS: 1..4 priority streams (critical, high, normal, low)
 -- ARGV: 1 group, 2 consumer, 3 job key prefix, 4..7 the last entry the worker received from
---       each stream ('' for none)
--- Returns the number of jobs handed back (none twice).
+--       each stream ('' for none), 8 RENEW ('1') or not ('')
+-- Returns the number of jobs handed back or renewed (none twice).
 local idle = string.format('%d', now_ms() - 1)
 local PAGE = 500
 local n = 0
@@ -26,7 +29,11 @@ for i = 1, 4 do
           local jk = ARGV[3] .. id
           local h = redis.call('HMGET', jk, 'state', 'entry', 'lease', 'given_up')
           if h[1] == 'running' and h[2] == entry and h[3] and h[4] ~= h[3] then
-            n = n + hand_back(KEYS[i], ARGV[1], ARGV[2], entry, jk, h[3], idle)
+            if ARGV[8] == '1' then
+              n = n + #redis.call('XCLAIM', KEYS[i], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
+            else
+              n = n + hand_back(KEYS[i], ARGV[1], ARGV[2], entry, jk, h[3], idle)
+            end
           end
         end
         start = '(' .. entry
