@@ -198,6 +198,34 @@ async fn s3_a_cpu_bound_handler_past_the_shutdown_timeout_does_not_hold_the_proc
 }
 
 #[tokio::test]
+async fn s3_sigterm_while_handlers_hold_every_runtime_thread_still_ends_the_process() {
+    // Two handlers that never yield hold both runtime threads of the worker for 120 s, so
+    // nothing of the shutdown can run on them: the signal is still handled, and the process
+    // ends once the shutdown has had its time (1 s + 5 s grace + 2 s + 10 s + 3 × 1 s + 2 s).
+    let mut c = Cluster::start(1, &[("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "1s"), ("JOBQ_REDIS_TIMEOUT", "1s")]).await;
+    let acked = c.enqueue((0..2).map(|_| NewJob::new("chaos.hog", json!({"ms": 120_000}))).collect()).await;
+    let queue = jobq_core::job::QueueName::default_queue();
+    let all: Vec<_> = acked.iter().map(|id| (queue.clone(), *id)).collect();
+    wait_until(Duration::from_secs(10), "both hogs to start", || async {
+        let states = c.env.broker.states(&all).await.ok()?;
+        states.iter().all(|s| *s == Some(JobState::Running)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut worker = c.workers.remove(0);
+    let t = Instant::now();
+    worker.signal("TERM");
+    let code = worker.wait(Duration::from_secs(60)).await;
+    let took = t.elapsed();
+    println!("  SIGTERM with both runtime threads held for 120 s: exit {code:?} after {took:.1?} (bound 23 s)");
+    assert_eq!(code, Some(1), "the process ends, with the code of a shutdown that could not finish");
+    assert!(took < Duration::from_secs(35), "the process exits once the shutdown has had its time, took {took:?}");
+    let states = c.env.broker.states(&all).await.unwrap();
+    assert!(states.iter().all(|s| *s == Some(JobState::Running)), "the unfinished jobs stay pending for the reaper");
+    c.env.cleanup().await;
+}
+
+#[tokio::test]
 async fn s4_a_frozen_zombie_worker_cannot_finish_its_jobs_twice() {
     let mut c = Cluster::start(2, &[]).await;
     let acked = c.enqueue(work(2000, 200)).await;

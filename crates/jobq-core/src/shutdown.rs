@@ -34,9 +34,19 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     std::process::exit(130);
 }
 
-/// A token cancelled by signals, with the signal watcher running in the background.
+/// A token cancelled by signals, with the signal watcher running in the background: on a
+/// thread of its own with a one-thread runtime, so that a signal is handled (and a second one
+/// exits) also while tasks that do not yield hold every thread of the caller's runtime. Called
+/// from within a runtime; if the watcher's thread cannot be started, it runs as a task there.
 pub fn token_from_signals() -> CancellationToken {
     let token = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(token.clone()));
+    let t = token.clone();
+    let watcher = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
+        std::thread::Builder::new().name("jobq-signals".into()).spawn(move || rt.block_on(cancel_on_signal(t)))
+    });
+    if let Err(e) = watcher {
+        tracing::warn!(error = %e, "cannot start the signal thread; signals are handled on the runtime");
+        tokio::spawn(cancel_on_signal(token.clone()));
+    }
     token
 }

@@ -77,9 +77,8 @@ struct Args {
 /// shutdown timeout (a CPU-bound loop, a blocking call) holds a runtime thread, which dropping
 /// the runtime would wait for. If the shutdown, once begun, cannot proceed (handlers hold every
 /// runtime thread), the process exits `shutdown_timeout` + 19 s + 3 × `redis.timeout` after the
-/// signal was handled. (With every runtime thread held, even the signal waits for one to be
-/// free: run CPU-bound work with `spawn_blocking`.) Either way unfinished jobs stay pending and
-/// are reclaimed. To own the runtime and the settings, call [`run`] instead.
+/// signal, which is handled on a thread of its own (still, run CPU-bound work with
+/// `spawn_blocking`). Either way unfinished jobs stay pending and are reclaimed. To own the runtime and the settings, call [`run`] instead.
 ///
 /// ```no_run
 /// fn main() {
