@@ -567,3 +567,59 @@ async fn jobs_whose_fetch_reply_waits_behind_a_handler_holding_the_runtime_keep_
     tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap().unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn fetches_that_time_out_beside_a_fetch_sent_ahead_lose_no_job_and_run_none_twice() {
+    // A backlog of quick jobs keeps two fetches in flight; Redis (a server of the test's own) is
+    // frozen past the worker's timeout three times, failing whatever is in flight then: fetches
+    // of the loop, fetches sent ahead, outcome writes. What a failed fetch started is handed
+    // back, not what the other one started and runs: every job runs once, within a fraction of
+    // its 30 s lease, counting neither an extra attempt nor a reclaim.
+    let redis = jobq_testutil::RedisServer::start();
+    let env = TestEnv::with(&[
+        ("REDIS_URL", &redis.url()),
+        ("JOBQ_REDIS_TIMEOUT", "300ms"),
+        ("JOBQ_WORKER_CONCURRENCY", "8"),
+        ("JOBQ_WORKER_LEASE", "30s"),
+        ("JOBQ_WORKER_HEARTBEAT", "1s"),
+        ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
+    ])
+    .await;
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<JobId, usize>::new()));
+    let mut registry = Registry::new();
+    let r = runs.clone();
+    registry.register("noop", move |ctx: JobContext| {
+        *r.lock().unwrap().entry(ctx.id).or_default() += 1;
+        async { Ok(None) }
+    });
+    let jobs = (0..10_000).map(|_| NewJob::new("noop", json!({}))).collect();
+    let ids: Vec<JobId> =
+        env.broker.enqueue_many(jobs, true).await.unwrap().into_iter().map(|i| i.unwrap().job.id).collect();
+    let token = CancellationToken::new();
+    let worker = Worker::new(env.broker.clone(), registry, env.settings().worker.clone(), Duration::from_secs(30));
+    let handle = tokio::spawn(worker.run(token.clone()));
+    let mut ran_before_freeze = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ran_before_freeze.push(runs.lock().unwrap().len());
+        redis.signal("STOP");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        redis.signal("CONT");
+    }
+    assert!(
+        ran_before_freeze.last().is_some_and(|&n| n < ids.len()),
+        "a backlog was left at each freeze: {ran_before_freeze:?} of {}",
+        ids.len()
+    );
+    let back = std::time::Instant::now();
+    wait_until(WAIT, "every job to run", || async { (runs.lock().unwrap().len() == ids.len()).then_some(()) }).await;
+    let runs = runs.lock().unwrap().clone();
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "jobs ran twice: {twice:?}");
+    for id in &ids {
+        let job = wait_state(&env, *id, JobState::Succeeded).await;
+        assert_eq!((job.attempt, job.reclaims), (1, 0), "job {id}");
+    }
+    assert!(back.elapsed() < Duration::from_secs(15), "done {:?} after the last freeze", back.elapsed());
+    finish(env, [(token, handle)]).await;
+}
