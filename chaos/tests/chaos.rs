@@ -53,6 +53,17 @@ impl Cluster {
         acked
     }
 
+    /// Waits up to 10 s until every job of `acked` is running.
+    async fn wait_running(&self, acked: &[JobId], what: &str) {
+        let queue = jobq_core::job::QueueName::default_queue();
+        let all: Vec<_> = acked.iter().map(|id| (queue.clone(), *id)).collect();
+        wait_until(Duration::from_secs(10), what, || async {
+            let states = self.env.broker.states(&all).await.ok()?;
+            states.iter().all(|s| *s == Some(JobState::Running)).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until every acknowledged job is finished and the recorder has written its history.
     async fn quiesce(&self, acked: &[JobId], timeout: Duration) {
         let queue = jobq_core::job::QueueName::default_queue();
@@ -204,13 +215,7 @@ async fn s3_sigterm_while_handlers_hold_every_runtime_thread_still_ends_the_proc
     // ends once the shutdown has had its time (1 s + 5 s grace + 2 s + 10 s + 3 × 1 s + 2 s).
     let mut c = Cluster::start(1, &[("JOBQ_WORKER_SHUTDOWN_TIMEOUT", "1s"), ("JOBQ_REDIS_TIMEOUT", "1s")]).await;
     let acked = c.enqueue((0..2).map(|_| NewJob::new("chaos.hog", json!({"ms": 120_000}))).collect()).await;
-    let queue = jobq_core::job::QueueName::default_queue();
-    let all: Vec<_> = acked.iter().map(|id| (queue.clone(), *id)).collect();
-    wait_until(Duration::from_secs(10), "both hogs to start", || async {
-        let states = c.env.broker.states(&all).await.ok()?;
-        states.iter().all(|s| *s == Some(JobState::Running)).then_some(())
-    })
-    .await;
+    c.wait_running(&acked, "both hogs to start").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut worker = c.workers.remove(0);
     let t = Instant::now();
@@ -220,8 +225,10 @@ async fn s3_sigterm_while_handlers_hold_every_runtime_thread_still_ends_the_proc
     println!("  SIGTERM with both runtime threads held for 120 s: exit {code:?} after {took:.1?} (bound 23 s)");
     assert_eq!(code, Some(1), "the process ends, with the code of a shutdown that could not finish");
     assert!(took < Duration::from_secs(35), "the process exits once the shutdown has had its time, took {took:?}");
-    let states = c.env.broker.states(&all).await.unwrap();
-    assert!(states.iter().all(|s| *s == Some(JobState::Running)), "the unfinished jobs stay pending for the reaper");
+    for id in &acked {
+        let job = c.env.broker.job(*id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Running, "the unfinished jobs stay pending for the reaper");
+    }
     c.env.cleanup().await;
 }
 
@@ -256,13 +263,7 @@ async fn s5_a_long_job_beside_cpu_hogs_keeps_its_lease() {
     let mut jobs = vec![NewJob::new("chaos.work", json!({"ms": 10_000}))];
     jobs.extend((0..6).map(|_| NewJob::new("chaos.hog", json!({"ms": 3000}))));
     let acked = c.enqueue(jobs).await;
-    let queue = jobq_core::job::QueueName::default_queue();
-    let all: Vec<_> = acked.iter().map(|id| (queue.clone(), *id)).collect();
-    wait_until(Duration::from_secs(10), "the worker to take every job", || async {
-        let states = c.env.broker.states(&all).await.ok()?;
-        states.iter().all(|s| *s == Some(JobState::Running)).then_some(())
-    })
-    .await;
+    c.wait_running(&acked, "the worker to take every job").await;
     // A second worker, idle, whose reaper reclaims any job whose lease lapses.
     c.workers.push(Proc::spawn("jobq-chaos-worker", &c.vars));
     c.quiesce(&acked, Duration::from_secs(60)).await;
