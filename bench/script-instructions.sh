@@ -13,6 +13,7 @@
 #   FETCH, COMPLETE  variants of crates/jobq-core/src/stream/lua/fetch.lua and complete_many.lua
 #                    (default: those files); lib.lua is prepended, as the broker does
 #   JOBS=5000 jobs fetched and completed (at most 9,975);  COUNT=25 jobs per call
+#   LENIENT=1    go on when complete_many answers stale (a fetch variant that writes no lease)
 # Needs valgrind (callgrind_control) and python3; no Python packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,11 +29,12 @@ vg=$!
 trap 'kill "$vg" 2>/dev/null; wait "$vg" 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 150); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.2; done
 
-python3 - "$PORT" "$vg" "$dir" "$LUA/lib.lua" "$FETCH" "$COMPLETE" "${JOBS:-5000}" "${COUNT:-25}" <<'PY'
+python3 - "$PORT" "$vg" "$dir" "$LUA/lib.lua" "$FETCH" "$COMPLETE" "${JOBS:-5000}" "${COUNT:-25}" "${LENIENT:-0}" <<'PY'
 import glob, json, socket, subprocess, sys
 
 port, pid, out, lib, fetch_path, complete_path = sys.argv[1:7]
 jobs, count = int(sys.argv[7]), int(sys.argv[8])
+lenient, warned = sys.argv[9] == "1", []
 calls = jobs // count
 sock = socket.create_connection(("127.0.0.1", int(port)))
 buf = sock.makefile("rb")
@@ -100,7 +102,11 @@ def complete_batch(batch, now):
         args += [j[2], j[0], j[4], j[1], ""]
     codes = cmd("EVALSHA", complete, 6, *streams, q + "events", q + "retained", *args)
     if codes != [1] * len(batch):
-        sys.exit(f"complete_many answered {codes}")
+        # A fetch variant that leaves the hash unlike the real one (no lease written, say) gets
+        # stale answers: its own count still holds, complete_many's is not the real path's.
+        if not lenient:
+            sys.exit(f"complete_many answered {codes} (LENIENT=1 counts on)")
+        warned.append(codes)
 
 # One call of each first, so that neither phase counts compiling a script.
 complete_batch(*fetch_batch())
@@ -113,4 +119,17 @@ completed = counted()
 n = calls * count
 print(f"Redis instructions per job ({n} jobs, {count} per call): fetch {fetched / n:,.0f}  "
       f"complete_many {completed / n:,.0f}  both {(fetched + completed) / n:,.0f}")
+if warned:
+    print(f"complete_many answered stale for the variant: its count is not the real path's")
+# For scale: a PING, and the fetch's XREADGROUP sent on its own (not from a script), on what is
+# left of the stream.
+for _ in range(100):
+    cmd("PING")
+ping = counted() / 100
+left = (10000 - n - count) // count
+for _ in range(left):
+    cmd("XREADGROUP", "GROUP", "jobq-workers", "bench-1", "COUNT", count, "STREAMS", streams[2], ">")
+direct = counted() / (left * count)
+print(f"for scale: PING {ping:,.0f} per command; XREADGROUP outside a script {direct:,.0f} per entry "
+      f"({count} per call)")
 PY
