@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// default; at `warn` nothing is logged per job).
     #[arg(long, default_value = "warn")]
     pub log_level: String,
+    /// Milliseconds each job of `drain`, `mixed` and `soak` waits in its handler (the built-in
+    /// `sleep` handler); 0 runs no-op jobs.
+    #[arg(long, default_value_t = 0)]
+    pub job_ms: u64,
 }
 
 struct BenchEnv {
@@ -141,11 +145,20 @@ fn noop_jobs(n: usize) -> impl Iterator<Item = NewJob> {
     (0..n).map(|i| NewJob::new("noop", json!({ "n": i })))
 }
 
-async fn prefill(broker: &Broker, n: usize) -> anyhow::Result<()> {
+/// The jobs the processing scenarios run: no-op jobs, or `sleep` jobs of `job_ms` each.
+fn work_jobs(n: usize, job_ms: u64) -> Vec<NewJob> {
+    if job_ms == 0 {
+        noop_jobs(n).collect()
+    } else {
+        (0..n).map(|_| NewJob::new("sleep", json!({ "ms": job_ms }))).collect()
+    }
+}
+
+async fn prefill(broker: &Broker, n: usize, job_ms: u64) -> anyhow::Result<()> {
     let mut left = n;
     while left > 0 {
         let chunk = left.min(1000);
-        let results = broker.enqueue_many(noop_jobs(chunk).collect(), false).await?;
+        let results = broker.enqueue_many(work_jobs(chunk, job_ms), false).await?;
         if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
             bail!("enqueue failed: {e}");
         }
@@ -283,7 +296,7 @@ async fn counts(broker: &Broker) -> anyhow::Result<u64> {
 }
 
 async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
-    prefill(&env.broker, args.jobs).await?;
+    prefill(&env.broker, args.jobs, args.job_ms).await?;
     // CPU accounting starts here, after the prefill: Redis, the Postgres backends of the bench
     // database (but not the connection this function polls with) and Postgres' own processes.
     let mut probe = <sqlx::PgConnection as sqlx::Connection>::connect(&env.settings.database.url).await?;
@@ -339,8 +352,15 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         .map(|(c, calls, usec)| (c, json!({"calls_per_job": (calls as f64 / n as f64 * 100.0).round() / 100.0, "us_per_job": per_job(usec)})))
         .collect();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Ok(json!({
+    // With jobs that wait, the share of the slots' time spent in handlers (1: every slot always
+    // busy): what the fetch, the outcome writes and the recording cost the slots.
+    let slot_use = (args.job_ms > 0).then(|| {
+        let busy = n as f64 * args.job_ms as f64 / 1000.0;
+        (busy / (processed * (args.workers * args.concurrency) as f64) * 1000.0).round() / 1000.0
+    });
+    let mut line = json!({
         "scenario": "drain", "n": n, "workers": args.workers, "concurrency": args.concurrency,
+        "job_ms": args.job_ms,
         "retention_succeeded_s": env.settings.retention.succeeded.as_secs(), "log_level": args.log_level,
         "worker_threads": env.settings.worker.threads,
         "jobs_per_s": (n as f64 / processed).round(),
@@ -351,7 +371,11 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         },
         "cpu_bound_jobs_per_s": (cores as f64 * 1e6 * n as f64 / total.max(1) as f64).round(),
         "redis_commands": commands,
-    }))
+    });
+    if let Some(u) = slot_use {
+        line["slot_use"] = json!(u);
+    }
+    Ok(line)
 }
 
 /// CPU used so far by Redis (`INFO cpu`), by each Postgres backend of the bench database and by
@@ -567,7 +591,7 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
             None => 100,
         };
         if batch > 0 {
-            let results = env.broker.enqueue_many(noop_jobs(batch).collect(), false).await?;
+            let results = env.broker.enqueue_many(work_jobs(batch, args.job_ms), false).await?;
             produced += results.len();
             if let Some(Ok(e)) = results.first() {
                 sample.push(e.job.id);
@@ -600,6 +624,7 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     }
     Ok(json!({
         "scenario": "mixed", "n": produced, "seconds": args.seconds, "workers": args.workers, "concurrency": args.concurrency,
+        "job_ms": args.job_ms,
         "offered_per_s": args.rate,
         "jobs_per_s": (produced as f64 / secs).round(),
         "backlog_max": backlog_max,
@@ -631,7 +656,7 @@ async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let step = (args.jobs / 10).max(1000);
     while produced < args.jobs {
         let chunk = step.min(args.jobs - produced);
-        prefill(&env.broker, chunk).await?;
+        prefill(&env.broker, chunk, args.job_ms).await?;
         produced += chunk;
         while counts(&env.broker).await? < produced as u64 {
             alive(&mut procs)?;
@@ -644,7 +669,9 @@ async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     for p in &mut procs {
         let _ = p.start_kill();
     }
-    Ok(json!({"scenario": "soak", "n": produced, "jobs_per_s": (produced as f64 / secs).round(), "samples": samples}))
+    Ok(
+        json!({"scenario": "soak", "n": produced, "job_ms": args.job_ms, "jobs_per_s": (produced as f64 / secs).round(), "samples": samples}),
+    )
 }
 
 /// Runs the chosen scenarios and prints their results.
@@ -666,6 +693,9 @@ pub async fn run(settings: &Settings, config: Option<&std::path::Path>, args: Be
     }
     if args.jobs == 0 {
         bail!("-n: at least 1 job");
+    }
+    if args.job_ms > 10_000 {
+        bail!("--job-ms: at most 10000 (each job has to end within the default job timeout)");
     }
     if !settings.metrics_addr.is_empty() {
         bail!("unset JOBQ_METRICS_ADDR (metrics_addr) for the benchmark: each of its worker processes would bind it");

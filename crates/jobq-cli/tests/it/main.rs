@@ -212,8 +212,27 @@ async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_o
         bench_line(&env, &["-n", "200", "--scenario", "drain", "--log-level", "info", "--concurrency", "5"]).await;
     assert_eq!(line["log_level"], "info", "{line}");
     assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    assert_eq!(line["job_ms"], 0, "{line}");
+    assert!(line.get("slot_use").is_none(), "no-op jobs have no handler time to weigh: {line}");
     let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--log-level", "warn,["]).await;
     assert!(err.contains("--log-level") && err.contains("not a valid filter"), "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bench_drain_runs_jobs_that_wait_and_weighs_the_slots_time_in_handlers() {
+    let env = TestEnv::new().await;
+    let line = bench_line(&env, &["-n", "400", "--scenario", "drain", "--concurrency", "10", "--job-ms", "25"]).await;
+    assert_eq!(line["job_ms"], 25, "{line}");
+    // 10 slots of 25 ms jobs take at least a second for 400 jobs: no more than 400 jobs/s,
+    // where 400 no-op jobs drain in a fraction of that.
+    let rate = line["jobs_per_s"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate <= 400.0, "{line}");
+    assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    let slot_use = line["slot_use"].as_f64().unwrap();
+    assert!(slot_use > 0.0 && slot_use <= 1.0, "{line}");
+    let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--job-ms", "10001"]).await;
+    assert!(err.contains("--job-ms"), "{err}");
     env.cleanup().await;
 }
 
