@@ -8,6 +8,8 @@
 #   CONC=50      concurrency of both (BullMQ's worker and each jobq worker process)
 #   WORKERS=1    jobq worker processes
 #   BIN=dir      jobq binaries (default target/release, built first)
+#   JOB_MS=n     jobs that wait n ms in their handler: bench/bullmq-wait.js against
+#                `jobq bench --job-ms n` (default: no-op jobs, the baseline's bench.js)
 #   JOBQ_*       settings passed on to the jobq processes, e.g. JOBQ_RETENTION_SUCCEEDED=0
 # Needs node/npm for the baseline (../shared/bench/bullmq, or BULLMQ_DIR).
 set -euo pipefail
@@ -24,12 +26,19 @@ if [ -z "${BIN:-}" ]; then
 fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+JOB_MS=${JOB_MS:-0}
 bullmq() {
-  N=$N CONC=$CONC node "$BULLMQ/bench.js" | grep '^{' |
+  if [ "$JOB_MS" = 0 ]; then
+    script="$BULLMQ/bench.js"
+  else
+    script=bench/bullmq-wait.js
+  fi
+  BULLMQ_DIR=$BULLMQ N=$N CONC=$CONC JOB_MS=$JOB_MS node "$script" | grep '^{' |
     python3 -c 'import json, sys; print("bullmq", json.load(sys.stdin)["process_jobs_per_s"])' | tee -a "$out"
 }
 jobq() {
-  "$BIN/jobq" bench -n "$N" --scenario drain --workers "$WORKERS" --concurrency "$CONC" 2>/dev/null | grep '^{' |
+  "$BIN/jobq" bench -n "$N" --scenario drain --workers "$WORKERS" --concurrency "$CONC" --job-ms "$JOB_MS" 2>/dev/null |
+    grep '^{' |
     python3 -c 'import json, sys; r = json.load(sys.stdin); print("jobq", r["recorded_jobs_per_s"])' | tee -a "$out"
 }
 for round in $(seq "$ROUNDS"); do
