@@ -1,19 +1,63 @@
-// BullMQ drain of jobs that wait JOB_MS in their handler, to set beside
-// `jobq bench --scenario drain --job-ms JOB_MS` (bench/pairs.sh with JOB_MS set runs both).
-// One worker process at concurrency CONC, N jobs added first with addBulk, removeOnComplete.
-// Prints one JSON line. Uses the BullMQ install of the baseline (BULLMQ_DIR, default
-// ../shared/bench/bullmq) and Redis at 127.0.0.1:6379, in a queue of its own that it removes.
+// BullMQ drain of jobs that wait JOB_MS in their handler (0: return at once), to set beside
+// `jobq bench --scenario drain --job-ms JOB_MS` (bench/pairs.sh with JOB_MS set runs both, and
+// bench/scale.sh with one and two worker processes).
+// WORKERS worker processes (default 1; the first in this process, the others forked) at
+// concurrency CONC each, N jobs added first with addBulk, removeOnComplete. The clock starts
+// before the workers are created and stops when the last handler returns. Prints one JSON
+// line, with the handlers' mean time (`handler_ms`: setTimeout's wait as it came out) and a
+// slot's turn (`slot_cycle_ms`: WORKERS × CONC ÷ jobs/s). Uses the BullMQ install of the baseline (BULLMQ_DIR, default ../shared/bench/bullmq)
+// and Redis at 127.0.0.1:6379, in a queue of its own that it removes.
 const path = require('path');
+const { fork } = require('child_process');
 const dir = process.env.BULLMQ_DIR || path.join(__dirname, '..', '..', 'shared', 'bench', 'bullmq');
 const { Queue, Worker } = require(path.resolve(dir, 'node_modules', 'bullmq'));
 
 const total = parseInt(process.env.N || '100000', 10);
 const concurrency = parseInt(process.env.CONC || '50', 10);
 const waitMs = parseInt(process.env.JOB_MS || '10', 10);
+const workers = parseInt(process.env.WORKERS || '1', 10);
 const connection = { host: '127.0.0.1', port: 6379 };
-const queueName = `jobq-wait-bench-${process.pid}-${Date.now()}`;
+
+// A worker whose handler calls `onDone` with how long it took (ns) after each job.
+function startWorker(queueName, onDone) {
+  const handler = waitMs > 0
+    ? async () => {
+      const t = process.hrtime.bigint();
+      await new Promise((resolve) => setTimeout(resolve, waitMs));
+      onDone(Number(process.hrtime.bigint() - t));
+    }
+    : async () => { onDone(0); };
+  return new Worker(queueName, handler, { connection, concurrency });
+}
+
+// A forked worker process: reports its finished jobs and their handlers' time to the parent
+// every 100 jobs and every 5 ms, so that the IPC costs far less than the jobs, and runs until
+// the parent says stop.
+function child(queueName) {
+  let unreported = 0;
+  let ns = 0;
+  const report = () => {
+    if (unreported > 0) {
+      process.send([unreported, ns]);
+      unreported = 0;
+      ns = 0;
+    }
+  };
+  const worker = startWorker(queueName, (took) => {
+    unreported += 1;
+    ns += took;
+    if (unreported >= 100) report();
+  });
+  const flush = setInterval(report, 5);
+  process.on('message', async () => {
+    clearInterval(flush);
+    await worker.close();
+    process.exit(0);
+  });
+}
 
 async function main() {
+  const queueName = `jobq-wait-bench-${process.pid}-${Date.now()}`;
   const queue = new Queue(queueName, { connection });
   for (let first = 0; first < total; first += 1000) {
     const jobs = [];
@@ -23,25 +67,40 @@ async function main() {
     await queue.addBulk(jobs);
   }
   let finished = 0;
+  let handlerNs = 0;
   let allDone;
   const done = new Promise((resolve) => { allDone = resolve; });
+  const count = ([k, ns]) => {
+    finished += k;
+    handlerNs += ns;
+    if (finished >= total) allDone();
+  };
   const began = process.hrtime.bigint();
-  const worker = new Worker(queueName, async () => {
-    await new Promise((resolve) => setTimeout(resolve, waitMs));
-    finished += 1;
-    if (finished === total) allDone();
-  }, { connection, concurrency });
+  const children = [];
+  for (let i = 1; i < workers; i++) {
+    const c = fork(__filename, [], { env: { ...process.env, BULLMQ_WAIT_QUEUE: queueName } });
+    c.on('message', count);
+    children.push(c);
+  }
+  const worker = startWorker(queueName, (took) => count([1, took]));
   await done;
   const secs = Number(process.hrtime.bigint() - began) / 1e9;
   const perSecond = total / secs;
   console.log(JSON.stringify({
     peer: 'bullmq', version: require(path.resolve(dir, 'node_modules', 'bullmq', 'package.json')).version,
-    N: total, concurrency, job_ms: waitMs, process_jobs_per_s: Math.round(perSecond),
-    slot_use: Math.round((perSecond * waitMs) / 1000 / concurrency * 1000) / 1000,
+    N: total, workers, concurrency, job_ms: waitMs, process_jobs_per_s: Math.round(perSecond),
+    slot_use: Math.round((perSecond * waitMs) / 1000 / (concurrency * workers) * 1000) / 1000,
+    slot_cycle_ms: Math.round((concurrency * workers * 1000 / perSecond) * 100) / 100,
+    handler_ms: Math.round(handlerNs / finished / 1e4) / 100,
   }));
+  await Promise.all(children.map((c) => new Promise((resolve) => { c.on('exit', resolve); c.send('stop'); })));
   await worker.close();
   await queue.obliterate({ force: true });
   await queue.close();
 }
 
-main().then(() => process.exit(0), (e) => { console.error(e); process.exit(1); });
+if (process.env.BULLMQ_WAIT_QUEUE) {
+  child(process.env.BULLMQ_WAIT_QUEUE);
+} else {
+  main().then(() => process.exit(0), (e) => { console.error(e); process.exit(1); });
+}

@@ -6,10 +6,11 @@
 #
 # Usage: bench/pairs.sh [ROUNDS] [N]            (defaults 5 and 200000)
 #   CONC=50      concurrency of both (BullMQ's worker and each jobq worker process)
-#   WORKERS=1    jobq worker processes
+#   WORKERS=1    worker processes of each (above 1, BullMQ runs bench/bullmq-wait.js, which
+#                forks its workers)
 #   BIN=dir      jobq binaries (default target/release, built first)
 #   JOB_MS=n     jobs that wait n ms in their handler: bench/bullmq-wait.js against
-#                `jobq bench --job-ms n` (default: no-op jobs, the baseline's bench.js)
+#                `jobq bench --job-ms n` (default 0: no-op jobs, the baseline's bench.js)
 #   JOBQ_*       settings passed on to the jobq processes, e.g. JOBQ_RETENTION_SUCCEEDED=0
 # Needs node/npm for the baseline (../shared/bench/bullmq, or BULLMQ_DIR).
 set -euo pipefail
@@ -28,12 +29,12 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 JOB_MS=${JOB_MS:-0}
 bullmq() {
-  if [ "$JOB_MS" = 0 ]; then
+  if [ "$JOB_MS" = 0 ] && [ "$WORKERS" = 1 ]; then
     script="$BULLMQ/bench.js"
   else
     script=bench/bullmq-wait.js
   fi
-  BULLMQ_DIR=$BULLMQ N=$N CONC=$CONC JOB_MS=$JOB_MS node "$script" | grep '^{' |
+  BULLMQ_DIR=$BULLMQ N=$N CONC=$CONC JOB_MS=$JOB_MS WORKERS=$WORKERS node "$script" | grep '^{' |
     python3 -c 'import json, sys; print("bullmq", json.load(sys.stdin)["process_jobs_per_s"])' | tee -a "$out"
 }
 jobq() {

@@ -303,7 +303,7 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let probe_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut probe).await?;
     let cpu0 = CpuSample::take(env, &mut probe, probe_pid).await?;
     let started = Instant::now();
-    let mut procs = start_fleet(env, args)?;
+    let (mut procs, metrics) = start_fleet(env, args)?;
     let n = args.jobs as u64;
     while counts(&env.broker).await? < n {
         alive(&mut procs)?;
@@ -320,10 +320,18 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     }
     let recorded = started.elapsed().as_secs_f64();
     let cpu1 = CpuSample::take(env, &mut probe, probe_pid).await?;
+    // How long a job held its lease, on Redis' clock: from the fetch that started it to its
+    // outcome written (the history's started_at and finished_at).
+    let attempt_ms: Option<f64> = sqlx::query_scalar(
+        "SELECT avg(extract(epoch FROM finished_at - started_at) * 1000)::float8 FROM job_executions",
+    )
+    .fetch_one(&mut probe)
+    .await?;
     // The children started after `cpu0`: everything they used is the drain's.
     let child_cpu = |p: &tokio::process::Child| p.id().and_then(proc_cpu_us).unwrap_or(0);
     let scheduler_us = child_cpu(&procs[0]);
     let worker_us: u64 = procs[1..].iter().map(child_cpu).sum();
+    let handler_ms = handler_ms(&metrics).await;
     for p in &mut procs {
         let _ = p.start_kill();
     }
@@ -365,6 +373,11 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         "worker_threads": env.settings.worker.threads,
         "jobs_per_s": (n as f64 / processed).round(),
         "recorded_jobs_per_s": (n as f64 / recorded).round(),
+        // A slot's turn (one job in each slot after the other); of it, the job's attempt and,
+        // in that, its handler.
+        "slot_cycle_ms": ((args.workers * args.concurrency) as f64 * processed / n as f64 * 1e5).round() / 100.0,
+        "attempt_ms": attempt_ms.map(|a| (a * 100.0).round() / 100.0),
+        "handler_ms": handler_ms,
         "cpu_us_per_job": {
             "redis": per_job(redis_us), "worker": per_job(worker_us), "scheduler": per_job(scheduler_us),
             "postgres": per_job(pg_us), "postgres_aux": per_job(aux_us), "total": per_job(total),
@@ -559,19 +572,54 @@ fn alive(procs: &mut [tokio::process::Child]) -> anyhow::Result<()> {
 }
 
 /// Starts a scheduler and `workers` worker processes.
-fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Vec<tokio::process::Child>> {
+/// The scheduler, then the workers, and the address each worker serves its metrics on (see
+/// [`handler_ms`]).
+fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<(Vec<tokio::process::Child>, Vec<String>)> {
     let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
+    let mut metrics = Vec::new();
     for i in 0..args.workers {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        metrics.push(addr.clone());
         procs.push(env.spawn(
             "jobq-worker",
-            &[("JOBQ_WORKER_CONCURRENCY", args.concurrency.to_string()), ("JOBQ_WORKER_ID", format!("bench-{i}"))],
+            &[
+                ("JOBQ_WORKER_CONCURRENCY", args.concurrency.to_string()),
+                ("JOBQ_WORKER_ID", format!("bench-{i}")),
+                ("JOBQ_METRICS_ADDR", addr),
+            ],
         )?);
     }
-    Ok(procs)
+    Ok((procs, metrics))
+}
+
+/// A port nothing listens on now (the worker binds it a moment later).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The mean time the workers' handlers took, in ms: `jobq_attempt_duration_seconds` of every
+/// worker's `/metrics` (the `sleep` handler's wait is on Tokio's millisecond timer, which
+/// rounds a deadline up to the next tick). `None` if a worker does not answer.
+async fn handler_ms(metrics: &[String]) -> Option<f64> {
+    let client = reqwest::Client::new();
+    let (mut sum, mut count) = (0.0, 0.0);
+    for addr in metrics {
+        let text = client.get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            if name.starts_with("jobq_attempt_duration_seconds_sum") {
+                sum += value;
+            } else if name.starts_with("jobq_attempt_duration_seconds_count") {
+                count += value;
+            }
+        }
+    }
+    (count > 0.0).then(|| (sum / count * 1e5).round() / 100.0)
 }
 
 async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
-    let mut procs = start_fleet(env, args)?;
+    let (mut procs, _) = start_fleet(env, args)?;
     let q = QueueName::default_queue();
     let run_for = Duration::from_secs(args.seconds.max(1));
     let started = Instant::now();
@@ -648,7 +696,7 @@ async fn redis_used_kib(broker: &Broker) -> anyhow::Result<u64> {
 }
 
 async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
-    let mut procs = start_fleet(env, args)?;
+    let (mut procs, _) = start_fleet(env, args)?;
     let pids: Vec<u32> = procs.iter().filter_map(|p| p.id()).collect();
     let started = Instant::now();
     let mut samples = Vec::new();

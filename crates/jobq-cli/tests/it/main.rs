@@ -214,6 +214,8 @@ async fn bench_runs_its_processes_at_the_log_level_asked_for_and_refuses_a_bad_o
     assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
     assert_eq!(line["job_ms"], 0, "{line}");
     assert!(line.get("slot_use").is_none(), "no-op jobs have no handler time to weigh: {line}");
+    assert!(line["attempt_ms"].as_f64().unwrap() >= 0.0, "{line}");
+    assert!(line["slot_cycle_ms"].as_f64().unwrap() > 0.0, "{line}");
     let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--log-level", "warn,["]).await;
     assert!(err.contains("--log-level") && err.contains("not a valid filter"), "{err}");
     env.cleanup().await;
@@ -231,6 +233,14 @@ async fn bench_drain_runs_jobs_that_wait_and_weighs_the_slots_time_in_handlers()
     assert!(line["recorded_jobs_per_s"].as_f64().unwrap() > 0.0, "{line}");
     let slot_use = line["slot_use"].as_f64().unwrap();
     assert!(slot_use > 0.0 && slot_use <= 1.0, "{line}");
+    // Each handler waits its 25 ms (the workers' own metric), each attempt, fetch to outcome,
+    // spans its handler, and a slot's turn is no shorter.
+    let handler = line["handler_ms"].as_f64().unwrap();
+    assert!((25.0..1000.0).contains(&handler), "{line}");
+    let attempt = line["attempt_ms"].as_f64().unwrap();
+    assert!(attempt >= 25.0, "{line}");
+    let cycle = line["slot_cycle_ms"].as_f64().unwrap();
+    assert!(cycle >= 25.0 && (cycle - 10.0 * 1000.0 / rate).abs() < 0.1, "{line}");
     let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--job-ms", "10001"]).await;
     assert!(err.contains("--job-ms"), "{err}");
     env.cleanup().await;
