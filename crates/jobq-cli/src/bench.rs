@@ -592,8 +592,21 @@ fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<(Vec<tokio::p
     Ok((procs, metrics))
 }
 
-/// A port nothing listens on now (the worker binds it a moment later).
+/// A port nothing listens on now, for a worker to bind a moment later. Taken below the
+/// kernel's ephemeral range (`ip_local_port_range`), so that no outgoing connection is given
+/// it in between, as one could be a port that `bind(0)` handed out.
 fn free_port() -> anyhow::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).max(1);
+    for _ in 0..100 {
+        let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -804,5 +817,16 @@ mod tests {
         procs[1].wait().await.unwrap();
         let err = super::alive(&mut procs).unwrap_err().to_string();
         assert!(err.contains("jobq-worker exited"), "{err}");
+    }
+
+    #[test]
+    fn a_free_port_is_bindable_and_outside_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        for _ in 0..20 {
+            let port = super::free_port().unwrap();
+            assert!((10_000..low).contains(&port), "{port} not below {low}");
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 }
