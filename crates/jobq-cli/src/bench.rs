@@ -571,9 +571,8 @@ fn alive(procs: &mut [tokio::process::Child]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a scheduler and `workers` worker processes.
-/// The scheduler, then the workers, and the address each worker serves its metrics on (see
-/// [`handler_ms`]).
+/// Starts a scheduler and `workers` worker processes; returns them (the scheduler first) and
+/// the address each worker serves its metrics on (see [`handler_ms`]).
 fn start_fleet(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<(Vec<tokio::process::Child>, Vec<String>)> {
     let mut procs = vec![env.spawn("jobq-scheduler", &[])?];
     let mut metrics = Vec::new();
