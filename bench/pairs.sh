@@ -19,14 +19,7 @@ ROUNDS=${1:-5}
 N=${2:-200000}
 CONC=${CONC:-50}
 WORKERS=${WORKERS:-1}
-BULLMQ=${BULLMQ_DIR:-../shared/bench/bullmq}
-[ -d "$BULLMQ/node_modules/bullmq" ] || npm install --prefix "$BULLMQ" >/dev/null
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --bins --quiet
-  BIN=target/release
-fi
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+source bench/setup.sh
 JOB_MS=${JOB_MS:-0}
 bullmq() {
   if [ "$JOB_MS" = 0 ] && [ "$WORKERS" = 1 ]; then

@@ -18,14 +18,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 N=${2:-100000}
 CONC=${CONC:-50}
-BULLMQ=${BULLMQ_DIR:-../shared/bench/bullmq}
-[ -d "$BULLMQ/node_modules/bullmq" ] || npm install --prefix "$BULLMQ" >/dev/null
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --bins --quiet
-  BIN=target/release
-fi
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+source bench/setup.sh
 run() { # system workers job_ms jobs -> "job_ms system workers jobs/s slot_cycle_ms handler_ms"
   local r
   if [ "$1" = bullmq ]; then
