@@ -10,8 +10,8 @@
 //! | `reader` | every `GET` |
 //!
 //! `/health`, `/ready`, the OpenAPI document and the dashboard page (which shows only what its
-//! key may read) need no key. `JOBQ_AUTH=off` turns checks off
-//! (the server warns at start); `jobq dev` does so.
+//! key may read; `/` and `/dashboard/` redirect to it) need no key. `JOBQ_AUTH=off` turns checks
+//! off (the server warns at start); `jobq dev` does so.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method};
@@ -66,6 +66,8 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         | "/api/v1/openapi.json"
         | "/api/v1/docs"
         | "/dashboard"
+        | "/dashboard/"
+        | "/"
         | "/dashboard/app.js" => None,
         "/api/v1/jobs" | "/api/v1/jobs/batch" if method == Method::POST => Some(Role::Producer),
         "/api/v1/jobs/{id}" | "/api/v1/jobs/{id}/executions" if method == Method::GET => Some(Role::Producer),

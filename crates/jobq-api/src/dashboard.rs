@@ -5,7 +5,7 @@
 //! key, and everything it shows it reads through the REST API with the key typed into it.
 
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use axum::Router;
 
@@ -15,9 +15,25 @@ use crate::AppState;
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; \
                       base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// `GET /dashboard` and its script.
+/// `GET /dashboard` and its script; `/dashboard/` and the server's root lead to the page.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/dashboard", get(page)).route("/dashboard/app.js", get(script))
+    Router::new()
+        .route("/dashboard", get(page))
+        .route("/dashboard/app.js", get(script))
+        .route("/dashboard/", get(to_page))
+        .route("/", get(root))
+}
+
+/// To the dashboard page, from its address with a trailing slash and from the server's root.
+#[utoipa::path(get, path = "/dashboard/", tag = "health", responses((status = 308, description = "to /dashboard", headers(("location" = String)))))]
+pub(crate) async fn to_page() -> Redirect {
+    Redirect::permanent("/dashboard")
+}
+
+/// The server's root: to the dashboard page.
+#[utoipa::path(get, path = "/", tag = "health", responses((status = 308, description = "to /dashboard", headers(("location" = String)))))]
+pub(crate) async fn root() -> Redirect {
+    to_page().await
 }
 
 /// The dashboard page.

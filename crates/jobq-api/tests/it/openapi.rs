@@ -97,6 +97,12 @@ async fn the_dashboard_is_self_contained_and_calls_only_documented_routes() {
     for tab in ["tab-queues", "tab-jobs", "tab-dlq", "tab-schedules"] {
         assert!(html.contains(tab), "{tab}");
     }
+    // The address with a trailing slash, and the server's root, lead to the page.
+    for uri in ["/dashboard/", "/"] {
+        let (s, headers, _) = get_text(&app, uri).await;
+        assert_eq!(s, StatusCode::PERMANENT_REDIRECT, "{uri}");
+        assert_eq!(headers["location"], "/dashboard", "{uri}");
+    }
 
     let (s, headers, js) = get_text(&app, "/dashboard/app.js").await;
     assert_eq!(s, StatusCode::OK);

@@ -20,6 +20,8 @@ pub(crate) const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/v1/docs", None),
     ("GET", "/dashboard", None),
     ("GET", "/dashboard/app.js", None),
+    ("GET", "/dashboard/", None),
+    ("GET", "/", None),
     ("POST", "/api/v1/jobs", Some("producer")),
     ("GET", "/api/v1/jobs", Some("reader")),
     ("POST", "/api/v1/jobs/batch", Some("producer")),
