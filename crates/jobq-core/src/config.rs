@@ -491,8 +491,9 @@ fn var_of(key: &str) -> String {
     vars.join(" or ")
 }
 
-/// Longest duration any setting takes: beyond it, times computed from it overflow.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Longest duration any setting (or a job's `timeout`) takes: beyond it, times computed from
+/// it overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Longest wait between two passes of a loop (polling, promotion, reaping, cron).
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 

@@ -492,6 +492,9 @@ impl NewJob {
             if t.is_zero() {
                 return invalid("`timeout` must be greater than zero".into());
             }
+            if t > crate::config::MAX_DURATION {
+                return invalid(format!("`timeout` must be at most 100 years, got {}", crate::duration::format(t)));
+            }
         }
         if let Some(k) = &self.unique_key {
             if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
@@ -853,6 +856,12 @@ mod tests {
         let err = NewJob::new("x", serde_json::Value::Null).max_attempts(0).validate().unwrap_err();
         assert!(err.to_string().contains("`max_attempts`"));
         assert!(NewJob::new("echo", serde_json::json!({})).validate().is_ok());
+        let mut job = NewJob::new("x", serde_json::Value::Null);
+        job.timeout = Some(Duration::from_secs(100_000_000_000 * 86_400));
+        let err = job.validate().unwrap_err().to_string();
+        assert!(err.contains("`timeout` must be at most 100 years"), "{err}");
+        job.timeout = Some(Duration::from_secs(100 * 365 * 86_400));
+        job.validate().unwrap();
     }
 
     #[test]
