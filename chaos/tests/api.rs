@@ -39,6 +39,8 @@ const ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/api/v1/docs", OPEN),
     ("GET", "/dashboard", OPEN),
     ("GET", "/dashboard/app.js", OPEN),
+    ("GET", "/dashboard/", OPEN),
+    ("GET", "/", OPEN),
     ("POST", "/api/v1/jobs", PRODUCE),
     ("GET", "/api/v1/jobs", READ),
     ("POST", "/api/v1/jobs/batch", PRODUCE),
