@@ -120,6 +120,12 @@ fn normalize(expr: &str) -> std::result::Result<(String, Option<String>), String
     }
 }
 
+/// The `cron` crate's message, its upper bounds worded as what they are: the crate says `Hours
+/// must be less than 23.` for a bound that allows 23.
+fn crate_message(m: &str) -> String {
+    m.replace(" must be less than ", " must be at most ")
+}
+
 /// Parses an IANA time zone name (`Europe/Berlin`, `UTC`).
 pub fn parse_tz(name: &str) -> Result<Tz> {
     Tz::from_str(name).map_err(|_| {
@@ -131,7 +137,9 @@ impl CronSchedule {
     /// Parses `expr` in zone `tz`; errors name the field (`cron` or `timezone`).
     pub fn parse(expr: &str, tz: &str) -> Result<Self> {
         let tz = parse_tz(tz)?;
-        let invalid = |e: &dyn std::fmt::Display| Error::Invalid(format!("`cron`: invalid expression `{expr}`: {e}"));
+        let invalid = |e: &dyn std::fmt::Display| {
+            Error::Invalid(format!("`cron`: invalid expression `{expr}`: {}", crate_message(&e.to_string())))
+        };
         let (normalized, weekday) = normalize(expr).map_err(|e| invalid(&e))?;
         let schedule = cron::Schedule::from_str(&normalized).map_err(|e| invalid(&e))?;
         let or_weekday = weekday.map(|w| cron::Schedule::from_str(&w)).transpose().map_err(|e| invalid(&e))?;
@@ -568,6 +576,12 @@ mod tests {
             let e = CronSchedule::parse(bad, "UTC").unwrap_err().to_string();
             assert!(e.starts_with("`cron`"), "{bad}: {e}");
         }
+        // Upper bounds are inclusive, and say so: 23 is an hour, 24 is not.
+        let e = CronSchedule::parse("0 24 * * *", "UTC").unwrap_err().to_string();
+        assert!(e.contains("Hours must be at most 23") && e.contains("'24'"), "{e}");
+        let e = CronSchedule::parse("0 0 32 * *", "UTC").unwrap_err().to_string();
+        assert!(e.contains("at most 31") && !e.contains("less than"), "{e}");
+        assert!(CronSchedule::parse("59 23 31 12 *", "UTC").is_ok());
         let e = CronSchedule::parse("* * * * *", "Mars/Olympus").unwrap_err().to_string();
         assert!(e.starts_with("`timezone`") && e.contains("Mars/Olympus"), "{e}");
     }
