@@ -1,6 +1,6 @@
 //! Running one attempt and writing outcomes back in batches.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,18 +86,14 @@ impl Executor {
         d: Delivery,
         permits: Permits,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let slot = Arc::new(Slot {
-            lease: Lease {
-                queue: d.queue.clone(),
-                priority: d.priority,
-                entry: d.entry.clone(),
-                id: d.envelope.id,
-                token: d.lease.clone(),
-            },
-            cancel: self.abandon.child_token(),
-            stop: Mutex::new(None),
-            settling: AtomicBool::new(false),
-        });
+        let lease = Lease {
+            queue: d.queue.clone(),
+            priority: d.priority,
+            entry: d.entry.clone(),
+            id: d.envelope.id,
+            token: d.lease.clone(),
+        };
+        let slot = Arc::new(Slot::new(lease, self.abandon.child_token()));
         self.running.insert(d.envelope.id, slot.clone());
         self.run(d, permits, slot)
     }
@@ -165,6 +161,9 @@ impl Executor {
             Attached { broker: self.broker.clone(), consumer: self.consumer.clone(), lease: slot.lease.clone() };
         let ctx = JobContext::attached(d, slot.cancel.clone(), attached);
         let timeout = env.timeout.unwrap_or(self.default_timeout);
+        if let Some(t) = std::time::Instant::now().checked_add(timeout + CANCEL_GRACE) {
+            let _ = slot.ends_by.set(t);
+        }
         // Its own task, so a panicking handler fails the attempt and not the worker.
         // Boxed, as the attempt itself is: the task cell holds a pointer.
         let mut task = tokio::spawn(Box::pin(tower::ServiceExt::oneshot(service, ctx).in_current_span()));

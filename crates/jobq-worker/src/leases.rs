@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -30,9 +30,22 @@ pub(crate) struct Slot {
     /// renewed until the outcome is written, but a renewal that finds it gone is not a loss:
     /// the write may just have landed (the completer reports a real loss as a stale outcome).
     pub(crate) settling: AtomicBool,
+    /// When the attempt will have ended at the latest, set as its handler starts: its timeout,
+    /// and the grace a cancelled handler gets, from then. Only a worker whose handlers hold
+    /// every thread of its runtime lets an attempt run past it.
+    pub(crate) ends_by: OnceLock<Instant>,
 }
 
 impl Slot {
+    pub(crate) fn new(lease: Lease, cancel: CancellationToken) -> Self {
+        Self { lease, cancel, stop: Mutex::new(None), settling: AtomicBool::new(false), ends_by: OnceLock::new() }
+    }
+
+    /// Whether the attempt is still running `margin` past [`Slot::ends_by`].
+    fn overdue(&self, now: Instant, margin: Duration) -> bool {
+        !self.settling.load(Ordering::Acquire) && self.ends_by.get().is_some_and(|t| now > *t + margin)
+    }
+
     pub(crate) fn stop(&self, why: Stop) {
         if let Ok(mut s) = self.stop.lock() {
             s.get_or_insert(why);
@@ -154,7 +167,8 @@ pub(crate) fn spawn_heartbeat(
 /// heartbeats: reapers of other workers wait for it, also while this worker shuts down or its
 /// runtime is busy) and the lease of every running job. While a fetch has been in transit for
 /// half of `every` or more, the leases of every job running under this worker's name are
-/// renewed too, those of jobs it does not know of yet included.
+/// renewed too, those of jobs it does not know of yet included. An attempt running a lease past
+/// its end (see [`Slot::ends_by`]) is not renewed, and while there is one, neither are those.
 async fn heartbeat_loop(
     broker: Broker,
     consumer: String,
@@ -163,6 +177,7 @@ async fn heartbeat_loop(
     stop: CancellationToken,
 ) {
     let (queues, lease, every) = renewal;
+    let mut overdue_before = 0;
     loop {
         if let Err(e) = broker.register_lease(&consumer, &queues, lease, every * 3).await {
             tracing::warn!(error = %e, "registering this worker's lease failed");
@@ -171,7 +186,14 @@ async fn heartbeat_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if in_transit.oldest().is_some_and(|t| t.elapsed() >= every / 2) {
+        // An attempt running a lease past its end is held by a handler that holds every thread
+        // of the runtime (its timeout cannot fire): it is no longer renewed, so that another
+        // worker's reaper re-runs it (counted as a crash), and neither are the jobs of a fetch
+        // in transit (renewing those renews every job running here, that one included).
+        let (overdue, slots): (Vec<_>, Vec<_>) =
+            running.snapshot().into_iter().partition(|s| s.overdue(Instant::now(), lease));
+        report_overdue(&overdue, &mut overdue_before);
+        if overdue.is_empty() && in_transit.oldest().is_some_and(|t| t.elapsed() >= every / 2) {
             match broker.renew_pending(&queues, &consumer).await {
                 Ok(n) => {
                     metrics::counter!("jobq_worker_in_transit_renewals_total").increment(1);
@@ -180,7 +202,6 @@ async fn heartbeat_loop(
                 Err(e) => tracing::warn!(error = %e, "renewing the jobs of a fetch in transit failed"),
             }
         }
-        let slots = running.snapshot();
         if slots.is_empty() {
             continue;
         }
@@ -205,6 +226,24 @@ async fn heartbeat_loop(
             }
         }
     }
+}
+
+/// Logs a change in the number of attempts past their end, and sets its gauge.
+fn report_overdue(overdue: &[Arc<Slot>], before: &mut usize) {
+    metrics::gauge!("jobq_worker_overdue_attempts").set(overdue.len() as f64);
+    if overdue.len() > *before {
+        let ids: Vec<String> = overdue.iter().take(10).map(|s| s.lease.id.to_string()).collect();
+        tracing::error!(
+            attempts = overdue.len(),
+            job.ids = %ids.join(","),
+            "attempts are running past their timeout: handlers hold every thread of this worker's runtime \
+             (blocking or CPU-bound code outside spawn_blocking); their leases are no longer renewed, \
+             so that another worker re-runs them"
+        );
+    } else if overdue.is_empty() && *before > 0 {
+        tracing::info!("no attempt is running past its timeout any more");
+    }
+    *before = overdue.len();
 }
 
 /// Delivers published cancel requests to running jobs at once, reconnecting on errors.
@@ -319,18 +358,26 @@ mod tests {
     use super::*;
 
     fn slot(id: JobId, token: &str) -> Arc<Slot> {
-        Arc::new(Slot {
-            lease: Lease {
-                queue: QueueName::default_queue(),
-                priority: jobq_core::job::Priority::Normal,
-                entry: "1-0".into(),
-                id,
-                token: token.into(),
-            },
-            cancel: CancellationToken::new(),
-            stop: Mutex::new(None),
-            settling: AtomicBool::new(false),
-        })
+        let lease = Lease {
+            queue: QueueName::default_queue(),
+            priority: jobq_core::job::Priority::Normal,
+            entry: "1-0".into(),
+            id,
+            token: token.into(),
+        };
+        Arc::new(Slot::new(lease, CancellationToken::new()))
+    }
+
+    #[test]
+    fn an_attempt_is_overdue_a_margin_past_its_end_until_its_handler_returned() {
+        let s = slot(JobId(uuid::Uuid::now_v7()), "1");
+        let (now, margin) = (Instant::now(), Duration::from_secs(1));
+        assert!(!s.overdue(now + Duration::from_secs(3600), margin), "not started: no end yet");
+        s.ends_by.set(now).unwrap();
+        assert!(!s.overdue(now + margin, margin));
+        assert!(s.overdue(now + margin + Duration::from_millis(1), margin));
+        s.settling.store(true, Ordering::Release);
+        assert!(!s.overdue(now + Duration::from_secs(3600), margin), "returned: its outcome is being written");
     }
 
     #[test]

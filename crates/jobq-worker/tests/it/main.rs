@@ -569,6 +569,57 @@ async fn jobs_whose_fetch_reply_waits_behind_a_handler_holding_the_runtime_keep_
 }
 
 #[tokio::test]
+async fn an_attempt_a_wedged_runtime_holds_past_its_timeout_loses_its_lease_and_runs_elsewhere() {
+    // The worker on a runtime of its own with one thread, which `wedge` holds without yielding
+    // for 10 s, far past its 200 ms timeout: the timeout cannot fire. The heartbeat thread keeps
+    // leases while handlers hold the runtime, but not a lease past the attempt's end (its
+    // timeout and the 5 s a cancelled handler gets): a second worker's reaper then takes the
+    // job, counted as a crash, and runs it. Before, the lease was renewed for the whole 10 s.
+    let env = TestEnv::with(&[
+        ("JOBQ_WORKER_LEASE", "600ms"),
+        ("JOBQ_WORKER_HEARTBEAT", "200ms"),
+        ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
+    ])
+    .await;
+    let mut registry = Registry::new();
+    registry.register("wedge", |_ctx: JobContext| async {
+        std::thread::sleep(Duration::from_secs(10));
+        Ok(Some(json!("wedged worker")))
+    });
+    let mut job = NewJob::new("wedge", json!({})).max_attempts(1);
+    job.timeout = Some(Duration::from_millis(200));
+    let id = env.broker.enqueue(job).await.unwrap().job.id;
+    let settings = env.settings();
+    let token = CancellationToken::new();
+    let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_secs(30));
+    let t = token.clone();
+    let wedged_since = std::time::Instant::now();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async move { tokio::spawn(worker.run(t)).await.unwrap() })
+    });
+    wait_state(&env, id, JobState::Running).await;
+    let mut elsewhere = Registry::new();
+    elsewhere.register("wedge", |_ctx: JobContext| async { Ok(Some(json!("second worker"))) });
+    let second = start(&env, elsewhere);
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert!(wedged_since.elapsed() < Duration::from_secs(10), "it ran elsewhere while the first worker was wedged");
+    assert_eq!(job.result, Some(json!("second worker")));
+    assert_eq!(
+        (job.reclaims, job.attempt, job.run),
+        (1, 1, 1),
+        "the wedged attempt counted as a crash, not as an attempt"
+    );
+    // The wedged worker comes back: its attempt ends at its timeout, and its outcome, on a lease
+    // it no longer holds, is refused.
+    token.cancel();
+    tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap().unwrap();
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.result), (JobState::Succeeded, Some(json!("second worker"))));
+    finish(env, [second]).await;
+}
+
+#[tokio::test]
 async fn fetches_that_time_out_beside_a_fetch_sent_ahead_lose_no_job_and_run_none_twice() {
     // A backlog of quick jobs keeps two fetches in flight; Redis (a server of the test's own) is
     // frozen past the worker's timeout three times, failing whatever is in flight then: fetches
