@@ -47,6 +47,7 @@ const ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/api/v1/jobs/{id}", READ_JOB),
     ("DELETE", "/api/v1/jobs/{id}", ADMIN_ONLY),
     ("GET", "/api/v1/jobs/{id}/executions", READ_JOB),
+    ("POST", "/api/v1/jobs/{id}/run", ADMIN_ONLY),
     ("GET", "/api/v1/queues", READ),
     ("GET", "/api/v1/queues/{queue}", READ),
     ("POST", "/api/v1/queues/{queue}/pause", ADMIN_ONLY),

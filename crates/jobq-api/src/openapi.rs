@@ -37,7 +37,7 @@ pub struct ApiErrorDetail {
     info(title = "jobq", description = "REST API of the jobq background-job system. Send an API key as `Authorization: Bearer <key>` or `X-API-Key`."),
     paths(
         health::health, health::ready, health::metrics, spec, page, crate::dashboard::page, crate::dashboard::script, crate::dashboard::to_page, crate::dashboard::root,
-        jobs::enqueue, jobs::enqueue_batch, jobs::list, jobs::get_job, jobs::executions, jobs::cancel,
+        jobs::enqueue, jobs::enqueue_batch, jobs::list, jobs::get_job, jobs::executions, jobs::cancel, jobs::run_now,
         queues::list, queues::show, queues::pause, queues::resume,
         dlq::list, dlq::show, dlq::retry, dlq::retry_matching, dlq::remove, dlq::purge, dlq::audit,
         schedules::create, schedules::list, schedules::show, schedules::replace, schedules::patch,

@@ -9,7 +9,7 @@ use jobq_core::config::Settings;
 use jobq_core::job::{JobId, NewJob, Priority, QueueName, Start};
 use jobq_core::schedule::ScheduleSpec;
 use jobq_core::store::{DlqFilter, Store};
-use jobq_core::stream::Broker;
+use jobq_core::stream::{Broker, RunNow};
 use serde_json::{json, Value};
 
 /// Exit codes of the admin commands (0 = done).
@@ -165,6 +165,12 @@ pub enum AdminCommand {
     },
     /// One job.
     Job {
+        /// Job id.
+        id: String,
+    },
+    /// Run a scheduled or retrying job now instead of at its run_at (exit 1 for any other
+    /// state, which stays as it is).
+    RunNow {
         /// Job id.
         id: String,
     },
@@ -378,6 +384,21 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
             let id = job_id(&id)?;
             let job = broker.job(id).await?.ok_or(jobq_core::Error::JobNotFound(id))?;
             print(serde_json::to_value(&job).unwrap_or(Value::Null));
+        }
+        AdminCommand::RunNow { id } => {
+            let id = job_id(&id)?;
+            if let RunNow::Not(state) = broker.run_now(id).await? {
+                return Err(Failure(
+                    exit::FAILED,
+                    format!("job {id} is {state}: only a scheduled or retrying job can be run now"),
+                ));
+            }
+            let job = broker.job(id).await?.ok_or(jobq_core::Error::JobNotFound(id))?;
+            if as_json {
+                print(serde_json::to_value(&job).unwrap_or(Value::Null));
+            } else {
+                println!("job {id} is {} in queue {}", job.state, job.queue);
+            }
         }
         AdminCommand::Enqueue { kind, payload: p, queue: q, priority, delay } => {
             let mut job = NewJob::new(kind, payload(&p)?);

@@ -113,8 +113,10 @@ async function showJob(id) {
       num(x.run), num(x.attempt), el('td', {}, pill(x.outcome, stateKind(x.outcome))),
       el('td', {}, x.error || ''), el('td', {}, x.worker || ''), el('td', {}, when(x.started_at)), el('td', {}, when(x.finished_at))));
     const cancellable = !['succeeded', 'dead', 'cancelled'].includes(job.state);
+    const waiting = job.state === 'scheduled' || job.state === 'retrying';
     document.getElementById('job-detail').replaceChildren(
       el('h3', {}, 'Job ', el('code', {}, job.id), ' ', pill(job.state, stateKind(job.state)), ' ',
+        waiting ? btn('Run now', () => act('run', async () => { await call('POST', '/api/v1/jobs/{id}/run', { id }); showJob(id); })) : null, ' ',
         cancellable ? btn('Cancel', () => act('cancel', async () => { await call('DELETE', '/api/v1/jobs/{id}', { id }); showJob(id); }), true) : null),
       pre(job),
       el('h4', {}, 'Attempts'),

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use jobq_core::backoff::Backoff;
 use jobq_core::config::Role;
 use jobq_core::job::{DependencyMode, JobId, JobState, NewJob, Priority, QueueName, Start};
-use jobq_core::stream::Cancel;
+use jobq_core::stream::{Cancel, RunNow};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/jobs/batch", post(enqueue_batch))
         .route("/api/v1/jobs/{id}", get(get_job).delete(cancel))
         .route("/api/v1/jobs/{id}/executions", get(executions))
+        .route("/api/v1/jobs/{id}/run", post(run_now))
 }
 
 /// Body of `POST /api/v1/jobs`.
@@ -463,4 +464,23 @@ pub(crate) async fn cancel(
     };
     let job = state.broker.job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
     Ok((status, Json(job)))
+}
+
+/// `POST /api/v1/jobs/{id}/run`: a scheduled job, or one waiting for its retry, goes to its
+/// queue now instead of at its `run_at` (200, state `queued`); a job in any other state is a
+/// 409 and stays as it is.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/run", tag = "jobs", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),
+    responses((status = 200, description = "queued now", body = JobInfo), (status = 404, body = ApiErrorBody),
+        (status = 409, description = "neither scheduled nor retrying", body = ApiErrorBody)))]
+pub(crate) async fn run_now(
+    _: NoQuery,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = job_id(&id)?;
+    if let RunNow::Not(s) = state.broker.run_now(id).await? {
+        return Err(ApiError::Conflict(format!("job {id} is {s}: only a scheduled or retrying job can be run now")));
+    }
+    let job = state.broker.job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
+    Ok(Json(job))
 }

@@ -274,6 +274,33 @@ async fn health_is_up_and_ready_reports_each_dependency() {
 }
 
 #[tokio::test]
+async fn a_scheduled_job_runs_now_on_request_and_other_states_are_a_conflict() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let (_, job) = call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo","delay":"1h","priority":"high"}"#)).await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(job["state"], "scheduled");
+    let (s, ran) = call(&app, "POST", &format!("/api/v1/jobs/{id}/run"), None).await;
+    assert_eq!(
+        (s, ran["state"].as_str(), ran["priority"].as_str()),
+        (StatusCode::OK, Some("queued"), Some("high")),
+        "{ran}"
+    );
+    let run_at: chrono::DateTime<chrono::Utc> = ran["run_at"].as_str().unwrap().parse().unwrap();
+    assert!(run_at <= chrono::Utc::now(), "run_at moved to now: {ran}");
+    let (s, err) = call(&app, "POST", &format!("/api/v1/jobs/{id}/run"), None).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_error(&err, "conflict", "is queued");
+    let (s, _) = call(&app, "POST", &format!("/api/v1/jobs/{}/run", uuid::Uuid::now_v7()), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&app, "POST", "/api/v1/jobs/not-a-uuid/run", None).await;
+    assert!(s.is_client_error() && s != StatusCode::NOT_FOUND, "{s}");
+    let (s, _) = call(&app, "POST", &format!("/api/v1/jobs/{id}/run?now=1"), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "no query parameters");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn cancel_pause_unique_and_expiry_routes() {
     let env = TestEnv::new().await;
     let app = app(&env);

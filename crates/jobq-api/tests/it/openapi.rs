@@ -126,6 +126,7 @@ async fn the_dashboard_is_self_contained_and_calls_only_documented_routes() {
         ("POST", "/api/v1/queues/{queue}/resume"),
         ("GET", "/api/v1/jobs/{id}/executions"),
         ("DELETE", "/api/v1/jobs/{id}"),
+        ("POST", "/api/v1/jobs/{id}/run"),
         ("GET", "/api/v1/dlq"),
         ("POST", "/api/v1/dlq/{id}/retry"),
         ("POST", "/api/v1/dlq/retry"),

@@ -28,6 +28,7 @@ pub(crate) const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/v1/jobs/{id}", Some("producer")),
     ("DELETE", "/api/v1/jobs/{id}", Some("admin")),
     ("GET", "/api/v1/jobs/{id}/executions", Some("producer")),
+    ("POST", "/api/v1/jobs/{id}/run", Some("admin")),
     ("GET", "/api/v1/queues", Some("reader")),
     ("GET", "/api/v1/queues/{queue}", Some("reader")),
     ("POST", "/api/v1/queues/{queue}/pause", Some("admin")),
@@ -140,7 +141,7 @@ async fn every_api_route_refuses_a_query_parameter_it_does_not_take() {
         assert!(message.contains("colour"), "{method} {uri} names the parameter: {message}");
         refused += 1;
     }
-    assert_eq!(refused, 25, "every authenticated route was tried");
+    assert_eq!(refused, 26, "every authenticated route was tried");
     // A bare `?` carries no parameter.
     let req = Request::builder().uri("/api/v1/queues?").header("x-api-key", "k-reader").body(Body::empty()).unwrap();
     assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);

@@ -324,6 +324,15 @@ async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     let (code, _, _) = jobq_in(&env, &["job", "nope"]).await;
     assert_eq!(code, 2, "bad input");
 
+    let (_, out, _) = jobq_in(&env, &["--json", "enqueue", "echo", "--queue", "mail", "--delay", "1h"]).await;
+    let later = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_owned();
+    let (code, out, err) = jobq_in(&env, &["run-now", &later]).await;
+    assert_eq!((code, out.trim()), (0, format!("job {later} is queued in queue mail").as_str()), "{err}");
+    let (code, _, err) = jobq_in(&env, &["run-now", &later]).await;
+    assert!(code == 1 && err.contains("is queued: only a scheduled or retrying job"), "{code} {err}");
+    let (code, _, _) = jobq_in(&env, &["run-now", &uuid::Uuid::now_v7().to_string()]).await;
+    assert_eq!(code, 3);
+
     let (code, out, _) = jobq_in(&env, &["--json", "stats"]).await;
     assert_eq!(code, 0);
     let stats: serde_json::Value = serde_json::from_str(&out).unwrap();

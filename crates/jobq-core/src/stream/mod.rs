@@ -72,6 +72,7 @@ struct Scripts {
     breaker: Script,
     give_up: Script,
     disown: Script,
+    run_now: Script,
 }
 
 /// Helpers prepended to every script.
@@ -99,12 +100,13 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     breaker: script(include_str!("lua/breaker.lua")),
     give_up: script(include_str!("lua/give_up.lua")),
     disown: script(include_str!("lua/disown.lua")),
+    run_now: script(include_str!("lua/run_now.lua")),
 });
 
 /// Longest delay before a retry or a held-back job's next start.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-fn all_scripts() -> [&'static Script; 17] {
+fn all_scripts() -> [&'static Script; 18] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -124,6 +126,7 @@ fn all_scripts() -> [&'static Script; 17] {
         &s.breaker,
         &s.give_up,
         &s.disown,
+        &s.run_now,
     ]
 }
 
@@ -1077,6 +1080,15 @@ pub struct Reclaimed {
     pub min_idle: Duration,
 }
 
+/// Result of [`Broker::run_now`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunNow {
+    /// The job was scheduled or retrying and is queued now.
+    Queued,
+    /// The job is in this state, which has no run_at to bring forward; nothing changed.
+    Not(JobState),
+}
+
 /// Result of [`Broker::cancel`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancel {
@@ -1330,6 +1342,23 @@ impl Broker {
             (1, "running") => Ok(Cancel::Requested),
             (1, _) => Ok(Cancel::Cancelled),
             (_, s) => Ok(Cancel::Finished(s.parse().map_err(protocol)?)),
+        }
+    }
+
+    /// Runs a scheduled or retrying job now instead of at its run_at: it goes to its priority
+    /// stream at once, as the promoter would move it once due (one script).
+    pub async fn run_now(&self, id: JobId) -> Result<RunNow> {
+        let job = self.job(id).await?.ok_or(Error::JobNotFound(id))?;
+        let q = &job.queue;
+        let (job_key, scheduled) = (self.keys.job(q, id), self.keys.scheduled(q));
+        let [critical, high, normal, low] = self.keys.streams(q);
+        let call =
+            Call::new(&SCRIPTS.run_now, &[&job_key, &scheduled, &critical, &high, &normal, &low]).arg(id.to_string());
+        let (ok, state): (i64, String) = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        match (ok, state.as_str()) {
+            (_, "") => Err(Error::JobNotFound(id)),
+            (1, _) => Ok(RunNow::Queued),
+            (_, s) => Ok(RunNow::Not(s.parse().map_err(protocol)?)),
         }
     }
 

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use jobq_core::job::{JobId, JobState, NewJob, QueueName};
-use jobq_core::stream::{Broker, Cancel, Delivery, Failure, Lease, LeaseStatus, Outcome, Settled};
+use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName};
+use jobq_core::stream::{Broker, Cancel, Delivery, Failure, Lease, LeaseStatus, Outcome, RunNow, Settled};
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
 use serde_json::json;
@@ -147,6 +147,43 @@ async fn cancelled_queued_and_scheduled_jobs_never_start() {
         env.broker.connection().xlen(env.keys().stream(&q(), jobq_core::job::Priority::Normal)).await.unwrap();
     assert_eq!(len, 0, "the cancelled job's entry is gone");
     assert!(matches!(env.broker.cancel(jobq_core::job::JobId::new()).await, Err(jobq_core::Error::JobNotFound(_))));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_scheduled_or_retrying_job_runs_now_on_request_and_no_other_state_changes() {
+    let env = TestEnv::new().await;
+    let scheduled_set = env.keys().scheduled(&q());
+    let later = NewJob::new("x", json!({"n": 1})).delay(Duration::from_secs(3600));
+    let scheduled = env.broker.enqueue(later.priority(Priority::High)).await.unwrap().job.id;
+    assert_eq!(env.broker.run_now(scheduled).await.unwrap(), RunNow::Queued);
+    let info = env.broker.job(scheduled).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Queued);
+    assert!(info.run_at.unwrap() <= chrono::Utc::now(), "run_at is now, not in an hour");
+    let members: u64 = env.broker.connection().zcard(&scheduled_set).await.unwrap();
+    assert_eq!(members, 0, "it left the scheduled set");
+    let d = fetch(&env.broker, "w", 10).await;
+    assert_eq!((d.len(), d[0].envelope.id, d[0].priority), (1, scheduled, Priority::High), "it keeps its priority");
+    assert_eq!(env.broker.run_now(scheduled).await.unwrap(), RunNow::Not(JobState::Running));
+    env.broker.settle(&[Outcome { delivery: d[0].clone(), result: Ok(None) }]).await.unwrap();
+    assert_eq!(env.broker.run_now(scheduled).await.unwrap(), RunNow::Not(JobState::Succeeded));
+
+    // A retry an hour away runs now, as its second attempt.
+    let id = env.broker.enqueue(NewJob::new("x", json!({})).max_attempts(3)).await.unwrap().job.id;
+    let d = fetch(&env.broker, "w", 1).await.pop().unwrap();
+    let failed = Failure { message: "boom".into(), retry_in: Some(Duration::from_secs(3600)), reason: "max_attempts" };
+    env.broker.settle(&[Outcome { delivery: d, result: Err(failed) }]).await.unwrap();
+    assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Retrying);
+    assert_eq!(env.broker.run_now(id).await.unwrap(), RunNow::Queued);
+    let d = fetch(&env.broker, "w", 10).await;
+    assert_eq!((d.len(), d[0].envelope.id, d[0].attempt), (1, id, 2));
+
+    // Queued already: nothing changes, no second entry.
+    let queued = env.broker.enqueue(NewJob::new("x", json!({}))).await.unwrap().job.id;
+    assert_eq!(env.broker.run_now(queued).await.unwrap(), RunNow::Not(JobState::Queued));
+    let len: u64 = env.broker.connection().xlen(env.keys().stream(&q(), Priority::Normal)).await.unwrap();
+    assert_eq!(len, 2, "the retried job's entry (running) and the queued job's one");
+    assert!(matches!(env.broker.run_now(JobId::new()).await, Err(jobq_core::Error::JobNotFound(_))));
     env.cleanup().await;
 }
 

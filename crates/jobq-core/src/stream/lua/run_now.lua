@@ -1,0 +1,20 @@
+-- Run a scheduled or retrying job now: out of the scheduled set into its priority stream, as
+-- the promoter moves it once its run_at has come (run_at becomes now). A job held back by a
+-- limit or a circuit (held_by) goes too: its worker's layers decide again when it starts. A job
+-- in any other state is left as it is.
+-- KEYS: 1 job hash, 2 scheduled zset, 3..6 priority streams (critical, high, normal, low)
+-- ARGV: 1 id
+-- Returns {1, 'queued'}, or {0, state} (state '' when there is no such job).
+local h = redis.call('HMGET', KEYS[1], 'state', 'prio')
+local index = { critical = 3, high = 4, normal = 5, low = 6 }
+if not h[1] then return {0, ''} end
+if (h[1] ~= 'scheduled' and h[1] ~= 'retrying') or not index[h[2]] then return {0, h[1]} end
+local _, now_s = now_ms_pair()
+local stream = KEYS[index[h[2]]]
+if redis.call('EXISTS', stream) == 0 then
+  redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local entry = redis.call('XADD', stream, '*', 'id', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'run_at', now_s)
+return {1, 'queued'}
