@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use jobq_core::config::Settings;
-use jobq_core::job::{JobId, NewJob, Priority, QueueName, Start};
+use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName, Start};
 use jobq_core::schedule::ScheduleSpec;
 use jobq_core::store::{DlqFilter, Store};
-use jobq_core::stream::{Broker, RunNow};
+use jobq_core::stream::{Broker, CancelFilter, RunNow};
 use serde_json::{json, Value};
 
 /// Exit codes of the admin commands (0 = done).
@@ -206,6 +206,24 @@ pub enum AdminCommand {
     Resume {
         /// Queue.
         queue: String,
+    },
+    /// Cancel a queue's jobs that have not started (queued, delayed, held back, waiting for a
+    /// retry); running jobs are left. Needs --yes unless --dry-run.
+    CancelJobs {
+        /// Queue.
+        queue: String,
+        /// Only jobs of this type.
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Only jobs in this state (queued, scheduled, retrying); repeat for more. Default: all three.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        /// Only count them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
     },
     /// Delete every Redis key of this namespace (JOBQ_NAMESPACE): all jobs, queues and locks.
     /// Postgres history, DLQ and schedules are kept.
@@ -434,6 +452,47 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
                 "{}",
                 if as_json { json!({"queue": q, "paused": false}).to_string() } else { format!("resumed {q}") }
             );
+        }
+        AdminCommand::CancelJobs { queue: q, kind, states, dry_run, yes } => {
+            let q = queue(&q)?;
+            let states = states.iter().map(|s| s.parse()).collect::<Result<Vec<JobState>, _>>().map_err(usage)?;
+            if !dry_run && !yes {
+                return Err(Failure(
+                    exit::REFUSED,
+                    format!("cancel-jobs cancels the jobs of queue `{q}` that have not started; run again with --yes (or --dry-run)"),
+                ));
+            }
+            let filter = CancelFilter { kind, states };
+            let mut count = 0;
+            loop {
+                let done = broker.cancel_queue(&q, &filter, 100_000, dry_run).await?;
+                count += done.count;
+                if dry_run || !done.more {
+                    break;
+                }
+            }
+            if !dry_run {
+                let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
+                let audited = match store().await {
+                    Ok(store) => {
+                        store.audit(&actor(), "queue.cancel", Some(q.to_string()), Some(f), count as i64, None).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = audited {
+                    eprintln!("warning: the jobs are cancelled, but the audit entry could not be written: {e}");
+                }
+            }
+            if as_json {
+                let v = if dry_run {
+                    json!({"queue": q, "matched": count})
+                } else {
+                    json!({"queue": q, "cancelled": count})
+                };
+                println!("{v}");
+            } else {
+                println!("{} {count} jobs of queue {q}", if dry_run { "would cancel" } else { "cancelled" });
+            }
         }
         AdminCommand::PurgeAll { yes } => {
             if !yes {

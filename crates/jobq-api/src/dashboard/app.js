@@ -96,11 +96,23 @@ async function loadQueues() {
         num(q.running), num(q.scheduled), num(q.dead || 0), num(c.succeeded || 0), num(c.failed || 0),
         el('td', {}, age(q.oldest_age_ms)),
         el('td', {}, q.paused ? pill('paused', 'bad') : pill('running', 'ok')),
-        el('td', { class: 'row-actions' }, toggle));
+        el('td', { class: 'row-actions' }, toggle, ' ', btn('Cancel waiting', () => cancelQueue(q.queue), true)));
     }));
     if (!data.items.length) body.replaceChildren(el('tr', {}, el('td', { colspan: 13, class: 'muted' }, 'No queues yet.')));
   });
   if (ok) status('');
+}
+
+async function cancelQueue(queue) {
+  await act('cancel', async () => {
+    const dry = await call('POST', '/api/v1/queues/{queue}/cancel', { queue }, {});
+    if (!dry.matched) { status(`Queue ${queue} has no job waiting to start.`); return; }
+    const many = dry.more ? `at least ${dry.matched}` : `${dry.matched}`;
+    if (!confirm(`Cancel ${many} job(s) of queue ${queue} that have not started (queued, scheduled, retrying)? Running jobs go on.`)) return;
+    const done = await call('POST', '/api/v1/queues/{queue}/cancel', { queue }, { confirm: true });
+    await loadQueues();
+    status(`${done.cancelled} job(s) of queue ${queue} cancelled${done.more ? '; more are left, cancel again' : ''}.`);
+  });
 }
 
 // ---- Jobs ----

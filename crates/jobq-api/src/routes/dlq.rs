@@ -24,7 +24,7 @@ use jobq_core::store::DlqRetried;
 
 /// An optional integer that may be written with a zero fraction (`58.0`), as JSON Schema's
 /// `integer` allows.
-fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+pub(crate) fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
     if let Some(i) = n.as_i64() {
         return Ok(Some(i));
@@ -310,7 +310,7 @@ pub(crate) async fn purge(
 /// Writes the audit entry of an action that has already taken effect. A failure to write it
 /// is logged and counted, not answered: the caller must not retry what is done (a retried
 /// retry would answer 409, a retried purge would find nothing).
-async fn audit_done(
+pub(crate) async fn audit_done(
     state: &AppState,
     who: &Principal,
     action: &str,

@@ -1,14 +1,19 @@
-//! `POST /api/v1/queues/{queue}/pause` and `/resume`.
+//! `GET /api/v1/queues`, `POST /api/v1/queues/{queue}/pause`, `/resume` and `/cancel`.
 
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
-use jobq_core::job::QueueName;
+use jobq_core::job::{JobState, QueueName};
+use jobq_core::stream::CancelFilter;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::dlq::{audit_done, whole_number};
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{ApiPath, NoQuery};
+use crate::extract::{ApiJson, ApiPath, NoQuery};
 use crate::openapi::ApiErrorBody;
 use crate::AppState;
 #[allow(unused_imports)]
@@ -21,7 +26,11 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/queues/{queue}", get(show))
         .route("/api/v1/queues/{queue}/pause", post(pause))
         .route("/api/v1/queues/{queue}/resume", post(resume))
+        .route("/api/v1/queues/{queue}/cancel", post(cancel))
 }
+
+/// Most jobs one `POST /api/v1/queues/{queue}/cancel` cancels.
+pub const MAX_CANCEL: i64 = 100_000;
 
 fn queue(raw: &str) -> Result<QueueName, ApiError> {
     raw.parse().map_err(ApiError::BadRequest)
@@ -96,4 +105,76 @@ pub(crate) async fn resume(
     let q = queue(&q)?;
     state.broker.resume(&q).await?;
     Ok(Json(json!({"queue": q, "paused": false})))
+}
+
+/// The states of a job that has not started, which a queue cancel takes.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotStarted {
+    /// In a priority stream, ready to start.
+    Queued,
+    /// Waits for its `run_at` (delayed, or held back by a limit).
+    Scheduled,
+    /// Waits for its next attempt.
+    Retrying,
+}
+
+impl From<NotStarted> for JobState {
+    fn from(s: NotStarted) -> Self {
+        match s {
+            NotStarted::Queued => JobState::Queued,
+            NotStarted::Scheduled => JobState::Scheduled,
+            NotStarted::Retrying => JobState::Retrying,
+        }
+    }
+}
+
+/// Body of `POST /api/v1/queues/{queue}/cancel`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelQueue {
+    /// Only jobs of this type.
+    #[schema(pattern = r"^[^\x00]*$")]
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Only jobs in these states: `queued`, `scheduled` (delayed or held back), `retrying`.
+    /// Default: all three. Running jobs are cancelled one by one (`DELETE /api/v1/jobs/{id}`).
+    pub states: Option<Vec<NotStarted>>,
+    /// At most this many (default and maximum 100,000); `more` says whether some may be left.
+    #[schema(minimum = 1, maximum = 100_000)]
+    #[serde(default, deserialize_with = "whole_number")]
+    pub limit: Option<i64>,
+    /// `true` cancels them; without it the answer only counts them (`dry_run`).
+    #[serde(default)]
+    pub confirm: bool,
+}
+
+/// `POST /api/v1/queues/{queue}/cancel`: with `"confirm": true`, cancels the queue's jobs that
+/// have not started (queued, delayed, held back, waiting for a retry), by type and state, as
+/// `DELETE /api/v1/jobs/{id}` cancels one; running jobs are left. Audited. Without it, counts
+/// them and changes nothing.
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/cancel", tag = "queues", params(("queue" = QueueName, Path)), request_body = CancelQueue,
+    responses((status = 200, description = "cancelled count (without confirm: matched count, dry_run), and whether more may be left", body = serde_json::Value),
+        (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn cancel(
+    _: NoQuery,
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    ApiPath(q): ApiPath<String>,
+    ApiJson(req): ApiJson<CancelQueue>,
+) -> Result<impl IntoResponse, ApiError> {
+    let q = queue(&q)?;
+    let limit = req.limit.unwrap_or(MAX_CANCEL);
+    if !(1..=MAX_CANCEL).contains(&limit) {
+        return Err(ApiError::Invalid(format!("`limit` must be between 1 and {MAX_CANCEL}")));
+    }
+    let states = req.states.iter().flatten().map(|&s| s.into()).collect();
+    let filter = CancelFilter { kind: req.kind.clone(), states };
+    let done = state.broker.cancel_queue(&q, &filter, limit as u64, !req.confirm).await?;
+    if !req.confirm {
+        return Ok(Json(json!({"queue": q, "matched": done.count, "more": done.more, "dry_run": true})));
+    }
+    let f = json!({"queue": q, "type": filter.kind, "states": req.states});
+    audit_done(&state, &who, "queue.cancel", Some(q.to_string()), Some(f), done.count as i64, None).await;
+    Ok(Json(json!({"queue": q, "cancelled": done.count, "more": done.more})))
 }

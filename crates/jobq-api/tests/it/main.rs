@@ -301,6 +301,62 @@ async fn a_scheduled_job_runs_now_on_request_and_other_states_are_a_conflict() {
 }
 
 #[tokio::test]
+async fn a_queue_cancel_counts_until_confirmed_and_is_audited() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    for body in [
+        r#"{"type":"echo","queue":"mail"}"#,
+        r#"{"type":"echo","queue":"mail","delay":"1h"}"#,
+        r#"{"type":"other","queue":"mail"}"#,
+    ] {
+        let (s, _) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let path = "/api/v1/queues/mail/cancel";
+    let (s, dry) = call(&app, "POST", path, Some(r#"{"type":"echo"}"#)).await;
+    assert_eq!((s, dry["matched"].as_u64(), dry["more"].as_bool()), (StatusCode::OK, Some(2), Some(false)), "{dry}");
+    assert_eq!((dry["dry_run"].as_bool(), dry.get("cancelled")), (Some(true), None), "without confirm: {dry}");
+    let (_, dry) = call(&app, "POST", path, Some(r#"{"confirm":false}"#)).await;
+    assert_eq!(dry["matched"].as_u64(), Some(3), "{dry}");
+    let (s, one) = call(&app, "POST", path, Some(r#"{"type":"echo","states":["scheduled"],"confirm":true}"#)).await;
+    assert_eq!((s, one["cancelled"].as_u64()), (StatusCode::OK, Some(1)), "{one}");
+    let (s, rest) = call(&app, "POST", path, Some(r#"{"confirm":true,"limit":1}"#)).await;
+    assert_eq!(
+        (s, rest["cancelled"].as_u64(), rest["more"].as_bool()),
+        (StatusCode::OK, Some(1), Some(true)),
+        "{rest}"
+    );
+    let (_, rest) = call(&app, "POST", path, Some(r#"{"confirm":true}"#)).await;
+    assert_eq!((rest["cancelled"].as_u64(), rest["more"].as_bool()), (Some(1), Some(false)), "{rest}");
+    let (_, stats) = call(&app, "GET", "/api/v1/queues/mail", None).await;
+    assert_eq!((stats["queued"]["normal"].as_u64(), stats["scheduled"].as_u64()), (Some(0), Some(0)), "{stats}");
+    for (body, status, mentions) in [
+        (r#"{"states":["running"],"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "running"),
+        (r#"{"states":["bogus"],"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "bogus"),
+        (r#"{"limit":0,"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "limit"),
+        (r#"{"type":"a\u0000b"}"#, StatusCode::UNPROCESSABLE_ENTITY, "U+0000"),
+        (r#"{"confirm":true,"colour":"red"}"#, StatusCode::UNPROCESSABLE_ENTITY, "colour"),
+    ] {
+        let (s, err) = call(&app, "POST", path, Some(body)).await;
+        assert_eq!(s, status, "{body}: {err}");
+        assert!(err["error"]["message"].as_str().unwrap_or_default().contains(mentions), "{body}: {err}");
+    }
+    let (s, _) = call(&app, "POST", "/api/v1/queues/bad%20name/cancel", Some(r#"{"confirm":true}"#)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, audit) = call(&app, "GET", "/api/v1/audit", None).await;
+    let cancels: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|a| a["action"] == "queue.cancel").collect();
+    assert_eq!(cancels.len(), 3, "{audit}");
+    assert!(
+        cancels
+            .iter()
+            .any(|a| a["count"] == 1 && a["filter"]["type"] == "echo" && a["filter"]["states"][0] == "scheduled"),
+        "{audit}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn cancel_pause_unique_and_expiry_routes() {
     let env = TestEnv::new().await;
     let app = app(&env);

@@ -124,6 +124,7 @@ async fn the_dashboard_is_self_contained_and_calls_only_documented_routes() {
         ("GET", "/api/v1/queues"),
         ("POST", "/api/v1/queues/{queue}/pause"),
         ("POST", "/api/v1/queues/{queue}/resume"),
+        ("POST", "/api/v1/queues/{queue}/cancel"),
         ("GET", "/api/v1/jobs/{id}/executions"),
         ("DELETE", "/api/v1/jobs/{id}"),
         ("POST", "/api/v1/jobs/{id}/run"),

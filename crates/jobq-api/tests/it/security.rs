@@ -33,6 +33,7 @@ pub(crate) const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/api/v1/queues/{queue}", Some("reader")),
     ("POST", "/api/v1/queues/{queue}/pause", Some("admin")),
     ("POST", "/api/v1/queues/{queue}/resume", Some("admin")),
+    ("POST", "/api/v1/queues/{queue}/cancel", Some("admin")),
     ("GET", "/api/v1/dlq", Some("reader")),
     ("DELETE", "/api/v1/dlq", Some("admin")),
     ("POST", "/api/v1/dlq/retry", Some("admin")),
@@ -141,7 +142,7 @@ async fn every_api_route_refuses_a_query_parameter_it_does_not_take() {
         assert!(message.contains("colour"), "{method} {uri} names the parameter: {message}");
         refused += 1;
     }
-    assert_eq!(refused, 26, "every authenticated route was tried");
+    assert_eq!(refused, 27, "every authenticated route was tried");
     // A bare `?` carries no parameter.
     let req = Request::builder().uri("/api/v1/queues?").header("x-api-key", "k-reader").body(Body::empty()).unwrap();
     assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
@@ -205,6 +206,32 @@ async fn over_the_rate_limit_a_key_gets_429_with_retry_after_and_requests_carry_
 
 /// Random bytes and random JSON at the enqueue endpoints: never a 5xx, and a rejected request
 /// changes nothing. (Cases come from proptest strategies, run on this test's runtime.)
+#[tokio::test]
+async fn a_json_body_must_be_an_object_not_an_array_of_its_fields() {
+    // serde builds a struct from an array of its fields in order: `[null, null]` would pass for
+    // a body of optional fields (the queue cancel's count, a DLQ retry by filter).
+    let env = TestEnv::new().await;
+    let app = crate::app(&env);
+    for (method, path) in [
+        ("POST", "/api/v1/jobs"),
+        ("POST", "/api/v1/jobs/batch"),
+        ("POST", "/api/v1/queues/default/cancel"),
+        ("POST", "/api/v1/dlq/retry"),
+        ("POST", "/api/v1/schedules"),
+        ("PUT", "/api/v1/schedules/nightly"),
+        ("PATCH", "/api/v1/schedules/nightly"),
+    ] {
+        for body in ["[null, null]", "[]", r#"["echo"]"#, "null", "7"] {
+            let (status, err) = crate::call(&app, method, path, Some(body)).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{method} {path} {body}: {err}");
+            let message = err["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("a JSON object"), "{method} {path} {body}: {message}");
+        }
+    }
+    assert!(env.broker.queues().await.unwrap().is_empty(), "nothing was enqueued");
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn random_bodies_never_cause_a_5xx_or_a_state_change() {
     use proptest::prelude::*;

@@ -361,6 +361,21 @@ async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     let (code, _, _) = jobq_in(&env, &["schedules", "rm", "nightly"]).await;
     assert_eq!(code, 3);
 
+    let (code, _, err) = jobq_in(&env, &["cancel-jobs", "mail"]).await;
+    assert_eq!(code, 4, "refused without --yes: {err}");
+    let (code, out, err) = jobq_in(&env, &["--json", "cancel-jobs", "mail", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        json!({"queue": "mail", "matched": 2}),
+        "the two queued echo jobs"
+    );
+    let (code, _, err) = jobq_in(&env, &["cancel-jobs", "mail", "--state", "running", "--yes"]).await;
+    assert!(code == 2 && err.contains("running"), "{code} {err}");
+    let (code, out, err) = jobq_in(&env, &["cancel-jobs", "mail", "--type", "echo", "--yes"]).await;
+    assert_eq!((code, out.trim()), (0, "cancelled 2 jobs of queue mail"), "{err}");
+    assert_eq!(env.broker.job(id.parse().unwrap()).await.unwrap().unwrap().state, jobq_core::job::JobState::Cancelled);
+
     let (code, _, err) = jobq_in(&env, &["purge-all"]).await;
     assert_eq!(code, 4, "refused without --yes: {err}");
     assert!(!env.broker.queues().await.unwrap().is_empty());

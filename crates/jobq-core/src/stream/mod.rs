@@ -73,6 +73,7 @@ struct Scripts {
     give_up: Script,
     disown: Script,
     run_now: Script,
+    cancel_queue: Script,
 }
 
 /// Helpers prepended to every script.
@@ -101,12 +102,13 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     give_up: script(include_str!("lua/give_up.lua")),
     disown: script(include_str!("lua/disown.lua")),
     run_now: script(include_str!("lua/run_now.lua")),
+    cancel_queue: script(include_str!("lua/cancel_queue.lua")),
 });
 
 /// Longest delay before a retry or a held-back job's next start.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-fn all_scripts() -> [&'static Script; 18] {
+fn all_scripts() -> [&'static Script; 19] {
     let s = &*SCRIPTS;
     [
         &s.enqueue,
@@ -127,6 +129,7 @@ fn all_scripts() -> [&'static Script; 18] {
         &s.give_up,
         &s.disown,
         &s.run_now,
+        &s.cancel_queue,
     ]
 }
 
@@ -1089,6 +1092,24 @@ pub enum RunNow {
     Not(JobState),
 }
 
+/// Which jobs of a queue [`Broker::cancel_queue`] cancels: jobs that have not started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CancelFilter {
+    /// Only jobs of this type.
+    pub kind: Option<String>,
+    /// Only jobs in these states, of queued, scheduled and retrying; empty for all three.
+    pub states: Vec<JobState>,
+}
+
+/// Result of [`Broker::cancel_queue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelledJobs {
+    /// Jobs cancelled (or, in a dry run, that would be).
+    pub count: u64,
+    /// The limit stopped the call before the end of the queue: there may be more.
+    pub more: bool,
+}
+
 /// Result of [`Broker::cancel`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancel {
@@ -1359,6 +1380,59 @@ impl Broker {
             (_, "") => Err(Error::JobNotFound(id)),
             (1, _) => Ok(RunNow::Queued),
             (_, s) => Ok(RunNow::Not(s.parse().map_err(protocol)?)),
+        }
+    }
+
+    /// Cancels up to `limit` jobs of `queue` that have not started (queued, delayed, held back
+    /// or waiting for a retry), as [`Broker::cancel`] cancels one; with `dry_run`, only counts
+    /// them. Runs one script per 500 entries and members looked at, so Redis is never held long.
+    pub async fn cancel_queue(
+        &self,
+        queue: &QueueName,
+        filter: &CancelFilter,
+        limit: u64,
+        dry_run: bool,
+    ) -> Result<CancelledJobs> {
+        const LOOK_AT: u64 = 500;
+        if filter.kind.as_deref().is_some_and(|k| k.contains('\0')) {
+            return Err(Error::Invalid("`type` must not contain the character U+0000".into()));
+        }
+        let mut states = String::from(" ");
+        for s in &filter.states {
+            if !matches!(s, JobState::Queued | JobState::Scheduled | JobState::Retrying) {
+                return Err(Error::Invalid(format!(
+                    "`states`: {s} jobs are not cancelled in bulk (queued, scheduled or retrying only; a running job is cancelled by its id)"
+                )));
+            }
+            states.push_str(&format!("{s} "));
+        }
+        if filter.states.is_empty() {
+            states = " queued scheduled retrying ".into();
+        }
+        let streams = self.keys.streams(queue);
+        let scheduled = self.keys.scheduled(queue);
+        let keys = [&streams[0], &streams[1], &streams[2], &streams[3], &scheduled].map(String::as_str);
+        let mut cursors: [String; 5] = [String::new(), String::new(), String::new(), String::new(), "0".into()];
+        let mut count = 0;
+        loop {
+            let mut call = Call::new(&SCRIPTS.cancel_queue, &keys)
+                .arg(self.keys.job_prefix(queue))
+                .arg(secs(self.retention.dead))
+                .arg(LOOK_AT)
+                .arg(filter.kind.as_deref().unwrap_or(""))
+                .arg(&states)
+                .arg(if dry_run { "1" } else { "0" });
+            for c in &cursors {
+                call = call.arg(c);
+            }
+            let (n, c1, c2, c3, c4, c5): (u64, String, String, String, String, String) =
+                redis::from_redis_value(self.run_one(call.arg(limit - count)).await?).map_err(protocol)?;
+            count += n;
+            cursors = [c1, c2, c3, c4, c5];
+            let done = cursors.iter().all(|c| c == "-");
+            if done || count >= limit {
+                return Ok(CancelledJobs { count, more: !done });
+            }
         }
     }
 

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName};
-use jobq_core::stream::{Broker, Cancel, Delivery, Failure, Lease, LeaseStatus, Outcome, RunNow, Settled};
+use jobq_core::stream::{
+    Broker, Cancel, CancelFilter, CancelledJobs, Delivery, Failure, Lease, LeaseStatus, Outcome, RunNow, Settled,
+};
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
 use serde_json::json;
@@ -184,6 +186,95 @@ async fn a_scheduled_or_retrying_job_runs_now_on_request_and_no_other_state_chan
     let len: u64 = env.broker.connection().xlen(env.keys().stream(&q(), Priority::Normal)).await.unwrap();
     assert_eq!(len, 2, "the retried job's entry (running) and the queued job's one");
     assert!(matches!(env.broker.run_now(JobId::new()).await, Err(jobq_core::Error::JobNotFound(_))));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_cancel_takes_the_jobs_not_started_by_type_and_state_and_leaves_the_rest() {
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    let running = b.enqueue(NewJob::new("a", json!({})).priority(Priority::Critical)).await.unwrap().job.id;
+    assert_eq!(fetch(b, "w", 1).await[0].envelope.id, running);
+    let retrying = b.enqueue(NewJob::new("a", json!({})).max_attempts(3)).await.unwrap().job.id;
+    let d = fetch(b, "w", 1).await.pop().unwrap();
+    let failed = Failure { message: "boom".into(), retry_in: Some(Duration::from_secs(3600)), reason: "max_attempts" };
+    b.settle(&[Outcome { delivery: d, result: Err(failed) }]).await.unwrap();
+    let mut queued = Vec::new();
+    for job in [NewJob::new("a", json!({})), NewJob::new("a", json!({})).priority(Priority::High)] {
+        queued.push(b.enqueue(job).await.unwrap().job.id);
+    }
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        others.push(b.enqueue(NewJob::new("b", json!({}))).await.unwrap().job.id);
+    }
+    let mut delayed = Vec::new();
+    for _ in 0..2 {
+        delayed.push(b.enqueue(NewJob::new("a", json!({})).delay(Duration::from_secs(3600))).await.unwrap().job.id);
+    }
+    let of_a = |states: &[JobState]| CancelFilter { kind: Some("a".into()), states: states.to_vec() };
+
+    let dry = b.cancel_queue(&q(), &of_a(&[]), 100, true).await.unwrap();
+    assert_eq!(dry, CancelledJobs { count: 5, more: false }, "2 queued, 2 delayed, 1 retrying; not the running one");
+    assert_eq!(b.job(queued[0]).await.unwrap().unwrap().state, JobState::Queued, "a dry run changes nothing");
+    let first = b.cancel_queue(&q(), &of_a(&[JobState::Queued]), 1, false).await.unwrap();
+    assert_eq!(first, CancelledJobs { count: 1, more: true });
+    let rest = b.cancel_queue(&q(), &of_a(&[JobState::Queued]), 100, false).await.unwrap();
+    assert_eq!(rest, CancelledJobs { count: 1, more: false });
+    for id in &queued {
+        assert_eq!(b.job(*id).await.unwrap().unwrap().state, JobState::Cancelled);
+    }
+    assert_eq!(b.job(delayed[0]).await.unwrap().unwrap().state, JobState::Scheduled, "only the states asked for");
+    let waiting = b.cancel_queue(&q(), &of_a(&[JobState::Scheduled, JobState::Retrying]), 100, false).await.unwrap();
+    assert_eq!(waiting.count, 3);
+    for id in delayed.iter().chain([&retrying]) {
+        assert_eq!(b.job(*id).await.unwrap().unwrap().state, JobState::Cancelled);
+    }
+    let members: u64 = b.connection().zcard(env.keys().scheduled(&q())).await.unwrap();
+    assert_eq!(members, 0);
+    assert_eq!(b.job(running).await.unwrap().unwrap().state, JobState::Running, "a running job is left");
+    let started: Vec<JobId> = fetch(b, "w", 10).await.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(started, others, "only the other type's jobs are left to start");
+    let len: u64 = b.connection().xlen(env.keys().stream(&q(), Priority::High)).await.unwrap();
+    assert_eq!(len, 0, "the cancelled entries are deleted");
+
+    assert!(matches!(
+        b.cancel_queue(&q(), &of_a(&[JobState::Running]), 100, false).await,
+        Err(jobq_core::Error::Invalid(m)) if m.contains("running")
+    ));
+    let none = b.cancel_queue(&"nothing-here".parse().unwrap(), &CancelFilter::default(), 100, false).await.unwrap();
+    assert_eq!(none, CancelledJobs { count: 0, more: false });
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_cancel_walks_past_many_calls_and_a_job_of_another_type_between() {
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    // 1,300 queued and 700 delayed, types alternating: more than one call's 500 entries each.
+    let jobs = |n: usize, delay: bool| {
+        (0..n)
+            .map(|i| {
+                let job = NewJob::new(if i % 2 == 0 { "x" } else { "y" }, json!({ "i": i }));
+                if delay {
+                    job.delay(Duration::from_secs(3600))
+                } else {
+                    job
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    for chunk in [jobs(650, false), jobs(650, false), jobs(700, true)] {
+        b.enqueue_many(chunk, true).await.unwrap();
+    }
+    let x = CancelFilter { kind: Some("x".into()), states: vec![] };
+    assert_eq!(b.cancel_queue(&q(), &x, 100_000, true).await.unwrap(), CancelledJobs { count: 1000, more: false });
+    assert_eq!(b.cancel_queue(&q(), &x, 600, false).await.unwrap(), CancelledJobs { count: 600, more: true });
+    assert_eq!(b.cancel_queue(&q(), &x, 100_000, false).await.unwrap(), CancelledJobs { count: 400, more: false });
+    let left = b.cancel_queue(&q(), &CancelFilter::default(), 100_000, true).await.unwrap();
+    assert_eq!(left, CancelledJobs { count: 1000, more: false }, "every y is left");
+    let len: u64 = b.connection().xlen(env.keys().stream(&q(), Priority::Normal)).await.unwrap();
+    let members: u64 = b.connection().zcard(env.keys().scheduled(&q())).await.unwrap();
+    assert_eq!((len, members), (650, 350));
     env.cleanup().await;
 }
 

@@ -1,0 +1,88 @@
+-- Cancel the jobs of one queue that have not started, a bounded slice per call: queued ones
+-- (their priority streams' entries after the group's last delivered one) and those waiting for
+-- their run_at in the scheduled set (delayed, held back, retrying). Each is cancelled as
+-- cancel.lua cancels one: its entry or member goes, state cancelled, unique lock, dependents.
+-- A job that started meanwhile, or is in a state not asked for, or of another type, is left.
+-- KEYS: 1..4 priority streams (critical, high, normal, low), 5 scheduled zset
+-- ARGV: 1 job key prefix, 2 retention seconds, 3 most entries and members to look at,
+--       4 type or '', 5 states to cancel (' queued scheduled retrying ', a subset), 6 '1' to
+--       count only (dry run), 7..10 per stream the last entry looked at ('' to start after the
+--       group's last delivered entry, '-' once the stream is done), 11 members of the scheduled
+--       set kept so far ('-' once it is done), 12 most jobs to cancel
+-- Returns {cancelled (or matched, in a dry run), cursor 1..4, scheduled cursor}; every cursor
+-- '-' means the queue is done.
+local prefix, retention, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local kind, states, dry = ARGV[4], ARGV[5], ARGV[6] == '1'
+local most = tonumber(ARGV[12])
+local now = now_ms()
+local n = 0
+local function wanted(state, t)
+  return string.find(states, ' ' .. state .. ' ', 1, true) and (kind == '' or t == kind)
+end
+local cursors = {}
+for i = 1, 4 do
+  local c = ARGV[6 + i]
+  if c ~= '-' and budget > 0 and n < most then
+    if c == '' then
+      c = '-'
+      if redis.call('EXISTS', KEYS[i]) == 1 then
+        for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+          local name, last
+          for k = 1, #g, 2 do
+            if g[k] == 'name' then name = g[k + 1] elseif g[k] == 'last-delivered-id' then last = g[k + 1] end
+          end
+          if name == GROUP then c = last end
+        end
+        if c == '-' then c = '0-0' end
+      end
+    end
+    if c ~= '-' then
+      local entries = redis.call('XRANGE', KEYS[i], '(' .. c, '+', 'COUNT', budget)
+      local seen = 0
+      for _, e in ipairs(entries) do
+        if n >= most then break end
+        local entry, id = e[1], e[2][2]
+        local jk = prefix .. id
+        local h = redis.call('HMGET', jk, 'state', 'entry', 'type')
+        if h[1] == 'queued' and h[2] == entry and wanted('queued', h[3]) then
+          n = n + 1
+          if not dry then
+            redis.call('XDEL', KEYS[i], entry)
+            finish(jk, id, 'cancelled', now, retention, nil)
+          end
+        end
+        c = entry
+        seen = seen + 1
+      end
+      -- A read short of the budget, all of it looked at, reached the end of the stream.
+      if seen == #entries and #entries < budget then c = '-' end
+      budget = budget - seen
+    end
+  end
+  cursors[i] = c
+end
+local kept = ARGV[11]
+if kept ~= '-' and budget > 0 and n < most then
+  kept = tonumber(kept)
+  local ids = redis.call('ZRANGE', KEYS[5], kept, kept + budget - 1)
+  local seen = 0
+  for _, id in ipairs(ids) do
+    if n >= most then break end
+    seen = seen + 1
+    local jk = prefix .. id
+    local h = redis.call('HMGET', jk, 'state', 'type')
+    if (h[1] == 'scheduled' or h[1] == 'retrying') and wanted(h[1], h[2]) then
+      n = n + 1
+      if dry then
+        kept = kept + 1
+      else
+        redis.call('ZREM', KEYS[5], id)
+        finish(jk, id, 'cancelled', now, retention, nil)
+      end
+    else
+      kept = kept + 1
+    end
+  end
+  if seen == #ids and #ids < budget then kept = '-' else kept = string.format('%d', kept) end
+end
+return {n, cursors[1], cursors[2], cursors[3], cursors[4], kept}
