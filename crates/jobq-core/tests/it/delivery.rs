@@ -250,7 +250,7 @@ async fn a_queue_cancel_takes_the_jobs_not_started_by_type_and_state_and_leaves_
 async fn a_queue_cancel_walks_past_many_calls_and_a_job_of_another_type_between() {
     let env = TestEnv::new().await;
     let b = &env.broker;
-    // 1,300 queued and 700 delayed, types alternating: more than one call's 500 entries each.
+    // 1,300 queued and 700 delayed, types alternating: many calls of 100 entries each.
     let jobs = |n: usize, delay: bool| {
         (0..n)
             .map(|i| {
