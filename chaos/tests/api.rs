@@ -53,6 +53,7 @@ const ROUTES: &[(&str, &str, &[&str])] = &[
     ("POST", "/api/v1/queues/{queue}/pause", ADMIN_ONLY),
     ("POST", "/api/v1/queues/{queue}/resume", ADMIN_ONLY),
     ("POST", "/api/v1/queues/{queue}/cancel", ADMIN_ONLY),
+    ("POST", "/api/v1/queues/{queue}/run", ADMIN_ONLY),
     ("GET", "/api/v1/dlq", READ),
     ("DELETE", "/api/v1/dlq", ADMIN_ONLY),
     ("POST", "/api/v1/dlq/retry", ADMIN_ONLY),

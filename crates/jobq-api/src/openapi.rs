@@ -38,7 +38,7 @@ pub struct ApiErrorDetail {
     paths(
         health::health, health::ready, health::metrics, spec, page, crate::dashboard::page, crate::dashboard::script, crate::dashboard::to_page, crate::dashboard::root,
         jobs::enqueue, jobs::enqueue_batch, jobs::list, jobs::get_job, jobs::executions, jobs::cancel, jobs::run_now,
-        queues::list, queues::show, queues::pause, queues::resume, queues::cancel,
+        queues::list, queues::show, queues::pause, queues::resume, queues::cancel, queues::run,
         dlq::list, dlq::show, dlq::retry, dlq::retry_matching, dlq::remove, dlq::purge, dlq::audit,
         schedules::create, schedules::list, schedules::show, schedules::replace, schedules::patch,
         schedules::remove, schedules::trigger, schedules::runs,
@@ -51,7 +51,7 @@ pub struct ApiErrorDetail {
     modifiers(&ApiKeyAuth, &Conventions),
     tags(
         (name = "jobs", description = "enqueue, inspect, cancel"),
-        (name = "queues", description = "depth, counters, pause, cancel the jobs not started"),
+        (name = "queues", description = "depth, counters, pause, cancel or run now the jobs not started"),
         (name = "dlq", description = "the dead-letter queue and its audit log"),
         (name = "schedules", description = "cron schedules"),
         (name = "health", description = "liveness and readiness"),

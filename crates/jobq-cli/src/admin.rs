@@ -9,7 +9,7 @@ use jobq_core::config::Settings;
 use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName, Start};
 use jobq_core::schedule::ScheduleSpec;
 use jobq_core::store::{DlqFilter, Store};
-use jobq_core::stream::{Broker, CancelFilter, RunNow};
+use jobq_core::stream::{Broker, BulkAction, BulkFilter, RunNow};
 use serde_json::{json, Value};
 
 /// Exit codes of the admin commands (0 = done).
@@ -209,22 +209,10 @@ pub enum AdminCommand {
     },
     /// Cancel a queue's jobs that have not started (queued, delayed, held back, waiting for a
     /// retry); running jobs are left. Needs --yes unless --dry-run.
-    CancelJobs {
-        /// Queue.
-        queue: String,
-        /// Only jobs of this type.
-        #[arg(long = "type")]
-        kind: Option<String>,
-        /// Only jobs in this state (queued, scheduled, retrying); repeat for more. Default: all three.
-        #[arg(long = "state")]
-        states: Vec<String>,
-        /// Only count them.
-        #[arg(long)]
-        dry_run: bool,
-        /// Confirm.
-        #[arg(long)]
-        yes: bool,
-    },
+    CancelJobs(BulkArgs),
+    /// Queue a queue's scheduled and retrying jobs now instead of at their run_at. Needs --yes
+    /// unless --dry-run.
+    RunJobs(BulkArgs),
     /// Delete every Redis key of this namespace (JOBQ_NAMESPACE): all jobs, queues and locks.
     /// Postgres history, DLQ and schedules are kept.
     PurgeAll {
@@ -232,6 +220,80 @@ pub enum AdminCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Which jobs of a queue `cancel-jobs` and `run-jobs` take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BulkArgs {
+    /// Queue.
+    queue: String,
+    /// Only jobs of this type.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Only jobs in this state (cancel-jobs: queued, scheduled, retrying; run-jobs: scheduled,
+    /// retrying); repeat for more. Default: all of them.
+    #[arg(long = "state")]
+    states: Vec<String>,
+    /// Only count them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Confirm.
+    #[arg(long)]
+    yes: bool,
+}
+
+/// `cancel-jobs` and `run-jobs`: every matching job, 100,000 per call; audited.
+async fn bulk(
+    broker: &Broker,
+    settings: &Settings,
+    action: BulkAction,
+    args: BulkArgs,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let q = queue(&args.queue)?;
+    let states = args.states.iter().map(|s| s.parse()).collect::<Result<Vec<JobState>, _>>().map_err(usage)?;
+    let (command, audit, key, done_verb, dry_verb) = match action {
+        BulkAction::Cancel => ("cancel-jobs", "queue.cancel", "cancelled", "cancelled", "would cancel"),
+        BulkAction::Run => ("run-jobs", "queue.run", "queued", "queued now", "would queue now"),
+    };
+    if !args.dry_run && !args.yes {
+        return Err(Failure(
+            exit::REFUSED,
+            format!(
+                "{command} changes the jobs of queue `{q}` that have not started; run again with --yes (or --dry-run)"
+            ),
+        ));
+    }
+    let filter = BulkFilter { kind: args.kind, states };
+    let mut count = 0;
+    loop {
+        let done = broker.queue_jobs(&q, action, &filter, 100_000, args.dry_run).await?;
+        count += done.count;
+        if args.dry_run || !done.more {
+            break;
+        }
+    }
+    if !args.dry_run {
+        let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
+        let mut db = settings.database.clone();
+        db.create = false;
+        let audited = match Store::connect(&db).await {
+            Ok(store) => store.audit(&actor(), audit, Some(q.to_string()), Some(f), count as i64, None).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = audited {
+            eprintln!("warning: the jobs are {done_verb}, but the audit entry could not be written: {e}");
+        }
+    }
+    if as_json {
+        let key = if args.dry_run { "matched" } else { key };
+        let mut v = json!({"queue": q});
+        v[key] = json!(count);
+        println!("{v}");
+    } else {
+        println!("{} {count} jobs of queue {q}", if args.dry_run { dry_verb } else { done_verb });
+    }
+    Ok(())
 }
 
 fn queue(name: &str) -> Result<QueueName, Failure> {
@@ -453,47 +515,8 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
                 if as_json { json!({"queue": q, "paused": false}).to_string() } else { format!("resumed {q}") }
             );
         }
-        AdminCommand::CancelJobs { queue: q, kind, states, dry_run, yes } => {
-            let q = queue(&q)?;
-            let states = states.iter().map(|s| s.parse()).collect::<Result<Vec<JobState>, _>>().map_err(usage)?;
-            if !dry_run && !yes {
-                return Err(Failure(
-                    exit::REFUSED,
-                    format!("cancel-jobs cancels the jobs of queue `{q}` that have not started; run again with --yes (or --dry-run)"),
-                ));
-            }
-            let filter = CancelFilter { kind, states };
-            let mut count = 0;
-            loop {
-                let done = broker.cancel_queue(&q, &filter, 100_000, dry_run).await?;
-                count += done.count;
-                if dry_run || !done.more {
-                    break;
-                }
-            }
-            if !dry_run {
-                let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
-                let audited = match store().await {
-                    Ok(store) => {
-                        store.audit(&actor(), "queue.cancel", Some(q.to_string()), Some(f), count as i64, None).await
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = audited {
-                    eprintln!("warning: the jobs are cancelled, but the audit entry could not be written: {e}");
-                }
-            }
-            if as_json {
-                let v = if dry_run {
-                    json!({"queue": q, "matched": count})
-                } else {
-                    json!({"queue": q, "cancelled": count})
-                };
-                println!("{v}");
-            } else {
-                println!("{} {count} jobs of queue {q}", if dry_run { "would cancel" } else { "cancelled" });
-            }
-        }
+        AdminCommand::CancelJobs(args) => bulk(&broker, settings, BulkAction::Cancel, args, as_json).await?,
+        AdminCommand::RunJobs(args) => bulk(&broker, settings, BulkAction::Run, args, as_json).await?,
         AdminCommand::PurgeAll { yes } => {
             if !yes {
                 return Err(Failure(

@@ -96,7 +96,8 @@ async function loadQueues() {
         num(q.running), num(q.scheduled), num(q.dead || 0), num(c.succeeded || 0), num(c.failed || 0),
         el('td', {}, age(q.oldest_age_ms)),
         el('td', {}, q.paused ? pill('paused', 'bad') : pill('running', 'ok')),
-        el('td', { class: 'row-actions' }, toggle, ' ', btn('Cancel waiting', () => cancelQueue(q.queue), true)));
+        el('td', { class: 'row-actions' }, toggle, ' ', btn('Run waiting now', () => runQueue(q.queue)), ' ',
+          btn('Cancel waiting', () => cancelQueue(q.queue), true)));
     }));
     if (!data.items.length) body.replaceChildren(el('tr', {}, el('td', { colspan: 13, class: 'muted' }, 'No queues yet.')));
   });
@@ -112,6 +113,18 @@ async function cancelQueue(queue) {
     const done = await call('POST', '/api/v1/queues/{queue}/cancel', { queue }, { confirm: true });
     await loadQueues();
     status(`${done.cancelled} job(s) of queue ${queue} cancelled${done.more ? '; more are left, cancel again' : ''}.`);
+  });
+}
+
+async function runQueue(queue) {
+  await act('run', async () => {
+    const dry = await call('POST', '/api/v1/queues/{queue}/run', { queue }, {});
+    if (!dry.matched) { status(`Queue ${queue} has no scheduled or retrying job.`); return; }
+    const many = dry.more ? `at least ${dry.matched}` : `${dry.matched}`;
+    if (!confirm(`Queue ${many} scheduled or retrying job(s) of queue ${queue} now, instead of at their run_at?`)) return;
+    const done = await call('POST', '/api/v1/queues/{queue}/run', { queue }, { confirm: true });
+    await loadQueues();
+    status(`${done.queued} job(s) of queue ${queue} queued now${done.more ? '; more are left, run again' : ''}.`);
   });
 }
 

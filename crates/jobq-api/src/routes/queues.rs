@@ -1,4 +1,4 @@
-//! `GET /api/v1/queues`, `POST /api/v1/queues/{queue}/pause`, `/resume` and `/cancel`.
+//! `GET /api/v1/queues`, `POST /api/v1/queues/{queue}/pause`, `/resume`, `/cancel` and `/run`.
 
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
 use jobq_core::job::{JobState, QueueName};
-use jobq_core::stream::CancelFilter;
+use jobq_core::stream::{BulkAction, BulkFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -27,10 +27,11 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/queues/{queue}/pause", post(pause))
         .route("/api/v1/queues/{queue}/resume", post(resume))
         .route("/api/v1/queues/{queue}/cancel", post(cancel))
+        .route("/api/v1/queues/{queue}/run", post(run))
 }
 
-/// Most jobs one `POST /api/v1/queues/{queue}/cancel` cancels.
-pub const MAX_CANCEL: i64 = 100_000;
+/// Most jobs one `POST /api/v1/queues/{queue}/cancel` or `/run` takes.
+pub const MAX_BULK: i64 = 100_000;
 
 fn queue(raw: &str) -> Result<QueueName, ApiError> {
     raw.parse().map_err(ApiError::BadRequest)
@@ -119,12 +120,31 @@ pub enum NotStarted {
     Retrying,
 }
 
+/// The states of a job that waits for its `run_at`, which a queue run takes.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Waiting {
+    /// Delayed, or held back by a limit.
+    Scheduled,
+    /// Waits for its next attempt.
+    Retrying,
+}
+
 impl From<NotStarted> for JobState {
     fn from(s: NotStarted) -> Self {
         match s {
             NotStarted::Queued => JobState::Queued,
             NotStarted::Scheduled => JobState::Scheduled,
             NotStarted::Retrying => JobState::Retrying,
+        }
+    }
+}
+
+impl From<Waiting> for JobState {
+    fn from(s: Waiting) -> Self {
+        match s {
+            Waiting::Scheduled => JobState::Scheduled,
+            Waiting::Retrying => JobState::Retrying,
         }
     }
 }
@@ -149,12 +169,31 @@ pub struct CancelQueue {
     pub confirm: bool,
 }
 
+/// Body of `POST /api/v1/queues/{queue}/run`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunQueue {
+    /// Only jobs of this type.
+    #[schema(pattern = r"^[^\x00]*$")]
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Only jobs in these states: `scheduled` (delayed or held back), `retrying`. Default: both.
+    pub states: Option<Vec<Waiting>>,
+    /// At most this many (default and maximum 100,000); `more` says whether some may be left.
+    #[schema(minimum = 1, maximum = 100_000)]
+    #[serde(default, deserialize_with = "whole_number")]
+    pub limit: Option<i64>,
+    /// `true` queues them; without it the answer only counts them (`dry_run`).
+    #[serde(default)]
+    pub confirm: bool,
+}
+
 /// `POST /api/v1/queues/{queue}/cancel`: with `"confirm": true`, cancels the queue's jobs that
 /// have not started (queued, delayed, held back, waiting for a retry), by type and state, as
 /// `DELETE /api/v1/jobs/{id}` cancels one; running jobs are left. Audited. Without it, counts
 /// them and changes nothing.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/cancel", tag = "queues", params(("queue" = QueueName, Path)), request_body = CancelQueue,
-    responses((status = 200, description = "cancelled count (without confirm: matched count, dry_run), and whether more may be left", body = serde_json::Value),
+    responses((status = 200, description = "`cancelled` count (without confirm: `matched` count, `dry_run`), and whether `more` may be left", body = serde_json::Value),
         (status = 422, body = ApiErrorBody)))]
 pub(crate) async fn cancel(
     _: NoQuery,
@@ -163,18 +202,56 @@ pub(crate) async fn cancel(
     ApiPath(q): ApiPath<String>,
     ApiJson(req): ApiJson<CancelQueue>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let q = queue(&q)?;
-    let limit = req.limit.unwrap_or(MAX_CANCEL);
-    if !(1..=MAX_CANCEL).contains(&limit) {
-        return Err(ApiError::Invalid(format!("`limit` must be between 1 and {MAX_CANCEL}")));
-    }
     let states = req.states.iter().flatten().map(|&s| s.into()).collect();
-    let filter = CancelFilter { kind: req.kind.clone(), states };
-    let done = state.broker.cancel_queue(&q, &filter, limit as u64, !req.confirm).await?;
-    if !req.confirm {
+    let filter = BulkFilter { kind: req.kind, states };
+    bulk(&state, &who, &q, BulkAction::Cancel, filter, req.limit, req.confirm).await
+}
+
+/// `POST /api/v1/queues/{queue}/run`: with `"confirm": true`, queues the queue's scheduled and
+/// retrying jobs now instead of at their `run_at` (after an outage: retry now, not after the
+/// backoff), by type and state, as `POST /api/v1/jobs/{id}/run` queues one. Audited. Without
+/// it, counts them and changes nothing.
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/run", tag = "queues", params(("queue" = QueueName, Path)), request_body = RunQueue,
+    responses((status = 200, description = "`queued` count (without confirm: `matched` count, `dry_run`), and whether `more` may be left", body = serde_json::Value),
+        (status = 422, body = ApiErrorBody)))]
+pub(crate) async fn run(
+    _: NoQuery,
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    ApiPath(q): ApiPath<String>,
+    ApiJson(req): ApiJson<RunQueue>,
+) -> Result<impl IntoResponse, ApiError> {
+    let states = req.states.iter().flatten().map(|&s| s.into()).collect();
+    let filter = BulkFilter { kind: req.kind, states };
+    bulk(&state, &who, &q, BulkAction::Run, filter, req.limit, req.confirm).await
+}
+
+/// Counts (without `confirm`) or takes the jobs of a queue cancel or run, and audits the latter.
+async fn bulk(
+    state: &AppState,
+    who: &Principal,
+    q: &str,
+    action: BulkAction,
+    filter: BulkFilter,
+    limit: Option<i64>,
+    confirm: bool,
+) -> Result<Json<Value>, ApiError> {
+    let q = queue(q)?;
+    let limit = limit.unwrap_or(MAX_BULK);
+    if !(1..=MAX_BULK).contains(&limit) {
+        return Err(ApiError::Invalid(format!("`limit` must be between 1 and {MAX_BULK}")));
+    }
+    let done = state.broker.queue_jobs(&q, action, &filter, limit as u64, !confirm).await?;
+    if !confirm {
         return Ok(Json(json!({"queue": q, "matched": done.count, "more": done.more, "dry_run": true})));
     }
-    let f = json!({"queue": q, "type": filter.kind, "states": req.states});
-    audit_done(&state, &who, "queue.cancel", Some(q.to_string()), Some(f), done.count as i64, None).await;
-    Ok(Json(json!({"queue": q, "cancelled": done.count, "more": done.more})))
+    let (audit, key) = match action {
+        BulkAction::Cancel => ("queue.cancel", "cancelled"),
+        BulkAction::Run => ("queue.run", "queued"),
+    };
+    let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
+    audit_done(state, who, audit, Some(q.to_string()), Some(f), done.count as i64, None).await;
+    let mut answer = json!({"queue": q, "more": done.more});
+    answer[key] = json!(done.count);
+    Ok(Json(answer))
 }

@@ -357,6 +357,30 @@ async fn a_queue_cancel_counts_until_confirmed_and_is_audited() {
 }
 
 #[tokio::test]
+async fn a_queue_run_counts_until_confirmed_then_queues_the_waiting_jobs_now() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    for body in [r#"{"type":"echo","queue":"mail","delay":"1h"}"#, r#"{"type":"other","queue":"mail","delay":"1h"}"#] {
+        let (s, _) = call(&app, "POST", "/api/v1/jobs", Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let path = "/api/v1/queues/mail/run";
+    let (s, dry) = call(&app, "POST", path, Some("{}")).await;
+    assert_eq!((s, dry["matched"].as_u64(), dry["dry_run"].as_bool()), (StatusCode::OK, Some(2), Some(true)), "{dry}");
+    let (s, ran) = call(&app, "POST", path, Some(r#"{"type":"echo","states":["scheduled"],"confirm":true}"#)).await;
+    assert_eq!((s, ran["queued"].as_u64(), ran["more"].as_bool()), (StatusCode::OK, Some(1), Some(false)), "{ran}");
+    let (_, stats) = call(&app, "GET", "/api/v1/queues/mail", None).await;
+    assert_eq!((stats["queued"]["normal"].as_u64(), stats["scheduled"].as_u64()), (Some(1), Some(1)), "{stats}");
+    let (s, err) = call(&app, "POST", path, Some(r#"{"states":["queued"],"confirm":true}"#)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap_or_default().contains("queued"), "{err}");
+    let (_, audit) = call(&app, "GET", "/api/v1/audit", None).await;
+    let runs: Vec<&Value> = audit["items"].as_array().unwrap().iter().filter(|a| a["action"] == "queue.run").collect();
+    assert_eq!((runs.len(), runs[0]["count"].as_i64()), (1, Some(1)), "{audit}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn cancel_pause_unique_and_expiry_routes() {
     let env = TestEnv::new().await;
     let app = app(&env);

@@ -125,6 +125,7 @@ async fn the_dashboard_is_self_contained_and_calls_only_documented_routes() {
         ("POST", "/api/v1/queues/{queue}/pause"),
         ("POST", "/api/v1/queues/{queue}/resume"),
         ("POST", "/api/v1/queues/{queue}/cancel"),
+        ("POST", "/api/v1/queues/{queue}/run"),
         ("GET", "/api/v1/jobs/{id}/executions"),
         ("DELETE", "/api/v1/jobs/{id}"),
         ("POST", "/api/v1/jobs/{id}/run"),

@@ -34,6 +34,7 @@ pub(crate) const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("POST", "/api/v1/queues/{queue}/pause", Some("admin")),
     ("POST", "/api/v1/queues/{queue}/resume", Some("admin")),
     ("POST", "/api/v1/queues/{queue}/cancel", Some("admin")),
+    ("POST", "/api/v1/queues/{queue}/run", Some("admin")),
     ("GET", "/api/v1/dlq", Some("reader")),
     ("DELETE", "/api/v1/dlq", Some("admin")),
     ("POST", "/api/v1/dlq/retry", Some("admin")),
@@ -142,7 +143,7 @@ async fn every_api_route_refuses_a_query_parameter_it_does_not_take() {
         assert!(message.contains("colour"), "{method} {uri} names the parameter: {message}");
         refused += 1;
     }
-    assert_eq!(refused, 27, "every authenticated route was tried");
+    assert_eq!(refused, 28, "every authenticated route was tried");
     // A bare `?` carries no parameter.
     let req = Request::builder().uri("/api/v1/queues?").header("x-api-key", "k-reader").body(Body::empty()).unwrap();
     assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
@@ -216,6 +217,7 @@ async fn a_json_body_must_be_an_object_not_an_array_of_its_fields() {
         ("POST", "/api/v1/jobs"),
         ("POST", "/api/v1/jobs/batch"),
         ("POST", "/api/v1/queues/default/cancel"),
+        ("POST", "/api/v1/queues/default/run"),
         ("POST", "/api/v1/dlq/retry"),
         ("POST", "/api/v1/schedules"),
         ("PUT", "/api/v1/schedules/nightly"),

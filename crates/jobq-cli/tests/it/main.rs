@@ -361,19 +361,32 @@ async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     let (code, _, _) = jobq_in(&env, &["schedules", "rm", "nightly"]).await;
     assert_eq!(code, 3);
 
+    let (_, out, _) = jobq_in(&env, &["--json", "enqueue", "echo", "--queue", "mail", "--delay", "1h"]).await;
+    let delayed = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_owned();
+    let (code, _, err) = jobq_in(&env, &["run-jobs", "mail"]).await;
+    assert_eq!(code, 4, "refused without --yes: {err}");
+    let (code, out, err) = jobq_in(&env, &["run-jobs", "mail", "--state", "retrying", "--dry-run"]).await;
+    assert_eq!((code, out.trim()), (0, "would queue now 0 jobs of queue mail"), "{err}");
+    let (code, out, err) = jobq_in(&env, &["--json", "run-jobs", "mail", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap(), json!({"queue": "mail", "queued": 1}));
+    assert_eq!(
+        env.broker.job(delayed.parse().unwrap()).await.unwrap().unwrap().state,
+        jobq_core::job::JobState::Queued
+    );
     let (code, _, err) = jobq_in(&env, &["cancel-jobs", "mail"]).await;
     assert_eq!(code, 4, "refused without --yes: {err}");
     let (code, out, err) = jobq_in(&env, &["--json", "cancel-jobs", "mail", "--dry-run"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&out).unwrap(),
-        json!({"queue": "mail", "matched": 2}),
-        "the two queued echo jobs"
+        json!({"queue": "mail", "matched": 3}),
+        "the three queued echo jobs"
     );
     let (code, _, err) = jobq_in(&env, &["cancel-jobs", "mail", "--state", "running", "--yes"]).await;
     assert!(code == 2 && err.contains("running"), "{code} {err}");
     let (code, out, err) = jobq_in(&env, &["cancel-jobs", "mail", "--type", "echo", "--yes"]).await;
-    assert_eq!((code, out.trim()), (0, "cancelled 2 jobs of queue mail"), "{err}");
+    assert_eq!((code, out.trim()), (0, "cancelled 3 jobs of queue mail"), "{err}");
     assert_eq!(env.broker.job(id.parse().unwrap()).await.unwrap().unwrap().state, jobq_core::job::JobState::Cancelled);
 
     let (code, _, err) = jobq_in(&env, &["purge-all"]).await;

@@ -73,7 +73,7 @@ struct Scripts {
     give_up: Script,
     disown: Script,
     run_now: Script,
-    cancel_queue: Script,
+    queue_jobs: Script,
 }
 
 /// Helpers prepended to every script.
@@ -102,7 +102,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     give_up: script(include_str!("lua/give_up.lua")),
     disown: script(include_str!("lua/disown.lua")),
     run_now: script(include_str!("lua/run_now.lua")),
-    cancel_queue: script(include_str!("lua/cancel_queue.lua")),
+    queue_jobs: script(include_str!("lua/queue_jobs.lua")),
 });
 
 /// Longest delay before a retry or a held-back job's next start.
@@ -129,7 +129,7 @@ fn all_scripts() -> [&'static Script; 19] {
         &s.give_up,
         &s.disown,
         &s.run_now,
-        &s.cancel_queue,
+        &s.queue_jobs,
     ]
 }
 
@@ -1092,19 +1092,28 @@ pub enum RunNow {
     Not(JobState),
 }
 
-/// Which jobs of a queue [`Broker::cancel_queue`] cancels: jobs that have not started.
+/// What [`Broker::queue_jobs`] does with the jobs of a queue that have not started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkAction {
+    /// Cancel them, as [`Broker::cancel`] cancels one: queued, scheduled and retrying jobs.
+    Cancel,
+    /// Run them now, as [`Broker::run_now`] runs one: scheduled and retrying jobs.
+    Run,
+}
+
+/// Which jobs [`Broker::queue_jobs`] takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CancelFilter {
+pub struct BulkFilter {
     /// Only jobs of this type.
     pub kind: Option<String>,
-    /// Only jobs in these states, of queued, scheduled and retrying; empty for all three.
+    /// Only jobs in these states, of those the action takes; empty for all of them.
     pub states: Vec<JobState>,
 }
 
-/// Result of [`Broker::cancel_queue`].
+/// Result of [`Broker::queue_jobs`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CancelledJobs {
-    /// Jobs cancelled (or, in a dry run, that would be).
+pub struct Bulk {
+    /// Jobs cancelled or queued (or, in a dry run, that would be).
     pub count: u64,
     /// The limit stopped the call before the end of the queue: there may be more.
     pub more: bool,
@@ -1383,32 +1392,36 @@ impl Broker {
         }
     }
 
-    /// Cancels up to `limit` jobs of `queue` that have not started (queued, delayed, held back
-    /// or waiting for a retry), as [`Broker::cancel`] cancels one; with `dry_run`, only counts
-    /// them. Runs one script per 100 entries and members looked at, so that Redis is never held
-    /// long (measured: 1.5 ms a call, 2.1 ms at most, 100,000 jobs cancelled in 2.1 s).
-    pub async fn cancel_queue(
+    /// Cancels, or runs now, up to `limit` jobs of `queue` that have not started (see
+    /// [`BulkAction`]); with `dry_run`, only counts them. Runs one script per 100 entries and
+    /// members looked at, so that Redis is never held long (measured: 1.5 ms a call, 2.1 ms at
+    /// most, 100,000 jobs cancelled in 2.1 s).
+    pub async fn queue_jobs(
         &self,
         queue: &QueueName,
-        filter: &CancelFilter,
+        action: BulkAction,
+        filter: &BulkFilter,
         limit: u64,
         dry_run: bool,
-    ) -> Result<CancelledJobs> {
+    ) -> Result<Bulk> {
         const LOOK_AT: u64 = 100;
         if filter.kind.as_deref().is_some_and(|k| k.contains('\0')) {
             return Err(Error::Invalid("`type` must not contain the character U+0000".into()));
         }
+        let (takes, mode): (&[JobState], _) = match action {
+            BulkAction::Cancel => (&[JobState::Queued, JobState::Scheduled, JobState::Retrying], "cancel"),
+            BulkAction::Run => (&[JobState::Scheduled, JobState::Retrying], "run"),
+        };
         let mut states = String::from(" ");
-        for s in &filter.states {
-            if !matches!(s, JobState::Queued | JobState::Scheduled | JobState::Retrying) {
+        for s in if filter.states.is_empty() { takes } else { &filter.states } {
+            if !takes.contains(s) {
+                let names: Vec<String> = takes.iter().map(ToString::to_string).collect();
                 return Err(Error::Invalid(format!(
-                    "`states`: {s} jobs are not cancelled in bulk (queued, scheduled or retrying only; a running job is cancelled by its id)"
+                    "`states`: {s} jobs are not taken by a queue {mode} (only {})",
+                    names.join(", ")
                 )));
             }
             states.push_str(&format!("{s} "));
-        }
-        if filter.states.is_empty() {
-            states = " queued scheduled retrying ".into();
         }
         let streams = self.keys.streams(queue);
         let scheduled = self.keys.scheduled(queue);
@@ -1416,13 +1429,13 @@ impl Broker {
         let mut cursors: [String; 5] = [String::new(), String::new(), String::new(), String::new(), "0".into()];
         let mut count = 0;
         loop {
-            let mut call = Call::new(&SCRIPTS.cancel_queue, &keys)
+            let mut call = Call::new(&SCRIPTS.queue_jobs, &keys)
                 .arg(self.keys.job_prefix(queue))
                 .arg(secs(self.retention.dead))
                 .arg(LOOK_AT)
                 .arg(filter.kind.as_deref().unwrap_or(""))
                 .arg(&states)
-                .arg(if dry_run { "1" } else { "0" });
+                .arg(if dry_run { "count" } else { mode });
             for c in &cursors {
                 call = call.arg(c);
             }
@@ -1432,7 +1445,7 @@ impl Broker {
             cursors = [c1, c2, c3, c4, c5];
             let done = cursors.iter().all(|c| c == "-");
             if done || count >= limit {
-                return Ok(CancelledJobs { count, more: !done });
+                return Ok(Bulk { count, more: !done });
             }
         }
     }

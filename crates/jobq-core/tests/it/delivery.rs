@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName};
 use jobq_core::stream::{
-    Broker, Cancel, CancelFilter, CancelledJobs, Delivery, Failure, Lease, LeaseStatus, Outcome, RunNow, Settled,
+    Broker, Bulk, BulkAction, BulkFilter, Cancel, Delivery, Failure, Lease, LeaseStatus, Outcome, RunNow, Settled,
 };
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
@@ -211,20 +211,23 @@ async fn a_queue_cancel_takes_the_jobs_not_started_by_type_and_state_and_leaves_
     for _ in 0..2 {
         delayed.push(b.enqueue(NewJob::new("a", json!({})).delay(Duration::from_secs(3600))).await.unwrap().job.id);
     }
-    let of_a = |states: &[JobState]| CancelFilter { kind: Some("a".into()), states: states.to_vec() };
+    let of_a = |states: &[JobState]| BulkFilter { kind: Some("a".into()), states: states.to_vec() };
 
-    let dry = b.cancel_queue(&q(), &of_a(&[]), 100, true).await.unwrap();
-    assert_eq!(dry, CancelledJobs { count: 5, more: false }, "2 queued, 2 delayed, 1 retrying; not the running one");
+    let dry = b.queue_jobs(&q(), BulkAction::Cancel, &of_a(&[]), 100, true).await.unwrap();
+    assert_eq!(dry, Bulk { count: 5, more: false }, "2 queued, 2 delayed, 1 retrying; not the running one");
     assert_eq!(b.job(queued[0]).await.unwrap().unwrap().state, JobState::Queued, "a dry run changes nothing");
-    let first = b.cancel_queue(&q(), &of_a(&[JobState::Queued]), 1, false).await.unwrap();
-    assert_eq!(first, CancelledJobs { count: 1, more: true });
-    let rest = b.cancel_queue(&q(), &of_a(&[JobState::Queued]), 100, false).await.unwrap();
-    assert_eq!(rest, CancelledJobs { count: 1, more: false });
+    let first = b.queue_jobs(&q(), BulkAction::Cancel, &of_a(&[JobState::Queued]), 1, false).await.unwrap();
+    assert_eq!(first, Bulk { count: 1, more: true });
+    let rest = b.queue_jobs(&q(), BulkAction::Cancel, &of_a(&[JobState::Queued]), 100, false).await.unwrap();
+    assert_eq!(rest, Bulk { count: 1, more: false });
     for id in &queued {
         assert_eq!(b.job(*id).await.unwrap().unwrap().state, JobState::Cancelled);
     }
     assert_eq!(b.job(delayed[0]).await.unwrap().unwrap().state, JobState::Scheduled, "only the states asked for");
-    let waiting = b.cancel_queue(&q(), &of_a(&[JobState::Scheduled, JobState::Retrying]), 100, false).await.unwrap();
+    let waiting = b
+        .queue_jobs(&q(), BulkAction::Cancel, &of_a(&[JobState::Scheduled, JobState::Retrying]), 100, false)
+        .await
+        .unwrap();
     assert_eq!(waiting.count, 3);
     for id in delayed.iter().chain([&retrying]) {
         assert_eq!(b.job(*id).await.unwrap().unwrap().state, JobState::Cancelled);
@@ -238,11 +241,55 @@ async fn a_queue_cancel_takes_the_jobs_not_started_by_type_and_state_and_leaves_
     assert_eq!(len, 0, "the cancelled entries are deleted");
 
     assert!(matches!(
-        b.cancel_queue(&q(), &of_a(&[JobState::Running]), 100, false).await,
+        b.queue_jobs(&q(), BulkAction::Cancel, &of_a(&[JobState::Running]), 100, false).await,
         Err(jobq_core::Error::Invalid(m)) if m.contains("running")
     ));
-    let none = b.cancel_queue(&"nothing-here".parse().unwrap(), &CancelFilter::default(), 100, false).await.unwrap();
-    assert_eq!(none, CancelledJobs { count: 0, more: false });
+    let none = b
+        .queue_jobs(&"nothing-here".parse().unwrap(), BulkAction::Cancel, &BulkFilter::default(), 100, false)
+        .await
+        .unwrap();
+    assert_eq!(none, Bulk { count: 0, more: false });
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_run_queues_the_waiting_jobs_now_by_type_and_state_in_their_priority() {
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    // 150 retrying jobs of type a (more than one call's 100 members), then a delayed a, a
+    // delayed b and a queued a.
+    let mut retrying = Vec::new();
+    for _ in 0..150 {
+        retrying.push(b.enqueue(NewJob::new("a", json!({})).max_attempts(3)).await.unwrap().job.id);
+    }
+    let failed = Failure { message: "boom".into(), retry_in: Some(Duration::from_secs(3600)), reason: "max_attempts" };
+    let outcomes = fetch(b, "w", 150).await.into_iter().map(|d| Outcome { delivery: d, result: Err(failed.clone()) });
+    b.settle(&outcomes.collect::<Vec<_>>()).await.unwrap();
+    let later = |kind: &str| NewJob::new(kind, json!({})).delay(Duration::from_secs(3600));
+    let delayed = b.enqueue(later("a").priority(Priority::Critical)).await.unwrap().job.id;
+    let other = b.enqueue(later("b")).await.unwrap().job.id;
+    let queued = b.enqueue(NewJob::new("a", json!({}))).await.unwrap().job.id;
+    let of_a = |states: &[JobState]| BulkFilter { kind: Some("a".into()), states: states.to_vec() };
+
+    let dry = b.queue_jobs(&q(), BulkAction::Run, &of_a(&[]), 1000, true).await.unwrap();
+    assert_eq!(dry, Bulk { count: 151, more: false }, "the retrying and the delayed a, not the queued one");
+    let run = b.queue_jobs(&q(), BulkAction::Run, &of_a(&[JobState::Retrying]), 1000, false).await.unwrap();
+    assert_eq!(run, Bulk { count: 150, more: false });
+    assert_eq!(b.job(delayed).await.unwrap().unwrap().state, JobState::Scheduled, "only the states asked for");
+    let run = b.queue_jobs(&q(), BulkAction::Run, &of_a(&[]), 1000, false).await.unwrap();
+    assert_eq!(run, Bulk { count: 1, more: false });
+    let started = fetch(b, "w", 1000).await;
+    assert_eq!(started.len(), 152, "the 150 retries, the delayed a, and the one queued before");
+    assert_eq!((started[0].envelope.id, started[0].priority), (delayed, Priority::Critical), "in its priority");
+    assert!(started.iter().filter(|d| retrying.contains(&d.envelope.id)).all(|d| d.attempt == 2));
+    assert!(started.iter().any(|d| d.envelope.id == queued));
+    assert_eq!(b.job(other).await.unwrap().unwrap().state, JobState::Scheduled, "another type is left");
+    let members: u64 = b.connection().zcard(env.keys().scheduled(&q())).await.unwrap();
+    assert_eq!(members, 1);
+    assert!(matches!(
+        b.queue_jobs(&q(), BulkAction::Run, &of_a(&[JobState::Queued]), 100, false).await,
+        Err(jobq_core::Error::Invalid(m)) if m.contains("queued")
+    ));
     env.cleanup().await;
 }
 
@@ -266,12 +313,18 @@ async fn a_queue_cancel_walks_past_many_calls_and_a_job_of_another_type_between(
     for chunk in [jobs(650, false), jobs(650, false), jobs(700, true)] {
         b.enqueue_many(chunk, true).await.unwrap();
     }
-    let x = CancelFilter { kind: Some("x".into()), states: vec![] };
-    assert_eq!(b.cancel_queue(&q(), &x, 100_000, true).await.unwrap(), CancelledJobs { count: 1000, more: false });
-    assert_eq!(b.cancel_queue(&q(), &x, 600, false).await.unwrap(), CancelledJobs { count: 600, more: true });
-    assert_eq!(b.cancel_queue(&q(), &x, 100_000, false).await.unwrap(), CancelledJobs { count: 400, more: false });
-    let left = b.cancel_queue(&q(), &CancelFilter::default(), 100_000, true).await.unwrap();
-    assert_eq!(left, CancelledJobs { count: 1000, more: false }, "every y is left");
+    let x = BulkFilter { kind: Some("x".into()), states: vec![] };
+    assert_eq!(
+        b.queue_jobs(&q(), BulkAction::Cancel, &x, 100_000, true).await.unwrap(),
+        Bulk { count: 1000, more: false }
+    );
+    assert_eq!(b.queue_jobs(&q(), BulkAction::Cancel, &x, 600, false).await.unwrap(), Bulk { count: 600, more: true });
+    assert_eq!(
+        b.queue_jobs(&q(), BulkAction::Cancel, &x, 100_000, false).await.unwrap(),
+        Bulk { count: 400, more: false }
+    );
+    let left = b.queue_jobs(&q(), BulkAction::Cancel, &BulkFilter::default(), 100_000, true).await.unwrap();
+    assert_eq!(left, Bulk { count: 1000, more: false }, "every y is left");
     let len: u64 = b.connection().xlen(env.keys().stream(&q(), Priority::Normal)).await.unwrap();
     let members: u64 = b.connection().zcard(env.keys().scheduled(&q())).await.unwrap();
     assert_eq!((len, members), (650, 350));

@@ -65,6 +65,17 @@ local function release_waiting(base, jk, id, now)
   redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now)
 end
 
+-- Moves a job of the scheduled set (scheduled or retrying) into its priority stream now, with
+-- run_at now, as the promoter moves it once due.
+local function queue_now(jk, id, stream, scheduled, now_s)
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+  end
+  redis.call('ZREM', scheduled, id)
+  local entry = redis.call('XADD', stream, '*', 'id', id)
+  redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now_s)
+end
+
 -- Sets a finished job's hash to expire after `retention` seconds (0: never), or later while
 -- its unique key, held for a time, still names it, so that a duplicate keeps finding the job.
 -- u: the job's {unique_key, unique_hold}.

@@ -10,11 +10,5 @@ local index = { critical = 3, high = 4, normal = 5, low = 6 }
 if not h[1] then return {0, ''} end
 if (h[1] ~= 'scheduled' and h[1] ~= 'retrying') or not index[h[2]] then return {0, h[1]} end
 local _, now_s = now_ms_pair()
-local stream = KEYS[index[h[2]]]
-if redis.call('EXISTS', stream) == 0 then
-  redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
-end
-redis.call('ZREM', KEYS[2], ARGV[1])
-local entry = redis.call('XADD', stream, '*', 'id', ARGV[1])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'entry', entry, 'run_at', now_s)
+queue_now(KEYS[1], ARGV[1], KEYS[index[h[2]]], KEYS[2], now_s)
 return {1, 'queued'}

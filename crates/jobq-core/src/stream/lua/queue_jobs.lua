@@ -1,20 +1,24 @@
--- Cancel the jobs of one queue that have not started, a bounded slice per call: queued ones
--- (their priority streams' entries after the group's last delivered one) and those waiting for
--- their run_at in the scheduled set (delayed, held back, retrying). Each is cancelled as
--- cancel.lua cancels one: its entry or member goes, state cancelled, unique lock, dependents.
--- A job that started meanwhile, or is in a state not asked for, or of another type, is left.
+-- Cancel, or run now, the jobs of one queue that have not started, a bounded slice per call.
+-- Cancel takes queued jobs (their priority streams' entries after the group's last delivered
+-- one) and those waiting for their run_at in the scheduled set (delayed, held back, retrying),
+-- each as cancel.lua cancels one: its entry or member goes, state cancelled, unique lock,
+-- dependents. Run moves jobs of the scheduled set into their priority streams, each as
+-- run_now.lua moves one. A job that started meanwhile, or is in a state not asked for, or of
+-- another type, is left.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 scheduled zset
 -- ARGV: 1 job key prefix, 2 retention seconds, 3 most entries and members to look at,
---       4 type or '', 5 states to cancel (' queued scheduled retrying ', a subset), 6 '1' to
---       count only (dry run), 7..10 per stream the last entry looked at ('' to start after the
---       group's last delivered entry, '-' once the stream is done), 11 members of the scheduled
---       set kept so far ('-' once it is done), 12 most jobs to cancel
--- Returns {cancelled (or matched, in a dry run), cursor 1..4, scheduled cursor}; every cursor
--- '-' means the queue is done.
+--       4 type or '', 5 states to take (' queued scheduled retrying ', a subset; never queued
+--       to run), 6 'cancel', 'run' or 'count' (count what cancel or run would take), 7..10 per
+--       stream the last entry looked at ('' to start after the group's last delivered entry,
+--       '-' once the stream is done), 11 members of the scheduled set kept so far ('-' once it
+--       is done), 12 most jobs to take
+-- Returns {jobs taken (or counted), cursor 1..4, scheduled cursor}; every cursor '-' means the
+-- queue is done.
 local prefix, retention, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local kind, states, dry = ARGV[4], ARGV[5], ARGV[6] == '1'
+local kind, states, mode = ARGV[4], ARGV[5], ARGV[6]
 local most = tonumber(ARGV[12])
-local now = now_ms()
+local now, now_s = now_ms_pair()
+local index = { critical = 1, high = 2, normal = 3, low = 4 }
 local n = 0
 local function wanted(state, t)
   return string.find(states, ' ' .. state .. ' ', 1, true) and (kind == '' or t == kind)
@@ -22,6 +26,7 @@ end
 local cursors = {}
 for i = 1, 4 do
   local c = ARGV[6 + i]
+  if not string.find(states, ' queued ', 1, true) then c = '-' end
   if c ~= '-' and budget > 0 and n < most then
     if c == '' then
       c = '-'
@@ -46,7 +51,7 @@ for i = 1, 4 do
         local h = redis.call('HMGET', jk, 'state', 'entry', 'type')
         if h[1] == 'queued' and h[2] == entry and wanted('queued', h[3]) then
           n = n + 1
-          if not dry then
+          if mode == 'cancel' then
             redis.call('XDEL', KEYS[i], entry)
             finish(jk, id, 'cancelled', now, retention, nil)
           end
@@ -70,14 +75,16 @@ if kept ~= '-' and budget > 0 and n < most then
     if n >= most then break end
     seen = seen + 1
     local jk = prefix .. id
-    local h = redis.call('HMGET', jk, 'state', 'type')
-    if (h[1] == 'scheduled' or h[1] == 'retrying') and wanted(h[1], h[2]) then
+    local h = redis.call('HMGET', jk, 'state', 'type', 'prio')
+    if (h[1] == 'scheduled' or h[1] == 'retrying') and wanted(h[1], h[2]) and index[h[3]] then
       n = n + 1
-      if dry then
-        kept = kept + 1
-      else
+      if mode == 'cancel' then
         redis.call('ZREM', KEYS[5], id)
         finish(jk, id, 'cancelled', now, retention, nil)
+      elseif mode == 'run' then
+        queue_now(jk, id, KEYS[index[h[3]]], KEYS[5], now_s)
+      else
+        kept = kept + 1
       end
     else
       kept = kept + 1
