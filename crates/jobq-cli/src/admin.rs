@@ -9,7 +9,7 @@ use jobq_core::config::Settings;
 use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName, Start};
 use jobq_core::schedule::ScheduleSpec;
 use jobq_core::store::{DlqFilter, Store};
-use jobq_core::stream::{Broker, BulkAction, BulkFilter, RunNow};
+use jobq_core::stream::{Broker, BulkAction, BulkFilter, BulkStopped, RunNow};
 use serde_json::{json, Value};
 
 /// Exit codes of the admin commands (0 = done).
@@ -265,20 +265,35 @@ async fn bulk(
         ));
     }
     let filter = BulkFilter { kind: args.kind, states };
+    // A dry run counts the whole queue in one go; the real thing goes 100,000 at a time.
+    let limit = if args.dry_run { u64::MAX } else { 100_000 };
     let mut count = 0;
+    let mut error = None;
     loop {
-        let done = broker.queue_jobs(&q, action, &filter, 100_000, args.dry_run).await?;
-        count += done.count;
-        if args.dry_run || !done.more {
-            break;
+        match broker.queue_jobs(&q, action, &filter, limit, args.dry_run).await {
+            Ok(done) => {
+                count += done.count;
+                if args.dry_run || !done.more {
+                    break;
+                }
+            }
+            Err(BulkStopped { done, error: e }) => {
+                count += done.count;
+                error = Some(e);
+                break;
+            }
         }
+    }
+    if let Some(e) = error.take_if(|_| count == 0 || args.dry_run) {
+        return Err(e.into());
     }
     if !args.dry_run {
         let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
+        let details = error.as_ref().map(|e| json!({"stopped": e.to_string()}));
         let mut db = settings.database.clone();
         db.create = false;
         let audited = match Store::connect(&db).await {
-            Ok(store) => store.audit(&actor(), audit, Some(q.to_string()), Some(f), count as i64, None).await,
+            Ok(store) => store.audit(&actor(), audit, Some(q.to_string()), Some(f), count as i64, details).await,
             Err(e) => Err(e),
         };
         if let Err(e) = audited {
@@ -293,7 +308,11 @@ async fn bulk(
     } else {
         println!("{} {count} jobs of queue {q}", if args.dry_run { dry_verb } else { done_verb });
     }
-    Ok(())
+    match error {
+        // Stopped half-way: what was done is printed and audited, and the exit code says so.
+        Some(e) => Err(Failure::from(e)),
+        None => Ok(()),
+    }
 }
 
 fn queue(name: &str) -> Result<QueueName, Failure> {

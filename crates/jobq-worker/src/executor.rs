@@ -93,7 +93,8 @@ impl Executor {
             id: d.envelope.id,
             token: d.lease.clone(),
         };
-        let slot = Arc::new(Slot::new(lease, self.abandon.child_token()));
+        let ends_by = std::time::Instant::now().checked_add(self.timeout_of(&d) + CANCEL_GRACE);
+        let slot = Arc::new(Slot::new(lease, self.abandon.child_token(), ends_by));
         self.running.insert(d.envelope.id, slot.clone());
         self.run(d, permits, slot)
     }
@@ -146,6 +147,15 @@ impl Executor {
     }
 
     async fn attempt(&self, d: &Delivery, slot: &Slot) -> Option<Result<Option<serde_json::Value>, Failure>> {
+        let timeout = self.timeout_of(d);
+        if let Ok(mut ends_by) = slot.ends_by.lock() {
+            *ends_by = std::time::Instant::now().checked_add(timeout + CANCEL_GRACE);
+        }
+        if slot.stopped() == Some(Stop::LeaseLost) {
+            // Given up while it waited for a thread (see leases::heartbeat_loop), or fetched
+            // again by this worker: another attempt owns the job.
+            return None;
+        }
         let env = &d.envelope;
         let Some(service) = self.services.get(&env.kind).cloned() else {
             return Some(Err(Failure {
@@ -160,10 +170,6 @@ impl Executor {
         let attached =
             Attached { broker: self.broker.clone(), consumer: self.consumer.clone(), lease: slot.lease.clone() };
         let ctx = JobContext::attached(d, slot.cancel.clone(), attached);
-        let timeout = env.timeout.unwrap_or(self.default_timeout);
-        if let Some(t) = std::time::Instant::now().checked_add(timeout + CANCEL_GRACE) {
-            let _ = slot.ends_by.set(t);
-        }
         // Its own task, so a panicking handler fails the attempt and not the worker.
         // Boxed, as the attempt itself is: the task cell holds a pointer.
         let mut task = tokio::spawn(Box::pin(tower::ServiceExt::oneshot(service, ctx).in_current_span()));
@@ -228,6 +234,10 @@ impl Executor {
             Ended::TimedOut(t) => Err(retry(format!("timed out after {}", jobq_core::duration::format(t)))),
             Ended::Dropped => return None,
         })
+    }
+
+    fn timeout_of(&self, d: &Delivery) -> Duration {
+        d.envelope.timeout.unwrap_or(self.default_timeout)
     }
 
     fn retry_delay(&self, d: &Delivery) -> Duration {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -30,20 +30,23 @@ pub(crate) struct Slot {
     /// renewed until the outcome is written, but a renewal that finds it gone is not a loss:
     /// the write may just have landed (the completer reports a real loss as a stale outcome).
     pub(crate) settling: AtomicBool,
-    /// When the attempt will have ended at the latest, set as its handler starts: its timeout,
-    /// and the grace a cancelled handler gets, from then. Only a worker whose handlers hold
-    /// every thread of its runtime lets an attempt run past it.
-    pub(crate) ends_by: OnceLock<Instant>,
+    /// When the attempt will have ended at the latest: its timeout, and the grace a cancelled
+    /// handler gets, from its registration, and again from the start of its handler. Only a
+    /// worker whose handlers hold every thread of its runtime lets an attempt run past it, or
+    /// wait past it for a thread to start on.
+    pub(crate) ends_by: Mutex<Option<Instant>>,
 }
 
 impl Slot {
-    pub(crate) fn new(lease: Lease, cancel: CancellationToken) -> Self {
-        Self { lease, cancel, stop: Mutex::new(None), settling: AtomicBool::new(false), ends_by: OnceLock::new() }
+    pub(crate) fn new(lease: Lease, cancel: CancellationToken, ends_by: Option<Instant>) -> Self {
+        Self { lease, cancel, stop: Mutex::new(None), settling: AtomicBool::new(false), ends_by: Mutex::new(ends_by) }
     }
 
-    /// Whether the attempt is still running `margin` past [`Slot::ends_by`].
+    /// Whether the attempt is still running, or still waiting to start, `margin` past
+    /// [`Slot::ends_by`].
     fn overdue(&self, now: Instant, margin: Duration) -> bool {
-        !self.settling.load(Ordering::Acquire) && self.ends_by.get().is_some_and(|t| now > *t + margin)
+        !self.settling.load(Ordering::Acquire)
+            && self.ends_by.lock().ok().and_then(|t| *t).is_some_and(|t| now > t + margin)
     }
 
     pub(crate) fn stop(&self, why: Stop) {
@@ -167,8 +170,8 @@ pub(crate) fn spawn_heartbeat(
 /// heartbeats: reapers of other workers wait for it, also while this worker shuts down or its
 /// runtime is busy) and the lease of every running job. While a fetch has been in transit for
 /// half of `every` or more, the leases of every job running under this worker's name are
-/// renewed too, those of jobs it does not know of yet included. An attempt running a lease past
-/// its end (see [`Slot::ends_by`]) is not renewed, and while there is one, neither are those.
+/// renewed too, those of jobs it does not know of yet included. An attempt a lease past its end
+/// (see [`Slot::ends_by`]) is not renewed.
 async fn heartbeat_loop(
     broker: Broker,
     consumer: String,
@@ -186,15 +189,19 @@ async fn heartbeat_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        // An attempt running a lease past its end is held by a handler that holds every thread
-        // of the runtime (its timeout cannot fire): it is no longer renewed, so that another
-        // worker's reaper re-runs it (counted as a crash), and neither are the jobs of a fetch
-        // in transit (renewing those renews every job running here, that one included).
+        // An attempt a lease past its end is held by handlers that hold every thread of the
+        // runtime (its timeout cannot fire, or it cannot start): its lease is given up, so that
+        // another worker's reaper re-runs it (counted as a crash), and the attempt, once it
+        // ends or starts here, is dropped as one whose lease was lost.
         let (overdue, slots): (Vec<_>, Vec<_>) =
             running.snapshot().into_iter().partition(|s| s.overdue(Instant::now(), lease));
+        for slot in &overdue {
+            slot.stop(Stop::LeaseLost);
+        }
         report_overdue(&overdue, &mut overdue_before);
-        if overdue.is_empty() && in_transit.oldest().is_some_and(|t| t.elapsed() >= every / 2) {
-            match broker.renew_pending(&queues, &consumer).await {
+        if in_transit.oldest().is_some_and(|t| t.elapsed() >= every / 2) {
+            let given_up: Vec<JobId> = overdue.iter().map(|s| s.lease.id).collect();
+            match broker.renew_pending(&queues, &consumer, &given_up).await {
                 Ok(n) => {
                     metrics::counter!("jobq_worker_in_transit_renewals_total").increment(1);
                     tracing::debug!(jobs = n, "a fetch is still in transit: renewed every job running here");
@@ -365,15 +372,15 @@ mod tests {
             id,
             token: token.into(),
         };
-        Arc::new(Slot::new(lease, CancellationToken::new()))
+        Arc::new(Slot::new(lease, CancellationToken::new(), None))
     }
 
     #[test]
     fn an_attempt_is_overdue_a_margin_past_its_end_until_its_handler_returned() {
         let s = slot(JobId(uuid::Uuid::now_v7()), "1");
         let (now, margin) = (Instant::now(), Duration::from_secs(1));
-        assert!(!s.overdue(now + Duration::from_secs(3600), margin), "not started: no end yet");
-        s.ends_by.set(now).unwrap();
+        assert!(!s.overdue(now + Duration::from_secs(3600), margin), "no end (a timeout beyond Instant's range)");
+        *s.ends_by.lock().unwrap() = Some(now);
         assert!(!s.overdue(now + margin, margin));
         assert!(s.overdue(now + margin + Duration::from_millis(1), margin));
         s.settling.store(true, Ordering::Release);

@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
 use jobq_core::job::{JobState, QueueName};
-use jobq_core::stream::{BulkAction, BulkFilter};
+use jobq_core::stream::{BulkAction, BulkFilter, BulkStopped};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -158,7 +158,9 @@ pub struct CancelQueue {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     /// Only jobs in these states: `queued`, `scheduled` (delayed or held back), `retrying`.
-    /// Default: all three. Running jobs are cancelled one by one (`DELETE /api/v1/jobs/{id}`).
+    /// Default (left out): all three. Running jobs are cancelled one by one
+    /// (`DELETE /api/v1/jobs/{id}`).
+    #[schema(min_items = 1)]
     pub states: Option<Vec<NotStarted>>,
     /// At most this many (default and maximum 100,000); `more` says whether some may be left.
     #[schema(minimum = 1, maximum = 100_000)]
@@ -177,7 +179,9 @@ pub struct RunQueue {
     #[schema(pattern = r"^[^\x00]*$")]
     #[serde(rename = "type")]
     pub kind: Option<String>,
-    /// Only jobs in these states: `scheduled` (delayed or held back), `retrying`. Default: both.
+    /// Only jobs in these states: `scheduled` (delayed or held back), `retrying`. Default (left
+    /// out): both.
+    #[schema(min_items = 1)]
     pub states: Option<Vec<Waiting>>,
     /// At most this many (default and maximum 100,000); `more` says whether some may be left.
     #[schema(minimum = 1, maximum = 100_000)]
@@ -202,7 +206,7 @@ pub(crate) async fn cancel(
     ApiPath(q): ApiPath<String>,
     ApiJson(req): ApiJson<CancelQueue>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let states = req.states.iter().flatten().map(|&s| s.into()).collect();
+    let states = states_of(req.states)?;
     let filter = BulkFilter { kind: req.kind, states };
     bulk(&state, &who, &q, BulkAction::Cancel, filter, req.limit, req.confirm).await
 }
@@ -221,12 +225,25 @@ pub(crate) async fn run(
     ApiPath(q): ApiPath<String>,
     ApiJson(req): ApiJson<RunQueue>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let states = req.states.iter().flatten().map(|&s| s.into()).collect();
+    let states = states_of(req.states)?;
     let filter = BulkFilter { kind: req.kind, states };
     bulk(&state, &who, &q, BulkAction::Run, filter, req.limit, req.confirm).await
 }
 
-/// Counts (without `confirm`) or takes the jobs of a queue cancel or run, and audits the latter.
+/// The states asked for: all of them when left out, never none (an empty list taking every
+/// state would surprise).
+fn states_of<S: Into<JobState>>(states: Option<Vec<S>>) -> Result<Vec<JobState>, ApiError> {
+    match states {
+        Some(s) if s.is_empty() => {
+            Err(ApiError::Invalid("`states` must name at least one state; leave it out for all of them".into()))
+        }
+        s => Ok(s.into_iter().flatten().map(Into::into).collect()),
+    }
+}
+
+/// Counts (without `confirm`) or takes the jobs of a queue cancel or run, and audits the latter,
+/// in a task of its own: a caller that goes away does not stop it half-way unaudited. One
+/// stopped by a Redis error is audited with what it did before (`details.stopped`).
 async fn bulk(
     state: &AppState,
     who: &Principal,
@@ -241,17 +258,33 @@ async fn bulk(
     if !(1..=MAX_BULK).contains(&limit) {
         return Err(ApiError::Invalid(format!("`limit` must be between 1 and {MAX_BULK}")));
     }
-    let done = state.broker.queue_jobs(&q, action, &filter, limit as u64, !confirm).await?;
-    if !confirm {
-        return Ok(Json(json!({"queue": q, "matched": done.count, "more": done.more, "dry_run": true})));
-    }
-    let (audit, key) = match action {
-        BulkAction::Cancel => ("queue.cancel", "cancelled"),
-        BulkAction::Run => ("queue.run", "queued"),
+    let (state, who) = (state.clone(), who.clone());
+    let work = async move {
+        let (done, error) = match state.broker.queue_jobs(&q, action, &filter, limit as u64, !confirm).await {
+            Ok(done) => (done, None),
+            Err(BulkStopped { done, error }) => (done, Some(error)),
+        };
+        if !confirm {
+            return match error {
+                Some(e) => Err(e.into()),
+                None => Ok(Json(json!({"queue": q, "matched": done.count, "more": done.more, "dry_run": true}))),
+            };
+        }
+        let (audit, key) = match action {
+            BulkAction::Cancel => ("queue.cancel", "cancelled"),
+            BulkAction::Run => ("queue.run", "queued"),
+        };
+        if done.count > 0 || error.is_none() {
+            let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
+            let details = error.as_ref().map(|e| json!({"stopped": e.to_string()}));
+            audit_done(&state, &who, audit, Some(q.to_string()), Some(f), done.count as i64, details).await;
+        }
+        if let Some(e) = error {
+            return Err(e.into());
+        }
+        let mut answer = json!({"queue": q, "more": done.more});
+        answer[key] = json!(done.count);
+        Ok(Json(answer))
     };
-    let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
-    audit_done(state, who, audit, Some(q.to_string()), Some(f), done.count as i64, None).await;
-    let mut answer = json!({"queue": q, "more": done.more});
-    answer[key] = json!(done.count);
-    Ok(Json(answer))
+    tokio::spawn(work).await.map_err(|e| ApiError::Internal(e.into()))?
 }

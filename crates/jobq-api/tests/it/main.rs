@@ -335,6 +335,7 @@ async fn a_queue_cancel_counts_until_confirmed_and_is_audited() {
         (r#"{"states":["bogus"],"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "bogus"),
         (r#"{"limit":0,"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "limit"),
         (r#"{"type":"a\u0000b"}"#, StatusCode::UNPROCESSABLE_ENTITY, "U+0000"),
+        (r#"{"states":[],"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "at least one state"),
         (r#"{"confirm":true,"colour":"red"}"#, StatusCode::UNPROCESSABLE_ENTITY, "colour"),
     ] {
         let (s, err) = call(&app, "POST", path, Some(body)).await;

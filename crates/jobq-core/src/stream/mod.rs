@@ -1119,6 +1119,15 @@ pub struct Bulk {
     pub more: bool,
 }
 
+/// A [`Broker::queue_jobs`] stopped by an error after it took `done.count` jobs.
+#[derive(Debug)]
+pub struct BulkStopped {
+    /// What was done before the error (`more` is true).
+    pub done: Bulk,
+    /// The error.
+    pub error: Error,
+}
+
 /// Result of [`Broker::cancel`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancel {
@@ -1292,10 +1301,14 @@ impl Broker {
     /// Renews the lease of every job of `queues` running under `consumer` (one call per queue,
     /// in one pipeline), as [`Broker::heartbeat`] does for the leases it is given: for the jobs
     /// a fetch started whose reply has not reached the worker yet, so that it does not know
-    /// their leases. Returns how many were renewed.
-    pub async fn renew_pending(&self, queues: &[QueueName], consumer: &str) -> Result<u64> {
+    /// their leases; but not those of `except` (attempts the worker has given up). Returns how
+    /// many were renewed.
+    pub async fn renew_pending(&self, queues: &[QueueName], consumer: &str, except: &[JobId]) -> Result<u64> {
         let none = Received::default();
-        let calls = queues.iter().map(|q| self.disown_call(q, consumer, &none, true)).collect();
+        let calls = queues
+            .iter()
+            .map(|q| except.iter().fold(self.disown_call(q, consumer, &none, true), |c, id| c.arg(id.to_string())))
+            .collect();
         let mut renewed = 0;
         for r in self.run(calls).await? {
             renewed += redis::from_redis_value::<u64>(r?).map_err(protocol)?;
@@ -1393,9 +1406,9 @@ impl Broker {
     }
 
     /// Cancels, or runs now, up to `limit` jobs of `queue` that have not started (see
-    /// [`BulkAction`]); with `dry_run`, only counts them. Runs one script per 100 entries and
-    /// members looked at, so that Redis is never held long (measured: 1.5 ms a call, 2.1 ms at
-    /// most, 100,000 jobs cancelled in 2.1 s).
+    /// [`BulkAction`]); with `dry_run`, only counts them. Runs one script per about 100 entries
+    /// and members looked at, so that Redis is never held long (measured: 2.0 ms a call, 3.5 ms
+    /// at most, 100,000 jobs cancelled in 2.6 s, half of them queued and half delayed).
     pub async fn queue_jobs(
         &self,
         queue: &QueueName,
@@ -1403,10 +1416,11 @@ impl Broker {
         filter: &BulkFilter,
         limit: u64,
         dry_run: bool,
-    ) -> Result<Bulk> {
+    ) -> std::result::Result<Bulk, BulkStopped> {
         const LOOK_AT: u64 = 100;
+        let stopped = |count, error| BulkStopped { done: Bulk { count, more: true }, error };
         if filter.kind.as_deref().is_some_and(|k| k.contains('\0')) {
-            return Err(Error::Invalid("`type` must not contain the character U+0000".into()));
+            return Err(stopped(0, Error::Invalid("`type` must not contain the character U+0000".into())));
         }
         let (takes, mode): (&[JobState], _) = match action {
             BulkAction::Cancel => (&[JobState::Queued, JobState::Scheduled, JobState::Retrying], "cancel"),
@@ -1416,17 +1430,18 @@ impl Broker {
         for s in if filter.states.is_empty() { takes } else { &filter.states } {
             if !takes.contains(s) {
                 let names: Vec<String> = takes.iter().map(ToString::to_string).collect();
-                return Err(Error::Invalid(format!(
-                    "`states`: {s} jobs are not taken by a queue {mode} (only {})",
-                    names.join(", ")
-                )));
+                let only = names.join(", ");
+                return Err(stopped(
+                    0,
+                    Error::Invalid(format!("`states`: {s} jobs are not taken by a queue {mode} (only {only})")),
+                ));
             }
             states.push_str(&format!("{s} "));
         }
         let streams = self.keys.streams(queue);
         let scheduled = self.keys.scheduled(queue);
         let keys = [&streams[0], &streams[1], &streams[2], &streams[3], &scheduled].map(String::as_str);
-        let mut cursors: [String; 5] = [String::new(), String::new(), String::new(), String::new(), "0".into()];
+        let mut cursors: [String; 5] = Default::default();
         let mut count = 0;
         loop {
             let mut call = Call::new(&SCRIPTS.queue_jobs, &keys)
@@ -1439,8 +1454,12 @@ impl Broker {
             for c in &cursors {
                 call = call.arg(c);
             }
+            let reply = match self.run_one(call.arg(limit - count)).await {
+                Ok(v) => redis::from_redis_value(v).map_err(protocol),
+                Err(e) => Err(e),
+            };
             let (n, c1, c2, c3, c4, c5): (u64, String, String, String, String, String) =
-                redis::from_redis_value(self.run_one(call.arg(limit - count)).await?).map_err(protocol)?;
+                reply.map_err(|e| stopped(count, e))?;
             count += n;
             cursors = [c1, c2, c3, c4, c5];
             let done = cursors.iter().all(|c| c == "-");

@@ -242,7 +242,7 @@ async fn a_queue_cancel_takes_the_jobs_not_started_by_type_and_state_and_leaves_
 
     assert!(matches!(
         b.queue_jobs(&q(), BulkAction::Cancel, &of_a(&[JobState::Running]), 100, false).await,
-        Err(jobq_core::Error::Invalid(m)) if m.contains("running")
+        Err(jobq_core::stream::BulkStopped { error: jobq_core::Error::Invalid(m), .. }) if m.contains("running")
     ));
     let none = b
         .queue_jobs(&"nothing-here".parse().unwrap(), BulkAction::Cancel, &BulkFilter::default(), 100, false)
@@ -288,7 +288,7 @@ async fn a_queue_run_queues_the_waiting_jobs_now_by_type_and_state_in_their_prio
     assert_eq!(members, 1);
     assert!(matches!(
         b.queue_jobs(&q(), BulkAction::Run, &of_a(&[JobState::Queued]), 100, false).await,
-        Err(jobq_core::Error::Invalid(m)) if m.contains("queued")
+        Err(jobq_core::stream::BulkStopped { error: jobq_core::Error::Invalid(m), .. }) if m.contains("queued")
     ));
     env.cleanup().await;
 }
@@ -762,6 +762,9 @@ async fn the_jobs_of_a_fetch_whose_reply_was_lost_are_handed_back_uncounted_and_
     // Another worker's job, newer than anything w1 received, is not w1's to hand back.
     assert_eq!(env.broker.fetch_raw(&q(), "w2", 1).await.unwrap().jobs[0].id, n3);
 
+    // Renewing w1's jobs renews all four running under its name, but none given up by w1.
+    assert_eq!(env.broker.renew_pending(&[q()], "w1", &[]).await.unwrap(), 4);
+    assert_eq!(env.broker.renew_pending(&[q()], "w1", &[h1, n2]).await.unwrap(), 2);
     assert_eq!(env.broker.disown(&q(), "w1", &received).await.unwrap(), 2);
     assert_eq!(env.broker.disown(&q(), "w1", &received).await.unwrap(), 0, "none is handed back twice");
     // The next reaper pass takes them at once, long before the 30 s lease, and counts nothing.

@@ -441,7 +441,7 @@ async fn a_lost_fetch_reply_hands_its_job_back(how: LostReply) {
     let env = TestEnv::with(&[
         ("REDIS_URL", &redis.url()),
         ("JOBQ_REDIS_TIMEOUT", timeout),
-        ("JOBQ_WORKER_CONCURRENCY", "1"),
+        ("JOBQ_WORKER_CONCURRENCY", "2"),
         ("JOBQ_WORKER_LEASE", "30s"),
         ("JOBQ_WORKER_HEARTBEAT", "1s"),
         ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
@@ -575,20 +575,36 @@ async fn an_attempt_a_wedged_runtime_holds_past_its_timeout_loses_its_lease_and_
     // leases while handlers hold the runtime, but not a lease past the attempt's end (its
     // timeout and the 5 s a cancelled handler gets): a second worker's reaper then takes the
     // job, counted as a crash, and runs it. Before, the lease was renewed for the whole 10 s.
+    // `quick`, fetched beside it, runs once whichever way it goes: first on that thread, or in
+    // a fetch whose reply waits for it (renewed meanwhile), or registered and given up as the
+    // wedged attempt is, to run on the second worker and not on the first one once it is free.
     let env = TestEnv::with(&[
         ("JOBQ_WORKER_LEASE", "600ms"),
         ("JOBQ_WORKER_HEARTBEAT", "200ms"),
         ("JOBQ_WORKER_REAPER_INTERVAL", "200ms"),
+        ("JOBQ_WORKER_CONCURRENCY", "2"),
     ])
     .await;
+    let quick_runs = Arc::new(AtomicUsize::new(0));
+    let count_quick = |registry: &mut Registry| {
+        let runs = quick_runs.clone();
+        registry.register("quick", move |_ctx: JobContext| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            async { Ok(None) }
+        });
+    };
     let mut registry = Registry::new();
     registry.register("wedge", |_ctx: JobContext| async {
         std::thread::sleep(Duration::from_secs(10));
         Ok(Some(json!("wedged worker")))
     });
+    count_quick(&mut registry);
     let mut job = NewJob::new("wedge", json!({})).max_attempts(1);
     job.timeout = Some(Duration::from_millis(200));
     let id = env.broker.enqueue(job).await.unwrap().job.id;
+    let mut quick = NewJob::new("quick", json!({})).max_attempts(1);
+    quick.timeout = Some(Duration::from_millis(200));
+    let quick = env.broker.enqueue(quick).await.unwrap().job.id;
     let settings = env.settings();
     let token = CancellationToken::new();
     let worker = Worker::new(env.broker.clone(), registry, settings.worker.clone(), Duration::from_secs(30));
@@ -601,6 +617,7 @@ async fn an_attempt_a_wedged_runtime_holds_past_its_timeout_loses_its_lease_and_
     wait_state(&env, id, JobState::Running).await;
     let mut elsewhere = Registry::new();
     elsewhere.register("wedge", |_ctx: JobContext| async { Ok(Some(json!("second worker"))) });
+    count_quick(&mut elsewhere);
     let second = start(&env, elsewhere);
     let job = wait_state(&env, id, JobState::Succeeded).await;
     assert!(wedged_since.elapsed() < Duration::from_secs(10), "it ran elsewhere while the first worker was wedged");
@@ -616,6 +633,8 @@ async fn an_attempt_a_wedged_runtime_holds_past_its_timeout_loses_its_lease_and_
     tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap().unwrap();
     let job = env.broker.job(id).await.unwrap().unwrap();
     assert_eq!((job.state, job.result), (JobState::Succeeded, Some(json!("second worker"))));
+    wait_state(&env, quick, JobState::Succeeded).await;
+    assert_eq!(quick_runs.load(Ordering::SeqCst), 1, "quick ran once, on one worker");
     finish(env, [second]).await;
 }
 

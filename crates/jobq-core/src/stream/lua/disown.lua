@@ -7,12 +7,15 @@
 -- lapses. The worker calls this after a failed fetch and before its next one of the queue.
 -- With RENEW set, each such job's lease is renewed instead (XCLAIM ... JUSTID to the same
 -- consumer, as the heartbeat does): the worker's heartbeat calls it for the attempts of a fetch
--- whose reply waits for a runtime thread that handlers hold, before the worker registers them.
+-- whose reply waits for a runtime thread that handlers hold, before the worker registers them;
+-- the jobs it names after RENEW (attempts it has given up) are left to lapse.
 -- KEYS: 1..4 priority streams (critical, high, normal, low)
 -- ARGV: 1 group, 2 consumer, 3 job key prefix, 4..7 the last entry the worker received from
---       each stream ('' for none), 8 RENEW ('1') or not ('')
+--       each stream ('' for none), 8 RENEW ('1') or not (''), 9.. ids of jobs not to renew
 -- Returns the number of jobs handed back or renewed (none twice).
 local idle = string.format('%d', now_ms() - 1)
+local skip = {}
+for k = 9, #ARGV do skip[ARGV[k]] = true end
 local PAGE = 500
 local n = 0
 for i = 1, 4 do
@@ -28,7 +31,7 @@ for i = 1, 4 do
           local id = e[2][2]
           local jk = ARGV[3] .. id
           local h = redis.call('HMGET', jk, 'state', 'entry', 'lease', 'given_up')
-          if h[1] == 'running' and h[2] == entry and h[3] and h[4] ~= h[3] then
+          if h[1] == 'running' and h[2] == entry and h[3] and h[4] ~= h[3] and not skip[id] then
             if ARGV[8] == '1' then
               n = n + #redis.call('XCLAIM', KEYS[i], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
             else

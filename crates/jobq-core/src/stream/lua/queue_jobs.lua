@@ -1,17 +1,22 @@
 -- Cancel, or run now, the jobs of one queue that have not started, a bounded slice per call.
--- Cancel takes queued jobs (their priority streams' entries after the group's last delivered
--- one) and those waiting for their run_at in the scheduled set (delayed, held back, retrying),
--- each as cancel.lua cancels one: its entry or member goes, state cancelled, unique lock,
--- dependents. Run moves jobs of the scheduled set into their priority streams, each as
--- run_now.lua moves one. A job that started meanwhile, or is in a state not asked for, or of
--- another type, is left.
+-- Cancel takes the jobs waiting for their run_at in the scheduled set (delayed, held back,
+-- retrying) and the queued ones (their priority streams' entries after the group's last
+-- delivered one), each as cancel.lua cancels one: its member or entry goes, state cancelled,
+-- unique lock, dependents. Run moves jobs of the scheduled set into their priority streams,
+-- each as run_now.lua moves one. A job that started meanwhile, or is in a state not asked for,
+-- or of another type, is left.
+-- The scheduled set is walked first, with ZSCAN (every member there from the first call to the
+-- last is seen, whatever is added or removed meanwhile; a member may be seen twice while the set
+-- is resized: the count of a dry run is then high by as many), then each stream from its
+-- group's last delivered entry as it is when that stream's walk begins, so that a job the
+-- promoter moves meanwhile from the set into a stream is still found.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 scheduled zset
--- ARGV: 1 job key prefix, 2 retention seconds, 3 most entries and members to look at,
+-- ARGV: 1 job key prefix, 2 retention seconds, 3 about how many entries and members to look at,
 --       4 type or '', 5 states to take (' queued scheduled retrying ', a subset; never queued
 --       to run), 6 'cancel', 'run' or 'count' (count what cancel or run would take), 7..10 per
 --       stream the last entry looked at ('' to start after the group's last delivered entry,
---       '-' once the stream is done), 11 members of the scheduled set kept so far ('-' once it
---       is done), 12 most jobs to take
+--       '-' once the stream is done), 11 the scheduled set's ZSCAN cursor ('' to start, '-'
+--       once it is done), 12 most jobs to take
 -- Returns {jobs taken (or counted), cursor 1..4, scheduled cursor}; every cursor '-' means the
 -- queue is done.
 local prefix, retention, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -23,11 +28,41 @@ local n = 0
 local function wanted(state, t)
   return string.find(states, ' ' .. state .. ' ', 1, true) and (kind == '' or t == kind)
 end
+local zc = ARGV[11]
+if not (string.find(states, ' scheduled ', 1, true) or string.find(states, ' retrying ', 1, true)) then zc = '-' end
+if zc ~= '-' and budget > 0 and n < most then
+  local r = redis.call('ZSCAN', KEYS[5], zc == '' and '0' or zc, 'COUNT', budget)
+  local members, stopped = r[2], false
+  for k = 1, #members, 2 do
+    if n >= most then
+      -- The rest of this page is read again by the next call (ZSCAN cannot resume mid-page):
+      -- the members taken are gone from it by then.
+      stopped = true
+      break
+    end
+    local id = members[k]
+    local jk = prefix .. id
+    local h = redis.call('HMGET', jk, 'state', 'type', 'prio')
+    if (h[1] == 'scheduled' or h[1] == 'retrying') and wanted(h[1], h[2]) and index[h[3]] then
+      n = n + 1
+      if mode == 'cancel' then
+        redis.call('ZREM', KEYS[5], id)
+        finish(jk, id, 'cancelled', now, retention, nil)
+      elseif mode == 'run' then
+        queue_now(jk, id, KEYS[index[h[3]]], KEYS[5], now_s)
+      end
+    end
+  end
+  if not stopped then
+    if r[1] == '0' then zc = '-' else zc = r[1] end
+  end
+  budget = budget - #members / 2
+end
 local cursors = {}
 for i = 1, 4 do
   local c = ARGV[6 + i]
   if not string.find(states, ' queued ', 1, true) then c = '-' end
-  if c ~= '-' and budget > 0 and n < most then
+  if c ~= '-' and zc == '-' and budget > 0 and n < most then
     if c == '' then
       c = '-'
       if redis.call('EXISTS', KEYS[i]) == 1 then
@@ -66,30 +101,4 @@ for i = 1, 4 do
   end
   cursors[i] = c
 end
-local kept = ARGV[11]
-if kept ~= '-' and budget > 0 and n < most then
-  kept = tonumber(kept)
-  local ids = redis.call('ZRANGE', KEYS[5], kept, kept + budget - 1)
-  local seen = 0
-  for _, id in ipairs(ids) do
-    if n >= most then break end
-    seen = seen + 1
-    local jk = prefix .. id
-    local h = redis.call('HMGET', jk, 'state', 'type', 'prio')
-    if (h[1] == 'scheduled' or h[1] == 'retrying') and wanted(h[1], h[2]) and index[h[3]] then
-      n = n + 1
-      if mode == 'cancel' then
-        redis.call('ZREM', KEYS[5], id)
-        finish(jk, id, 'cancelled', now, retention, nil)
-      elseif mode == 'run' then
-        queue_now(jk, id, KEYS[index[h[3]]], KEYS[5], now_s)
-      else
-        kept = kept + 1
-      end
-    else
-      kept = kept + 1
-    end
-  end
-  if seen == #ids and #ids < budget then kept = '-' else kept = string.format('%d', kept) end
-end
-return {n, cursors[1], cursors[2], cursors[3], cursors[4], kept}
+return {n, cursors[1], cursors[2], cursors[3], cursors[4], zc}
