@@ -156,6 +156,7 @@ impl Executor {
             // again by this worker: another attempt owns the job.
             return None;
         }
+        slot.started.store(true, Ordering::Release);
         let env = &d.envelope;
         let Some(service) = self.services.get(&env.kind).cloned() else {
             return Some(Err(Failure {

@@ -35,11 +35,20 @@ pub(crate) struct Slot {
     /// worker whose handlers hold every thread of its runtime lets an attempt run past it, or
     /// wait past it for a thread to start on.
     pub(crate) ends_by: Mutex<Option<Instant>>,
+    /// Set as its handler starts.
+    pub(crate) started: AtomicBool,
 }
 
 impl Slot {
     pub(crate) fn new(lease: Lease, cancel: CancellationToken, ends_by: Option<Instant>) -> Self {
-        Self { lease, cancel, stop: Mutex::new(None), settling: AtomicBool::new(false), ends_by: Mutex::new(ends_by) }
+        Self {
+            lease,
+            cancel,
+            stop: Mutex::new(None),
+            settling: AtomicBool::new(false),
+            ends_by: Mutex::new(ends_by),
+            started: AtomicBool::new(false),
+        }
     }
 
     /// Whether the attempt is still running, or still waiting to start, `margin` past
@@ -193,8 +202,7 @@ async fn heartbeat_loop(
         // runtime (its timeout cannot fire, or it cannot start): its lease is given up, so that
         // another worker's reaper re-runs it (counted as a crash), and the attempt, once it
         // ends or starts here, is dropped as one whose lease was lost.
-        let (overdue, slots): (Vec<_>, Vec<_>) =
-            running.snapshot().into_iter().partition(|s| s.overdue(Instant::now(), lease));
+        let (overdue, slots) = given_up(running.snapshot(), Instant::now(), lease);
         for slot in &overdue {
             slot.stop(Stop::LeaseLost);
         }
@@ -233,6 +241,15 @@ async fn heartbeat_loop(
             }
         }
     }
+}
+
+/// Splits `slots` into the attempts whose lease is given up, `margin` past their end, and the
+/// others. A job still waiting for a thread that long is given up only beside a started one:
+/// handlers that are slow but within their timeouts may keep jobs waiting for a thread past
+/// theirs, and those jobs would otherwise count reclaims without any crash.
+fn given_up(slots: Vec<Arc<Slot>>, now: Instant, margin: Duration) -> (Vec<Arc<Slot>>, Vec<Arc<Slot>>) {
+    let wedged = slots.iter().any(|s| s.started.load(Ordering::Acquire) && s.overdue(now, margin));
+    slots.into_iter().partition(|s| wedged && s.overdue(now, margin))
 }
 
 /// Logs a change in the number of attempts past their end, and sets its gauge.
@@ -385,6 +402,22 @@ mod tests {
         assert!(s.overdue(now + margin + Duration::from_millis(1), margin));
         s.settling.store(true, Ordering::Release);
         assert!(!s.overdue(now + Duration::from_secs(3600), margin), "returned: its outcome is being written");
+    }
+
+    #[test]
+    fn a_job_waiting_for_a_thread_past_its_end_is_given_up_only_beside_a_started_one() {
+        let (now, margin) = (Instant::now(), Duration::from_secs(1));
+        let past = now - Duration::from_secs(5);
+        let waiting = slot(JobId(uuid::Uuid::now_v7()), "1");
+        *waiting.ends_by.lock().unwrap() = Some(past);
+        let running = slot(JobId(uuid::Uuid::now_v7()), "1");
+        running.started.store(true, Ordering::Release);
+        *running.ends_by.lock().unwrap() = Some(now);
+        let (gone, kept) = given_up(vec![waiting.clone(), running.clone()], now, margin);
+        assert_eq!((gone.len(), kept.len()), (0, 2), "a slow runtime, not a wedged one");
+        *running.ends_by.lock().unwrap() = Some(past);
+        let (gone, kept) = given_up(vec![waiting, running], now, margin);
+        assert_eq!((gone.len(), kept.len()), (2, 0), "a timeout that cannot fire: both go");
     }
 
     #[test]
