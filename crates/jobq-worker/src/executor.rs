@@ -114,6 +114,12 @@ impl Executor {
         let meta = |name: &str| d.envelope.metadata.get(name).map(String::as_str);
         jobq_core::telemetry::adopt_parent(&span, meta("traceparent"), meta("tracestate"));
         async move {
+            if slot.stopped() == Some(Stop::LeaseLost) {
+                // Given up while it waited for a thread (leases::heartbeat_loop), or fetched
+                // again by this worker: another attempt owns the job; nothing ran.
+                self.running.remove(&d.envelope.id, &d.lease);
+                return;
+            }
             let started = std::time::Instant::now();
             let m = self.metrics.of(&d.queue, &d.envelope.kind);
             m.started.increment(1);
