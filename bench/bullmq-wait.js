@@ -7,10 +7,15 @@
 // line, with the handlers' mean time (`handler_ms`: setTimeout's wait as it came out) and a
 // slot's turn (`slot_cycle_ms`: WORKERS × CONC ÷ jobs/s). Uses the BullMQ install of the baseline (BULLMQ_DIR, default ../shared/bench/bullmq)
 // and Redis at 127.0.0.1:6379, in a queue of its own that it removes.
+// `cpu_us_per_job` is the CPU time per job, during the drain only, of Redis (INFO cpu: every
+// client's work on that Redis counts) and of the worker processes (process.cpuUsage of each,
+// the forked ones reporting theirs as they stop), as `jobq bench --scenario drain` reports its
+// own.
 const path = require('path');
 const { fork } = require('child_process');
 const dir = process.env.BULLMQ_DIR || path.join(__dirname, '..', '..', 'shared', 'bench', 'bullmq');
 const { Queue, Worker } = require(path.resolve(dir, 'node_modules', 'bullmq'));
+const Redis = require(path.resolve(dir, 'node_modules', 'ioredis'));
 
 const total = parseInt(process.env.N || '100000', 10);
 const concurrency = parseInt(process.env.CONC || '50', 10);
@@ -52,8 +57,21 @@ function child(queueName) {
   process.on('message', async () => {
     clearInterval(flush);
     await worker.close();
+    process.send({ cpuUs: cpuUs(process.cpuUsage()) });
     process.exit(0);
   });
+}
+
+// µs of CPU (user + system) in a process.cpuUsage() value.
+function cpuUs({ user, system }) {
+  return user + system;
+}
+
+// µs of CPU Redis has used since it started (user + system, all its threads).
+async function redisCpuUs(redis) {
+  const info = await redis.info('cpu');
+  const field = (name) => parseFloat(info.match(new RegExp(`^${name}:([0-9.]+)`, 'm'))[1]);
+  return (field('used_cpu_sys') + field('used_cpu_user')) * 1e6;
 }
 
 async function main() {
@@ -75,26 +93,38 @@ async function main() {
     handlerNs += ns;
     if (finished >= total) allDone();
   };
+  const redis = new Redis(connection);
+  const redisBefore = await redisCpuUs(redis);
+  const cpuBefore = process.cpuUsage();
   const began = process.hrtime.bigint();
   const children = [];
+  let childrenCpuUs = 0;
   for (let i = 1; i < workers; i++) {
     const c = fork(__filename, [], { env: { ...process.env, BULLMQ_WAIT_QUEUE: queueName } });
-    c.on('message', count);
+    c.on('message', (m) => {
+      if (Array.isArray(m)) count(m); else childrenCpuUs += m.cpuUs;
+    });
     children.push(c);
   }
   const worker = startWorker(queueName, (took) => count([1, took]));
   await done;
   const secs = Number(process.hrtime.bigint() - began) / 1e9;
+  const redisUs = (await redisCpuUs(redis)) - redisBefore;
+  const mainCpuUs = cpuUs(process.cpuUsage(cpuBefore));
   const perSecond = total / secs;
+  // The forked workers report their CPU as they stop, after the clock.
+  await Promise.all(children.map((c) => new Promise((resolve) => { c.on('exit', resolve); c.send('stop'); })));
+  const perJob = (us) => Math.round((us / total) * 10) / 10;
   console.log(JSON.stringify({
     peer: 'bullmq', version: require(path.resolve(dir, 'node_modules', 'bullmq', 'package.json')).version,
     N: total, workers, concurrency, job_ms: waitMs, process_jobs_per_s: Math.round(perSecond),
     slot_use: Math.round((perSecond * waitMs) / 1000 / (concurrency * workers) * 1000) / 1000,
     slot_cycle_ms: Math.round((concurrency * workers * 1000 / perSecond) * 100) / 100,
     handler_ms: Math.round(handlerNs / finished / 1e4) / 100,
+    cpu_us_per_job: { redis: perJob(redisUs), worker: perJob(mainCpuUs + childrenCpuUs) },
   }));
-  await Promise.all(children.map((c) => new Promise((resolve) => { c.on('exit', resolve); c.send('stop'); })));
   await worker.close();
+  redis.disconnect();
   await queue.obliterate({ force: true });
   await queue.close();
 }

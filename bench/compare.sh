@@ -32,6 +32,9 @@ for c in 50 200; do
   if [ "$c" = 50 ]; then jobq --scenario latency; fi
   bullmq $c
 done
+# CPU per job of BullMQ's drain alone (bench/bullmq-wait.js: Redis and the worker process during
+# the drain, no enqueue in between), beside jobq's 1 x 50 drain's.
+BULLMQ_DIR=$BULLMQ N=$N CONC=50 JOB_MS=0 WORKERS=1 node bench/bullmq-wait.js | grep '^{' | tee "$out/bullmq-cpu.json"
 python3 - "$out" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
@@ -67,6 +70,15 @@ for r in drains:
     row("  ... with every attempt recorded in Postgres", theirs, r["recorded_jobs_per_s"])
 for p in ("p50", "p99"):
     print(f"{f'enqueue -> start {p} ms (one job at a time, idle worker)':<100} {b['latency_ms_' + p]:>10.2f} {lat['start_ms_' + p]:>10} {'':>7}")
+# CPU per job: lower is better, so the ratio is BullMQ's over jobq's.
+cpu = json.loads((d / "bullmq-cpu.json").read_text())["cpu_us_per_job"]
+ours = next(r for r in drains if r["workers"] == 1 and r["concurrency"] == 50 and r.get("retention_succeeded_s", 1)
+            and not r.get("worker_threads", 0))["cpu_us_per_job"]
+print()
+print(f"{'CPU µs per job, drain at 1 x 50 (BullMQ: bench/bullmq-wait.js; ratio: BullMQ / jobq)':<100} {'BullMQ':>10} {'jobq':>10} {'ratio':>7}")
+for label, theirs, mine in (("Redis", cpu["redis"], ours["redis"]), ("worker process", cpu["worker"], ours["worker"]),
+                            ("all processes (jobq: also Postgres and the scheduler's recorder)", cpu["redis"] + cpu["worker"], ours["total"])):
+    print(f"{label:<100} {theirs:>10.1f} {mine:>10.1f} {theirs / mine:>7.2f}")
 PY
 if [ "${PAIRS:-4}" -gt 0 ]; then
   echo
