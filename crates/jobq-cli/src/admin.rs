@@ -284,7 +284,9 @@ async fn bulk(
             }
         }
     }
-    if let Some(e) = error.take_if(|_| count == 0 || args.dry_run) {
+    // Refused (bad filter), or only counting: nothing to audit. A Redis error is audited even
+    // with nothing counted: the call that failed may have taken jobs before its reply was lost.
+    if let Some(e) = error.take_if(|e| args.dry_run || (count == 0 && matches!(e, jobq_core::Error::Invalid(_)))) {
         return Err(e.into());
     }
     if !args.dry_run {
@@ -486,13 +488,15 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
         }
         AdminCommand::RunNow { id } => {
             let id = job_id(&id)?;
-            if let RunNow::Not(state) = broker.run_now(id).await? {
-                return Err(Failure(
-                    exit::FAILED,
-                    format!("job {id} is {state}: only a scheduled or retrying job can be run now"),
-                ));
-            }
-            let job = broker.job(id).await?.ok_or(jobq_core::Error::JobNotFound(id))?;
+            let job = match broker.run_now(id).await? {
+                RunNow::Queued(job) => job,
+                RunNow::Not(state) => {
+                    return Err(Failure(
+                        exit::FAILED,
+                        format!("job {id} is {state}: only a scheduled or retrying job can be run now"),
+                    ));
+                }
+            };
             if as_json {
                 print(serde_json::to_value(&job).unwrap_or(Value::Null));
             } else {

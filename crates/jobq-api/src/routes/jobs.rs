@@ -478,9 +478,10 @@ pub(crate) async fn run_now(
     ApiPath(id): ApiPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
-    if let RunNow::Not(s) = state.broker.run_now(id).await? {
-        return Err(ApiError::Conflict(format!("job {id} is {s}: only a scheduled or retrying job can be run now")));
+    match state.broker.run_now(id).await? {
+        RunNow::Queued(job) => Ok(Json(*job)),
+        RunNow::Not(s) => {
+            Err(ApiError::Conflict(format!("job {id} is {s}: only a scheduled or retrying job can be run now")))
+        }
     }
-    let job = state.broker.job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))?;
-    Ok(Json(job))
 }

@@ -243,7 +243,8 @@ fn states_of<S: Into<JobState>>(states: Option<Vec<S>>) -> Result<Vec<JobState>,
 
 /// Counts (without `confirm`) or takes the jobs of a queue cancel or run, and audits the latter,
 /// in a task of its own: a caller that goes away does not stop it half-way unaudited. One
-/// stopped by a Redis error is audited with what it did before (`details.stopped`).
+/// stopped by a Redis error is audited with what it did before (`details.stopped`), even
+/// nothing: the call that failed may have taken jobs before its reply was lost.
 async fn bulk(
     state: &AppState,
     who: &Principal,
@@ -274,7 +275,9 @@ async fn bulk(
             BulkAction::Cancel => ("queue.cancel", "cancelled"),
             BulkAction::Run => ("queue.run", "queued"),
         };
-        if done.count > 0 || error.is_none() {
+        // Audited unless refused before Redis ran anything: a call whose reply was lost may
+        // have taken jobs all the same.
+        if done.count > 0 || !matches!(error, Some(jobq_core::Error::Invalid(_))) {
             let f = json!({"queue": q, "type": filter.kind, "states": filter.states});
             let details = error.as_ref().map(|e| json!({"stopped": e.to_string()}));
             audit_done(&state, &who, audit, Some(q.to_string()), Some(f), done.count as i64, details).await;

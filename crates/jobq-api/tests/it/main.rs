@@ -335,6 +335,7 @@ async fn a_queue_cancel_counts_until_confirmed_and_is_audited() {
         (r#"{"states":["bogus"],"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "bogus"),
         (r#"{"limit":0,"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "limit"),
         (r#"{"type":"a\u0000b"}"#, StatusCode::UNPROCESSABLE_ENTITY, "U+0000"),
+        (r#"{"type":"","confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "empty"),
         (r#"{"states":[],"confirm":true}"#, StatusCode::UNPROCESSABLE_ENTITY, "at least one state"),
         (r#"{"confirm":true,"colour":"red"}"#, StatusCode::UNPROCESSABLE_ENTITY, "colour"),
     ] {
@@ -344,10 +345,22 @@ async fn a_queue_cancel_counts_until_confirmed_and_is_audited() {
     }
     let (s, _) = call(&app, "POST", "/api/v1/queues/bad%20name/cancel", Some(r#"{"confirm":true}"#)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A call Redis fails is audited even with nothing counted: its reply may have been lost after
+    // it took jobs. (A scheduled set that is not a sorted set makes the script fail.)
+    let broken: jobq_core::job::QueueName = "broken".parse().unwrap();
+    let _: () = redis::AsyncCommands::set(&mut env.broker.connection(), env.keys().scheduled(&broken), "a string")
+        .await
+        .unwrap();
+    let (s, err) = call(&app, "POST", "/api/v1/queues/broken/cancel", Some(r#"{"confirm":true}"#)).await;
+    assert!(s.is_server_error(), "{s}: {err}");
     let (_, audit) = call(&app, "GET", "/api/v1/audit", None).await;
     let cancels: Vec<&Value> =
         audit["items"].as_array().unwrap().iter().filter(|a| a["action"] == "queue.cancel").collect();
-    assert_eq!(cancels.len(), 3, "{audit}");
+    assert_eq!(cancels.len(), 4, "3, then the failed one; none of the refused ones: {audit}");
+    assert!(
+        cancels.iter().any(|a| a["target"] == "broken" && a["count"] == 0 && a["details"]["stopped"].is_string()),
+        "{audit}"
+    );
     assert!(
         cancels
             .iter()

@@ -1084,10 +1084,11 @@ pub struct Reclaimed {
 }
 
 /// Result of [`Broker::run_now`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RunNow {
-    /// The job was scheduled or retrying and is queued now.
-    Queued,
+    /// The job was scheduled or retrying and is queued now: the job as the same script left it
+    /// (a worker may have run it since, and with no retention its hash is gone then).
+    Queued(Box<JobInfo>),
     /// The job is in this state, which has no run_at to bring forward; nothing changed.
     Not(JobState),
 }
@@ -1397,10 +1398,11 @@ impl Broker {
         let [critical, high, normal, low] = self.keys.streams(q);
         let call =
             Call::new(&SCRIPTS.run_now, &[&job_key, &scheduled, &critical, &high, &normal, &low]).arg(id.to_string());
-        let (ok, state): (i64, String) = redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
+        let (ok, state, hash): (i64, String, HashMap<String, String>) =
+            redis::from_redis_value(self.run_one(call).await?).map_err(protocol)?;
         match (ok, state.as_str()) {
             (_, "") => Err(Error::JobNotFound(id)),
-            (1, _) => Ok(RunNow::Queued),
+            (1, _) => Ok(RunNow::Queued(Box::new(info_of_hash(&hash)?))),
             (_, s) => Ok(RunNow::Not(s.parse().map_err(protocol)?)),
         }
     }
@@ -1419,8 +1421,13 @@ impl Broker {
     ) -> std::result::Result<Bulk, BulkStopped> {
         const LOOK_AT: u64 = 100;
         let stopped = |count, error| BulkStopped { done: Bulk { count, more: true }, error };
-        if filter.kind.as_deref().is_some_and(|k| k.contains('\0')) {
-            return Err(stopped(0, Error::Invalid("`type` must not contain the character U+0000".into())));
+        match filter.kind.as_deref() {
+            // No job has an empty type: the script would read it as no filter at all.
+            Some("") => return Err(stopped(0, Error::Invalid("`type` must not be empty".into()))),
+            Some(k) if k.contains('\0') => {
+                return Err(stopped(0, Error::Invalid("`type` must not contain the character U+0000".into())));
+            }
+            _ => {}
         }
         let (takes, mode): (&[JobState], _) = match action {
             BulkAction::Cancel => (&[JobState::Queued, JobState::Scheduled, JobState::Retrying], "cancel"),
@@ -1442,6 +1449,7 @@ impl Broker {
         let scheduled = self.keys.scheduled(queue);
         let keys = [&streams[0], &streams[1], &streams[2], &streams[3], &scheduled].map(String::as_str);
         let mut cursors: [String; 5] = Default::default();
+        let mut began = String::new();
         let mut count = 0;
         loop {
             let mut call = Call::new(&SCRIPTS.queue_jobs, &keys)
@@ -1454,14 +1462,15 @@ impl Broker {
             for c in &cursors {
                 call = call.arg(c);
             }
-            let reply = match self.run_one(call.arg(limit - count)).await {
+            let reply = match self.run_one(call.arg(limit - count).arg(&began)).await {
                 Ok(v) => redis::from_redis_value(v).map_err(protocol),
                 Err(e) => Err(e),
             };
-            let (n, c1, c2, c3, c4, c5): (u64, String, String, String, String, String) =
+            let (n, c1, c2, c3, c4, c5, b): (u64, String, String, String, String, String, String) =
                 reply.map_err(|e| stopped(count, e))?;
             count += n;
             cursors = [c1, c2, c3, c4, c5];
+            began = b;
             let done = cursors.iter().all(|c| c == "-");
             if done || count >= limit {
                 return Ok(Bulk { count, more: !done });

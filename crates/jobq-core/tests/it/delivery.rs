@@ -158,8 +158,9 @@ async fn a_scheduled_or_retrying_job_runs_now_on_request_and_no_other_state_chan
     let scheduled_set = env.keys().scheduled(&q());
     let later = NewJob::new("x", json!({"n": 1})).delay(Duration::from_secs(3600));
     let scheduled = env.broker.enqueue(later.priority(Priority::High)).await.unwrap().job.id;
-    assert_eq!(env.broker.run_now(scheduled).await.unwrap(), RunNow::Queued);
+    let RunNow::Queued(answered) = env.broker.run_now(scheduled).await.unwrap() else { panic!("not queued") };
     let info = env.broker.job(scheduled).await.unwrap().unwrap();
+    assert_eq!(*answered, info, "the job as the script left it");
     assert_eq!(info.state, JobState::Queued);
     assert!(info.run_at.unwrap() <= chrono::Utc::now(), "run_at is now, not in an hour");
     let members: u64 = env.broker.connection().zcard(&scheduled_set).await.unwrap();
@@ -176,7 +177,7 @@ async fn a_scheduled_or_retrying_job_runs_now_on_request_and_no_other_state_chan
     let failed = Failure { message: "boom".into(), retry_in: Some(Duration::from_secs(3600)), reason: "max_attempts" };
     env.broker.settle(&[Outcome { delivery: d, result: Err(failed) }]).await.unwrap();
     assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Retrying);
-    assert_eq!(env.broker.run_now(id).await.unwrap(), RunNow::Queued);
+    assert!(matches!(env.broker.run_now(id).await.unwrap(), RunNow::Queued(j) if j.state == JobState::Queued));
     let d = fetch(&env.broker, "w", 10).await;
     assert_eq!((d.len(), d[0].envelope.id, d[0].attempt), (1, id, 2));
 
@@ -244,11 +245,49 @@ async fn a_queue_cancel_takes_the_jobs_not_started_by_type_and_state_and_leaves_
         b.queue_jobs(&q(), BulkAction::Cancel, &of_a(&[JobState::Running]), 100, false).await,
         Err(jobq_core::stream::BulkStopped { error: jobq_core::Error::Invalid(m), .. }) if m.contains("running")
     ));
+    let empty = BulkFilter { kind: Some(String::new()), states: vec![] };
+    assert!(
+        matches!(
+            b.queue_jobs(&q(), BulkAction::Cancel, &empty, 100, false).await,
+            Err(jobq_core::stream::BulkStopped { error: jobq_core::Error::Invalid(m), .. }) if m.contains("empty")
+        ),
+        "an empty type matches no job; it is not read as no filter"
+    );
     let none = b
         .queue_jobs(&"nothing-here".parse().unwrap(), BulkAction::Cancel, &BulkFilter::default(), 100, false)
         .await
         .unwrap();
     assert_eq!(none, Bulk { count: 0, more: false });
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_cancel_leaves_the_callbacks_its_cancels_release_in_any_priority() {
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    // A batch of two high jobs, and its callbacks (any outcome) in the low stream, walked after
+    // the high one, and in the critical one, walked before it.
+    let mut batch = Vec::new();
+    for _ in 0..2 {
+        batch.push(b.enqueue(NewJob::new("a", json!({})).priority(Priority::High)).await.unwrap().job.id);
+    }
+    let mut callbacks = Vec::new();
+    for p in [Priority::Low, Priority::Critical] {
+        let job = NewJob::new("done", json!({})).priority(p).after_all_finish(batch.clone());
+        callbacks.push(b.enqueue(job).await.unwrap().job.id);
+    }
+    assert_eq!(b.job(callbacks[0]).await.unwrap().unwrap().state, JobState::Waiting);
+
+    let cancel = b.queue_jobs(&q(), BulkAction::Cancel, &BulkFilter::default(), 100, false).await.unwrap();
+    assert_eq!(cancel, Bulk { count: 2, more: false }, "the batch; the callbacks were waiting");
+    for id in &batch {
+        assert_eq!(b.job(*id).await.unwrap().unwrap().state, JobState::Cancelled);
+    }
+    for id in &callbacks {
+        assert_eq!(b.job(*id).await.unwrap().unwrap().state, JobState::Queued, "released, as by a DELETE of each");
+    }
+    let started: Vec<JobId> = fetch(b, "w", 10).await.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(started, [callbacks[1], callbacks[0]], "they run, the critical one first");
     env.cleanup().await;
 }
 

@@ -48,13 +48,14 @@ local function queue_base(jk, id)
 end
 
 -- Puts a job that waited for its dependencies into its stream, or into the scheduled set when
--- its run_at is still ahead.
+-- its run_at is still ahead. `released_at` (ms) tells a queue's bulk cancel or run that the job
+-- was still waiting when it began (queue_jobs.lua).
 local function release_waiting(base, jk, id, now)
   local h = redis.call('HMGET', jk, 'prio', 'run_at')
   local run_at = tonumber(h[2] or '0')
   if run_at > now then
     redis.call('ZADD', base .. 'scheduled', run_at, id)
-    redis.call('HSET', jk, 'state', 'scheduled')
+    redis.call('HSET', jk, 'state', 'scheduled', 'released_at', now)
     return
   end
   local stream = base .. 'stream:' .. h[1]
@@ -62,7 +63,7 @@ local function release_waiting(base, jk, id, now)
     redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
   end
   local entry = redis.call('XADD', stream, '*', 'id', id)
-  redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now)
+  redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now, 'released_at', now)
 end
 
 -- Moves a job of the scheduled set (scheduled or retrying) into its priority stream now, with

@@ -4,11 +4,13 @@
 -- in any other state is left as it is.
 -- KEYS: 1 job hash, 2 scheduled zset, 3..6 priority streams (critical, high, normal, low)
 -- ARGV: 1 id
--- Returns {1, 'queued'}, or {0, state} (state '' when there is no such job).
+-- Returns {1, 'queued', the job hash as it is now (HGETALL)}, so that the caller answers with
+-- the job even when a worker runs it and its hash goes before another read; or {0, state, {}}
+-- (state '' when there is no such job).
 local h = redis.call('HMGET', KEYS[1], 'state', 'prio')
 local index = { critical = 3, high = 4, normal = 5, low = 6 }
-if not h[1] then return {0, ''} end
-if (h[1] ~= 'scheduled' and h[1] ~= 'retrying') or not index[h[2]] then return {0, h[1]} end
+if not h[1] then return {0, '', {}} end
+if (h[1] ~= 'scheduled' and h[1] ~= 'retrying') or not index[h[2]] then return {0, h[1], {}} end
 local _, now_s = now_ms_pair()
 queue_now(KEYS[1], ARGV[1], KEYS[index[h[2]]], KEYS[2], now_s)
-return {1, 'queued'}
+return {1, 'queued', redis.call('HGETALL', KEYS[1])}
