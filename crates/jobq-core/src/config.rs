@@ -533,6 +533,10 @@ impl Settings {
         if !(1..=10_000).contains(&self.worker.concurrency) {
             return bad("worker.concurrency", format!("must be between 1 and 10000, got {}", self.worker.concurrency));
         }
+        // The consumer name goes into every attempt's history row: Postgres takes no U+0000.
+        if self.worker.id.chars().count() > 200 || self.worker.id.chars().any(char::is_control) {
+            return bad("worker.id", "must be at most 200 characters, none of them a control character".into());
+        }
         if self.worker.threads > 1024 {
             return bad(
                 "worker.threads",
@@ -733,6 +737,8 @@ mod tests {
             ("JOBQ_WORKER_THREADS", "2000"),
             ("JOBQ_WORKER_THREADS", "-1"),
             ("JOBQ_OTLP_ENDPOINT", "collector:4318"),
+            ("JOBQ_WORKER_ID", "w\u{0}1"),
+            ("JOBQ_WORKER_ID", "w\n1"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{var}={value}: {err}");

@@ -345,6 +345,14 @@ pub(crate) async fn reaper_loop(
                 Err(e) => tracing::debug!(error = %e, "consumer clean-up failed"),
             }
         }
+        // The queues stay in the namespace's queue set, where the promoter and the recorder find
+        // them, even after a `jobq purge-all` (a Redis call a minute per queue; see
+        // Broker::register_queue).
+        for q in &queues {
+            if let Err(e) = broker.register_queue(q).await {
+                tracing::debug!(queue.name = %q, error = %e, "queue registration failed; retrying");
+            }
+        }
         // The registration of this worker's lease holds for three passes of its reaper.
         let registered_for = settings.reaper_interval * 3;
         match broker.reclaim(&consumer, &queues, settings.lease, settings.max_reclaims, registered_for).await {

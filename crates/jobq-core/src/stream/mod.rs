@@ -354,9 +354,16 @@ pub struct Broker {
     defaults: JobDefaults,
     retention: RetentionSettings,
     timeout: Duration,
-    registered: std::sync::Arc<Mutex<HashSet<QueueName>>>,
+    /// Queues this process added to the namespace's queue set, and when.
+    registered: std::sync::Arc<Mutex<HashMap<QueueName, std::time::Instant>>>,
+    /// How long the process trusts such a registration ([`Broker::register_queue`]).
+    registered_for: Duration,
     scripts: Arc<ScriptLoads>,
 }
+
+/// How long a process trusts that a queue it added to the queue set is still there: the set goes
+/// with `jobq purge-all`, and the promoter and the recorder see only the queues in it.
+const REGISTERED_FOR: Duration = Duration::from_secs(60);
 
 /// How many times this broker (and its clones) loaded the scripts into Redis, and the lock
 /// that lets one caller at a time do it: when Redis answers NOSCRIPT to many calls at once
@@ -404,8 +411,15 @@ impl Broker {
             retention: settings.retention.clone(),
             timeout: settings.redis.timeout,
             registered: Default::default(),
+            registered_for: REGISTERED_FOR,
             scripts: Default::default(),
         })
+    }
+
+    /// The same broker, adding a queue to the queue set again once its last registration is
+    /// `every` old (a minute by default; see [`Broker::register_queue`]).
+    pub fn registering_queues_every(self, every: Duration) -> Self {
+        Self { registered_for: every, ..self }
     }
 
     /// The same broker over a shared connection of its own, opened on first use by the Tokio
@@ -543,15 +557,19 @@ impl Broker {
         Ok(results.pop().ok_or_else(|| protocol("empty pipeline reply"))??)
     }
 
-    /// Adds the queue to the namespace's queue set (once per process and queue).
+    /// Adds the queue to the namespace's queue set: once per process and queue, and again when
+    /// the process last did it more than a minute ago (the set may have been purged since).
     pub async fn register_queue(&self, queue: &QueueName) -> Result<()> {
-        if self.registered.lock().map(|s| s.contains(queue)).unwrap_or(false) {
+        let fresh = |s: &HashMap<QueueName, std::time::Instant>| {
+            s.get(queue).is_some_and(|at| at.elapsed() < self.registered_for)
+        };
+        if self.registered.lock().map(|s| fresh(&s)).unwrap_or(false) {
             return Ok(());
         }
         let mut conn = self.conn.clone();
         redis::cmd("SADD").arg(self.keys.queues()).arg(queue.as_str()).query_async::<()>(&mut conn).await?;
         if let Ok(mut s) = self.registered.lock() {
-            s.insert(queue.clone());
+            s.insert(queue.clone(), std::time::Instant::now());
         }
         Ok(())
     }

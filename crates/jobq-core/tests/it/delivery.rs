@@ -134,6 +134,29 @@ async fn a_job_not_started_before_it_expires_is_dead_and_never_runs() {
 }
 
 #[tokio::test]
+async fn a_job_running_at_its_deadline_then_held_back_or_requeued_is_dead_at_the_next_sweep() {
+    let env = TestEnv::new().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    let job = || NewJob::new("x", json!({})).max_attempts(5).expires_at(deadline);
+    let (held, requeued, d) = two_fetched(&env, "w", job(), job()).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // Both run past the deadline: the sweep leaves them.
+    assert_eq!(env.broker.promote(&[q()], 100).await.unwrap()[0].expired, 0);
+    // Then a limit holds one back for a minute, and the other's worker stops.
+    let (held_attempt, _) = by_id(&d, held);
+    env.broker.settle(&[failure(held_attempt, Some(Duration::from_secs(60)), "postponed")]).await.unwrap();
+    let r = env.broker.reclaim("reaper", &[q()], Duration::from_millis(50), 3, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(r[0].requeued, 1);
+    // Neither has started, and both are past the deadline: the next sweep ends them.
+    assert_eq!(env.broker.promote(&[q()], 100).await.unwrap()[0].expired, 2);
+    for id in [held, requeued] {
+        let job = env.broker.job(id).await.unwrap().unwrap();
+        assert_eq!((job.state, job.dead_reason.as_deref()), (JobState::Dead, Some("expired")), "{id}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn cancelled_queued_and_scheduled_jobs_never_start() {
     let env = TestEnv::new().await;
     let queued = env.broker.enqueue(NewJob::new("x", json!({}))).await.unwrap().job.id;
@@ -288,6 +311,23 @@ async fn a_queue_cancel_leaves_the_callbacks_its_cancels_release_in_any_priority
     }
     let started: Vec<JobId> = fetch(b, "w", 10).await.iter().map(|d| d.envelope.id).collect();
     assert_eq!(started, [callbacks[1], callbacks[0]], "they run, the critical one first");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_set_emptied_under_a_running_process_is_filled_again_by_its_next_enqueue() {
+    let env = TestEnv::new().await;
+    let b = env.broker.clone().registering_queues_every(Duration::from_millis(200));
+    let set = env.keys().queues();
+    b.enqueue(NewJob::new("x", json!({}))).await.unwrap();
+    assert_eq!(b.queues().await.unwrap(), [q()]);
+    // Another process purges the namespace: this one's registration is still fresh for a while.
+    let _: () = b.connection().del(&set).await.unwrap();
+    b.enqueue(NewJob::new("x", json!({}))).await.unwrap();
+    assert!(b.queues().await.unwrap().is_empty(), "one Redis call per queue and interval, not per enqueue");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    b.enqueue(NewJob::new("x", json!({}))).await.unwrap();
+    assert_eq!(b.queues().await.unwrap(), [q()], "where the promoter and the recorder find it");
     env.cleanup().await;
 }
 

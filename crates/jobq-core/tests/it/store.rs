@@ -192,6 +192,31 @@ async fn an_error_or_envelope_holding_u0000_is_recorded_and_does_not_stop_the_re
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_batch_of_successes_with_u0000_in_its_worker_name_is_recorded() {
+    let env = TestEnv::new().await;
+    let q = QueueName::default_queue();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(env.broker.enqueue(NewJob::new("mail", json!({}))).await.unwrap().job.id);
+    }
+    // Two attempts completed in one call: one outbox event carrying both (its `batch` field).
+    let jobs = env.broker.fetch(&q, "w\u{0}1", 2).await.unwrap().jobs;
+    let outcomes: Vec<Outcome> = jobs.into_iter().map(|d| Outcome { delivery: d, result: Ok(None) }).collect();
+    env.broker.settle(&outcomes).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
+    let batch = env.broker.read_events(&mut conn, "r", &[q], 1000, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(batch.events.len(), 2);
+    env.store.record(&batch.events).await.unwrap();
+    for id in ids {
+        let execs = env.store.executions(id).await.unwrap();
+        assert_eq!(execs.len(), 1);
+        assert_eq!(execs[0].worker.as_deref(), Some("w\u{FFFD}1"));
+    }
+    env.cleanup().await;
+}
+
 /// A job whose attempt 1 failed and which then expired while waiting to retry: its events.
 async fn failed_then_expired(env: &TestEnv) -> (jobq_core::job::JobId, Vec<jobq_core::stream::outbox::Event>) {
     let q = QueueName::default_queue();

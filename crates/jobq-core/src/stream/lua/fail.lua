@@ -48,6 +48,7 @@ if ARGV[8] == 'postponed' then
   redis.call('ZADD', KEYS[4], run_at, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'scheduled', 'run_at', run_at, 'held_by', ARGV[5])
   redis.call('HDEL', KEYS[1], 'lease', 'entry')
+  track_expiry(KEYS[1], ARGV[1])
   return {1, 'postponed'}
 end
 local h = redis.call('HMGET', KEYS[1], 'attempt', 'max_attempts')

@@ -66,6 +66,14 @@ local function release_waiting(base, jk, id, now)
   redis.call('HSET', jk, 'state', 'queued', 'entry', entry, 'run_at', now, 'released_at', now)
 end
 
+-- A job that goes back to waiting for a start (held back by a limit, or re-queued after its
+-- worker stopped) has its deadline, if any, tracked again in the expiring set: the promoter drops
+-- the member of a job that is running when its deadline passes.
+local function track_expiry(jk, id)
+  local at = redis.call('HGET', jk, 'expires_at')
+  if at then redis.call('ZADD', queue_base(jk, id) .. 'expiring', at, id) end
+end
+
 -- Moves a job of the scheduled set (scheduled or retrying) into its priority stream now, with
 -- run_at now, as the promoter moves it once due.
 local function queue_now(jk, id, stream, scheduled, now_s)

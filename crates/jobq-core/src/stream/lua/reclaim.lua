@@ -72,6 +72,7 @@ for i = 1, 4 do
               local fresh = redis.call('XADD', KEYS[i], '*', 'id', id)
               redis.call('HSET', jk, 'state', 'queued', 'entry', fresh)
               redis.call('HDEL', jk, 'lease')
+              track_expiry(jk, id)
               requeued = requeued + 1
             end
           end
