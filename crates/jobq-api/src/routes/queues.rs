@@ -154,7 +154,7 @@ impl From<Waiting> for JobState {
 #[serde(deny_unknown_fields)]
 pub struct CancelQueue {
     /// Only jobs of this type.
-    #[schema(pattern = r"^[^\x00]*$")]
+    #[schema(pattern = r"^[^\x00]*$", min_length = 1)]
     #[serde(rename = "type")]
     pub kind: Option<String>,
     /// Only jobs in these states: `queued`, `scheduled` (delayed or held back), `retrying`.
@@ -176,7 +176,7 @@ pub struct CancelQueue {
 #[serde(deny_unknown_fields)]
 pub struct RunQueue {
     /// Only jobs of this type.
-    #[schema(pattern = r"^[^\x00]*$")]
+    #[schema(pattern = r"^[^\x00]*$", min_length = 1)]
     #[serde(rename = "type")]
     pub kind: Option<String>,
     /// Only jobs in these states: `scheduled` (delayed or held back), `retrying`. Default (left
