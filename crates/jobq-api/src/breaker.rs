@@ -82,9 +82,11 @@ impl RedisBreaker {
     }
 }
 
-/// Routes that talk to Redis: jobs, queues, DLQ retries and manual schedule triggers.
+/// Routes that talk to Redis: jobs (but a job's history, read from Postgres), queues, DLQ
+/// retries and manual schedule triggers. A schedule's runs read their jobs' live states from
+/// Redis, and without it their recorded outcomes: that route is not held.
 pub fn needs_redis(method: &Method, path: &str) -> bool {
-    path.starts_with("/api/v1/jobs")
+    (path.starts_with("/api/v1/jobs") && !path.ends_with("/executions"))
         || path.starts_with("/api/v1/queues")
         || (*method == Method::POST && path.starts_with("/api/v1/dlq") && path.ends_with("/retry"))
         || path.ends_with("/trigger")
@@ -156,6 +158,8 @@ mod tests {
         assert!(needs_redis(&Method::POST, "/api/v1/dlq/{id}/retry"));
         assert!(needs_redis(&Method::POST, "/api/v1/schedules/{name}/trigger"));
         assert!(!needs_redis(&Method::GET, "/api/v1/dlq"));
+        assert!(!needs_redis(&Method::GET, "/api/v1/jobs/{id}/executions"));
+        assert!(!needs_redis(&Method::GET, "/api/v1/schedules/{name}/runs"));
         assert!(!needs_redis(&Method::GET, "/api/v1/schedules"));
         assert!(!needs_redis(&Method::GET, "/health"));
     }

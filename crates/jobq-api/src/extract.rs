@@ -40,6 +40,22 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     }
 }
 
+/// A `T` read from one JSON object (an item of a batch, a body read by hand): 400 for JSON that
+/// does not parse, 422 for anything but an object or an object that is not a `T`.
+pub fn object<'de, T: Deserialize<'de>>(json: &'de str) -> Result<T, serde_json::Error> {
+    serde_json::from_str::<Object<T>>(json).map(|o| o.0)
+}
+
+/// The [`ApiError`] of a JSON body that [`object`] refused, `what` naming it in the message.
+pub fn body_error(what: &str, e: serde_json::Error) -> ApiError {
+    match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            ApiError::BadRequest(format!("{what} is not valid JSON: {e}"))
+        }
+        _ => ApiError::Invalid(format!("{what}: {e}")),
+    }
+}
+
 /// `Query<T>` whose errors are [`ApiError`]s.
 pub struct ApiQuery<T>(pub T);
 

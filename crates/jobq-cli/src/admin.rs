@@ -650,9 +650,18 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
                 ));
             }
             progress(0, matched as usize, "purging");
-            let deleted = store.purge_dead(&f).await?;
+            let (deleted, error) = match store.purge_dead(&f).await {
+                Ok(n) => (n, None),
+                Err(jobq_core::store::PurgeStopped { deleted, error }) => (deleted, Some(error)),
+            };
             progress(matched as usize, matched as usize, "purging");
-            store.audit(&actor(), "dlq.purge", None, serde_json::to_value(&f).ok(), deleted as i64, None).await?;
+            // Batches commit one by one: a purge stopped half-way is audited with what it did.
+            let details = error.as_ref().map(|e| json!({"stopped": e.to_string()}));
+            let filter = serde_json::to_value(&f).ok();
+            store.audit(&actor(), "dlq.purge", None, filter, deleted as i64, details).await?;
+            if let Some(e) = error {
+                return Err(e.into());
+            }
             println!(
                 "{}",
                 if as_json { json!({"deleted": deleted}).to_string() } else { format!("deleted {deleted}") }
@@ -712,6 +721,9 @@ async fn schedules(broker: &Broker, store: &Store, cmd: ScheduleCommand, as_json
         ScheduleCommand::Rm { name } => {
             if !store.delete_schedule(&name).await? {
                 return Err(Failure(exit::NOT_FOUND, format!("schedule `{name}` not found")));
+            }
+            if let Err(e) = store.audit(&actor(), "schedule.delete", Some(name.clone()), None, 1, None).await {
+                eprintln!("warning: schedule {name} is deleted, but the audit entry could not be written: {e}");
             }
             println!("{}", if as_json { json!({"deleted": name}).to_string() } else { format!("deleted {name}") });
         }

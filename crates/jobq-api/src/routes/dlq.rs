@@ -182,6 +182,13 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
     Value::deserialize(d).map(Some)
 }
 
+/// Whether the request says its body is JSON (`application/json`, or a `+json` type).
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(v) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 #[utoipa::path(post, path = "/api/v1/dlq/{id}/retry", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")), request_body(content = Option<RetryBody>, description = "optional edited payload"),
     responses((status = 200, body = DlqRetried), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn retry(
@@ -189,17 +196,20 @@ pub(crate) async fn retry(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_id(&id)?;
     let body = body?;
-    // No body (or `null`) retries the job as it was.
-    let body: Option<RetryBody> = if body.iter().all(u8::is_ascii_whitespace) {
-        None
+    // No body (or `null`) retries the job as it was; a body is a JSON object, as on every route.
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("the retry body is not UTF-8".into()))?;
+    let body: RetryBody = if text.trim().is_empty() || text.trim() == "null" {
+        RetryBody::default()
+    } else if !is_json(&headers) {
+        return Err(ApiError::UnsupportedMediaType("send JSON with `Content-Type: application/json`".into()));
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(format!("invalid retry body: {e}")))?
+        crate::extract::object(text).map_err(|e| crate::extract::body_error("the retry body", e))?
     };
-    let body = body.unwrap_or_default();
     if let Some(p) = &body.payload {
         if jobq_core::job::has_nul(p) {
             return Err(ApiError::Invalid("`payload` must not contain the character U+0000".into()));
@@ -301,10 +311,22 @@ pub(crate) async fn purge(
         return Err(ApiError::BadRequest("purging the DLQ needs `confirm=true`".into()));
     }
     let filter = q.filter().into_store(0, None)?;
-    let deleted = state.store.purge_dead(&filter).await?;
-    let f = serde_json::to_value(&filter).unwrap_or(Value::Null);
-    audit_done(&state, &who, "dlq.purge", None, Some(f), deleted as i64, None).await;
-    Ok(Json(json!({"deleted": deleted})))
+    // In a task of its own, as a queue's bulk cancel: batches commit one by one, so a purge a
+    // caller leaves, or that Postgres stops half-way, is audited with what it deleted.
+    let work = async move {
+        let (deleted, error) = match state.store.purge_dead(&filter).await {
+            Ok(n) => (n, None),
+            Err(jobq_core::store::PurgeStopped { deleted, error }) => (deleted, Some(error)),
+        };
+        let f = serde_json::to_value(&filter).unwrap_or(Value::Null);
+        let details = error.as_ref().map(|e| json!({"stopped": e.to_string()}));
+        audit_done(&state, &who, "dlq.purge", None, Some(f), deleted as i64, details).await;
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(Json(json!({"deleted": deleted}))),
+        }
+    };
+    tokio::spawn(work).await.map_err(|e| ApiError::Internal(e.into()))?
 }
 
 /// Writes the audit entry of an action that has already taken effect. A failure to write it

@@ -152,14 +152,23 @@ pub(crate) async fn enqueue(
     ApiJson(req): ApiJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut job = req.into_new_job(state.payload_limit)?;
-    job.enqueued_by = Some(who.name);
+    job.enqueued_by = Some(who.name.clone());
     carry_trace(&headers, &mut job);
     let enqueued = state.broker.enqueue(job).await?;
     if enqueued.created {
         count_enqueued(&enqueued.job, 1);
+    } else if !visible(&who, &enqueued.job) {
+        return Err(held_by_another(&enqueued.job));
     }
     let status = if enqueued.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(enqueued.job)))
+}
+
+/// A producer's enqueue whose unique key is held by a job another key enqueued: that job is not
+/// shown to it, as `GET /api/v1/jobs/{id}` would not show it.
+fn held_by_another(job: &jobq_core::job::JobInfo) -> ApiError {
+    let key = job.unique_key.as_deref().unwrap_or_default();
+    ApiError::Conflict(format!("`unique_key` {key:?} is held by a job another API key enqueued"))
 }
 
 /// Most jobs in one `POST /api/v1/jobs/batch`.
@@ -206,7 +215,7 @@ pub(crate) async fn enqueue_batch(
     let mut index = Vec::with_capacity(req.jobs.len());
     let mut errors = Vec::new();
     for (i, raw) in req.jobs.into_iter().enumerate() {
-        let parsed = serde_json::from_str::<EnqueueRequest>(raw.get())
+        let parsed = crate::extract::object::<EnqueueRequest>(raw.get())
             .map_err(|e| ApiError::Invalid(e.to_string()))
             .and_then(|r| r.into_new_job(state.payload_limit));
         match parsed {
@@ -237,6 +246,7 @@ pub(crate) async fn enqueue_batch(
     let (mut created, mut existing) = (0, 0);
     for (i, r) in index.into_iter().zip(outcome) {
         results[i] = Some(match r {
+            Ok(e) if !e.created && !visible(&who, &e.job) => item_error(i, held_by_another(&e.job)),
             Ok(e) => {
                 if e.created {
                     count_enqueued(&e.job, 1);
@@ -312,7 +322,7 @@ fn batch_callback(
     headers: &HeaderMap,
 ) -> Result<NewJob, ApiError> {
     let req: EnqueueRequest =
-        serde_json::from_value(raw).map_err(|e| ApiError::Invalid(format!("`on_complete`: {e}")))?;
+        crate::extract::object(&raw.to_string()).map_err(|e| ApiError::Invalid(format!("`on_complete`: {e}")))?;
     if !req.depends_on.is_empty() || req.dependency_mode.is_some() {
         return Err(ApiError::Invalid("`on_complete`: `depends_on` is set by the batch; leave it out".into()));
     }

@@ -48,13 +48,14 @@ async fn batch_enqueue_reports_each_item_and_atomic_batches_are_all_or_nothing()
         {"type": "echo", "colour": "red"},
         {"type": "echo", "unique_key": "u", "queue": "mail"},
         {"type": "echo", "unique_key": "u", "queue": "mail"},
-        {"type": "echo", "delay": "1h"}
+        {"type": "echo", "delay": "1h"},
+        ["echo"]
     ]});
     let (s, r) = call(&app, "POST", "/api/v1/jobs/batch", Some(&body.to_string())).await;
     assert_eq!(s, StatusCode::OK, "{r}");
     let statuses: Vec<u64> = r["results"].as_array().unwrap().iter().map(|i| i["status"].as_u64().unwrap()).collect();
-    assert_eq!(statuses, [201, 422, 422, 201, 200, 201]);
-    assert_eq!((r["created"].as_u64(), r["existing"].as_u64(), r["failed"].as_u64()), (Some(3), Some(1), Some(2)));
+    assert_eq!(statuses, [201, 422, 422, 201, 200, 201, 422], "an item is an object, not an array of its fields");
+    assert_eq!((r["created"].as_u64(), r["existing"].as_u64(), r["failed"].as_u64()), (Some(3), Some(1), Some(3)));
     assert_eq!(r["results"][4]["job"]["id"], r["results"][3]["job"]["id"]);
     assert!(r["results"][2]["error"]["message"].as_str().unwrap().contains("colour"));
     assert_eq!(r["results"][5]["job"]["state"], "scheduled");
@@ -184,6 +185,19 @@ async fn executions_queue_stats_and_the_whole_dlq() {
     let (s, err) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", dead[1]), Some(nul)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("U+0000"), "{err}");
+    // The body is read as on every JSON route: an object, JSON, said to be JSON.
+    let path = format!("/api/v1/dlq/{}/retry", dead[1]);
+    let (s, err) = call(&app, "POST", &path, Some(r#"[{"payload": {"fixed": true}}]"#)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "an array of the fields is not the body: {err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("a JSON object"), "{err}");
+    let (s, err) = call(&app, "POST", &path, Some(r#"{"payload": "#)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{err}");
+    let untyped =
+        axum::http::Request::builder().method("POST").uri(&path).body(axum::body::Body::from(r#"{"payload": 1}"#));
+    let resp = tower::ServiceExt::oneshot(app.clone(), untyped.unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (_, job) = call(&app, "GET", &format!("/api/v1/jobs/{}", dead[1]), None).await;
+    assert_eq!(job["state"], "dead", "every refused retry left it: {job}");
     // An explicit `null` is a payload like any other, not "keep the old one".
     let (s, r) = call(&app, "POST", &format!("/api/v1/dlq/{}/retry", dead[2]), Some(r#"{"payload": null}"#)).await;
     assert_eq!(s, StatusCode::OK, "{r}");

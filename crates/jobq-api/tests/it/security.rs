@@ -177,6 +177,42 @@ async fn a_producer_reads_only_the_jobs_its_key_enqueued() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(status(&app, "GET", &format!("/api/v1/jobs/{theirs}"), Some("k-reader"), false).await, StatusCode::OK);
+
+    // A unique key held by a job of another key: 409, and that job is not shown.
+    let send = |key: &'static str, path: &'static str, body: &'static str| {
+        let app = app.clone();
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(path)
+                .header("content-type", "application/json")
+                .header("x-api-key", key)
+                .body(Body::from(body))
+                .unwrap();
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+            (status, serde_json::from_slice::<serde_json::Value>(&bytes).unwrap())
+        }
+    };
+    let one = r#"{"type":"echo","payload":{"secret":1},"unique_key":"shared"}"#;
+    let (s, held) = send("k-admin", "/api/v1/jobs", one).await;
+    assert_eq!(s, StatusCode::CREATED, "{held}");
+    let (s, err) = send("k-producer", "/api/v1/jobs", one).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    assert!(!err.to_string().contains("secret") && !err.to_string().contains(held["id"].as_str().unwrap()), "{err}");
+    let batch = r#"{"jobs":[{"type":"echo","unique_key":"shared"},{"type":"echo","unique_key":"mine"}]}"#;
+    let (s, r) = send("k-producer", "/api/v1/jobs/batch", batch).await;
+    assert_eq!(
+        (s, r["results"][0]["status"].as_u64(), r["results"][1]["status"].as_u64()),
+        (StatusCode::OK, Some(409), Some(201)),
+        "{r}"
+    );
+    assert!(!r.to_string().contains(held["id"].as_str().unwrap()), "{r}");
+    let (s, again) = send("k-producer", "/api/v1/jobs", r#"{"type":"echo","unique_key":"mine"}"#).await;
+    assert_eq!((s, &again["id"]), (StatusCode::OK, &r["results"][1]["job"]["id"]), "its own key's job: {again}");
+    let (s, same) = send("k-admin", "/api/v1/jobs", one).await;
+    assert_eq!((s, &same["id"]), (StatusCode::OK, &held["id"]), "an admin sees every job: {same}");
     env.cleanup().await;
 }
 

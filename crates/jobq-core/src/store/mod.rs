@@ -182,6 +182,15 @@ pub struct Execution {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// A [`Store::purge_dead`] stopped by an error after `deleted` rows were deleted (and committed).
+#[derive(Debug)]
+pub struct PurgeStopped {
+    /// Rows deleted before the error.
+    pub deleted: u64,
+    /// The error.
+    pub error: Error,
+}
+
 /// What a DLQ retry did.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -548,14 +557,18 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Deletes every DLQ row (not retried) matching, in batches of 1,000; returns how many.
-    pub async fn purge_dead(&self, filter: &DlqFilter) -> Result<u64> {
+    /// Deletes every DLQ row (not retried) matching, in batches of 1,000 committed one by one;
+    /// returns how many, or how many before an error stopped it.
+    pub async fn purge_dead(&self, filter: &DlqFilter) -> std::result::Result<u64, PurgeStopped> {
         let sql = format!(
             "DELETE FROM dead_jobs WHERE job_id IN (SELECT job_id FROM dead_jobs WHERE {DLQ_WHERE} LIMIT 1000)"
         );
         let mut total = 0;
         loop {
-            let n = bind_filter(sqlx::query(&sql), filter).execute(&self.pool).await?.rows_affected();
+            let n = match bind_filter(sqlx::query(&sql), filter).execute(&self.pool).await {
+                Ok(done) => done.rows_affected(),
+                Err(e) => return Err(PurgeStopped { deleted: total, error: e.into() }),
+            };
             total += n;
             if n == 0 {
                 return Ok(total);
