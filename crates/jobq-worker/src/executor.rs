@@ -123,12 +123,15 @@ impl Executor {
             let started = std::time::Instant::now();
             let m = self.metrics.of(&d.queue, &d.envelope.kind);
             m.started.increment(1);
-            if d.attempt == 1 && d.run == 1 {
-                let waited = (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0;
-                m.enqueue_to_start.record(waited);
-            }
+            // Recorded below unless a limit held the attempt back: a held-back job comes back
+            // as attempt 1, and its wait counts once, up to the start that ran its handler.
+            let waited = (d.attempt == 1 && d.run == 1)
+                .then(|| (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0);
             self.in_flight.increment(1.0);
             let result = self.attempt(&d, &slot).await;
+            if let Some(waited) = waited.filter(|_| !matches!(&result, Some(Err(f)) if f.reason == "postponed")) {
+                m.enqueue_to_start.record(waited);
+            }
             drop(permits.run);
             self.in_flight.decrement(1.0);
             let took = started.elapsed();

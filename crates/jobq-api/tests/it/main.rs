@@ -497,6 +497,11 @@ async fn schedules_crud_trigger_and_runs() {
     }
     let (s, _) = call(&app, "PATCH", "/api/v1/schedules/nightly", Some(r#"{"enabled":true}"#)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, audit) = call(&app, "GET", "/api/v1/audit", None).await;
+    let deletes: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|a| a["action"] == "schedule.delete").collect();
+    assert_eq!(deletes.len(), 1, "the delete, not the one that found nothing: {audit}");
+    assert_eq!((&deletes[0]["target"], &deletes[0]["count"]), (&json!("nightly"), &json!(1)));
     env.cleanup().await;
 }
 
@@ -655,7 +660,10 @@ async fn while_redis_is_frozen_requests_that_need_it_fail_fast_and_postgres_rout
     let env = TestEnv::with(&[("REDIS_URL", &redis.url()), ("JOBQ_REDIS_TIMEOUT", "500ms")]).await;
     let app = app(&env);
     let enqueue = || call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"echo"}"#));
-    assert_eq!(enqueue().await.0, StatusCode::CREATED);
+    let (_, job) = enqueue().await;
+    let schedule = r#"{"name":"nightly","cron":"0 30 2 * * *","job":{"type":"echo"}}"#;
+    assert_eq!(call(&app, "POST", "/api/v1/schedules", Some(schedule)).await.0, StatusCode::CREATED);
+    assert_eq!(call(&app, "POST", "/api/v1/schedules/nightly/trigger", None).await.0, StatusCode::CREATED);
     redis.signal("STOP");
     let t = std::time::Instant::now();
     let (status, err) = enqueue().await;
@@ -674,6 +682,13 @@ async fn while_redis_is_frozen_requests_that_need_it_fail_fast_and_postgres_rout
     assert!(slow <= 1 + t.elapsed().as_millis() as usize / 500, "{slow} of 20 waited for Redis in {:?}", t.elapsed());
     let (status, _) = call(&app, "GET", "/api/v1/dlq", None).await;
     assert_eq!(status, StatusCode::OK, "a Postgres route does not wait for Redis");
+    let history = format!("/api/v1/jobs/{}/executions", job["id"].as_str().unwrap());
+    let (status, err) = call(&app, "GET", &history, None).await;
+    assert_eq!(status, StatusCode::OK, "a job's history is in Postgres: {err}");
+    let t = std::time::Instant::now();
+    let (status, runs) = call(&app, "GET", "/api/v1/schedules/nightly/runs", None).await;
+    assert_eq!((status, runs["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(1)), "{runs}");
+    assert!(t.elapsed() < std::time::Duration::from_millis(300), "the open breaker spares the wait");
     redis.signal("CONT");
     let back = std::time::Instant::now();
     jobq_testutil::wait_until(std::time::Duration::from_secs(5), "an enqueue to succeed", || async {

@@ -62,6 +62,30 @@ async fn a_concurrency_limit_holds_across_two_workers_and_held_jobs_spend_no_att
     finish(env, workers).await;
 }
 
+#[tokio::test]
+async fn a_job_held_back_by_a_limit_counts_once_in_the_enqueue_to_start_histogram() {
+    let metrics = jobq_core::ops::prometheus();
+    let env = TestEnv::with(&[("JOBQ_WORKER_CONCURRENCY", "10"), ("JOBQ_WORKER_QUEUES", "held")]).await;
+    let mut registry = Registry::new();
+    gauge_handler(&mut registry, "report", 30, Arc::default(), Arc::default());
+    registry.layer_for("report", layers::ConcurrencyLimit::per_type(1).retry_in(Duration::from_millis(10)));
+    let workers = vec![start(&env, registry)];
+    let jobs: Vec<_> = (0..6).map(|i| NewJob::new("report", json!(i)).queue("held".parse().unwrap())).collect();
+    let ids: Vec<_> =
+        env.broker.enqueue_many(jobs, false).await.unwrap().into_iter().map(|r| r.unwrap().job.id).collect();
+    for id in &ids {
+        wait_state(&env, *id, JobState::Succeeded).await;
+    }
+    let text = metrics.render();
+    let line =
+        |name: &str| text.lines().find(|l| l.starts_with(name) && l.contains(r#"queue="held""#)).map(str::to_owned);
+    let postponed = text.lines().any(|l| l.contains(r#"outcome="postponed""#) && l.contains(r#"queue="held""#));
+    assert!(postponed, "the limit held some starts back: {text}");
+    let count = line("jobq_enqueue_to_start_seconds_count").expect("the histogram has samples");
+    assert!(count.ends_with(" 6"), "one sample per job, not per held-back start: {count}");
+    finish(env, workers).await;
+}
+
 /// Attempt 1 of a job of this type ends without returning (`first`); attempt 2 succeeds.
 fn cut_short_once(registry: &mut Registry, kind: &str, first: fn() -> std::future::Ready<()>) {
     registry.register(kind, move |ctx: JobContext| async move {
