@@ -602,7 +602,9 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
         DlqCommand::Retry { id: Some(id), .. } => {
             let id = job_id(&id)?;
             let r = store.retry_dead(broker, id, None).await?;
-            store.audit(&actor(), "dlq.retry", Some(id.to_string()), None, 1, None).await?;
+            if let Err(e) = store.audit(&actor(), "dlq.retry", Some(id.to_string()), None, 1, None).await {
+                eprintln!("warning: job {id} is re-enqueued, but the audit entry could not be written: {e}");
+            }
             println!(
                 "{}",
                 if as_json {
@@ -622,23 +624,42 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
                 ));
             }
             let (mut retried, total) = (0usize, ids.len());
+            // A job retried or deleted meanwhile is skipped; any other error (Redis or Postgres
+            // out) is counted, and the command fails once the rest are done.
+            let (mut failed, mut first_error) = (0usize, None);
             for (i, id) in ids.into_iter().enumerate() {
-                if store.retry_dead(broker, id, None).await.is_ok() {
-                    retried += 1;
+                match store.retry_dead(broker, id, None).await {
+                    Ok(_) => retried += 1,
+                    Err(
+                        jobq_core::Error::Conflict(_)
+                        | jobq_core::Error::JobNotFound(_)
+                        | jobq_core::Error::NotFound(_),
+                    ) => {}
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert(e);
+                    }
                 }
                 progress(i + 1, total, "retrying");
             }
-            store
-                .audit(&actor(), "dlq.retry_filter", None, serde_json::to_value(&f).ok(), retried as i64, None)
-                .await?;
+            let details = first_error.as_ref().map(|e| json!({"failed": failed, "stopped": e.to_string()}));
+            let filter = serde_json::to_value(&f).ok();
+            if let Err(e) = store.audit(&actor(), "dlq.retry_filter", None, filter, retried as i64, details).await {
+                eprintln!("warning: {retried} jobs are re-enqueued, but the audit entry could not be written: {e}");
+            }
             println!(
                 "{}",
                 if as_json {
-                    json!({"retried": retried, "matched": total}).to_string()
+                    json!({"retried": retried, "matched": total, "failed": failed}).to_string()
+                } else if failed > 0 {
+                    format!("re-enqueued {retried} of {total}; {failed} failed")
                 } else {
                     format!("re-enqueued {retried} of {total}")
                 }
             );
+            if let Some(e) = first_error {
+                return Err(e.into());
+            }
         }
         DlqCommand::Purge { filter, yes } => {
             let f = filter.filter(0);

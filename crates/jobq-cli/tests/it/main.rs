@@ -430,6 +430,19 @@ async fn dlq_commands_list_retry_and_purge() {
     let (code, _, err) = jobq_in(&env, &["dlq", "retry", "--type", "x"]).await;
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("2 dead jobs match"));
+    // With Redis out, each retry fails and rolls back: the command says so and fails.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["--json", "dlq", "retry", "--type", "x", "--yes"])
+        .envs(env.env())
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(stdout.trim()) {
+        assert_eq!((v["retried"].as_u64(), v["failed"].as_u64()), (Some(0), Some(2)), "{v}");
+    }
     let (code, out, _) = jobq_in(&env, &["--json", "dlq", "retry", "--type", "x", "--yes"]).await;
     assert_eq!((code, serde_json::from_str::<serde_json::Value>(&out).unwrap()["retried"].as_u64()), (0, Some(2)));
     let (code, out, _) = jobq_in(&env, &["--json", "dlq", "purge", "--yes"]).await;
@@ -438,7 +451,7 @@ async fn dlq_commands_list_retry_and_purge() {
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_eq!(audit, 3, "retry, retry by filter and purge are audited");
+    assert_eq!(audit, 4, "retry, the failed and the done retry by filter, and purge are audited");
     env.cleanup().await;
 }
 
