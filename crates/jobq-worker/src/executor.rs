@@ -271,34 +271,63 @@ pub(crate) async fn complete_loop(
         let (outcomes, permits): (Vec<Outcome>, Vec<OwnedSemaphorePermit>) = buf.drain(..).unzip();
         // Heartbeats go on until the outcomes are written (or given up at shutdown).
         let _renewed = Unregister { running: &running, outcomes: &outcomes };
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match broker.settle(&outcomes).await {
-                Ok(results) => {
-                    for (o, r) in outcomes.iter().zip(results) {
-                        let d = &o.delivery;
-                        let m = job_metrics.of(&d.queue, &d.envelope.kind);
-                        m.finished(r).increment(1);
-                        if o.result.is_err() && !matches!(r, Settled::Stale | Settled::Postponed) {
-                            m.failed.increment(1);
+        let counted = |o: &Outcome, r: Settled| {
+            let d = &o.delivery;
+            let m = job_metrics.of(&d.queue, &d.envelope.kind);
+            m.finished(r).increment(1);
+            if o.result.is_err() && !matches!(r, Settled::Stale | Settled::Postponed) {
+                m.failed.increment(1);
+            }
+            if r == Settled::Stale {
+                tracing::warn!(job.id = %o.delivery.envelope.id, "lease lost: another worker owns this job now; outcome dropped");
+            }
+        };
+        match settle_retrying(&broker, &outcomes, &give_up).await {
+            Some(Ok(results)) => outcomes.iter().zip(results).for_each(|(o, r)| counted(o, r)),
+            // An error the same call meets again (a job key of another type, a script error):
+            // one outcome must not hold the others, nor every slot once the queue of outcomes
+            // fills. Each is written alone; one refused for good is dropped, and its job runs
+            // again once its lease lapses (this worker stops renewing it).
+            Some(Err(e)) => {
+                tracing::error!(error = %e, jobs = outcomes.len(), "writing outcomes failed for good; writing them one by one");
+                for o in &outcomes {
+                    match settle_retrying(&broker, std::slice::from_ref(o), &give_up).await {
+                        Some(Ok(r)) => counted(o, r[0]),
+                        Some(Err(e)) => {
+                            metrics::counter!("jobq_outcomes_dropped_total").increment(1);
+                            tracing::error!(job.id = %o.delivery.envelope.id, error = %e, "outcome refused by Redis; dropped: the job runs again once its lease lapses");
                         }
-                        if r == Settled::Stale {
-                            tracing::warn!(job.id = %o.delivery.envelope.id, "lease lost: another worker owns this job now; outcome dropped");
-                        }
+                        None => break,
                     }
-                    break;
-                }
-                Err(e) => {
-                    metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
-                    tracing::warn!(error = %e, jobs = outcomes.len(), "writing outcomes failed; retrying");
-                    tokio::select! {
-                        _ = give_up.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
+            None => {}
         }
         drop(permits);
+    }
+}
+
+/// Writes outcomes, retrying with backoff while the error is one a retry can mend. None once
+/// `give_up` fires (shutdown); the error that a retry does not mend otherwise.
+async fn settle_retrying(
+    broker: &Broker,
+    outcomes: &[Outcome],
+    give_up: &CancellationToken,
+) -> Option<jobq_core::Result<Vec<Settled>>> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match broker.settle(outcomes).await {
+            Ok(results) => return Some(Ok(results)),
+            Err(e) if !e.is_transient_redis() => return Some(Err(e)),
+            Err(e) => {
+                metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+                tracing::warn!(error = %e, jobs = outcomes.len(), "writing outcomes failed; retrying");
+                tokio::select! {
+                    _ = give_up.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }

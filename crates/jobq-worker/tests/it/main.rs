@@ -699,3 +699,30 @@ async fn fetches_that_time_out_beside_a_fetch_sent_ahead_lose_no_job_and_run_non
     assert!(back.elapsed() < Duration::from_secs(30), "done {:?} after the last freeze", back.elapsed());
     finish(env, [(token, handle)]).await;
 }
+
+#[tokio::test]
+async fn an_outcome_redis_refuses_for_good_does_not_hold_the_others() {
+    let env = TestEnv::new().await;
+    let mut registry = Registry::new();
+    registry.register("nap", |ctx: JobContext| async move {
+        let ms = ctx.payload["ms"].as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(None)
+    });
+    let worker = start(&env, registry);
+    let q = jobq_core::job::QueueName::default_queue();
+    // Both within the 300 ms attempt timeout of these tests; the second ends after the first.
+    let broken = env.broker.enqueue(NewJob::new("nap", json!({"ms": 150}))).await.unwrap().job.id;
+    let later = env.broker.enqueue(NewJob::new("nap", json!({"ms": 280}))).await.unwrap().job.id;
+    wait_state(&env, broken, JobState::Running).await;
+    // The first job's hash becomes a string while it runs: every write of its outcome meets
+    // WRONGTYPE, which no retry mends.
+    let key = env.keys().job(&q, broken);
+    let mut conn = env.broker.connection();
+    let _: () = redis::pipe().del(&key).set(&key, "not a hash").query_async(&mut conn).await.unwrap();
+    let done = wait_state(&env, later, JobState::Succeeded).await;
+    assert_eq!(done.attempt, 1);
+    let more = env.broker.enqueue(NewJob::new("nap", json!({"ms": 0}))).await.unwrap().job.id;
+    wait_state(&env, more, JobState::Succeeded).await;
+    finish(env, [worker]).await;
+}
