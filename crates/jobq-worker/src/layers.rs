@@ -280,6 +280,17 @@ impl<F: FnOnce(CutShort)> Drop for OnCutShort<F> {
 }
 
 /// Runs `task` on the current runtime (from a drop, where nothing can be awaited).
+/// Stops a concurrency slot's renewal task and waits until it has: a renewal it was sending
+/// then reaches Redis before the slot's release, never after it (where it would take the slot
+/// back for a whole TTL).
+async fn stop_renewal(renewal: &std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>) {
+    let task = renewal.lock().ok().and_then(|mut t| t.take());
+    if let Some(task) = task {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
 fn spawn_detached(task: impl Future<Output = ()> + Send + 'static) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(task);
@@ -473,18 +484,20 @@ impl Layer<JobService> for ConcurrencyLimit {
                     }
                 })
             };
-            let renewal = renew.abort_handle();
+            let renewal = std::sync::Arc::new(std::sync::Mutex::new(Some(renew)));
             // Cut short, the attempt gives its slot back all the same: otherwise the renewal
             // would keep it from every later job for as long as this worker lives.
             let cut = OnCutShort::new(&ctx, {
                 let (broker, name, member, renewal) = (broker.clone(), name.clone(), member.clone(), renewal.clone());
                 move |_| {
-                    renewal.abort();
-                    spawn_detached(async move { give_back(&broker, &name, &member).await });
+                    spawn_detached(async move {
+                        stop_renewal(&renewal).await;
+                        give_back(&broker, &name, &member).await;
+                    });
                 }
             });
             let r = next.run(ctx).await;
-            renewal.abort();
+            stop_renewal(&renewal).await;
             give_back(&broker, &name, &member).await;
             cut.finish();
             r
