@@ -52,7 +52,9 @@ pub(crate) async fn run(broker: Broker, store: Store, settings: SchedulerSetting
                     metrics::counter!("jobq_cron_errors_total").increment(1);
                     tracing::error!(schedule = %schedule, error = %error, "schedule could not be fired; the other schedules go on, this one is tried again");
                 }
-                delay = settings.cron_poll;
+                // A pass that stopped at its batch with more perhaps due goes again at once, so
+                // that a burst of schedules due at one tick is not turned into misfires.
+                delay = if pass.more { Duration::ZERO } else { settings.cron_poll };
             }
             Err(e) => {
                 metrics::counter!("jobq_cron_errors_total").increment(1);

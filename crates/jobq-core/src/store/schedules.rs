@@ -18,8 +18,9 @@ use crate::stream::Broker;
 /// `catch_up`), which it stays until `keep` later ticks are due. So the key is held for the
 /// grace plus `keep + 1` periods of the schedule, at least this long.
 const TICK_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
-/// The longest such hold (a yearly schedule catching up on many years).
-const TICK_KEY_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(100 * 366 * 24 * 3600);
+/// The longest such hold (a yearly schedule catching up on many years): the longest unique ttl
+/// an enqueue takes, so that no tick's job is refused for its key's ttl.
+const TICK_KEY_TTL_MAX: std::time::Duration = crate::job::MAX_UNIQUE_TTL;
 
 /// The idempotency key's ttl for `tick` of `schedule`.
 fn tick_key_ttl(
@@ -97,6 +98,9 @@ pub struct FirePass {
     /// Schedules that could not be fired in this pass (name, error): their claim was rolled
     /// back and the pass went on with the next due schedule.
     pub failed: Vec<(String, String)>,
+    /// The pass stopped at its `max` with ticks fired and more schedules perhaps due: the
+    /// caller goes again at once rather than after its poll interval.
+    pub more: bool,
 }
 
 const COLUMNS: &str =
@@ -305,10 +309,14 @@ impl Store {
     pub async fn fire_due(&self, broker: &Broker, grace: chrono::Duration, max: usize) -> Result<FirePass> {
         let mut pass = FirePass::default();
         let mut passed_over: Vec<String> = Vec::new();
+        let mut drained = false;
         for _ in 0..max {
             let mut tx = self.pool.begin().await?;
             match claim_due(&mut tx, broker, grace, &mut pass.skipped, &passed_over).await {
-                Ok(Claim::NothingDue) => break,
+                Ok(Claim::NothingDue) => {
+                    drained = true;
+                    break;
+                }
                 Ok(Claim::Unchanged) => {
                     tx.rollback().await?;
                 }
@@ -332,16 +340,20 @@ impl Store {
                 }
             }
         }
+        pass.more = !drained && !pass.fired.is_empty();
         Ok(pass)
     }
 }
 
-/// Whether `e` says Redis or Postgres cannot be reached (end the pass and retry later), as
+/// Whether `e` says Redis or Postgres cannot be reached or cannot serve for now (end the pass and
+/// retry later), as
 /// opposed to something about one schedule: a row or column that does not decode, a refused job,
 /// a script error on its queue's keys.
 fn is_outage(e: &Error) -> bool {
     match e {
-        Error::Redis(r) => r.is_io_error() || r.is_timeout() || r.is_connection_dropped() || r.is_connection_refusal(),
+        // A server loading, out of memory or in a fail-over is an outage too: the next
+        // schedule would meet it as well.
+        Error::Redis(_) => e.is_transient_redis(),
         Error::Database(d) => {
             matches!(
                 d,

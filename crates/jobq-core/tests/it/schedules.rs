@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use jobq_core::job::{Priority, QueueName};
-use jobq_core::schedule::{JobTemplate, Misfire, ScheduleSpec};
+use jobq_core::schedule::{CronSchedule, JobTemplate, Misfire, ScheduleSpec};
 use jobq_core::store::Store;
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
@@ -257,5 +257,44 @@ async fn a_manual_trigger_that_enqueued_answers_with_its_job_even_if_the_run_can
     assert_eq!(env.broker.job(job.id).await.unwrap().unwrap().state, jobq_core::job::JobState::Queued);
     assert_eq!(backlog(&env).await, 1, "enqueued once; a caller has no reason to trigger again");
     sqlx::query("ALTER TABLE schedule_runs_away RENAME TO schedule_runs").execute(&env.pool).await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_yearly_schedule_catching_up_fires_its_late_tick() {
+    let env = TestEnv::new().await;
+    let mut yearly = spec("yearly", "@yearly");
+    yearly.misfire = Misfire::CatchUp;
+    env.store.create_schedule(&yearly).await.unwrap();
+    // The latest yearly tick, missed: its key's ttl spans the catch-up plan's ten years and
+    // more, and is held to the longest an enqueue takes.
+    let tick = CronSchedule::parse("@yearly", "UTC")
+        .unwrap()
+        .upcoming(Utc::now() - chrono::Duration::days(366))
+        .next()
+        .unwrap();
+    sqlx::query("UPDATE schedules SET next_fire_at = $1 WHERE name = 'yearly'")
+        .bind(tick)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let pass = env.store.fire_due(&env.broker, grace(), 100).await.unwrap();
+    assert!(pass.failed.is_empty(), "{:?}", pass.failed);
+    assert_eq!(pass.fired.iter().map(|f| f.tick).collect::<Vec<_>>(), [tick]);
+    assert_eq!(backlog(&env).await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_pass_stopped_at_its_batch_says_more_may_be_due() {
+    let env = TestEnv::new().await;
+    for i in 0..5 {
+        env.store.create_schedule(&spec(&format!("s{i}"), "@hourly")).await.unwrap();
+        rewind(&env, &format!("s{i}"), chrono::Duration::minutes(30)).await;
+    }
+    let first = env.store.fire_due(&env.broker, long_grace(), 3).await.unwrap();
+    assert_eq!((first.fired.len(), first.more), (3, true));
+    let second = env.store.fire_due(&env.broker, long_grace(), 3).await.unwrap();
+    assert_eq!((second.fired.len(), second.more), (2, false));
     env.cleanup().await;
 }
