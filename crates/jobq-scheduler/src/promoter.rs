@@ -16,8 +16,24 @@ pub async fn promote_once(broker: &Broker, batch: usize) -> jobq_core::Result<Ve
 pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: CancellationToken) {
     let mut delay = settings.promote_interval;
     loop {
-        match promote_once(&broker, settings.promote_batch).await {
-            Ok(results) => {
+        let pass = match broker.queues().await {
+            Ok(queues) => broker.promote_each(&queues, settings.promote_batch).await,
+            Err(e) => Err(e),
+        };
+        match pass {
+            Ok(each) => {
+                let mut results = Vec::with_capacity(each.len());
+                for r in each {
+                    match r {
+                        Ok(p) => results.push(p),
+                        // One queue's keys Redis refuses (a key of another type): the other
+                        // queues go on at their pace, and this one is tried again each pass.
+                        Err(e) => {
+                            metrics::counter!("jobq_redis_errors_total", "component" => "promoter").increment(1);
+                            tracing::error!(error = %e, "promoting a queue failed; the other queues go on");
+                        }
+                    }
+                }
                 for p in &results {
                     let q = p.queue.to_string();
                     metrics::counter!("jobq_promoted_total", "queue" => q.clone()).increment(p.count);

@@ -959,6 +959,13 @@ impl Broker {
 
     /// Moves due delayed and retrying jobs of each queue into their streams (one pipeline).
     pub async fn promote(&self, queues: &[QueueName], limit: usize) -> Result<Vec<Promoted>> {
+        self.promote_each(queues, limit).await?.into_iter().collect()
+    }
+
+    /// [`Broker::promote`], with each queue's own result: a queue whose script fails (a key of
+    /// another type among its keys) does not hide what the others did. `Err` only when the
+    /// calls could not be made at all.
+    pub async fn promote_each(&self, queues: &[QueueName], limit: usize) -> Result<Vec<Result<Promoted>>> {
         let calls = queues
             .iter()
             .map(|q| {
@@ -976,7 +983,7 @@ impl Broker {
             })
             .collect();
         let results = self.run(calls).await?;
-        queues
+        Ok(queues
             .iter()
             .zip(results)
             .map(|(q, r)| {
@@ -985,7 +992,7 @@ impl Broker {
                 let lag_ms = if oldest < 0 { 0 } else { now - oldest };
                 Ok(Promoted { queue: q.clone(), count, lag_ms, expired, swept, more: more == 1 })
             })
-            .collect()
+            .collect())
     }
 
     /// Re-enqueues a dead job (from its DLQ envelope) as a new run with a fresh attempt count,

@@ -2,7 +2,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use jobq_core::job::{JobState, NewJob, Priority, QueueName};
-use jobq_core::stream::{Broker, Delivery, Failure, Keys, Outcome, Requeued, Settled};
+use jobq_core::stream::{Broker, Delivery, Failure, Keys, Lease, LeaseStatus, Outcome, Requeued, Settled};
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
 use serde_json::json;
@@ -585,5 +585,128 @@ async fn a_large_batch_over_two_queues_keeps_each_queues_order_across_script_cal
     let stored = env.broker.job(created[0].job.id).await.unwrap().unwrap();
     assert_eq!((stored.attempt, stored.reclaims), (0, 0));
     assert_eq!(hget(&env, &env.keys().job(&other, created[0].job.id), "attempt").await, None);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_job_key_of_another_type_spoils_only_its_own_job() {
+    let env = TestEnv::new().await;
+    let ids: Vec<_> = enqueue_n(&env, 4).await;
+    // A fetch meeting one: the others start, its entry goes.
+    spoil(&env, ids[0]).await;
+    let f = env.broker.fetch(&q(), "c1", 10).await.unwrap();
+    assert_eq!(f.jobs.iter().map(|d| d.envelope.id).collect::<Vec<_>>(), ids[1..]);
+    assert_eq!(xlen(&env, &env.keys().stream(&q(), Priority::Normal)).await, 3);
+    // A heartbeat meeting one: the others' leases are renewed, its lease is lost.
+    spoil(&env, ids[2]).await;
+    let leases: Vec<Lease> = f
+        .jobs
+        .iter()
+        .map(|d| Lease {
+            queue: d.queue.clone(),
+            priority: d.priority,
+            entry: d.entry.clone(),
+            id: d.envelope.id,
+            token: d.lease.clone(),
+        })
+        .collect();
+    let held = env.broker.heartbeat("c1", &leases).await.unwrap();
+    assert_eq!(held, [LeaseStatus::Held, LeaseStatus::Lost, LeaseStatus::Held]);
+    // A batch of outcomes meeting one: the others are written in full (history, retention).
+    let outcomes: Vec<Outcome> = f.jobs.iter().map(|d| Outcome { delivery: d.clone(), result: Ok(None) }).collect();
+    let settled = env.broker.settle(&outcomes).await.unwrap();
+    assert_eq!(settled, [Settled::Succeeded, Settled::Stale, Settled::Succeeded]);
+    for id in [ids[1], ids[3]] {
+        assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Succeeded);
+    }
+    let retained: Vec<String> = env.broker.connection().zrange(env.keys().retained(&q()), 0, -1).await.unwrap();
+    assert_eq!(retained, [format!("{} {}", ids[1], ids[3])]);
+    let events: redis::streams::StreamRangeReply =
+        env.broker.connection().xrange_all(env.keys().events(&q())).await.unwrap();
+    let batch = events.ids[0].get::<String>("batch").unwrap();
+    assert!(batch.contains(&ids[1].to_string()) && batch.contains(&ids[3].to_string()), "{batch}");
+    // The promoter meeting one among due jobs: the others move.
+    let mut later = Vec::new();
+    for _ in 0..2 {
+        later.push(
+            env.broker.enqueue(NewJob::new("x", json!({})).delay(Duration::from_millis(1))).await.unwrap().job.id,
+        );
+    }
+    spoil(&env, later[0]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let promoted = env.broker.promote(&[q()], 100).await.unwrap();
+    assert_eq!(promoted[0].count, 1);
+    assert_eq!(env.broker.job(later[1]).await.unwrap().unwrap().state, JobState::Queued);
+    let scheduled: u64 = env.broker.connection().zcard(env.keys().scheduled(&q())).await.unwrap();
+    assert_eq!(scheduled, 0, "the spoiled member is gone too");
+    env.cleanup().await;
+}
+
+/// Puts a string where the job's hash was.
+async fn spoil(env: &TestEnv, id: jobq_core::job::JobId) {
+    let key = env.keys().job(&q(), id);
+    let _: () =
+        redis::pipe().del(&key).set(&key, "not a hash").query_async(&mut env.broker.connection()).await.unwrap();
+}
+
+async fn enqueue_n(env: &TestEnv, n: usize) -> Vec<jobq_core::job::JobId> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(env.broker.enqueue(NewJob::new("x", json!({}))).await.unwrap().job.id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_job_retrying_past_its_deadline_is_dead_lettered_as_expired() {
+    let env = TestEnv::new().await;
+    let deadline = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    let id = env.broker.enqueue(NewJob::new("x", json!({})).expires_at(deadline)).await.unwrap().job.id;
+    let d = fetch_one(&env.broker).await;
+    // The deadline passes while it runs, and a promoter pass lets go of its member.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    env.broker.promote(&[q()], 100).await.unwrap();
+    assert_eq!(env.broker.job(id).await.unwrap().unwrap().state, JobState::Running);
+    let settled = env.broker.settle(&[fail(&d, Some(Duration::from_secs(3600)))]).await.unwrap();
+    assert_eq!(settled, [Settled::Retrying]);
+    let p = env.broker.promote(&[q()], 100).await.unwrap();
+    assert_eq!(p[0].expired, 1, "not an hour later, at its retry");
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Dead);
+    env.cleanup().await;
+}
+
+/// Other keys of the database come and go: the same SCAN position then covers other buckets.
+async fn churn(env: &TestEnv, round: usize) {
+    let ns = env.keys().namespace();
+    let mut pipe = redis::pipe();
+    for i in 0..500 {
+        pipe.set(format!("{ns}:churn:{round}:{i}"), 1).ignore();
+        if round > 0 {
+            pipe.del(format!("{ns}:churn:{}:{i}", round - 1)).ignore();
+        }
+    }
+    let _: () = pipe.query_async(&mut env.broker.connection()).await.unwrap();
+}
+
+#[tokio::test]
+async fn paging_through_jobs_while_keys_come_and_go_skips_and_repeats_none() {
+    let env = TestEnv::new().await;
+    let ids: HashSet<_> = enqueue_n(&env, 200).await.into_iter().collect();
+    let (mut seen, mut cursor, mut round) = (Vec::new(), None::<String>, 0);
+    loop {
+        let (items, next) = env.broker.list_jobs(Some(&q()), None, None, 7, cursor.as_deref()).await.unwrap();
+        assert!(items.len() <= 7 + 20, "about `limit` jobs: {}", items.len());
+        seen.extend(items.into_iter().map(|j| j.id));
+        churn(&env, round).await;
+        round += 1;
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let unique: HashSet<_> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len(), "no job twice");
+    assert_eq!(unique, ids, "every job once");
     env.cleanup().await;
 }

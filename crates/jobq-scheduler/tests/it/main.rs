@@ -99,3 +99,58 @@ async fn events_wait_in_the_outbox_while_postgres_is_down_and_are_written_once_a
     assert_eq!((dead, execs), (20, 20));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_due_schedules_fires_without_waiting_for_the_next_poll() {
+    let env = TestEnv::new().await;
+    for i in 0..150 {
+        let spec = serde_json::from_value(json!({"name": format!("s{i}"), "cron": "@hourly", "job": {"type": "x"}}));
+        env.store.create_schedule(&spec.unwrap()).await.unwrap();
+    }
+    // Every one due at this hour's tick, more than one pass fires (100).
+    sqlx::query("UPDATE schedules SET next_fire_at = date_trunc('hour', now()) WHERE next_fire_at > now()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let mut settings = env.settings();
+    settings.scheduler.cron_poll = Duration::from_secs(30);
+    settings.scheduler.misfire_grace = Duration::from_secs(3 * 3600);
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(jobq_scheduler::run(settings, token.clone()));
+    let stream = env.keys().stream(&QueueName::default_queue(), jobq_core::job::Priority::Normal);
+    wait_until(Duration::from_secs(10), "every schedule fired, well before the next poll", || async {
+        let n: u64 = redis::AsyncCommands::xlen(&mut env.broker.connection(), &stream).await.unwrap();
+        (n == 150).then_some(())
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_whose_keys_redis_refuses_does_not_slow_the_promotion_of_the_others() {
+    let env = TestEnv::new().await;
+    let (fine, broken): (QueueName, QueueName) = ("fine".parse().unwrap(), "broken".parse().unwrap());
+    env.broker.enqueue(NewJob::new("x", json!({})).queue(broken.clone()).delay(Duration::from_secs(1))).await.unwrap();
+    let _: () = redis::AsyncCommands::set(&mut env.broker.connection(), env.keys().scheduled(&broken), "not a zset")
+        .await
+        .unwrap();
+    let jobs = (0..1000).map(|_| NewJob::new("x", json!({})).queue(fine.clone()).delay(Duration::from_millis(1)));
+    env.broker.enqueue_many(jobs.collect(), true).await.unwrap();
+    let mut settings = env.settings();
+    // Ten passes of 100 move them: only at once, one after the other, within the wait.
+    settings.scheduler.promote_batch = 100;
+    settings.scheduler.promote_interval = Duration::from_secs(30);
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(jobq_scheduler::run(settings, token.clone()));
+    let stream = env.keys().stream(&fine, jobq_core::job::Priority::Normal);
+    wait_until(Duration::from_secs(10), "every due job of the fine queue promoted", || async {
+        let n: u64 = redis::AsyncCommands::xlen(&mut env.broker.connection(), &stream).await.unwrap();
+        (n == 1000).then_some(())
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}

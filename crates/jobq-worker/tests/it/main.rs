@@ -712,14 +712,14 @@ async fn an_outcome_redis_refuses_for_good_does_not_hold_the_others() {
     let worker = start(&env, registry);
     let q = jobq_core::job::QueueName::default_queue();
     // Both within the 300 ms attempt timeout of these tests; the second ends after the first.
-    let broken = env.broker.enqueue(NewJob::new("nap", json!({"ms": 150}))).await.unwrap().job.id;
+    let broken = env.broker.enqueue(NewJob::new("nap", json!({"ms": 150})).unique("k", None)).await.unwrap().job.id;
     let later = env.broker.enqueue(NewJob::new("nap", json!({"ms": 280}))).await.unwrap().job.id;
     wait_state(&env, broken, JobState::Running).await;
-    // The first job's hash becomes a string while it runs: every write of its outcome meets
-    // WRONGTYPE, which no retry mends.
-    let key = env.keys().job(&q, broken);
+    // The first job's unique lock becomes a hash while it runs: every write of its outcome
+    // meets WRONGTYPE releasing it, which no retry mends.
+    let key = env.keys().unique(&q, "k");
     let mut conn = env.broker.connection();
-    let _: () = redis::pipe().del(&key).set(&key, "not a hash").query_async(&mut conn).await.unwrap();
+    let _: () = redis::pipe().del(&key).hset(&key, "not", "a string").query_async(&mut conn).await.unwrap();
     let done = wait_state(&env, later, JobState::Succeeded).await;
     assert_eq!(done.attempt, 1);
     let more = env.broker.enqueue(NewJob::new("nap", json!({"ms": 0}))).await.unwrap().job.id;

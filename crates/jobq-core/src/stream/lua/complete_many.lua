@@ -35,8 +35,9 @@ local n = 0
 for i = 9, #argv, 5 do
   local id, lease = argv[i + 1], argv[i + 2]
   local jk = prefix .. id
-  local h = redis.call('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
+  local h = redis.pcall('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
     'expires_at')
+  if h.err then h = not_a_job(jk, h) end
   if h[1] ~= 'running' or h[2] ~= lease then
     -- Succeeded on this very lease: an earlier call wrote it and its reply was lost, and the
     -- worker sent the outcome again. Reported as written (2), changing nothing; a hash already

@@ -30,7 +30,7 @@ for i = 1, 4 do
         if e then
           local id = e[2][2]
           local jk = ARGV[3] .. id
-          local h = redis.call('HMGET', jk, 'state', 'entry', 'lease', 'given_up')
+          local h = job_fields(jk, 'state', 'entry', 'lease', 'given_up')
           if h[1] == 'running' and h[2] == entry and h[3] and h[4] ~= h[3] and not skip[id] then
             if ARGV[8] == '1' then
               n = n + #redis.call('XCLAIM', KEYS[i], ARGV[1], ARGV[2], 0, entry, 'JUSTID')

@@ -65,6 +65,9 @@ if delay >= 0 and tonumber(h[1]) < tonumber(h[2]) then
   redis.call('ZADD', KEYS[4], retry_at, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'retrying', 'finished_at', now, 'last_error', ARGV[5], 'run_at', retry_at)
   redis.call('HDEL', KEYS[1], 'lease', 'entry')
+  -- Its deadline may have passed while it ran (the promoter then let go of its member): the
+  -- next sweep dead-letters it rather than its retry.
+  track_expiry(KEYS[1], ARGV[1])
   return {1, 'retrying'}
 end
 local reason = ARGV[8]

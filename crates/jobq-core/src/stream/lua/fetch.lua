@@ -46,8 +46,9 @@ for i = 1, 4 do
         local id = e[2][2]
         local jk = prefix .. id
         -- One read and one write per job: the counters are incremented here, not with HINCRBY.
-        local st = redis.call('HMGET', jk, 'state', 'entry', 'expires_at', 'attempt', 'lease_seq', 'attempts_total',
+        local st = redis.pcall('HMGET', jk, 'state', 'entry', 'expires_at', 'attempt', 'lease_seq', 'attempts_total',
           'run', 'envelope', 'checkpoint')
+        if st.err then st = not_a_job(jk, st) end
         if st[1] == 'queued' and st[2] == entry then
           if st[3] and now >= tonumber(st[3]) then
             redis.call('XACK', KEYS[i], ARGV[1], entry)

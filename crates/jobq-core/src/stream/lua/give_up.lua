@@ -10,7 +10,7 @@ local n = 0
 for i = 4, #ARGV, 4 do
   local entry, id, lease = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local jk = ARGV[3] .. id
-  local h = redis.call('HMGET', jk, 'state', 'lease')
+  local h = job_fields(jk, 'state', 'lease')
   if h[1] == 'running' and h[2] == lease then
     n = n + hand_back(KEYS[tonumber(ARGV[i])], ARGV[1], ARGV[2], entry, jk, lease, idle)
   end

@@ -7,7 +7,7 @@ local out = {}
 for i = 4, #ARGV, 4 do
   local stream = KEYS[tonumber(ARGV[i])]
   local entry, id, lease = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local h = redis.call('HMGET', ARGV[3] .. id, 'state', 'lease', 'cancel_requested')
+  local h = job_fields(ARGV[3] .. id, 'state', 'lease', 'cancel_requested')
   local status = 2
   if h[1] == 'running' and h[2] == lease then
     local claimed = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, entry, 'JUSTID')

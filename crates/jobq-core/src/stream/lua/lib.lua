@@ -14,6 +14,22 @@ local function now_ms_pair()
   return tonumber(t[1]) * 1000 + tonumber(ms), t[1] .. ms
 end
 
+-- A job's hash as read by redis.pcall('HMGET', ...) (hot scripts call it themselves, then
+-- this only when it answered an error): a key of another type in its place (written by
+-- something other than jobq) reads as a job that is gone, with a warning in Redis' log, instead
+-- of failing the script and with it every other job of the call.
+local function not_a_job(jk, reply)
+  redis.log(redis.LOG_WARNING, 'jobq: ' .. jk .. ' is not a job hash (' .. tostring(reply.err) .. ')')
+  return {}
+end
+
+-- HMGET of a job's hash, a key of another type reading as a job that is gone (not_a_job).
+local function job_fields(jk, ...)
+  local h = redis.pcall('HMGET', jk, ...)
+  if h.err then return not_a_job(jk, h) end
+  return h
+end
+
 -- Drops the job's unique lock when it is held until a terminal state and still names this job.
 -- u: the job's {unique_key, unique_hold} when the caller has read them already.
 local function release_unique(jk, id, u)

@@ -13,7 +13,7 @@ local index = { critical = 2, high = 3, normal = 4, low = 5 }
 local expired = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
   local jk = ARGV[2] .. id
-  local h = redis.call('HMGET', jk, 'state', 'entry', 'prio', 'expires_at')
+  local h = job_fields(jk, 'state', 'entry', 'prio', 'expires_at')
   -- The hash decides: a member can outlive the job's deadline (a DLQ retry starts a run with
   -- none).
   local due = h[4] and tonumber(h[4]) <= now
@@ -31,7 +31,7 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumb
 local promoted = 0
 for _, id in ipairs(ids) do
   local jk = ARGV[2] .. id
-  local h = redis.call('HMGET', jk, 'state', 'prio')
+  local h = job_fields(jk, 'state', 'prio')
   if (h[1] == 'scheduled' or h[1] == 'retrying') and index[h[2]] then
     local stream = KEYS[index[h[2]]]
     if redis.call('EXISTS', stream) == 0 then

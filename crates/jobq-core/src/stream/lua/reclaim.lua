@@ -44,7 +44,7 @@ for i = 1, 4 do
         if e[2] then
           local id = e[2][2]
           local jk = ARGV[5] .. id
-          local h = redis.call('HMGET', jk, 'state', 'entry', 'cancel_requested', 'lease', 'given_up')
+          local h = job_fields(jk, 'state', 'entry', 'cancel_requested', 'lease', 'given_up')
           if h[1] == 'running' and h[2] == entry then
             -- An attempt its worker gave up at a graceful stop (give_up.lua) is not a crash.
             local n = 0
