@@ -70,7 +70,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         | "/"
         | "/dashboard/app.js" => None,
         "/api/v1/jobs" | "/api/v1/jobs/batch" if method == Method::POST => Some(Role::Producer),
-        "/api/v1/jobs/{id}" | "/api/v1/jobs/{id}/executions" if method == Method::GET => Some(Role::Producer),
+        "/api/v1/jobs/{id}" | "/api/v1/jobs/{id}/executions" if method == Method::GET || method == Method::HEAD => {
+            Some(Role::Producer)
+        }
         _ if method == Method::GET || method == Method::HEAD => Some(Role::Reader),
         _ => Some(Role::Admin),
     }
@@ -154,6 +156,7 @@ mod tests {
         assert_eq!(required_role(&get, "/health"), None);
         assert_eq!(required_role(&post, "/api/v1/jobs"), Some(Role::Producer));
         assert_eq!(required_role(&get, "/api/v1/jobs/{id}"), Some(Role::Producer));
+        assert_eq!(required_role(&Method::HEAD, "/api/v1/jobs/{id}"), Some(Role::Producer), "as GET");
         assert_eq!(required_role(&get, "/api/v1/dlq"), Some(Role::Reader));
         assert_eq!(required_role(&Method::DELETE, "/api/v1/jobs/{id}"), Some(Role::Admin));
         assert!(allows(Role::Admin, Role::Reader, &get) && allows(Role::Reader, Role::Producer, &get));

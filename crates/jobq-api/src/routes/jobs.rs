@@ -267,6 +267,10 @@ pub(crate) async fn enqueue_batch(
         // batch's results, not instead of them (a client retrying the whole batch would
         // enqueue it twice).
         match state.broker.enqueue(callback.after_all_finish(done)).await {
+            Ok(enqueued) if !enqueued.created && !visible(&who, &enqueued.job) => {
+                let e = held_by_another(&enqueued.job);
+                body.on_complete_error = Some(ItemError { code: e.parts().1, message: e.to_string() });
+            }
             Ok(enqueued) => {
                 if enqueued.created {
                     count_enqueued(&enqueued.job, 1);
@@ -391,13 +395,12 @@ pub struct ListQuery {
     /// Only this type.
     #[serde(rename = "type")]
     pub kind: Option<String>,
-    /// Page size, 1-500 (default 50).
+    /// Page size, 1-500 (default 50). A page ends between two scans of Redis' keys, so it may
+    /// hold a few more jobs (at most 10 or so), or fewer while more follow (`next_cursor`).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
-    #[param(
-        pattern = r"^[0-9]{1,19}\.[0-9]{1,3}\.(-|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\.[A-Za-z0-9_.-]{1,64}$"
-    )]
+    #[param(pattern = r"^[0-9]{1,20}\.[A-Za-z0-9_.-]{1,64}$")]
     pub cursor: Option<String>,
 }
 

@@ -209,6 +209,16 @@ async fn a_producer_reads_only_the_jobs_its_key_enqueued() {
         "{r}"
     );
     assert!(!r.to_string().contains(held["id"].as_str().unwrap()), "{r}");
+    // Nor as a batch's on_complete callback: the batch is enqueued, the callback refused.
+    let callback = r#"{"jobs":[{"type":"echo"}],"on_complete":{"type":"echo","unique_key":"shared"}}"#;
+    let (s, cb) = send("k-producer", "/api/v1/jobs/batch", callback).await;
+    assert_eq!(
+        (s, cb["created"].as_u64(), cb["on_complete_error"]["code"].as_str()),
+        (StatusCode::OK, Some(1), Some("conflict")),
+        "{cb}"
+    );
+    assert!(cb.get("on_complete").is_none(), "{cb}");
+    assert!(!cb.to_string().contains("secret") && !cb.to_string().contains(held["id"].as_str().unwrap()), "{cb}");
     let (s, again) = send("k-producer", "/api/v1/jobs", r#"{"type":"echo","unique_key":"mine"}"#).await;
     assert_eq!((s, &again["id"]), (StatusCode::OK, &r["results"][1]["job"]["id"]), "its own key's job: {again}");
     let (s, same) = send("k-admin", "/api/v1/jobs", one).await;

@@ -1894,13 +1894,16 @@ impl Broker {
         }
     }
 
-    /// A page of at most `limit` jobs, found by scanning job hashes (bounded work per call): in
+    /// A page of about `limit` jobs, found by scanning job hashes (bounded work per call): in
     /// `queue` or every queue, filtered by state and type. `cursor` continues a previous page.
     ///
-    /// A cursor is `{scan}.{count}.{after}.{queue}`: the SCAN position within `queue` (queues
-    /// are visited in name order, so a queue created between pages moves nothing), and, when a
-    /// page ended inside a SCAN step, that step's COUNT and the last job id the page took from
-    /// it (`0.-` otherwise): the next page runs the step again and takes the jobs after that id.
+    /// A cursor is `{scan}.{queue}`: the SCAN position within `queue` (queues are visited in name
+    /// order, so a queue created between pages moves nothing). A page ends only between SCAN
+    /// calls, never inside one: the same position may cover other keys once keys are added or
+    /// deleted, so a page that ended inside a call could not be continued without skipping or
+    /// repeating jobs. Each call asks for as many keys as the page still has room for (at least
+    /// 10), so a page holds at most a few more than `limit` (a call returns whole buckets of
+    /// Redis' table).
     pub async fn list_jobs(
         &self,
         queue: Option<&QueueName>,
@@ -1914,30 +1917,24 @@ impl Broker {
             Some(q) => vec![q.clone()],
             None => self.queues().await?,
         };
-        let (mut qi, mut scan, mut step, mut after) = (0usize, 0u64, None, None);
+        let (mut qi, mut scan) = (0usize, 0u64);
         if let Some(c) = cursor {
             let bad = || Error::Invalid(format!("invalid cursor `{c}`"));
-            let mut parts = c.splitn(4, '.');
-            let mut part = || parts.next().ok_or_else(bad);
-            let at: u64 = part()?.parse().map_err(|_| bad())?;
-            let count: usize = part()?.parse().map_err(|_| bad())?;
-            let last = match part()? {
-                "-" => None,
-                id => Some(id.parse::<JobId>().map_err(|_| bad())?),
-            };
-            let name: QueueName = part()?.parse().map_err(|_| bad())?;
+            let (at, name) = c.split_once('.').ok_or_else(bad)?;
+            let at: u64 = at.parse().map_err(|_| bad())?;
+            let name: QueueName = name.parse().map_err(|_| bad())?;
             qi = queues.iter().position(|q| *q >= name).unwrap_or(queues.len());
             if queues.get(qi) == Some(&name) {
                 scan = at;
-                step = (count > 0).then(|| count.min(500));
-                after = last;
             }
         }
         let mut conn = self.conn.clone();
         let mut items = Vec::new();
-        let mut budget = 20_000usize;
-        while qi < queues.len() && items.len() < limit && budget > 0 {
-            let count = step.take().unwrap_or(limit.clamp(10, 500));
+        // SCAN calls per page, whatever their COUNT.
+        let mut calls = 40;
+        while qi < queues.len() && items.len() < limit && calls > 0 {
+            calls -= 1;
+            let count = (limit - items.len()).clamp(10, 500);
             let pattern = format!("{}*", self.keys.job_prefix(&queues[qi]));
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(scan)
@@ -1947,8 +1944,6 @@ impl Broker {
                 .arg(count)
                 .query_async(&mut conn)
                 .await?;
-            budget = budget.saturating_sub(500);
-            let mut found = Vec::new();
             if !keys.is_empty() {
                 let mut pipe = redis::pipe();
                 for k in &keys {
@@ -1960,23 +1955,9 @@ impl Broker {
                     if state.is_some_and(|s| s != info.state) || kind.is_some_and(|k| k != info.kind) {
                         continue;
                     }
-                    found.push(info);
+                    items.push(info);
                 }
             }
-            found.sort_by_key(|j| j.id);
-            if let Some(last) = after.take() {
-                found.retain(|j| j.id > last);
-            }
-            let room = limit - items.len();
-            if found.len() > room {
-                // The page ends inside this step: the next one runs it again from the same place.
-                found.truncate(room);
-                let last = found.last().map(|j| j.id.to_string()).unwrap_or_else(|| "-".into());
-                items.extend(found);
-                items.sort_by_key(|j| std::cmp::Reverse(j.id));
-                return Ok((items, Some(format!("{scan}.{count}.{last}.{}", queues[qi]))));
-            }
-            items.extend(found);
             if next == 0 {
                 qi += 1;
                 scan = 0;
@@ -1985,7 +1966,7 @@ impl Broker {
             }
         }
         items.sort_by_key(|j| std::cmp::Reverse(j.id));
-        Ok((items, queues.get(qi).map(|q| format!("{scan}.0.-.{q}"))))
+        Ok((items, queues.get(qi).map(|q| format!("{scan}.{q}"))))
     }
 }
 
