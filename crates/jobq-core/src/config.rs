@@ -497,6 +497,9 @@ pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3
 /// Longest wait between two passes of a loop (polling, promotion, reaping, cron).
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// Most jobs per second a DLQ retry-by-filter is set to re-enqueue.
+pub const MAX_REPLAY_RATE: u32 = 100_000;
+
 impl Settings {
     /// Checks values and relations between values.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -619,6 +622,39 @@ impl Settings {
             return bad("jobs.timeout", "must be greater than zero".into());
         }
         self.jobs.backoff.validate().map_err(|e| ConfigError(format!("jobs.backoff: {e}")))?;
+        if self.api.payload_limit == 0 {
+            return bad("api.payload_limit", "must be at least 1 byte".into());
+        }
+        if !(1..=MAX_REPLAY_RATE).contains(&self.api.dlq_replay_rate) {
+            return bad(
+                "api.dlq_replay_rate",
+                format!("must be between 1 and {MAX_REPLAY_RATE} jobs/s, got {}", self.api.dlq_replay_rate),
+            );
+        }
+        // Zero would mean "never" for one and "at once" for the others: a retention is a time.
+        for (key, d) in [
+            ("retention.dead", self.retention.dead),
+            ("retention.history", self.retention.history),
+            ("retention.dlq", self.retention.dlq),
+        ] {
+            if d < Duration::from_secs(1) {
+                return bad(key, format!("must be at least 1s, got {}", crate::duration::format(d)));
+            }
+        }
+        // A key's name decides what a producer sees and its rate limit; its hash, which key
+        // was given: both are one key's own.
+        let (mut key_names, mut key_hashes) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        for k in &self.api.keys {
+            if !key_names.insert(&k.name) {
+                return bad("api.keys", format!("name `{}` is given to two keys; each key needs its own", k.name));
+            }
+            if !key_hashes.insert(&k.sha256) {
+                return bad(
+                    "api.keys",
+                    format!("key `{}` has the hash of another key; each key needs its own", k.name),
+                );
+            }
+        }
         if self.api.payload_limit > self.api.body_limit {
             return bad("api.payload_limit", "must not exceed api.body_limit".into());
         }
@@ -692,11 +728,19 @@ mod tests {
 
     #[test]
     fn api_keys_parse_from_the_environment_and_auth_needs_them() {
-        let hash = "a".repeat(64);
+        let (hash, other) = ("a".repeat(64), "b".repeat(64));
         let s =
-            with(&[("JOBQ_AUTH", "on"), ("JOBQ_API_KEYS", &format!("ci:producer:{hash}, ops:admin:{hash}"))]).unwrap();
+            with(&[("JOBQ_AUTH", "on"), ("JOBQ_API_KEYS", &format!("ci:producer:{hash}, ops:admin:{other}"))]).unwrap();
         assert!(s.api.auth);
         assert_eq!(s.api.keys.iter().map(|k| k.role).collect::<Vec<_>>(), [Role::Producer, Role::Admin]);
+        // Two keys with one name (a producer would see the other's jobs) or one hash.
+        for (keys, says) in [
+            (format!("ci:producer:{hash},ci:admin:{other}"), "name `ci`"),
+            (format!("ci:producer:{hash},ops:admin:{hash}"), "hash"),
+        ] {
+            let err = with(&[("JOBQ_AUTH", "on"), ("JOBQ_API_KEYS", &keys)]).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("JOBQ_API_KEYS"), "{keys}: {err}");
+        }
         for bad in ["ci:producer", "ci:boss:aaaa", &format!("ci:reader:{}", "A".repeat(64)), &format!(":reader:{hash}")]
         {
             let err = with(&[("JOBQ_AUTH", "on"), ("JOBQ_API_KEYS", bad)]).unwrap_err().to_string();
@@ -793,6 +837,12 @@ mod tests {
             ("JOBQ_SCHEDULER_RECLAIM_IDLE", "0", "at least 1s"),
             ("JOBQ_SCHEDULER_PROMOTE_BATCH", "0", "scheduler.promote_batch"),
             ("JOBQ_SCHEDULER_RECORD_BATCH", "0", "scheduler.record_batch"),
+            ("JOBQ_RETENTION_DLQ", "0", "at least 1s"),
+            ("JOBQ_RETENTION_HISTORY", "0", "at least 1s"),
+            ("JOBQ_RETENTION_DEAD", "500ms", "at least 1s"),
+            ("JOBQ_API_DLQ_REPLAY_RATE", "4294967295", "between 1 and 100000"),
+            ("JOBQ_API_DLQ_REPLAY_RATE", "0", "between 1 and 100000"),
+            ("JOBQ_API_PAYLOAD_LIMIT", "0", "at least 1 byte"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(says) && err.contains(var), "{var}={value}: {err}");

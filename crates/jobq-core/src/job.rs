@@ -668,8 +668,9 @@ pub struct JobInfo {
 pub const MAX_DEPENDENCIES: usize = 1000;
 
 /// Metadata entries jobq writes itself: the trace context of the enqueuing request, and the
-/// schedule and tick of a cron job. They do not count towards the 64 entries a job may carry.
-pub const SYSTEM_METADATA: [&str; 4] = ["traceparent", "tracestate", "schedule", "tick"];
+/// schedule and tick of a cron job, or the trigger of a schedule's manual run. They do not count
+/// towards the 64 entries a job may carry.
+pub const SYSTEM_METADATA: [&str; 5] = ["traceparent", "tracestate", "schedule", "tick", "trigger"];
 
 /// What the jobs in `depends_on` must reach before the dependent job is queued.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

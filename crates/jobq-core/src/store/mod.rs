@@ -586,6 +586,12 @@ impl Store {
         count: i64,
         details: Option<serde_json::Value>,
     ) -> Result<i64> {
+        // What the caller sent goes into the entry as it was, but for U+0000, which Postgres'
+        // text and jsonb cannot hold: an action that took effect is audited whatever it named.
+        use crate::stream::outbox::{storable, storable_json};
+        let (mut filter, mut details) = (filter, details);
+        filter.iter_mut().chain(details.iter_mut()).for_each(storable_json);
+        let (actor, target) = (storable(actor.to_owned()), target.map(storable));
         Ok(sqlx::query_scalar(
             "INSERT INTO audit_log (actor, action, target, filter, count, details) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
@@ -615,8 +621,12 @@ impl Store {
             "INSERT INTO audit_log (actor, action, filter, count, details, replay_owner, replay_alive_at) \
              VALUES ($1, 'dlq.retry_filter', $2, 0, $3, $4, now()) RETURNING id",
         )
-        .bind(actor)
-        .bind(serde_json::to_value(filter)?)
+        .bind(crate::stream::outbox::storable(actor.to_owned()))
+        .bind({
+            let mut filter = serde_json::to_value(filter)?;
+            crate::stream::outbox::storable_json(&mut filter);
+            filter
+        })
         .bind(replay.details(false))
         .bind(replay.owner)
         .fetch_one(&self.pool)

@@ -96,14 +96,14 @@ impl EventBatch {
 /// Postgres text and jsonb cannot hold U+0000; a handler's error message (or an envelope written
 /// before enqueue refused it) may. Such a character is stored as U+FFFD, so that one event can
 /// never stop the recorder.
-fn storable(mut s: String) -> String {
+pub(crate) fn storable(mut s: String) -> String {
     if s.contains('\0') {
         s = s.replace('\0', "\u{FFFD}");
     }
     s
 }
 
-fn storable_json(v: &mut serde_json::Value) {
+pub(crate) fn storable_json(v: &mut serde_json::Value) {
     use serde_json::Value;
     match v {
         Value::String(s) if s.contains('\0') => *s = storable(std::mem::take(s)),

@@ -266,3 +266,17 @@ async fn a_job_that_expires_waiting_to_retry_ends_its_history_dead_in_one_batch_
     assert_died_after_its_failed_attempt(&env, id).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_audit_entry_naming_a_nul_character_is_written() {
+    let env = TestEnv::new().await;
+    let filter = json!({"type": "a\u{0}b", "k\u{0}": ["\u{0}"]});
+    env.store
+        .audit("ops\u{0}", "dlq.purge", Some("t\u{0}".into()), Some(filter), 3, Some(json!({"error": "\u{0}"})))
+        .await
+        .unwrap();
+    let entry = env.store.audit_log(1).await.unwrap().remove(0);
+    assert_eq!(entry.filter, Some(json!({"type": "a\u{FFFD}b", "k\u{FFFD}": ["\u{FFFD}"]})));
+    assert_eq!((entry.actor.as_str(), entry.target.as_deref()), ("ops\u{FFFD}", Some("t\u{FFFD}")));
+    env.cleanup().await;
+}
