@@ -18,6 +18,55 @@ const CLAIM_EVERY: Duration = Duration::from_secs(10);
 /// ack costs about as much as tens of rows). The history lags by at most this much more.
 const LINGER: Duration = Duration::from_millis(20);
 
+/// Most bytes of event data (errors, envelopes of dead jobs) in one Postgres transaction: well
+/// under the 1 GB Postgres takes in one message or one value, however large the payloads of a
+/// backlog of dead jobs read in one batch after an outage.
+const MAX_TX_BYTES: usize = 64 << 20;
+
+/// About how many bytes an event takes in the statement: a fixed part for the row's ids, times
+/// and names, plus its texts and its envelope as JSON.
+fn event_bytes(e: &jobq_core::stream::outbox::Event) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let texts = [&e.error, &e.worker, &e.reason].iter().map(|t| t.as_ref().map_or(0, String::len)).sum::<usize>();
+    let mut envelope = Count(0);
+    if let Some(v) = &e.envelope {
+        let _ = serde_json::to_writer(&mut envelope, v);
+    }
+    128 + e.kind.len() + texts + envelope.0
+}
+
+/// `events` cut into runs of at most `per_tx` events and, but for a single larger event, at most
+/// `max_bytes`.
+fn chunks(
+    events: &[jobq_core::stream::outbox::Event],
+    per_tx: usize,
+    max_bytes: usize,
+) -> Vec<&[jobq_core::stream::outbox::Event]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in events.iter().enumerate() {
+        let size = event_bytes(e);
+        if i > start && (i - start >= per_tx.max(1) || bytes + size > max_bytes) {
+            out.push(&events[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < events.len() {
+        out.push(&events[start..]);
+    }
+    out
+}
+
 /// Writes one batch to Postgres and acks it. Returns the number of outbox entries handled.
 pub async fn record_once(broker: &Broker, store: &Store, batch: &EventBatch) -> jobq_core::Result<usize> {
     record_in_chunks(broker, store, batch, usize::MAX).await
@@ -37,7 +86,7 @@ async fn record_in_chunks(
     for (q, entry) in &batch.malformed {
         tracing::error!(queue.name = %q, entry, "undecodable outbox entry; dropping it");
     }
-    for chunk in batch.events.chunks(per_tx.max(1)) {
+    for chunk in chunks(&batch.events, per_tx, MAX_TX_BYTES) {
         store.record(chunk).await.inspect_err(|_| {
             metrics::counter!("jobq_postgres_errors_total", "component" => "recorder").increment(1);
         })?;
@@ -153,5 +202,41 @@ pub(crate) async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobq_core::stream::outbox::Event;
+
+    fn event(envelope_bytes: usize) -> Event {
+        Event {
+            queue: QueueName::default_queue(),
+            entry: "1-0".into(),
+            job_id: jobq_core::job::JobId::new(),
+            run: 1,
+            attempt: 1,
+            outcome: "dead".into(),
+            kind: "x".into(),
+            started_at: None,
+            finished_at: None,
+            worker: None,
+            error: None,
+            reason: None,
+            envelope: (envelope_bytes > 0).then(|| serde_json::json!({"payload": "p".repeat(envelope_bytes)})),
+        }
+    }
+
+    #[test]
+    fn a_transaction_holds_at_most_its_events_and_its_bytes() {
+        let small: Vec<Event> = (0..10).map(|_| event(0)).collect();
+        let sizes = |c: Vec<&[Event]>| c.iter().map(|c| c.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(chunks(&small, 4, MAX_TX_BYTES)), [4, 4, 2]);
+        assert_eq!(sizes(chunks(&small, usize::MAX, MAX_TX_BYTES)), [10]);
+        // Dead jobs with large payloads: cut by bytes; one larger than the bound goes alone.
+        let large: Vec<Event> = [400, 400, 400, 2000, 100].into_iter().map(event).collect();
+        assert_eq!(sizes(chunks(&large, 100, 1200)), [2, 1, 1, 1]);
+        assert!(chunks(&[], 4, 1000).is_empty());
     }
 }
