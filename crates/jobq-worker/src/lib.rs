@@ -297,7 +297,13 @@ pub struct Worker {
 impl Worker {
     /// A worker over `broker` running `registry`'s handlers.
     pub fn new(broker: Broker, registry: Registry, settings: WorkerSettings, default_timeout: Duration) -> Self {
-        let consumer = if settings.id.is_empty() { default_consumer_name() } else { settings.id.clone() };
+        // A configured id gets a random suffix too: two live processes given one id would be one
+        // consumer, and a fetch lost by one would hand back the jobs the other runs.
+        let consumer = if settings.id.is_empty() {
+            default_consumer_name()
+        } else {
+            format!("{}-{}", settings.id, &uuid::Uuid::new_v4().simple().to_string()[..6])
+        };
         Self { broker, registry: Arc::new(registry), settings, consumer, default_timeout }
     }
 
@@ -322,8 +328,20 @@ impl Worker {
     async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let queues = self.settings.queues.names();
         for q in &queues {
-            if retry_redis("create consumer groups", &shutdown, || self.broker.ensure_groups(q)).await.is_none() {
-                return Ok(());
+            // A queue whose keys Redis refuses for good (a key of another type) is left to the
+            // fetch loop, which tries it again now and then; the other queues start.
+            let made = retry_redis("create consumer groups", &shutdown, || async {
+                match self.broker.ensure_groups(q).await {
+                    Err(e) if refused_for_good(&e) => Ok(Some(e)),
+                    r => r.map(|()| None),
+                }
+            });
+            match made.await {
+                None => return Ok(()),
+                Some(Some(e)) => {
+                    tracing::error!(error = %e, queue.name = %q, "Redis refused this queue's consumer groups; the other queues start")
+                }
+                Some(None) => {}
             }
         }
         tracing::info!(
@@ -409,6 +427,10 @@ impl Worker {
         // one may have started newer jobs, which are this worker's to run).
         let mut received: HashMap<QueueName, Received> = HashMap::new();
         let mut lost: Vec<QueueName> = Vec::new();
+        // Queues whose fetch Redis refused for good (a key of another type, a consumer group
+        // deleted): each is left alone until its time, doubling up to a minute, while the
+        // others go on. An outage (every queue's fetch fails) backs the whole loop off instead.
+        let mut sick: HashMap<QueueName, (std::time::Instant, Duration)> = HashMap::new();
         let start = |q: &QueueName,
                      jobs: Vec<RawDelivery>,
                      permits: &mut Vec<executor::Permits>,
@@ -517,6 +539,9 @@ impl Worker {
                 if empty.contains(&q) {
                     continue;
                 }
+                if adopted.is_none() && sick.get(q).is_some_and(|(until, _)| std::time::Instant::now() < *until) {
+                    continue;
+                }
                 let adopt = adopted.take();
                 let want = adopt.as_ref().map_or(permits.len().min(*share).min(max_fetch), |a| a.want);
                 let sent = adopt.as_ref().map_or_else(std::time::Instant::now, |a| a.sent);
@@ -534,6 +559,8 @@ impl Worker {
                     tokio::select! {
                         biased;
                         r = &mut reply => r,
+                        // Stopping: nothing more is fetched.
+                        _ = shutdown.cancelled() => reply.await,
                         p = take_permits(&slots, &held, max_fetch) => {
                             let p = p?;
                             ahead = Some(self.fetch_ahead(q, p, &tracker, &exec, in_transit.begin()));
@@ -568,9 +595,21 @@ impl Worker {
                             last_ids.extend(fetched.last_ids);
                         }
                         started += n;
+                        sick.remove(q);
                         if more {
                             break;
                         }
+                    }
+                    Err(e) if refused_for_good(&e) => {
+                        let wait =
+                            sick.get(q).map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(Duration::from_secs(60)));
+                        sick.insert(q.clone(), (std::time::Instant::now() + wait, wait));
+                        if pipelined.as_ref() == Some(q) {
+                            backlog = false;
+                        }
+                        metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+                        tracing::error!(error = %e, queue.name = %q, retry_in_ms = wait.as_millis() as u64,
+                            "Redis refused this queue's fetch; the other queues go on");
                     }
                     Err(e) => {
                         drop(permits);
@@ -819,6 +858,12 @@ async fn take_permits(
 }
 
 /// Retries a Redis operation with backoff until it succeeds or shutdown is requested.
+/// A Redis error that the same call would meet again (a key of another type, a refused
+/// command), as opposed to an outage.
+fn refused_for_good(e: &jobq_core::Error) -> bool {
+    matches!(e, jobq_core::Error::Redis(_)) && !e.is_transient_redis()
+}
+
 async fn retry_redis<F, Fut, T>(what: &str, shutdown: &CancellationToken, mut op: F) -> Option<T>
 where
     F: FnMut() -> Fut,

@@ -86,6 +86,31 @@ async fn a_job_held_back_by_a_limit_counts_once_in_the_enqueue_to_start_histogra
     finish(env, workers).await;
 }
 
+#[tokio::test]
+async fn a_job_run_again_after_a_crash_is_not_sampled_again_in_the_enqueue_to_start_histogram() {
+    let metrics = jobq_core::ops::prometheus();
+    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "rerun")]).await;
+    let q: jobq_core::job::QueueName = "rerun".parse().unwrap();
+    let id = env.broker.enqueue(NewJob::new("report", json!({})).queue(q.clone())).await.unwrap().job.id;
+    // Started by a worker that died: the reaper puts it back as attempt 1 of its run.
+    env.broker.fetch(&q, "gone", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    env.broker
+        .reclaim("reaper", std::slice::from_ref(&q), Duration::from_millis(1), 3, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut registry = Registry::new();
+    gauge_handler(&mut registry, "report", 0, Arc::default(), Arc::default());
+    let workers = vec![start(&env, registry)];
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!((job.attempt, job.reclaims), (1, 1));
+    let text = metrics.render();
+    let count =
+        text.lines().find(|l| l.starts_with("jobq_enqueue_to_start_seconds_count") && l.contains(r#"queue="rerun""#));
+    assert!(count.is_none_or(|c| c.ends_with(" 0")), "its first start was sampled, or would have been: {count:?}");
+    finish(env, workers).await;
+}
+
 /// Attempt 1 of a job of this type ends without returning (`first`); attempt 2 succeeds.
 fn cut_short_once(registry: &mut Registry, kind: &str, first: fn() -> std::future::Ready<()>) {
     registry.register(kind, move |ctx: JobContext| async move {

@@ -726,3 +726,24 @@ async fn an_outcome_redis_refuses_for_good_does_not_hold_the_others() {
     wait_state(&env, more, JobState::Succeeded).await;
     finish(env, [worker]).await;
 }
+
+#[tokio::test]
+async fn a_queue_whose_fetch_redis_refuses_does_not_stop_the_others() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default")]).await;
+    let urgent: jobq_core::job::QueueName = "urgent".parse().unwrap();
+    env.broker.enqueue(NewJob::new("echo", json!({})).queue(urgent.clone())).await.unwrap();
+    // The first queue's stream becomes a string: each of its fetches meets WRONGTYPE.
+    let stream = env.keys().stream(&urgent, jobq_core::job::Priority::Normal);
+    let _: () = redis::AsyncCommands::set(&mut env.broker.connection(), &stream, "not a stream").await.unwrap();
+    let mut registry = Registry::new();
+    registry.register("echo", |_ctx: JobContext| async move { Ok(None) });
+    let worker = start(&env, registry);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id);
+    }
+    for id in ids {
+        wait_state(&env, id, JobState::Succeeded).await;
+    }
+    finish(env, [worker]).await;
+}
