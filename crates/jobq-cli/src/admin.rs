@@ -615,33 +615,53 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
             );
         }
         DlqCommand::Retry { id: None, filter, yes } => {
-            let f = filter.filter(0);
-            let ids = store.dead_ids(&f, 100_000).await?;
+            // The jobs dead now: one retried that dies again meanwhile is not taken twice.
+            let mut f = filter.filter(jobq_core::store::MAX_PAGE);
+            let now = chrono::Utc::now();
+            f.failed_before = Some(f.failed_before.map_or(now, |b| b.min(now)));
+            let total = store.count_dead(&f).await? as usize;
             if !yes {
                 return Err(Failure(
                     exit::REFUSED,
-                    format!("{} dead jobs match; run again with --yes to retry them", ids.len()),
+                    format!("{total} dead jobs match; run again with --yes to retry them"),
                 ));
             }
-            let (mut retried, total) = (0usize, ids.len());
+            let mut retried = 0usize;
             // A job retried or deleted meanwhile is skipped; any other error (Redis or Postgres
-            // out) is counted, and the command fails once the rest are done.
-            let (mut failed, mut first_error) = (0usize, None);
-            for (i, id) in ids.into_iter().enumerate() {
-                match store.retry_dead(broker, id, None).await {
-                    Ok(_) => retried += 1,
-                    Err(
-                        jobq_core::Error::Conflict(_)
-                        | jobq_core::Error::JobNotFound(_)
-                        | jobq_core::Error::NotFound(_),
-                    ) => {}
+            // out) is counted, and the command fails once the rest are done. Pages follow the
+            // DLQ's cursor, so every match is reached however many there are.
+            let (mut failed, mut first_error, mut done) = (0usize, None, 0usize);
+            loop {
+                let page = match store.dead_jobs(&f).await {
+                    Ok(page) => page,
                     Err(e) => {
-                        failed += 1;
+                        failed += total.saturating_sub(done);
                         first_error.get_or_insert(e);
+                        break;
                     }
+                };
+                for dead in page.items {
+                    match store.retry_dead(broker, dead.job_id, None).await {
+                        Ok(_) => retried += 1,
+                        Err(
+                            jobq_core::Error::Conflict(_)
+                            | jobq_core::Error::JobNotFound(_)
+                            | jobq_core::Error::NotFound(_),
+                        ) => {}
+                        Err(e) => {
+                            failed += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                    done += 1;
+                    progress(done.min(total), total, "retrying");
                 }
-                progress(i + 1, total, "retrying");
+                match page.next_cursor {
+                    Some(c) => f.cursor = Some(c),
+                    None => break,
+                }
             }
+            f.cursor = None;
             let details = first_error.as_ref().map(|e| json!({"failed": failed, "stopped": e.to_string()}));
             let filter = serde_json::to_value(&f).ok();
             if let Err(e) = store.audit(&actor(), "dlq.retry_filter", None, filter, retried as i64, details).await {
@@ -679,14 +699,16 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
             // Batches commit one by one: a purge stopped half-way is audited with what it did.
             let details = error.as_ref().map(|e| json!({"stopped": e.to_string()}));
             let filter = serde_json::to_value(&f).ok();
-            store.audit(&actor(), "dlq.purge", None, filter, deleted as i64, details).await?;
-            if let Some(e) = error {
-                return Err(e.into());
+            if let Err(e) = store.audit(&actor(), "dlq.purge", None, filter, deleted as i64, details).await {
+                eprintln!("warning: {deleted} dead jobs are deleted, but the audit entry could not be written: {e}");
             }
             println!(
                 "{}",
                 if as_json { json!({"deleted": deleted}).to_string() } else { format!("deleted {deleted}") }
             );
+            if let Some(e) = error {
+                return Err(e.into());
+            }
         }
     }
     Ok(())

@@ -398,27 +398,55 @@ async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     env.cleanup().await;
 }
 
+/// `n` jobs of `kind` dead (one fatal attempt each), recorded in the DLQ.
+async fn dead_jobs(env: &TestEnv, kind: &str, n: usize) {
+    let q = jobq_core::job::QueueName::default_queue();
+    let jobs = (0..n).map(|_| jobq_core::job::NewJob::new(kind, serde_json::json!({})).max_attempts(1)).collect();
+    env.broker.enqueue_many(jobs, true).await.unwrap();
+    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
+    let mut conn = env.broker.blocking_connection(std::time::Duration::from_millis(100)).await.unwrap();
+    let mut left = n;
+    while left > 0 {
+        let f = env.broker.fetch(&q, "w", left.min(100)).await.unwrap();
+        left -= f.jobs.len();
+        let outcomes: Vec<_> = f
+            .jobs
+            .into_iter()
+            .map(|d| jobq_core::stream::Outcome {
+                delivery: d,
+                result: Err(jobq_core::stream::Failure { message: "boom".into(), retry_in: None, reason: "fatal" }),
+            })
+            .collect();
+        env.broker.settle(&outcomes).await.unwrap();
+        let batch = env
+            .broker
+            .read_events(&mut conn, "r", std::slice::from_ref(&q), 1000, std::time::Duration::from_millis(100))
+            .await
+            .unwrap();
+        env.store.record(&batch.events).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn dlq_retry_by_filter_reaches_every_match_past_a_page() {
+    let env = TestEnv::new().await;
+    dead_jobs(&env, "y", 501).await;
+    let (code, out, err) = jobq_in(&env, &["--json", "dlq", "retry", "--type", "y", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["retried"].as_u64(), v["matched"].as_u64(), v["failed"].as_u64()), (Some(501), Some(501), Some(0)));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_jobs WHERE retried_at IS NULL")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn dlq_commands_list_retry_and_purge() {
     let env = TestEnv::new().await;
-    let q = jobq_core::job::QueueName::default_queue();
-    for _ in 0..3 {
-        env.broker.enqueue(jobq_core::job::NewJob::new("x", serde_json::json!({})).max_attempts(1)).await.unwrap();
-    }
-    let f = env.broker.fetch(&q, "w", 3).await.unwrap();
-    let outcomes: Vec<_> = f
-        .jobs
-        .into_iter()
-        .map(|d| jobq_core::stream::Outcome {
-            delivery: d,
-            result: Err(jobq_core::stream::Failure { message: "boom".into(), retry_in: None, reason: "fatal" }),
-        })
-        .collect();
-    env.broker.settle(&outcomes).await.unwrap();
-    env.broker.ensure_recorder_groups(std::slice::from_ref(&q)).await.unwrap();
-    let mut conn = env.broker.blocking_connection(std::time::Duration::from_millis(100)).await.unwrap();
-    let batch = env.broker.read_events(&mut conn, "r", &[q], 100, std::time::Duration::from_millis(100)).await.unwrap();
-    env.store.record(&batch.events).await.unwrap();
+    dead_jobs(&env, "x", 3).await;
 
     let (code, out, _) = jobq_in(&env, &["--json", "dlq", "list"]).await;
     assert_eq!(code, 0);
