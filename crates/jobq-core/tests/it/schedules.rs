@@ -1,5 +1,6 @@
 //! Cron schedules in Postgres: exactly-once tick claiming, crash windows, misfires, pause.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -292,9 +293,13 @@ async fn a_pass_stopped_at_its_batch_says_more_may_be_due() {
         env.store.create_schedule(&spec(&format!("s{i}"), "@hourly")).await.unwrap();
         rewind(&env, &format!("s{i}"), chrono::Duration::minutes(30)).await;
     }
+    // A schedule may fire more than one late tick: count the schedules.
+    let schedules = |p: &jobq_core::store::schedules::FirePass| {
+        p.fired.iter().map(|f| f.schedule.clone()).collect::<HashSet<_>>().len()
+    };
     let first = env.store.fire_due(&env.broker, long_grace(), 3).await.unwrap();
-    assert_eq!((first.fired.len(), first.more), (3, true));
+    assert_eq!((schedules(&first), first.more), (3, true), "{:?}", first.fired);
     let second = env.store.fire_due(&env.broker, long_grace(), 3).await.unwrap();
-    assert_eq!((second.fired.len(), second.more), (2, false));
+    assert_eq!((schedules(&second), second.more), (2, false), "{:?}", second.fired);
     env.cleanup().await;
 }
