@@ -42,8 +42,9 @@ impl Error {
     }
 
     /// True when a Redis call failed for a reason that passes on its own: the connection
-    /// (refused, dropped, I/O), a timeout, or a server that is loading, out of memory, or in a
-    /// fail-over (a replica that is read-only until the client reaches the new primary). False for errors that the same call would meet again (a key of the
+    /// (refused, dropped, I/O), a timeout, or a server that is loading, out of memory, unable
+    /// to persist (MISCONF) or short of replicas, or in a fail-over (a replica that is
+    /// read-only until the client reaches the new primary). False for errors that the same call would meet again (a key of the
     /// wrong type, a refused command, a script error).
     pub fn is_transient_redis(&self) -> bool {
         let Error::Redis(e) = self else { return false };
@@ -60,7 +61,7 @@ impl Error {
                         | redis::ServerErrorKind::MasterDown
                 )
             )
-            || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "READONLY"))
+            || matches!(e.code(), Some("OOM" | "BUSY" | "LOADING" | "READONLY" | "MISCONF" | "NOREPLICAS"))
     }
 }
 

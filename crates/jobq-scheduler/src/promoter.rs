@@ -17,20 +17,30 @@ pub(crate) async fn run(broker: Broker, settings: SchedulerSettings, shutdown: C
     let mut delay = settings.promote_interval;
     loop {
         let pass = match broker.queues().await {
-            Ok(queues) => broker.promote_each(&queues, settings.promote_batch).await,
+            Ok(queues) => broker.promote_each(&queues, settings.promote_batch).await.map(|each| (queues, each)),
             Err(e) => Err(e),
         };
+        // Every queue failing for a reason that passes (Redis loading, read-only in a
+        // fail-over) is an outage, backed off as one.
+        let pass = match pass {
+            Ok((_, each))
+                if !each.is_empty() && each.iter().all(|r| r.as_ref().is_err_and(|e| e.is_transient_redis())) =>
+            {
+                Err(each.into_iter().find_map(Result::err).expect("every queue failed"))
+            }
+            other => other,
+        };
         match pass {
-            Ok(each) => {
+            Ok((queues, each)) => {
                 let mut results = Vec::with_capacity(each.len());
-                for r in each {
+                for (q, r) in queues.iter().zip(each) {
                     match r {
                         Ok(p) => results.push(p),
                         // One queue's keys Redis refuses (a key of another type): the other
                         // queues go on at their pace, and this one is tried again each pass.
                         Err(e) => {
                             metrics::counter!("jobq_redis_errors_total", "component" => "promoter").increment(1);
-                            tracing::error!(error = %e, "promoting a queue failed; the other queues go on");
+                            tracing::error!(error = %e, queue.name = %q, "promoting a queue failed; the other queues go on");
                         }
                     }
                 }

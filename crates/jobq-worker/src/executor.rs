@@ -124,10 +124,11 @@ impl Executor {
             let m = self.metrics.of(&d.queue, &d.envelope.kind);
             m.started.increment(1);
             // The job's first attempt over all its runs (a reclaimed or given-up attempt comes
-            // back as attempt 1, but not as the first over all), recorded below unless a limit
+            // back as attempt 1, but not as the first over all; a DLQ retry whose hash was
+            // rebuilt starts its count again, but in run 2), recorded below unless a limit
             // held it back (it then does not count): its wait counts once, up to the start that
             // ran its handler.
-            let waited = (d.attempts_total == 1)
+            let waited = (d.attempts_total == 1 && d.run == 1)
                 .then(|| (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0);
             self.in_flight.increment(1.0);
             let result = self.attempt(&d, &slot).await;

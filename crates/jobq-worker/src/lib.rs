@@ -427,10 +427,6 @@ impl Worker {
         // one may have started newer jobs, which are this worker's to run).
         let mut received: HashMap<QueueName, Received> = HashMap::new();
         let mut lost: Vec<QueueName> = Vec::new();
-        // Queues whose fetch Redis refused for good (a key of another type, a consumer group
-        // deleted): each is left alone until its time, doubling up to a minute, while the
-        // others go on. An outage (every queue's fetch fails) backs the whole loop off instead.
-        let mut sick: HashMap<QueueName, (std::time::Instant, Duration)> = HashMap::new();
         let start = |q: &QueueName,
                      jobs: Vec<RawDelivery>,
                      permits: &mut Vec<executor::Permits>,
@@ -539,9 +535,6 @@ impl Worker {
                 if empty.contains(&q) {
                     continue;
                 }
-                if adopted.is_none() && sick.get(q).is_some_and(|(until, _)| std::time::Instant::now() < *until) {
-                    continue;
-                }
                 let adopt = adopted.take();
                 let want = adopt.as_ref().map_or(permits.len().min(*share).min(max_fetch), |a| a.want);
                 let sent = adopt.as_ref().map_or_else(std::time::Instant::now, |a| a.sent);
@@ -595,21 +588,9 @@ impl Worker {
                             last_ids.extend(fetched.last_ids);
                         }
                         started += n;
-                        sick.remove(q);
                         if more {
                             break;
                         }
-                    }
-                    Err(e) if refused_for_good(&e) => {
-                        let wait =
-                            sick.get(q).map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(Duration::from_secs(60)));
-                        sick.insert(q.clone(), (std::time::Instant::now() + wait, wait));
-                        if pipelined.as_ref() == Some(q) {
-                            backlog = false;
-                        }
-                        metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
-                        tracing::error!(error = %e, queue.name = %q, retry_in_ms = wait.as_millis() as u64,
-                            "Redis refused this queue's fetch; the other queues go on");
                     }
                     Err(e) => {
                         drop(permits);

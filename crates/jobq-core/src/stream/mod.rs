@@ -843,7 +843,7 @@ impl Broker {
             });
         }
         if fetched.jobs.is_empty() && !fetched.paused && !fetched.more {
-            fetched.last_ids = streams.into_iter().zip(last).collect();
+            fetched.last_ids = streams.into_iter().zip(last).filter(|(_, id)| !id.is_empty()).collect();
         }
         Ok(fetched)
     }

@@ -710,3 +710,25 @@ async fn paging_through_jobs_while_keys_come_and_go_skips_and_repeats_none() {
     assert_eq!(unique, ids, "every job once");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_priority_stream_of_another_type_spoils_only_itself() {
+    let env = TestEnv::new().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(env.broker.enqueue(NewJob::new("x", json!({})).priority(Priority::Critical)).await.unwrap().job.id);
+    }
+    let low = env.keys().stream(&q(), Priority::Low);
+    let _: () = env.broker.connection().set(&low, "not a stream").await.unwrap();
+    // The fetch asks for more than the critical stream holds: it reads on past it, and the
+    // jobs it started are returned, not left pending with the script failed.
+    let f = env.broker.fetch(&q(), "c1", 10).await.unwrap();
+    assert_eq!(f.jobs.iter().map(|d| d.envelope.id).collect::<Vec<_>>(), ids);
+    let empty = env.broker.fetch(&q(), "c1", 10).await.unwrap();
+    assert!(empty.jobs.is_empty());
+    assert!(empty.last_ids.iter().all(|(k, _)| *k != low), "nothing to wait on there: {:?}", empty.last_ids);
+    // A lost fetch handed back, and the reaper, go over the other streams.
+    env.broker.disown(&q(), "c1", &Default::default()).await.unwrap();
+    env.broker.reclaim("r", &[q()], Duration::from_millis(1), 3, Duration::from_secs(60)).await.unwrap();
+    env.cleanup().await;
+}

@@ -728,16 +728,37 @@ async fn an_outcome_redis_refuses_for_good_does_not_hold_the_others() {
 }
 
 #[tokio::test]
-async fn a_queue_whose_fetch_redis_refuses_does_not_stop_the_others() {
+async fn a_queue_whose_stream_is_of_another_type_at_start_does_not_stop_the_others() {
     let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default")]).await;
     let urgent: jobq_core::job::QueueName = "urgent".parse().unwrap();
-    env.broker.enqueue(NewJob::new("echo", json!({})).queue(urgent.clone())).await.unwrap();
-    // The first queue's stream becomes a string: each of its fetches meets WRONGTYPE.
     let stream = env.keys().stream(&urgent, jobq_core::job::Priority::Normal);
     let _: () = redis::AsyncCommands::set(&mut env.broker.connection(), &stream, "not a stream").await.unwrap();
     let mut registry = Registry::new();
     registry.register("echo", |_ctx: JobContext| async move { Ok(None) });
     let worker = start(&env, registry);
+    let id = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    wait_state(&env, id, JobState::Succeeded).await;
+    finish(env, [worker]).await;
+}
+
+#[tokio::test]
+async fn a_queue_whose_consumer_group_is_gone_does_not_stop_the_others() {
+    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default")]).await;
+    let urgent: jobq_core::job::QueueName = "urgent".parse().unwrap();
+    let mut registry = Registry::new();
+    registry.register("echo", |_ctx: JobContext| async move { Ok(None) });
+    let worker = start(&env, registry);
+    let first = env.broker.enqueue(NewJob::new("echo", json!({})).queue(urgent.clone())).await.unwrap().job.id;
+    wait_state(&env, first, JobState::Succeeded).await;
+    // Its group destroyed while the worker runs: each fetch of the first queue meets NOGROUP.
+    let stream = env.keys().stream(&urgent, jobq_core::job::Priority::Normal);
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg(jobq_core::stream::Keys::GROUP)
+        .query_async(&mut env.broker.connection())
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id);

@@ -19,11 +19,13 @@ for k = 9, #ARGV do skip[ARGV[k]] = true end
 local PAGE = 500
 local n = 0
 for i = 1, 4 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  if is_stream(KEYS[i]) then
     local start = '-'
     if ARGV[3 + i] ~= '' then start = '(' .. ARGV[3 + i] end
     repeat
-      local pending = redis.call('XPENDING', KEYS[i], ARGV[1], start, '+', PAGE, ARGV[2])
+      local pending = redis.pcall('XPENDING', KEYS[i], ARGV[1], start, '+', PAGE, ARGV[2])
+      -- Its group gone (NOGROUP): nothing is pending there.
+      if pending.err then pending = {} end
       for _, p in ipairs(pending) do
         local entry = p[1]
         local e = redis.call('XRANGE', KEYS[i], entry, entry)[1]

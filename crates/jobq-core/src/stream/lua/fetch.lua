@@ -14,7 +14,7 @@
 --   run attempts-over-all-runs' in one string (one reply value instead of seven: fewer to
 --   convert here and to parse in the worker);
 -- last_ids (only when nothing was started) holds each stream's last generated id, so the caller
--- can block on XREAD for anything newer without a race. now is the Redis clock in ms, each
+-- can block on XREAD for anything newer without a race ('' for a key of another type). now is the Redis clock in ms, each
 -- started job's started_at.
 if redis.call('EXISTS', KEYS[6]) == 1 then
   return {{}, {}, 1, '', 0}
@@ -30,14 +30,20 @@ local skipped = 0
 local more = 0
 for i = 1, 4 do
   if want <= 0 or more == 1 then break end
-  local reading = redis.call('EXISTS', KEYS[i]) == 1
+  local reading = is_stream(KEYS[i])
   while reading and want > 0 do
     if skipped >= SKIP_LIMIT then
       more = 1
       break
     end
     local asked = want
-    local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', asked, 'STREAMS', KEYS[i], '>')
+    local res = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', asked, 'STREAMS', KEYS[i], '>')
+    if res and res.err then
+      -- Its group gone (NOGROUP): this stream is passed over, and the jobs started from the
+      -- others are returned rather than left pending by a failed script.
+      redis.log(redis.LOG_WARNING, 'jobq: ' .. KEYS[i] .. ' cannot be read (' .. res.err .. ')')
+      res = false
+    end
     -- A read short of what it asked for emptied the stream of undelivered entries.
     reading = res and #res[1][2] == asked
     if res then
@@ -85,11 +91,14 @@ local last_ids = {}
 if #jobs == 0 and more == 0 then
   for i = 1, 4 do
     local last = '0-0'
-    if redis.call('EXISTS', KEYS[i]) == 1 then
+    if is_stream(KEYS[i]) then
       local info = redis.call('XINFO', 'STREAM', KEYS[i])
       for k = 1, #info, 2 do
         if info[k] == 'last-generated-id' then last = info[k + 1] end
       end
+    elseif redis.call('EXISTS', KEYS[i]) == 1 then
+      -- A key of another type: nothing to wait on there.
+      last = ''
     end
     last_ids[i] = last
   end

@@ -23,6 +23,16 @@ local function not_a_job(jk, reply)
   return {}
 end
 
+-- Whether the key holds a stream (TYPE, in place of EXISTS). A key of another type in a
+-- priority stream's place (written by something other than jobq) reads as no stream, with a
+-- warning in Redis' log, instead of failing the script for the queue's other streams.
+local function is_stream(key)
+  local t = redis.call('TYPE', key).ok
+  if t == 'stream' then return true end
+  if t ~= 'none' then redis.log(redis.LOG_WARNING, 'jobq: ' .. key .. ' is a ' .. t .. ', not a stream') end
+  return false
+end
+
 -- HMGET of a job's hash, a key of another type reading as a job that is gone (not_a_job).
 local function job_fields(jk, ...)
   local h = redis.pcall('HMGET', jk, ...)

@@ -30,10 +30,12 @@ end
 local min_idle_s = string.format('%d', min_idle)
 for i = 1, 4 do
   if budget <= 0 then break end
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  if is_stream(KEYS[i]) then
     local cursor = '0-0'
     repeat
-      local r = redis.call('XAUTOCLAIM', KEYS[i], ARGV[1], ARGV[2], min_idle_s, cursor, 'COUNT', budget)
+      local r = redis.pcall('XAUTOCLAIM', KEYS[i], ARGV[1], ARGV[2], min_idle_s, cursor, 'COUNT', budget)
+      -- Its group gone (NOGROUP): nothing to reclaim there.
+      if r.err then r = {'0-0', {}, {}} end
       cursor = r[1]
       deleted = deleted + #r[3]
       for _, e in ipairs(r[2]) do
