@@ -727,6 +727,31 @@ async fn a_priority_stream_of_another_type_spoils_only_itself() {
     let empty = env.broker.fetch(&q(), "c1", 10).await.unwrap();
     assert!(empty.jobs.is_empty());
     assert!(empty.last_ids.iter().all(|(k, _)| *k != low), "nothing to wait on there: {:?}", empty.last_ids);
+    // A job of another stream whose group is destroyed while it runs: only its lease is lost.
+    let normal = env.broker.enqueue(NewJob::new("x", json!({}))).await.unwrap().job.id;
+    let d = fetch_one(&env.broker).await;
+    assert_eq!(d.envelope.id, normal);
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(env.keys().stream(&q(), Priority::Normal))
+        .arg(Keys::GROUP)
+        .query_async(&mut env.broker.connection())
+        .await
+        .unwrap();
+    let leases: Vec<Lease> = f
+        .jobs
+        .iter()
+        .chain([&d])
+        .map(|d| Lease {
+            queue: d.queue.clone(),
+            priority: d.priority,
+            entry: d.entry.clone(),
+            id: d.envelope.id,
+            token: d.lease.clone(),
+        })
+        .collect();
+    let held = env.broker.heartbeat("c1", &leases).await.unwrap();
+    assert_eq!(held, [LeaseStatus::Held, LeaseStatus::Held, LeaseStatus::Held, LeaseStatus::Lost]);
     // A lost fetch handed back, and the reaper, go over the other streams.
     env.broker.disown(&q(), "c1", &Default::default()).await.unwrap();
     env.broker.reclaim("r", &[q()], Duration::from_millis(1), 3, Duration::from_secs(60)).await.unwrap();

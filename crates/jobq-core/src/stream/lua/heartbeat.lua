@@ -10,8 +10,9 @@ for i = 4, #ARGV, 4 do
   local h = job_fields(ARGV[3] .. id, 'state', 'lease', 'cancel_requested')
   local status = 2
   if h[1] == 'running' and h[2] == lease then
-    local claimed = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, entry, 'JUSTID')
-    if #claimed == 1 then
+    -- A stream whose group is gone (NOGROUP) holds the lease no more: lost, for this job only.
+    local claimed = redis.pcall('XCLAIM', stream, ARGV[1], ARGV[2], 0, entry, 'JUSTID')
+    if not claimed.err and #claimed == 1 then
       status = 0
       if h[3] == '1' then status = 1 end
     end
