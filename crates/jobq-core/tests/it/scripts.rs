@@ -34,6 +34,17 @@ async fn fetch_one(broker: &Broker) -> Delivery {
     f.jobs.pop().unwrap()
 }
 
+/// The lease a worker holds on a fetched job.
+fn lease(d: &Delivery) -> Lease {
+    Lease {
+        queue: d.queue.clone(),
+        priority: d.priority,
+        entry: d.entry.clone(),
+        id: d.envelope.id,
+        token: d.lease.clone(),
+    }
+}
+
 fn fail(d: &Delivery, retry_in: Option<Duration>) -> Outcome {
     Outcome {
         delivery: d.clone(),
@@ -599,17 +610,7 @@ async fn a_job_key_of_another_type_spoils_only_its_own_job() {
     assert_eq!(xlen(&env, &env.keys().stream(&q(), Priority::Normal)).await, 3);
     // A heartbeat meeting one: the others' leases are renewed, its lease is lost.
     spoil(&env, ids[2]).await;
-    let leases: Vec<Lease> = f
-        .jobs
-        .iter()
-        .map(|d| Lease {
-            queue: d.queue.clone(),
-            priority: d.priority,
-            entry: d.entry.clone(),
-            id: d.envelope.id,
-            token: d.lease.clone(),
-        })
-        .collect();
+    let leases: Vec<Lease> = f.jobs.iter().map(lease).collect();
     let held = env.broker.heartbeat("c1", &leases).await.unwrap();
     assert_eq!(held, [LeaseStatus::Held, LeaseStatus::Lost, LeaseStatus::Held]);
     // A batch of outcomes meeting one: the others are written in full (history, retention).
@@ -738,18 +739,7 @@ async fn a_priority_stream_of_another_type_spoils_only_itself() {
         .query_async(&mut env.broker.connection())
         .await
         .unwrap();
-    let leases: Vec<Lease> = f
-        .jobs
-        .iter()
-        .chain([&d])
-        .map(|d| Lease {
-            queue: d.queue.clone(),
-            priority: d.priority,
-            entry: d.entry.clone(),
-            id: d.envelope.id,
-            token: d.lease.clone(),
-        })
-        .collect();
+    let leases: Vec<Lease> = f.jobs.iter().chain([&d]).map(lease).collect();
     let held = env.broker.heartbeat("c1", &leases).await.unwrap();
     assert_eq!(held, [LeaseStatus::Held, LeaseStatus::Held, LeaseStatus::Held, LeaseStatus::Lost]);
     // A lost fetch handed back, and the reaper, go over the other streams.
