@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
+use crate::lease;
 use jobq_core::job::{JobId, JobState, NewJob, Priority, QueueName};
 use jobq_core::stream::{
-    Broker, Bulk, BulkAction, BulkFilter, Cancel, Delivery, Failure, Lease, LeaseStatus, Outcome, RunNow, Settled,
+    Broker, Bulk, BulkAction, BulkFilter, Cancel, Delivery, Failure, LeaseStatus, Outcome, RunNow, Settled,
 };
 use jobq_testutil::TestEnv;
 use redis::AsyncCommands;
@@ -12,16 +13,6 @@ use serde_json::json;
 
 fn q() -> QueueName {
     QueueName::default_queue()
-}
-
-fn lease(d: &Delivery) -> Lease {
-    Lease {
-        queue: d.queue.clone(),
-        priority: d.priority,
-        entry: d.entry.clone(),
-        id: d.envelope.id,
-        token: d.lease.clone(),
-    }
 }
 
 async fn fetch(broker: &Broker, consumer: &str, n: usize) -> Vec<Delivery> {

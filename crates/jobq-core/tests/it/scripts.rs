@@ -1,6 +1,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::lease;
 use jobq_core::job::{JobState, NewJob, Priority, QueueName};
 use jobq_core::stream::{Broker, Delivery, Failure, Keys, Lease, LeaseStatus, Outcome, Requeued, Settled};
 use jobq_testutil::TestEnv;
@@ -32,17 +33,6 @@ async fn fetch_one(broker: &Broker) -> Delivery {
     let mut f = broker.fetch(&q(), "c1", 1).await.unwrap();
     assert_eq!(f.jobs.len(), 1, "expected one job");
     f.jobs.pop().unwrap()
-}
-
-/// The lease a worker holds on a fetched job.
-fn lease(d: &Delivery) -> Lease {
-    Lease {
-        queue: d.queue.clone(),
-        priority: d.priority,
-        entry: d.entry.clone(),
-        id: d.envelope.id,
-        token: d.lease.clone(),
-    }
 }
 
 fn fail(d: &Delivery, retry_in: Option<Duration>) -> Outcome {

@@ -727,15 +727,24 @@ async fn an_outcome_redis_refuses_for_good_does_not_hold_the_others() {
     finish(env, [worker]).await;
 }
 
-#[tokio::test]
-async fn a_queue_whose_stream_is_of_another_type_at_start_does_not_stop_the_others() {
-    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default")]).await;
-    let urgent: jobq_core::job::QueueName = "urgent".parse().unwrap();
-    let stream = env.keys().stream(&urgent, jobq_core::job::Priority::Normal);
-    let _: () = redis::AsyncCommands::set(&mut env.broker.connection(), &stream, "not a stream").await.unwrap();
+/// A test environment whose workers serve `urgent` before `default`, and the `urgent` queue.
+async fn urgent_then_default() -> (TestEnv, jobq_core::job::QueueName) {
+    (TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default")]).await, "urgent".parse().unwrap())
+}
+
+/// A worker (started as [`start`] does) whose `echo` handler succeeds at once.
+fn start_echo(env: &TestEnv) -> Started {
     let mut registry = Registry::new();
     registry.register("echo", |_ctx: JobContext| async move { Ok(None) });
-    let worker = start(&env, registry);
+    start(env, registry)
+}
+
+#[tokio::test]
+async fn a_queue_whose_stream_is_of_another_type_at_start_does_not_stop_the_others() {
+    let (env, urgent) = urgent_then_default().await;
+    let stream = env.keys().stream(&urgent, jobq_core::job::Priority::Normal);
+    let _: () = redis::AsyncCommands::set(&mut env.broker.connection(), &stream, "not a stream").await.unwrap();
+    let worker = start_echo(&env);
     let id = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
     wait_state(&env, id, JobState::Succeeded).await;
     finish(env, [worker]).await;
@@ -743,11 +752,8 @@ async fn a_queue_whose_stream_is_of_another_type_at_start_does_not_stop_the_othe
 
 #[tokio::test]
 async fn a_queue_whose_consumer_group_is_gone_does_not_stop_the_others() {
-    let env = TestEnv::with(&[("JOBQ_WORKER_QUEUES", "urgent,default")]).await;
-    let urgent: jobq_core::job::QueueName = "urgent".parse().unwrap();
-    let mut registry = Registry::new();
-    registry.register("echo", |_ctx: JobContext| async move { Ok(None) });
-    let worker = start(&env, registry);
+    let (env, urgent) = urgent_then_default().await;
+    let worker = start_echo(&env);
     let first = env.broker.enqueue(NewJob::new("echo", json!({})).queue(urgent.clone())).await.unwrap().job.id;
     wait_state(&env, first, JobState::Succeeded).await;
     // Its group destroyed while the worker runs: each fetch of the first queue meets NOGROUP.
