@@ -574,12 +574,7 @@ mod tests {
     async fn populated() -> (TestEnv, String, String) {
         let env = TestEnv::new().await;
         let mut conn = env.broker.connection();
-        redis::cmd("SET")
-            .arg(env.keys().pattern().replace('*', "probe"))
-            .arg(1)
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
+        redis::cmd("SET").arg(env.keys().queues()).arg(1).query_async::<()>(&mut conn).await.unwrap();
         let (pattern, database) = (env.keys().pattern(), env.database.clone());
         assert_eq!(left_behind(&pattern, &database).await, (true, true), "the env exists before it is removed");
         (env, pattern, database)

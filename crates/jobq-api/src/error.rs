@@ -110,9 +110,17 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// A query parameter the route does not take, or one given twice, is a malformed request (400);
+/// a value of the wrong type or format (`limit=ten`, a time that is not RFC 3339) is invalid
+/// data (422), as the same mistake in a JSON body and an out-of-range `limit` are.
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
-        Self::BadRequest(r.body_text())
+        let text = r.body_text();
+        if text.contains("unknown field") || text.contains("duplicate field") {
+            Self::BadRequest(text)
+        } else {
+            Self::Invalid(text)
+        }
     }
 }
 

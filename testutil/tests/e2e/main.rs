@@ -196,6 +196,24 @@ async fn a_worker_on_one_runtime_thread_runs_jobs_and_bad_thread_counts_are_refu
 }
 
 #[tokio::test]
+async fn a_redis_that_refuses_the_connection_settings_stops_each_binary_at_start() {
+    let env = TestEnv::new().await;
+    let url = jobq_testutil::redis_url();
+    let host = url.split("://").nth(1).unwrap().trim_end_matches('/');
+    // This Redis has no password (AUTH is refused) and 16 databases.
+    for bad in [format!("redis://:wrong@{host}"), format!("redis://{host}/99")] {
+        for bin in ["jobq-worker", "jobq-scheduler", "jobq-api"] {
+            let mut vars = env.env_with(&[("REDIS_URL", &bad)]);
+            vars.insert("JOBQ_API_ADDR".into(), format!("127.0.0.1:{}", jobq_testutil::free_port()));
+            let mut proc = Proc::spawn(bin, &vars);
+            let code = proc.wait(Duration::from_secs(20)).await;
+            assert_eq!(code, Some(1), "{bin} with REDIS_URL={bad} stops instead of retrying forever");
+        }
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn sigterm_during_a_worker_setup_that_hangs_exits_zero() {
     // The chaos worker connects to Postgres in its setup; this "database" accepts and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -137,7 +137,7 @@ with_filter! {
 }
 
 #[utoipa::path(get, path = "/api/v1/dlq", tag = "dlq", params(ListQuery),
-    responses((status = 200, description = "items (newest first) and next_cursor", body = serde_json::Value), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+    responses((status = 200, description = "items (newest first) and next_cursor", body = serde_json::Value), (status = 400, description = "an unknown query parameter", body = ApiErrorBody), (status = 422, description = "a malformed or out-of-range value", body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -301,7 +301,7 @@ with_filter! {
 }
 
 #[utoipa::path(delete, path = "/api/v1/dlq", tag = "dlq", params(PurgeQuery),
-    responses((status = 200, description = "deleted count", body = serde_json::Value), (status = 400, description = "confirm=true missing", body = ApiErrorBody)))]
+    responses((status = 200, description = "deleted count", body = serde_json::Value), (status = 400, description = "confirm=true missing, or an unknown query parameter", body = ApiErrorBody), (status = 422, description = "a malformed value", body = ApiErrorBody)))]
 pub(crate) async fn purge(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -357,7 +357,7 @@ pub struct AuditQuery {
     pub limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/api/v1/audit", tag = "dlq", params(AuditQuery), responses((status = 200, description = "audit entries, newest first", body = serde_json::Value)))]
+#[utoipa::path(get, path = "/api/v1/audit", tag = "dlq", params(AuditQuery), responses((status = 200, description = "audit entries, newest first", body = serde_json::Value), (status = 400, description = "an unknown query parameter", body = ApiErrorBody), (status = 422, description = "a malformed or out-of-range value", body = ApiErrorBody)))]
 pub(crate) async fn audit(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<AuditQuery>,

@@ -406,7 +406,7 @@ pub struct ListQuery {
 
 /// `GET /api/v1/jobs`: jobs still in Redis (per retention), filtered; cursor-paged.
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(ListQuery),
-    responses((status = 200, description = "items and next_cursor", body = serde_json::Value), (status = 422, body = ApiErrorBody)))]
+    responses((status = 200, description = "items and next_cursor", body = serde_json::Value), (status = 400, description = "an unknown query parameter", body = ApiErrorBody), (status = 422, description = "a malformed or out-of-range value", body = ApiErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,

@@ -202,7 +202,7 @@ pub struct RunsQuery {
 }
 
 #[utoipa::path(get, path = "/api/v1/schedules/{name}/runs", tag = "schedules", params(("name" = String, Path, pattern = r"^[A-Za-z0-9_.:-]{1,128}$"), RunsQuery),
-    responses((status = 200, description = "recent runs with their job state", body = serde_json::Value), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, description = "recent runs with their job state", body = serde_json::Value), (status = 400, description = "an unknown query parameter", body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 422, description = "a malformed or out-of-range value", body = ApiErrorBody)))]
 pub(crate) async fn runs(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,

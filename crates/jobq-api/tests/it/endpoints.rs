@@ -134,9 +134,23 @@ async fn jobs_are_listed_by_queue_state_and_type_with_a_cursor() {
         "/api/v1/jobs?cursor=x",
         "/api/v1/jobs?cursor=nope.a",
         "/api/v1/jobs?cursor=0.a%20b",
+        // A value that does not parse is as invalid as one out of range.
+        "/api/v1/jobs?limit=ten",
+        "/api/v1/jobs?limit=-1",
+        "/api/v1/dlq?limit=ten",
+        "/api/v1/dlq?failed_after=yesterday",
+        "/api/v1/audit?limit=1.5",
+        "/api/v1/schedules/nightly/runs?limit=x",
     ] {
-        let (s, _) = call(&app, "GET", bad, None).await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        let (s, err) = call(&app, "GET", bad, None).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {err}");
+        assert_eq!(err["error"]["code"], "invalid_request", "{bad}: {err}");
+    }
+    // A parameter the route does not take, or one given twice, is a malformed request.
+    for bad in ["/api/v1/jobs?colour=red", "/api/v1/dlq?limit=1&limit=2", "/api/v1/audit?since=1"] {
+        let (s, err) = call(&app, "GET", bad, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {err}");
+        assert_eq!(err["error"]["code"], "bad_request", "{bad}: {err}");
     }
     env.cleanup().await;
 }

@@ -389,12 +389,20 @@ async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     assert_eq!((code, out.trim()), (0, "cancelled 3 jobs of queue mail"), "{err}");
     assert_eq!(env.broker.job(id.parse().unwrap()).await.unwrap().unwrap().state, jobq_core::job::JobState::Cancelled);
 
+    // A namespace nested in this one (`<ns>:staging`) is another deployment's: it stays.
+    let nested_vars = env.env_with(&[("JOBQ_NAMESPACE", &format!("{}:staging", env.namespace))]);
+    let nested_settings = jobq_core::config::load_from(None, |n| nested_vars.get(n).cloned()).unwrap();
+    let nested = jobq_core::stream::Broker::connect(&nested_settings).await.unwrap();
+    let kept = nested.enqueue(jobq_core::job::NewJob::new("echo", json!({}))).await.unwrap().job.id;
     let (code, _, err) = jobq_in(&env, &["purge-all"]).await;
     assert_eq!(code, 4, "refused without --yes: {err}");
     assert!(!env.broker.queues().await.unwrap().is_empty());
     let (code, _, _) = jobq_in(&env, &["purge-all", "--yes"]).await;
     assert_eq!(code, 0);
     assert!(env.broker.queues().await.unwrap().is_empty(), "the namespace is empty");
+    let job = nested.job(kept).await.unwrap().expect("the nested namespace's job is kept");
+    assert_eq!(job.state, jobq_core::job::JobState::Queued);
+    assert!(nested.purge_namespace().await.unwrap() > 0);
     env.cleanup().await;
 }
 

@@ -113,9 +113,19 @@ impl Keys {
         format!("{}:queues", self.ns)
     }
 
-    /// Pattern matching every key of the namespace (for `SCAN MATCH`).
+    /// Pattern matching every key of the namespace (for `SCAN MATCH`). It also matches the keys
+    /// of a namespace nested in this one (`jobq:staging` in `jobq`): filter with [`Keys::owns`].
     pub fn pattern(&self) -> String {
         format!("{}:*", self.ns)
+    }
+
+    /// Whether `key`, matched by [`Keys::pattern`], is a key of this namespace: one carrying a
+    /// hash tag right after the namespace (`ns:{q:...}`, `ns:{limit:...}`) or the queue set. A
+    /// namespace holds no `{`, so `ns:staging:{q:...}` belongs to the nested namespace.
+    pub fn owns(&self, key: &str) -> bool {
+        key.strip_prefix(self.ns.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|rest| rest.starts_with('{') || rest == "queues")
     }
 }
 
@@ -136,5 +146,18 @@ mod tests {
         for key in k.streams(&q).iter().chain([&k.job(&q, id), &k.scheduled(&q), &k.events(&q)]) {
             assert!(key.contains("{q:mail}"), "{key}");
         }
+    }
+
+    #[test]
+    fn a_nested_namespace_keys_are_not_its_parents() {
+        let (outer, inner) = (Keys::new("jobq"), Keys::new("jobq:staging"));
+        let q: QueueName = "mail".parse().unwrap();
+        for key in [outer.stream(&q, Priority::Low), outer.limit("slots", "pdf"), outer.queues()] {
+            assert!(outer.owns(&key) && !inner.owns(&key), "{key}");
+        }
+        for key in [inner.stream(&q, Priority::Low), inner.limit("rate", "pdf"), inner.queues()] {
+            assert!(inner.owns(&key) && !outer.owns(&key), "{key}");
+        }
+        assert!(!outer.owns("jobq2:{q:mail}:stream:low") && !outer.owns("jobq:other"));
     }
 }

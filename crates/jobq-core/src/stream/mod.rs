@@ -381,6 +381,18 @@ impl std::fmt::Debug for Broker {
 }
 
 /// Reconnects on its own; a command waits at most `timeout` for its answer.
+/// Whether a Redis error met at start-up will not pass by waiting: the server answered and
+/// refused (a wrong password, a user without the rights, `SELECT` of a database it does not
+/// have), or the URL's settings are wrong. A server that is loading or in a fail-over, and
+/// every connection error, pass on their own (`Error::is_transient_redis`).
+fn refused_for_good(e: &redis::RedisError) -> bool {
+    if Error::Redis(e.clone()).is_transient_redis() {
+        return false;
+    }
+    matches!(e.kind(), redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig)
+        || e.code().is_some()
+}
+
 fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(timeout))
@@ -486,7 +498,9 @@ impl Broker {
     }
 
     /// Waits until Redis answers and passes [`Broker::check_server`], retrying with backoff
-    /// while it is unreachable. A misconfigured server is an error; `false` when shut down first.
+    /// while it is unreachable or not ready (loading, say). A misconfigured server, and a
+    /// server that refuses the connection's settings (a wrong password, a user without the
+    /// rights, a database index out of range), is an error; `false` when shut down first.
     pub async fn wait_until_ready(
         &self,
         allow_eviction: bool,
@@ -497,6 +511,9 @@ impl Broker {
             match self.check_server(allow_eviction).await {
                 Ok(()) => return Ok(true),
                 Err(e @ Error::Invalid(_)) => return Err(e),
+                Err(Error::Redis(e)) if refused_for_good(&e) => {
+                    return Err(Error::Invalid(format!("Redis refused the connection's settings (REDIS_URL): {e}")));
+                }
                 Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet; retrying"),
             }
             tokio::select! {
@@ -1868,7 +1885,8 @@ impl Broker {
         Ok(out)
     }
 
-    /// Deletes every key of the namespace (SCAN + UNLINK); returns how many.
+    /// Deletes every key of the namespace (SCAN + UNLINK); returns how many. The keys of a
+    /// namespace nested in this one (`jobq:staging` in `jobq`) stay.
     pub async fn purge_namespace(&self) -> Result<u64> {
         let mut conn = self.conn.clone();
         let (mut cursor, mut deleted) = (0u64, 0u64);
@@ -1881,6 +1899,7 @@ impl Broker {
                 .arg(1000)
                 .query_async(&mut conn)
                 .await?;
+            let keys: Vec<String> = keys.into_iter().filter(|k| self.keys.owns(k)).collect();
             if !keys.is_empty() {
                 deleted += redis::cmd("UNLINK").arg(&keys).query_async::<u64>(&mut conn).await?;
             }
