@@ -26,6 +26,12 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy)]
 pub struct RedisFailed;
 
+/// Marks a success of a held route that did not reach Redis (a DLQ retry by filter, which
+/// reads Postgres and replays in the background; a batch whose every item was invalid): it
+/// says nothing of Redis, so it does not close the breaker.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisUntouched;
+
 /// The breaker's state, shared by every request of one API process.
 #[derive(Debug)]
 pub struct RedisBreaker {
@@ -106,7 +112,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let response = next.run(req).await;
     if response.extensions().get::<RedisFailed>().is_some() {
         state.redis_breaker.trip();
-    } else if answered_by_redis(response.status()) {
+    } else if answered_by_redis(response.status()) && response.extensions().get::<RedisUntouched>().is_none() {
         state.redis_breaker.reset();
     }
     response

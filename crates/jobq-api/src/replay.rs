@@ -26,6 +26,9 @@ pub(crate) fn spawn(state: AppState, replay: Replay, ids: Vec<JobId>) {
 async fn run(state: AppState, mut replay: Replay, ids: Vec<JobId>) {
     let rate = state.dlq_replay_rate.max(1);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    // After a stall (Postgres slow or down), go on at the rate instead of catching up on the
+    // ticks missed in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = tokio::time::Instant::now();
     for id in ids {
         tick.tick().await;

@@ -376,6 +376,11 @@ pub struct NewJob {
     pub depends_on: Vec<JobId>,
     /// What the dependencies must reach before this job is queued.
     pub dependency_mode: DependencyMode,
+    /// Every job of `depends_on` is known to have been enqueued (set by
+    /// [`NewJob::after_all_finish`], for a batch's callback): with [`DependencyMode::Finished`], a
+    /// dependency whose hash is gone has finished and left per retention (at once with
+    /// `JOBQ_RETENTION_SUCCEEDED=0`), and counts as finished instead of unknown.
+    pub dependencies_enqueued: bool,
     /// String map carried to the handler.
     pub metadata: BTreeMap<String, String>,
     /// Labels.
@@ -399,6 +404,7 @@ impl NewJob {
             partition_key: None,
             depends_on: Vec::new(),
             dependency_mode: DependencyMode::Succeeded,
+            dependencies_enqueued: false,
             unique_ttl: None,
             enqueued_by: None,
             metadata: BTreeMap::new(),
@@ -460,14 +466,17 @@ impl NewJob {
     pub fn depends_on(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
         self.depends_on = ids.into_iter().collect();
         self.dependency_mode = DependencyMode::Succeeded;
+        self.dependencies_enqueued = false;
         self
     }
 
     /// Waits until every job in `ids` (same queue) has finished, whatever its outcome (a batch
-    /// callback).
+    /// callback). The ids must be of jobs the caller enqueued: one no longer in Redis (removed
+    /// per retention) counts as finished.
     pub fn after_all_finish(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
         self.depends_on = ids.into_iter().collect();
         self.dependency_mode = DependencyMode::Finished;
+        self.dependencies_enqueued = true;
         self
     }
 

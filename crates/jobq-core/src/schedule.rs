@@ -42,6 +42,10 @@ pub struct CronSchedule {
     every_hour: bool,
 }
 
+/// Prefix of the unique key of each job a schedule's tick enqueues (`cron:<name>:<tick ms>`),
+/// which makes the tick fire once; the API refuses it in callers' keys.
+pub const CRON_KEY_PREFIX: &str = "cron:";
+
 const DAY_NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
 
 /// Turns a 5-field crontab day-of-week (0-7, Sunday = 0 or 7) into day names.

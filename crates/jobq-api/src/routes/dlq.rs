@@ -263,14 +263,16 @@ pub(crate) async fn retry_matching(
     }
     let filter = req.filter().into_store(limit, None)?;
     let matched = state.store.count_dead(&filter).await?.min(limit);
+    // Postgres only: the replay reaches Redis later, in the background.
+    let untouched = Extension(crate::breaker::RedisUntouched);
     if req.dry_run {
-        return Ok((StatusCode::OK, Json(json!({"matched": matched, "dry_run": true}))));
+        return Ok((StatusCode::OK, untouched, Json(json!({"matched": matched, "dry_run": true}))));
     }
     let ids = state.store.dead_ids(&filter, limit).await?;
     let replay = state.store.start_replay(&who.name, &filter, ids.len() as i64).await?;
     let (audit_id, total, rate) = (replay.audit_id, replay.of, state.dlq_replay_rate.max(1));
     crate::replay::spawn(state, replay, ids);
-    Ok((StatusCode::ACCEPTED, Json(json!({"matched": total, "rate_per_sec": rate, "audit_id": audit_id}))))
+    Ok((StatusCode::ACCEPTED, untouched, Json(json!({"matched": total, "rate_per_sec": rate, "audit_id": audit_id}))))
 }
 
 #[utoipa::path(delete, path = "/api/v1/dlq/{id}", tag = "dlq", params(("id" = uuid::Uuid, Path, description = "job id (UUID)")),

@@ -72,6 +72,7 @@ pub struct EnqueueRequest {
     #[serde(default, with = "jobq_core::duration::serde_human_opt")]
     pub ttl: Option<Duration>,
     /// Deduplication key: while held, enqueueing with the same key returns the existing job (200).
+    /// Keys starting with `cron:` are the scheduler's (one per schedule tick) and are refused.
     pub unique_key: Option<String>,
     /// Partition (a tenant id, an account): per-partition concurrency limits count jobs by it.
     pub partition_key: Option<String>,
@@ -96,6 +97,13 @@ pub struct EnqueueRequest {
 impl EnqueueRequest {
     /// Checks limits and turns the request into a [`NewJob`].
     pub fn into_new_job(self, payload_limit: usize) -> Result<NewJob, ApiError> {
+        if self.unique_key.as_deref().is_some_and(|k| k.starts_with(jobq_core::schedule::CRON_KEY_PREFIX)) {
+            // Taking a tick's key ahead of the scheduler would stop that tick from running.
+            return Err(ApiError::Invalid(format!(
+                "`unique_key` must not start with `{}`: such keys are the scheduler's, one per schedule tick",
+                jobq_core::schedule::CRON_KEY_PREFIX
+            )));
+        }
         let size = self.payload.to_string().len();
         if size > payload_limit {
             return Err(ApiError::TooLarge(format!("`payload` is {size} bytes; the limit is {payload_limit} bytes")));
@@ -133,6 +141,7 @@ impl EnqueueRequest {
             partition_key: self.partition_key,
             depends_on: self.depends_on,
             dependency_mode: self.dependency_mode.unwrap_or_default(),
+            dependencies_enqueued: false,
             metadata: self.metadata,
             tags: self.tags,
         };
@@ -143,7 +152,8 @@ impl EnqueueRequest {
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = EnqueueRequest,
     responses((status = 201, description = "enqueued", body = JobInfo), (status = 200, description = "a job with this unique key exists", body = JobInfo),
-        (status = 400, body = ApiErrorBody), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+        (status = 400, body = ApiErrorBody), (status = 409, description = "the unique_key is held by a job another API key enqueued", body = ApiErrorBody),
+        (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn enqueue(
     _: NoQuery,
     State(state): State<AppState>,
@@ -241,8 +251,15 @@ pub(crate) async fn enqueue_batch(
         Some(raw) => Some(batch_callback(raw, &jobs, &state, &who, &headers)?),
         None => None,
     };
+    // Every item invalid and no callback: Redis is not called, which says nothing of it.
+    let untouched = (jobs.is_empty() && callback.is_none()).then_some(Extension(crate::breaker::RedisUntouched));
     let outcome = state.broker.enqueue_many(jobs, req.atomic).await?;
-    let done: Vec<JobId> = outcome.iter().filter_map(|r| r.as_ref().ok().map(|e| e.job.id)).collect();
+    // The callback waits for the batch's jobs as the caller sees them: not for a job another
+    // key enqueued whose unique key an item named (answered 409 below, its id not shown).
+    let done: Vec<JobId> = outcome
+        .iter()
+        .filter_map(|r| r.as_ref().ok().filter(|e| e.created || visible(&who, &e.job)).map(|e| e.job.id))
+        .collect();
     let (mut created, mut existing) = (0, 0);
     for (i, r) in index.into_iter().zip(outcome) {
         results[i] = Some(match r {
@@ -284,7 +301,7 @@ pub(crate) async fn enqueue_batch(
             }
         }
     }
-    Ok(Json(body))
+    Ok((untouched, Json(body)))
 }
 
 /// Answer of `POST /api/v1/jobs/batch`, serialized as it is (no intermediate JSON tree: a

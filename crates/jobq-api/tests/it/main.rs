@@ -120,6 +120,13 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
         (r#"{"type":"echo","max_attempts":0}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "max_attempts"),
         (r#"{"type":"echo","max_attempts":-1}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "max_attempts"),
         (r#"{"type":""}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "type"),
+        // A schedule tick's key, which would stop that tick from running.
+        (
+            r#"{"type":"echo","unique_key":"cron:nightly:1772332200000"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "cron:",
+        ),
         (
             r#"{"type":"echo","backoff":{"base":"10s","max":"1s"}}"#,
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -690,6 +697,18 @@ async fn while_redis_is_frozen_requests_that_need_it_fail_fast_and_postgres_rout
     let (status, runs) = call(&app, "GET", "/api/v1/schedules/nightly/runs", None).await;
     assert_eq!((status, runs["items"].as_array().map(Vec::len)), (StatusCode::OK, Some(1)), "{runs}");
     assert!(t.elapsed() < std::time::Duration::from_millis(300), "the open breaker spares the wait");
+    // Successes of held routes that never reached Redis do not close the breaker: a DLQ retry
+    // by filter (Postgres; the replay runs later) and a batch whose every item is invalid.
+    for (path, body) in
+        [("/api/v1/dlq/retry", r#"{"dry_run":true}"#), ("/api/v1/jobs/batch", r#"{"jobs":[{"type":""}]}"#)]
+    {
+        tokio::time::sleep(jobq_api::breaker::PROBE_EVERY + std::time::Duration::from_millis(50)).await;
+        let (status, out) = call(&app, "POST", path, Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{path}, let through as the probe: {out}");
+        let t = std::time::Instant::now();
+        assert_eq!(enqueue().await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(t.elapsed() < std::time::Duration::from_millis(300), "still open after {path}: {:?}", t.elapsed());
+    }
     redis.signal("CONT");
     let back = std::time::Instant::now();
     jobq_testutil::wait_until(std::time::Duration::from_secs(5), "an enqueue to succeed", || async {

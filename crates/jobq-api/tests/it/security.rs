@@ -219,6 +219,13 @@ async fn a_producer_reads_only_the_jobs_its_key_enqueued() {
     );
     assert!(cb.get("on_complete").is_none(), "{cb}");
     assert!(!cb.to_string().contains("secret") && !cb.to_string().contains(held["id"].as_str().unwrap()), "{cb}");
+    // Nor in the callback's dependencies, when an item of the batch names the held key: the
+    // callback waits for the producer's own jobs only.
+    let callback = r#"{"jobs":[{"type":"echo","unique_key":"shared"},{"type":"echo"}],"on_complete":{"type":"echo"}}"#;
+    let (s, cb) = send("k-producer", "/api/v1/jobs/batch", callback).await;
+    assert_eq!((s, cb["results"][0]["status"].as_u64()), (StatusCode::OK, Some(409)), "{cb}");
+    assert_eq!(cb["on_complete"]["depends_on"], json!([cb["results"][1]["job"]["id"]]), "{cb}");
+    assert!(!cb.to_string().contains(held["id"].as_str().unwrap()), "{cb}");
     let (s, again) = send("k-producer", "/api/v1/jobs", r#"{"type":"echo","unique_key":"mine"}"#).await;
     assert_eq!((s, &again["id"]), (StatusCode::OK, &r["results"][1]["job"]["id"]), "its own key's job: {again}");
     let (s, same) = send("k-admin", "/api/v1/jobs", one).await;

@@ -474,7 +474,9 @@ async fn fire_tick(
     tick: DateTime<Utc>,
     key_ttl: std::time::Duration,
 ) -> Result<JobId> {
-    let mut job = template.new_job().unique(format!("cron:{name}:{}", tick.timestamp_millis()), Some(key_ttl));
+    let mut job = template
+        .new_job()
+        .unique(format!("{}{name}:{}", crate::schedule::CRON_KEY_PREFIX, tick.timestamp_millis()), Some(key_ttl));
     job.metadata.insert("schedule".into(), name.to_owned());
     job.metadata.insert("tick".into(), tick.to_rfc3339());
     let enqueued = broker.enqueue(job).await?;

@@ -24,7 +24,8 @@ pub use keys::Keys;
 use crate::config::{JobDefaults, RetentionSettings, Settings};
 use crate::error::{Error, Result};
 use crate::job::{
-    from_millis, Envelope, JobId, JobInfo, JobState, NewJob, Priority, QueueName, Start, ENVELOPE_VERSION,
+    from_millis, DependencyMode, Envelope, JobId, JobInfo, JobState, NewJob, Priority, QueueName, Start,
+    ENVELOPE_VERSION,
 };
 
 /// Most jobs in one enqueue script call: a 1,000-job batch holds Redis for a few short calls
@@ -639,7 +640,8 @@ impl Broker {
         job.validate()?;
         let envelope = self.envelope(&job);
         self.register_queue(&envelope.queue).await?;
-        let call = self.enqueue_call(&envelope.queue, [(&envelope, job.start, job.unique_ttl)])?;
+        let call =
+            self.enqueue_call(&envelope.queue, [(&envelope, job.start, job.unique_ttl, job.dependencies_enqueued)])?;
         let reply = enqueue_replies(self.run_one(call).await?)?.into_iter().next();
         let reply = reply.ok_or_else(|| protocol("empty enqueue reply"))?;
         self.enqueued(vec![(envelope, Ok(reply))]).await.pop().unwrap_or_else(|| Err(protocol("empty enqueue reply")))
@@ -649,7 +651,7 @@ impl Broker {
     fn enqueue_call<'a>(
         &self,
         queue: &QueueName,
-        jobs: impl IntoIterator<Item = (&'a Envelope, Start, Option<Duration>)>,
+        jobs: impl IntoIterator<Item = (&'a Envelope, Start, Option<Duration>, bool)>,
     ) -> Result<Call> {
         let streams = self.keys.streams(queue);
         let (scheduled, expiring) = (self.keys.scheduled(queue), self.keys.expiring(queue));
@@ -657,14 +659,19 @@ impl Broker {
         keys.extend([scheduled.as_str(), expiring.as_str()]);
         let mut call =
             Call::new(&SCRIPTS.enqueue, &keys).arg(self.keys.job_prefix(queue)).arg(secs(self.retention.dead));
-        for (env, start, unique_ttl) in jobs {
+        for (env, start, unique_ttl, deps_enqueued) in jobs {
             let (delay, run_at) = match start {
                 Start::Now => (String::new(), String::new()),
                 Start::After(d) => (d.as_millis().to_string(), String::new()),
                 Start::At(t) => (String::new(), t.timestamp_millis().to_string()),
             };
             let unique = env.unique_key.as_deref().map(|k| self.keys.unique(queue, k)).unwrap_or_default();
-            let mode = env.dependency_mode.filter(|_| !env.depends_on.is_empty()).map(|m| m.as_str()).unwrap_or("");
+            let mode = match env.dependency_mode.filter(|_| !env.depends_on.is_empty()) {
+                // Dependencies known to have been enqueued: one that is gone has finished.
+                Some(DependencyMode::Finished) if deps_enqueued => "finished-enqueued",
+                Some(m) => m.as_str(),
+                None => "",
+            };
             call = call
                 .envelope(env)?
                 .arg(delay)
@@ -1751,7 +1758,7 @@ impl Broker {
             match job.validate() {
                 Ok(()) => {
                     let env = self.envelope(&job);
-                    prepared.push((i, env, job.start, job.unique_ttl));
+                    prepared.push((i, env, job.start, job.unique_ttl, job.dependencies_enqueued));
                     items.push(None);
                 }
                 Err(e) if atomic => return Err(Error::Invalid(format!("item {i}: {e}"))),
@@ -1776,7 +1783,9 @@ impl Broker {
         }
         let calls = by_queue
             .iter()
-            .map(|(q, idx)| self.enqueue_call(q, idx.iter().map(|&k| (&prepared[k].1, prepared[k].2, prepared[k].3))))
+            .map(|(q, idx)| {
+                self.enqueue_call(q, idx.iter().map(|&k| (&prepared[k].1, prepared[k].2, prepared[k].3, prepared[k].4)))
+            })
             .collect::<Result<Vec<_>>>()?;
         let replies = if atomic { self.run_atomic(&SCRIPTS.enqueue, calls).await? } else { self.run(calls).await? };
         let mut answers: Vec<Option<Result<EnqueueReply>>> =

@@ -291,6 +291,39 @@ async fn with_no_retention_a_succeeded_job_leaves_redis_at_once_unless_its_uniqu
 }
 
 #[tokio::test]
+async fn with_no_retention_a_batch_callback_after_its_jobs_succeeded_still_runs() {
+    let env = TestEnv::with(&[("JOBQ_RETENTION_SUCCEEDED", "0")]).await;
+    let broker = &env.broker;
+    let done = broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let waits = broker.enqueue(NewJob::new("echo", json!({})).delay(Duration::from_secs(60))).await.unwrap().job.id;
+    // The first job succeeds (and leaves Redis) before the callback is enqueued, as a fast
+    // worker does between a batch and its `on_complete`.
+    let d = fetch_one(broker).await;
+    assert_eq!(d.envelope.id, done);
+    assert_eq!(broker.settle(&[Outcome { delivery: d, result: Ok(None) }]).await.unwrap(), [Settled::Succeeded]);
+    assert!(broker.job(done).await.unwrap().is_none(), "gone per retention");
+
+    let callback = broker.enqueue(NewJob::new("done", json!({})).after_all_finish([done])).await.unwrap();
+    assert!(callback.created);
+    assert_eq!(callback.job.state, JobState::Queued, "nothing left to wait for");
+    let callback = broker.enqueue(NewJob::new("done", json!({})).after_all_finish([done, waits])).await.unwrap();
+    assert_eq!(callback.job.state, JobState::Waiting, "waits for the job still there only");
+
+    // A dependency named by the caller that is not in Redis stays unknown: it may never have existed.
+    for job in [
+        NewJob::new("echo", json!({})).depends_on([done]),
+        NewJob {
+            dependency_mode: jobq_core::job::DependencyMode::Finished,
+            ..NewJob::new("echo", json!({})).depends_on([done])
+        },
+    ] {
+        let err = broker.enqueue(job).await.unwrap_err().to_string();
+        assert!(err.contains(&done.to_string()), "{err}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_stale_lease_can_neither_complete_nor_fail_the_job() {
     let env = TestEnv::new().await;
     let id = env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;

@@ -5,8 +5,10 @@
 -- ARGV: 1 job key prefix, 2 dead retention seconds, then per job 12 fields and its dependencies:
 --       id, envelope json, priority name, type, max_attempts, delay ms or '', run_at ms or '',
 --       expires_at ms or '', unique key (the whole key, same queue) or '', unique ttl ms or '',
---       dependency mode ('' | 'succeeded' | 'finished'), number of dependencies, then their ids
---       (jobs of the same queue)
+--       dependency mode ('' | 'succeeded' | 'finished' | 'finished-enqueued'), number of
+--       dependencies, then their ids (jobs of the same queue). 'finished-enqueued' is 'finished'
+--       for dependencies known to have been enqueued (a batch's callback): one whose hash is gone
+--       has finished and left per retention, instead of being unknown.
 -- Returns 4 values per job: created (1, 0 existing, -1 unknown dependency), state, run_at ms,
 -- job id (the existing job's, or the unknown dependency's).
 -- A job with unfinished dependencies waits (state waiting) until they finish; one whose
@@ -31,6 +33,8 @@ while i <= #ARGV do
   local id, envelope, prio, kind, max_attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local delay, at, expires_at, unique, unique_ttl = ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
   local mode, ndeps = ARGV[i + 10], tonumber(ARGV[i + 11])
+  local gone_finished = mode == 'finished-enqueued'
+  if gone_finished then mode = 'finished' end
   local first_dep = i + 12
   i = first_dep + ndeps
   local jk = prefix .. id
@@ -51,11 +55,13 @@ while i <= #ARGV do
     if mode ~= '' then
       for d = first_dep, first_dep + ndeps - 1 do
         local st = redis.call('HGET', prefix .. ARGV[d], 'state')
-        if not st then
+        if not st and not gone_finished then
           unknown = ARGV[d]
           break
         end
-        if st == 'dead' or st == 'cancelled' then
+        if not st then
+          -- Finished and removed per retention: nothing to wait for.
+        elseif st == 'dead' or st == 'cancelled' then
           if mode ~= 'finished' and not failed then failed, failed_state = ARGV[d], st end
         elseif st ~= 'succeeded' then
           waits[#waits + 1] = ARGV[d]
