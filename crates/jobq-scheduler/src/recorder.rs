@@ -114,8 +114,8 @@ pub(crate) async fn run(
         if refreshed.elapsed() >= QUEUE_REFRESH {
             match broker.queues().await {
                 Ok(q) => match broker.ensure_recorder_groups(&q).await {
-                    Ok(()) => {
-                        queues = q;
+                    Ok(readable) => {
+                        queues = readable;
                         refreshed = Instant::now();
                     }
                     Err(e) => tracing::warn!(error = %e, "creating recorder groups failed"),
@@ -168,6 +168,10 @@ pub(crate) async fn run(
             Err(e) => {
                 tracing::warn!(error = %e, "reading the outbox failed; retrying");
                 conn = None;
+                // A queue's outbox broken since the last look (its group destroyed, a key of
+                // another type in its place) fails the read of every queue: look again now, which
+                // creates the group again or leaves that queue out.
+                refreshed = Instant::now() - QUEUE_REFRESH;
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}

@@ -176,13 +176,25 @@ fn decode_batch(queue: &QueueName, e: &StreamId) -> Option<Vec<Event>> {
 }
 
 impl Broker {
-    /// Creates the recorder group on each queue's outbox (idempotent).
-    pub async fn ensure_recorder_groups(&self, queues: &[QueueName]) -> Result<()> {
+    /// Creates the recorder group on each queue's outbox (idempotent); returns the queues whose
+    /// outbox can be read. A queue whose outbox Redis refuses for good (a key of another type in
+    /// its place, written by something other than jobq) is left out with an error in the log,
+    /// so that one bad key does not stop the history of every queue; an outage is an error.
+    pub async fn ensure_recorder_groups(&self, queues: &[QueueName]) -> Result<Vec<QueueName>> {
         let mut conn = self.connection();
+        let mut readable = Vec::with_capacity(queues.len());
         for q in queues {
-            create_group(&mut conn, &self.keys.events(q), Keys::RECORDER_GROUP).await?;
+            match create_group(&mut conn, &self.keys.events(q), Keys::RECORDER_GROUP).await {
+                Ok(()) => readable.push(q.clone()),
+                Err(e) if e.is_transient_redis() => return Err(e),
+                Err(e) => tracing::error!(
+                    queue.name = %q,
+                    error = %e,
+                    "the queue's outbox cannot be read; its attempts are not recorded until it can"
+                ),
+            }
         }
-        Ok(())
+        Ok(readable)
     }
 
     /// Reads new events of all `queues` for `consumer`, blocking up to `block` on `conn`.

@@ -154,3 +154,56 @@ async fn a_queue_whose_keys_redis_refuses_does_not_slow_the_promotion_of_the_oth
     handle.await.unwrap().unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_queue_whose_outbox_redis_refuses_does_not_stop_the_history_of_the_others() {
+    let env = TestEnv::new().await;
+    let (fine, broken, later): (QueueName, QueueName, QueueName) =
+        ("fine".parse().unwrap(), "broken".parse().unwrap(), "later".parse().unwrap());
+    // One queue's outbox is a key of another type from the start.
+    env.broker.enqueue(NewJob::new("x", json!({})).queue(broken.clone())).await.unwrap();
+    let mut conn = env.broker.connection();
+    let _: () = redis::AsyncCommands::set(&mut conn, env.keys().events(&broken), "not a stream").await.unwrap();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(jobq_scheduler::run(env.settings(), token.clone()));
+    let fatal = || Failure { message: "bad".into(), retry_in: None, reason: "fatal" };
+    let kill = |q: QueueName| {
+        let env = &env;
+        async move {
+            env.broker.enqueue(NewJob::new("x", json!({})).queue(q.clone())).await.unwrap();
+            let f = env.broker.fetch(&q, "w", 1).await.unwrap();
+            let outcome = Outcome { delivery: f.jobs[0].clone(), result: Err(fatal()) };
+            env.broker.settle(&[outcome]).await.unwrap();
+        }
+    };
+    let dead_in = |q: &'static str| {
+        let store = &env.store;
+        async move {
+            let filter = DlqFilter { queue: Some(q.into()), limit: 10, ..Default::default() };
+            let page = store.dead_jobs(&filter).await.ok()?;
+            (page.items.len() == 1).then_some(())
+        }
+    };
+    kill(fine.clone()).await;
+    wait_until(WAIT, "the fine queue's dead job in the DLQ", || dead_in("fine")).await;
+    // A queue whose outbox breaks while the recorder runs (its group destroyed) does not stop
+    // the others either: the group is created again and its events are recorded.
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(env.keys().events(&fine))
+        .arg(jobq_core::stream::Keys::RECORDER_GROUP)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    kill(later).await;
+    wait_until(WAIT, "a later queue's dead job in the DLQ", || dead_in("later")).await;
+    kill(fine).await;
+    wait_until(WAIT, "the fine queue's second dead job in the DLQ", || async {
+        let filter = DlqFilter { queue: Some("fine".into()), limit: 10, ..Default::default() };
+        (env.store.dead_jobs(&filter).await.ok()?.items.len() == 2).then_some(())
+    })
+    .await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    env.cleanup().await;
+}
