@@ -770,3 +770,22 @@ async fn a_priority_stream_of_another_type_spoils_only_itself() {
     env.broker.reclaim("r", &[q()], Duration::from_millis(1), 3, Duration::from_secs(60)).await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_breaker_probe_admitted_again_runs_and_other_jobs_wait_for_it() {
+    use jobq_core::stream::BreakerOp;
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    let open_for = Duration::from_millis(200);
+    let (probe, other) = (jobq_core::job::JobId::new(), jobq_core::job::JobId::new());
+    assert_eq!(b.breaker("pdf", BreakerOp::Fail, 1, open_for, probe).await.unwrap(), 1, "opens");
+    assert!(b.breaker("pdf", BreakerOp::Admit, 1, open_for, probe).await.unwrap() > 0, "open: held");
+    tokio::time::sleep(open_for + Duration::from_millis(20)).await;
+    assert_eq!(b.breaker("pdf", BreakerOp::Admit, 1, open_for, probe).await.unwrap(), 0, "half-open: the probe");
+    // The probe's answer was lost; the job comes back and asks again: it is still the probe.
+    assert_eq!(b.breaker("pdf", BreakerOp::Admit, 1, open_for, probe).await.unwrap(), 0, "the probe runs");
+    assert!(b.breaker("pdf", BreakerOp::Admit, 1, open_for, other).await.unwrap() > 0, "others wait for it");
+    assert_eq!(b.breaker("pdf", BreakerOp::Ok, 1, open_for, probe).await.unwrap(), 1, "closes");
+    assert_eq!(b.breaker("pdf", BreakerOp::Admit, 1, open_for, other).await.unwrap(), 0, "closed: runs");
+    env.cleanup().await;
+}
