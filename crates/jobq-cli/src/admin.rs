@@ -512,7 +512,7 @@ pub async fn run(settings: &Settings, cmd: AdminCommand, as_json: bool) -> Resul
                 job.priority = p.parse().map_err(usage)?;
             }
             if let Some(d) = delay {
-                job.start = Start::After(jobq_core::duration::parse(&d).map_err(usage)?);
+                job.start = Start::After(jobq_core::duration::parse_with_unit(&d).map_err(usage)?);
             }
             job.enqueued_by = Some(actor());
             let e = broker.enqueue(job).await?;

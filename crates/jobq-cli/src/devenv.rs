@@ -19,6 +19,14 @@ pub struct Private {
 impl Drop for Private {
     fn drop(&mut self) {
         if let Some(mut r) = self.redis.take() {
+            // SIGTERM: Redis writes its append-only file out before it exits.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(r.id().to_string()).status();
+            for _ in 0..100 {
+                if r.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = r.kill();
             let _ = r.wait();
         }
@@ -75,14 +83,48 @@ fn pg_prefix() -> anyhow::Result<Vec<String>> {
 }
 
 fn command(prefix: &[String], program: &Path) -> std::process::Command {
-    match prefix.split_first() {
+    let mut c = match prefix.split_first() {
         Some((first, rest)) => {
             let mut c = std::process::Command::new(first);
             c.args(rest).arg(program);
             c
         }
         None => std::process::Command::new(program),
+    };
+    own_group(&mut c);
+    c
+}
+
+/// Runs the child in a process group of its own: a Ctrl+C in the terminal signals the
+/// terminal's foreground group, and a private server in it would stop at once, while `jobq dev`
+/// still finishes its running jobs and writes their outcomes.
+fn own_group(c: &mut std::process::Command) {
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(c, 0);
+}
+
+/// Stops a private redis-server that an earlier `jobq dev` left running (it exited at once on a
+/// second Ctrl+C), named by the pid file in `dir`, so that two servers never share its data.
+fn stop_leftover_redis(dir: &Path) {
+    let pidfile = dir.join("redis.pid");
+    let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<u32>().ok()) else {
+        return;
+    };
+    let is_redis = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("redis-server"))
+    };
+    if is_redis(pid) {
+        println!("jobq dev: stopping the private redis-server an earlier run left (pid {pid})");
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        for _ in 0..100 {
+            if !is_redis(pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+    let _ = std::fs::remove_file(pidfile);
 }
 
 /// Starts what is missing and points `settings` at it.
@@ -96,18 +138,22 @@ pub async fn ensure(settings: &mut Settings) -> anyhow::Result<Private> {
         let port = free_port()?;
         let dir = data.join("redis");
         std::fs::create_dir_all(&dir)?;
+        stop_leftover_redis(&dir);
         println!(
             "jobq dev: no Redis at {}; starting a private redis-server on 127.0.0.1:{port} (data in {})",
             settings.redis.url,
             dir.display()
         );
-        let child = std::process::Command::new(bin)
+        let mut redis = std::process::Command::new(bin);
+        redis
             .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "yes"])
             .args(["--maxmemory-policy", "noeviction", "--dir"])
             .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
+            .arg("--pidfile")
+            .arg(dir.join("redis.pid"))
+            .stdout(std::process::Stdio::null());
+        own_group(&mut redis);
+        let child = redis.spawn().context("starting redis-server")?;
         private.redis = Some(child);
         settings.redis.url = format!("redis://127.0.0.1:{port}");
         for _ in 0..100 {
@@ -134,6 +180,11 @@ pub async fn ensure(settings: &mut Settings) -> anyhow::Result<Private> {
             if !out.status.success() {
                 bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
             }
+        }
+        if dir.join("postmaster.pid").exists() {
+            // Left running by an earlier `jobq dev` that exited at once (a second Ctrl+C), or a
+            // stale file: pg_ctl stops the one, and start copes with the other.
+            let _ = command(&prefix, &pg_ctl).arg("-D").arg(&dir).args(["-m", "fast", "-w", "stop"]).output();
         }
         println!(
             "jobq dev: no PostgreSQL at its URL; starting a private one on 127.0.0.1:{port} (data in {})",

@@ -11,6 +11,17 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration `{s}`: {e} (examples: 500ms, 30s, 5m, 1h)"))
 }
 
+/// Like [`parse`], but a number other than 0 needs a unit (`3600` is refused rather than read
+/// as 3.6 seconds): for durations typed by a person, who cannot be expected to know the
+/// default unit.
+pub fn parse_with_unit(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Ok(Duration::ZERO),
+        Ok(n) => Err(format!("duration `{n}` has no unit: write {n}ms, {n}s or {n}m (only 0 may go without one)")),
+        Err(_) => parse(s),
+    }
+}
+
 /// Formats a duration the way [`parse`] reads it.
 pub fn format(d: Duration) -> String {
     humantime::format_duration(d).to_string()
@@ -166,6 +177,14 @@ pub mod serde_human_opt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_typed_by_a_person_needs_a_unit() {
+        assert_eq!(parse_with_unit("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_with_unit(" 0 ").unwrap(), Duration::ZERO);
+        assert!(parse_with_unit("3600").unwrap_err().contains("no unit"));
+        assert!(parse_with_unit("soon").is_err());
+    }
 
     #[test]
     fn parses_units_and_bare_milliseconds() {

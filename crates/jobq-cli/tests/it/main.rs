@@ -324,6 +324,8 @@ async fn admin_commands_print_tables_or_json_and_exit_codes_mean_something() {
     let (code, _, _) = jobq_in(&env, &["job", "nope"]).await;
     assert_eq!(code, 2, "bad input");
 
+    let (code, _, err) = jobq_in(&env, &["enqueue", "echo", "--queue", "mail", "--delay", "3600"]).await;
+    assert!(code == 2 && err.contains("no unit"), "a delay without a unit is refused, not read as ms: {code} {err}");
     let (_, out, _) = jobq_in(&env, &["--json", "enqueue", "echo", "--queue", "mail", "--delay", "1h"]).await;
     let later = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_owned();
     let (code, out, err) = jobq_in(&env, &["run-now", &later]).await;
@@ -491,6 +493,31 @@ async fn dlq_commands_list_retry_and_purge() {
     env.cleanup().await;
 }
 
+/// `jobq dev --config bare.toml` in `dir`, in a process group of its own (as a shell runs it in a
+/// terminal), with nothing in the environment naming Redis or Postgres.
+fn bare_dev(dir: &std::path::Path, port: u16) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["--config", "bare.toml", "dev"])
+        .current_dir(dir)
+        .env_remove("REDIS_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("JOBQ_REDIS_URL")
+        .env_remove("JOBQ_DATABASE_URL")
+        .env("JOBQ_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("JOBQ_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends `sig` to the process group of `child`, as Ctrl+C in a terminal does.
+fn signal_group(child: &tokio::process::Child, sig: &str) {
+    let group = format!("-{}", child.id().unwrap());
+    std::process::Command::new("kill").args([&format!("-{sig}"), "--", &group]).status().unwrap();
+}
+
 #[tokio::test]
 async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them() {
     let dir = std::env::temp_dir().join(format!("jobq-bare-{}", uuid::Uuid::new_v4().simple()));
@@ -506,20 +533,8 @@ async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them(
     )
     .unwrap();
     let port = free_port();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
-        .args(["--config", "bare.toml", "dev"])
-        .current_dir(&dir)
-        .env_remove("REDIS_URL")
-        .env_remove("DATABASE_URL")
-        .env_remove("JOBQ_REDIS_URL")
-        .env_remove("JOBQ_DATABASE_URL")
-        .env("JOBQ_API_ADDR", format!("127.0.0.1:{port}"))
-        .env("JOBQ_LOG_LEVEL", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
     let api = Api::new(port);
+    let child = bare_dev(&dir, port);
     api.wait_ready(Duration::from_secs(60)).await;
     let (status, job) = api.post("/api/v1/jobs", &json!({"type": "echo", "payload": "bare"})).await;
     assert_eq!(status, 201);
@@ -537,6 +552,40 @@ async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them(
     let redis_port: u16 =
         stdout.split("redis-server on 127.0.0.1:").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err(), "redis stopped");
+
+    // Ctrl+C in the terminal signals the whole group: the private Redis outlives the graceful
+    // stop, so a job that finishes during it is written as succeeded, not run again later.
+    let child = bare_dev(&dir, port);
+    api.wait_ready(Duration::from_secs(60)).await;
+    let (_, job) = api.post("/api/v1/jobs", &json!({"type": "sleep", "payload": {"ms": 1500}})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    api.wait_for_state(&id, "running", Duration::from_secs(20)).await;
+    signal_group(&child, "INT");
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let child = bare_dev(&dir, port);
+    api.wait_ready(Duration::from_secs(60)).await;
+    let (_, job) = api.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!((job["state"].as_str(), job["attempt"].as_u64()), (Some("succeeded"), Some(1)), "{job}");
+    // A second Ctrl+C exits at once (a job still runs) and leaves the private servers running;
+    // the next run stops them and starts afresh on the same data.
+    let (_, long) = api.post("/api/v1/jobs", &json!({"type": "sleep", "payload": {"ms": 20000}})).await;
+    api.wait_for_state(long["id"].as_str().unwrap(), "running", Duration::from_secs(20)).await;
+    signal_group(&child, "INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal_group(&child, "INT");
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stdout));
+    let child = bare_dev(&dir, port);
+    api.wait_ready(Duration::from_secs(60)).await;
+    let (_, again) = api.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(again["state"], "succeeded", "{again}");
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().unwrap().to_string()).status().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("stopping the private redis-server an earlier run left"), "{stdout}");
+    assert!(!dir.join(".jobq-dev/postgres/postmaster.pid").exists(), "postgres stopped");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
