@@ -42,3 +42,47 @@ async fn two_schedulers_fire_each_tick_once_even_when_one_is_killed() {
     eprintln!("cron figures: ticks={} doubled=0 lost=0 (20 s, 2 replicas, one killed at 10 s)", rows.len());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_replica_frozen_mid_claim_does_not_fire_the_tick_again_when_it_wakes() {
+    let env = TestEnv::with(&[("JOBQ_SCHEDULER_CRON_POLL", "250ms")]).await;
+    let spec = serde_json::from_value(serde_json::json!({
+        "name": "every-second", "cron": "* * * * * *", "job": {"type": "echo"}
+    }))
+    .unwrap();
+    env.store.create_schedule(&spec).await.unwrap();
+    let first: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT next_fire_at FROM schedules").fetch_one(&env.pool).await.unwrap();
+    // Replica A stops (SIGSTOP) once it holds the schedule's row and has enqueued nothing.
+    let mut a = Proc::spawn("jobq-scheduler", &env.env_with(&[("JOBQ_FAULTS", "cron.claimed=stop")]));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut b = Proc::spawn("jobq-scheduler", &env.env());
+    // Postgres ends A's session after 10 s idle in its transaction; B then fires the tick.
+    jobq_testutil::wait_until(Duration::from_secs(30), "B to fire A's tick", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule_runs WHERE tick = $1")
+            .bind(first)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    // A stays frozen past the tick key's ttl (its expiry is what is simulated here), then wakes.
+    let key =
+        env.keys().unique(&QueueName::default_queue(), &format!("cron:every-second:{}", first.timestamp_millis()));
+    let _: () = env.broker.connection().del(&key).await.unwrap();
+    a.signal("CONT");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.signal("KILL");
+    a.wait(Duration::from_secs(5)).await;
+    b.signal("TERM");
+    assert_eq!(b.wait(Duration::from_secs(10)).await, Some(0));
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule_runs WHERE trigger = 'cron'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let enqueued: u64 =
+        env.broker.connection().xlen(env.keys().stream(&QueueName::default_queue(), Priority::Normal)).await.unwrap();
+    assert_eq!(enqueued as i64, runs, "A enqueued nothing after it woke: one job per tick");
+    env.cleanup().await;
+}

@@ -15,12 +15,17 @@ use crate::stream::Broker;
 /// only after a rolled-back claim: seconds later, or, when no scheduler ran meanwhile, once one
 /// runs again, for as long as the tick is still among those the plan fires: within the misfire
 /// grace, or among the latest `keep` older ones (1 with `fire_once`, `catch_up_limit` with
-/// `catch_up`), which it stays until `keep` later ticks are due. So the key is held for the
-/// grace plus `keep + 1` periods of the schedule, at least this long.
+/// `catch_up`), which it stays until `keep` later ticks are due. So the key is held until the
+/// `keep + 1`-th tick after it (`keep + 1` periods of an evenly spaced schedule; longer where a
+/// weekday schedule spans a weekend), plus the grace; at least this long.
 const TICK_KEY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 /// The longest such hold (a yearly schedule catching up on many years): the longest unique ttl
 /// an enqueue takes, so that no tick's job is refused for its key's ttl.
 const TICK_KEY_TTL_MAX: std::time::Duration = crate::job::MAX_UNIQUE_TTL;
+
+/// How long after the claim's last statement a tick may still be enqueued: well within the
+/// 10 s after which Postgres ends a session idle in its transaction, and with it the row lock.
+const CLAIM_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The idempotency key's ttl for `tick` of `schedule`.
 fn tick_key_ttl(
@@ -30,14 +35,21 @@ fn tick_key_ttl(
     catch_up_limit: u32,
     grace: chrono::Duration,
 ) -> std::time::Duration {
-    let period = schedule.next_after(tick).and_then(|next| (next - tick).to_std().ok()).unwrap_or_default();
     let keep = match misfire {
         Misfire::Skip => 0,
         Misfire::FireOnce => 1,
         Misfire::CatchUp => catch_up_limit,
     };
-    let hold = period.saturating_mul(keep + 1).saturating_add(grace.to_std().unwrap_or_default());
-    hold.clamp(TICK_KEY_TTL, TICK_KEY_TTL_MAX)
+    // The ticks are walked, not counted in periods: ticks are unevenly spaced (`MON-FRI`, the
+    // last day of a month, a clock change), and a tick stays in the plan until the `keep`-th
+    // tick after it is due, however far that is. A schedule with no further tick keeps the
+    // longest hold.
+    let until = schedule.upcoming(tick).nth(keep as usize);
+    let hold = match until.map(|t| (t - tick).to_std()) {
+        Some(Ok(d)) => d,
+        _ => TICK_KEY_TTL_MAX,
+    };
+    hold.saturating_add(grace.to_std().unwrap_or_default()).clamp(TICK_KEY_TTL, TICK_KEY_TTL_MAX)
 }
 
 /// A stored schedule.
@@ -402,7 +414,8 @@ async fn claim_due(
         return Ok(Claim::NothingDue);
     };
     let name: String = row.try_get("name")?;
-    match fire_claimed(tx, broker, grace, skipped, &row).await {
+    let mut last_sql = std::time::Instant::now();
+    match fire_claimed(tx, broker, grace, skipped, &row, &mut last_sql).await {
         Ok(claim) => Ok(claim),
         Err(e) => Ok(Claim::Failed(name, e)),
     }
@@ -415,6 +428,7 @@ async fn fire_claimed(
     grace: chrono::Duration,
     skipped: &mut u64,
     row: &PgRow,
+    last_sql: &mut std::time::Instant,
 ) -> Result<Claim> {
     let s = schedule_of_row(row)?;
     let now: DateTime<Utc> = row.try_get("db_now")?;
@@ -430,7 +444,7 @@ async fn fire_claimed(
             for tick in plan.fire {
                 crate::fault::point("cron.claimed");
                 let ttl = tick_key_ttl(&schedule, tick, s.spec.misfire, s.spec.catch_up_limit, grace);
-                let job_id = fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick, ttl).await?;
+                let job_id = fire_tick(tx, broker, &s.spec.name, &s.spec.job, tick, ttl, last_sql).await?;
                 crate::fault::point("cron.enqueued");
                 fired.push(FiredTick {
                     schedule: s.spec.name.clone(),
@@ -473,7 +487,20 @@ async fn fire_tick(
     template: &JobTemplate,
     tick: DateTime<Utc>,
     key_ttl: std::time::Duration,
+    last_sql: &mut std::time::Instant,
 ) -> Result<JobId> {
+    // The row lock holds only while the session lives, which Postgres ends after 10 s idle in
+    // the transaction (claim_due). A process that stalled past that (a frozen VM or container)
+    // may have lost the row to another replica, which fired this tick; once the tick's key has
+    // expired as well, an enqueue now would fire it twice. So the tick is enqueued only while
+    // the last statement of the claim is recent.
+    let idle = last_sql.elapsed();
+    if idle > CLAIM_FRESH_FOR {
+        return Err(Error::Conflict(format!(
+            "the claim stalled for {} ms and its row lock may be gone: tick {tick} is left to the next pass",
+            idle.as_millis()
+        )));
+    }
     let mut job = template
         .new_job()
         .unique(format!("{}{name}:{}", crate::schedule::CRON_KEY_PREFIX, tick.timestamp_millis()), Some(key_ttl));
@@ -490,6 +517,7 @@ async fn fire_tick(
     .bind(enqueued.job.queue.as_str())
     .execute(&mut **tx)
     .await?;
+    *last_sql = std::time::Instant::now();
     Ok(enqueued.job.id)
 }
 
@@ -515,14 +543,20 @@ mod tests {
         assert_eq!(tick_key_ttl(&every_second, tick, Misfire::CatchUp, 10, grace), TICK_KEY_TTL);
         let yearly = CronSchedule::parse("0 0 0 1 1 *", "UTC").unwrap();
         assert_eq!(tick_key_ttl(&yearly, tick, Misfire::CatchUp, 1000, grace), TICK_KEY_TTL_MAX);
-        // Whatever the plan, the tick's key is still held when a plan fires it again.
-        for (policy, limit) in [(Misfire::FireOnce, 1), (Misfire::CatchUp, 10), (Misfire::CatchUp, 3)] {
-            for hours_down in 0..15 {
-                let now = tick + chrono::Duration::hours(hours_down) + chrono::Duration::minutes(59);
-                let plan = plan_ticks(&hourly, tick, now, policy, limit, grace);
-                if plan.fire.contains(&tick) {
-                    let ttl = tick_key_ttl(&hourly, tick, policy, limit, grace);
-                    assert!(now - tick < chrono::Duration::from_std(ttl).unwrap(), "{policy:?} {limit} {hours_down}h");
+        // Whatever the plan, the tick's key is still held when a plan fires it again, also for
+        // ticks spaced unevenly (weekdays only: a Thursday's tenth later tick is 14 days on).
+        let weekdays = CronSchedule::parse("0 0 9 * * MON-FRI", "UTC").unwrap();
+        let thursday: DateTime<Utc> = "2026-03-05T09:00:00Z".parse().unwrap();
+        for (schedule, tick) in [(&hourly, tick), (&weekdays, thursday)] {
+            for (policy, limit) in [(Misfire::FireOnce, 1), (Misfire::CatchUp, 10), (Misfire::CatchUp, 3)] {
+                for hours_down in 0..24 * 20 {
+                    let now = tick + chrono::Duration::hours(hours_down) + chrono::Duration::minutes(59);
+                    let plan = plan_ticks(schedule, tick, now, policy, limit, grace);
+                    if plan.fire.contains(&tick) {
+                        let ttl = tick_key_ttl(schedule, tick, policy, limit, grace);
+                        let held = chrono::Duration::from_std(ttl).unwrap();
+                        assert!(now - tick < held, "{} {policy:?} {limit} {hours_down}h", schedule.expr());
+                    }
                 }
             }
         }
