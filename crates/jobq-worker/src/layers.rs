@@ -352,7 +352,9 @@ impl Layer<JobService> for CircuitBreaker {
                 Err(HandlerError::Fail(_) | HandlerError::Held(..)) => BreakerOp::Held,
                 Err(_) => BreakerOp::Fail,
             };
-            step.record(op).await;
+            // Not awaited: the attempt's time limit covers this call too, and a Redis stall here
+            // must not turn an outcome the handler already has into a timeout.
+            spawn_detached(async move { step.record(op).await });
             r
         })
     }
@@ -497,9 +499,13 @@ impl Layer<JobService> for ConcurrencyLimit {
                 }
             });
             let r = next.run(ctx).await;
-            stop_renewal(&renewal).await;
-            give_back(&broker, &name, &member).await;
             cut.finish();
+            // Not awaited, as for the breaker: a Redis stall while the slot goes back must not
+            // turn the handler's outcome into a timeout (the slot expires on its own at worst).
+            spawn_detached(async move {
+                stop_renewal(&renewal).await;
+                give_back(&broker, &name, &member).await;
+            });
             r
         })
     }

@@ -633,3 +633,33 @@ async fn a_layer_whose_redis_state_is_broken_for_good_fails_the_job_instead_of_h
     }
     finish(env, [started]).await;
 }
+
+#[tokio::test]
+async fn a_redis_stall_as_a_limited_handler_returns_does_not_turn_its_success_into_a_timeout() {
+    let redis = jobq_testutil::RedisServer::start();
+    let env = TestEnv::with(&[("REDIS_URL", &redis.url()), ("JOBQ_REDIS_TIMEOUT", "5s")]).await;
+    let pid = redis.pid().to_string();
+    let mut registry = Registry::new();
+    registry.register("limited", move |ctx: JobContext| {
+        let pid = pid.clone();
+        async move {
+            // Redis stalls (a slow fork, a fail-over) as the first attempt's handler returns.
+            if ctx.attempt == 1 {
+                std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+            }
+            Ok(Some(json!("done")))
+        }
+    });
+    registry.layer_for("limited", layers::ConcurrencyLimit::per_type(2));
+    registry.layer_for("limited", layers::CircuitBreaker::new(3, Duration::from_secs(5)));
+    let workers = vec![start(&env, registry)];
+    let mut job = NewJob::new("limited", json!({}));
+    job.timeout = Some(Duration::from_secs(1));
+    let id = env.broker.enqueue(job).await.unwrap().job.id;
+    // Longer than the job's time limit: the layers' calls after the handler wait for Redis.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    redis.signal("CONT");
+    let job = wait_state(&env, id, JobState::Succeeded).await;
+    assert_eq!(job.attempt, 1, "the handler's success stands: not a timeout, not run again");
+    finish(env, workers).await;
+}
