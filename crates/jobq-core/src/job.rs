@@ -376,8 +376,8 @@ pub struct NewJob {
     pub depends_on: Vec<JobId>,
     /// What the dependencies must reach before this job is queued.
     pub dependency_mode: DependencyMode,
-    /// Every job of `depends_on` is known to have been enqueued (set by
-    /// [`NewJob::after_all_finish`], for a batch's callback): with [`DependencyMode::Finished`], a
+    /// Every job of `depends_on` is known to have been enqueued in this job's queue (set by
+    /// [`NewJob::after_batch`], for a batch's callback): with [`DependencyMode::Finished`], a
     /// dependency whose hash is gone has finished and left per retention (at once with
     /// `JOBQ_RETENTION_SUCCEEDED=0`), and counts as finished instead of unknown.
     pub dependencies_enqueued: bool,
@@ -471,9 +471,20 @@ impl NewJob {
     }
 
     /// Waits until every job in `ids` (same queue) has finished, whatever its outcome (a batch
-    /// callback). The ids must be of jobs the caller enqueued: one no longer in Redis (removed
-    /// per retention) counts as finished.
+    /// callback). An id that is not a job of the queue is refused.
     pub fn after_all_finish(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
+        self.depends_on = ids.into_iter().collect();
+        self.dependency_mode = DependencyMode::Finished;
+        self.dependencies_enqueued = false;
+        self
+    }
+
+    /// Like [`NewJob::after_all_finish`], for the callback of a batch the caller has just
+    /// enqueued in this job's queue: `ids` are that batch's jobs, so one no longer in Redis has
+    /// finished and left per retention (at once with `JOBQ_RETENTION_SUCCEEDED=0`, possibly
+    /// before this job is enqueued) and counts as finished. Ids of any other jobs would count as
+    /// finished too: use it only with the ids an enqueue of the same queue returned.
+    pub fn after_batch(mut self, ids: impl IntoIterator<Item = JobId>) -> Self {
         self.depends_on = ids.into_iter().collect();
         self.dependency_mode = DependencyMode::Finished;
         self.dependencies_enqueued = true;

@@ -283,7 +283,7 @@ pub(crate) async fn enqueue_batch(
         // The batch is in Redis whatever happens now: a failed callback is reported beside the
         // batch's results, not instead of them (a client retrying the whole batch would
         // enqueue it twice).
-        match state.broker.enqueue(callback.after_all_finish(done)).await {
+        match state.broker.enqueue(callback.after_batch(done)).await {
             Ok(enqueued) if !enqueued.created && !visible(&who, &enqueued.job) => {
                 let e = held_by_another(&enqueued.job);
                 body.on_complete_error = Some(ItemError { code: e.parts().1, message: e.to_string() });

@@ -303,15 +303,16 @@ async fn with_no_retention_a_batch_callback_after_its_jobs_succeeded_still_runs(
     assert_eq!(broker.settle(&[Outcome { delivery: d, result: Ok(None) }]).await.unwrap(), [Settled::Succeeded]);
     assert!(broker.job(done).await.unwrap().is_none(), "gone per retention");
 
-    let callback = broker.enqueue(NewJob::new("done", json!({})).after_all_finish([done])).await.unwrap();
+    let callback = broker.enqueue(NewJob::new("done", json!({})).after_batch([done])).await.unwrap();
     assert!(callback.created);
     assert_eq!(callback.job.state, JobState::Queued, "nothing left to wait for");
-    let callback = broker.enqueue(NewJob::new("done", json!({})).after_all_finish([done, waits])).await.unwrap();
+    let callback = broker.enqueue(NewJob::new("done", json!({})).after_batch([done, waits])).await.unwrap();
     assert_eq!(callback.job.state, JobState::Waiting, "waits for the job still there only");
 
     // A dependency named by the caller that is not in Redis stays unknown: it may never have existed.
     for job in [
         NewJob::new("echo", json!({})).depends_on([done]),
+        NewJob::new("echo", json!({})).after_all_finish([done]),
         NewJob {
             dependency_mode: jobq_core::job::DependencyMode::Finished,
             ..NewJob::new("echo", json!({})).depends_on([done])
@@ -705,9 +706,9 @@ async fn churn(env: &TestEnv, round: usize) {
     let ns = env.keys().namespace();
     let mut pipe = redis::pipe();
     for i in 0..500 {
-        pipe.set(format!("{ns}:churn:{round}:{i}"), 1).ignore();
+        pipe.set(format!("{ns}:{{churn}}:{round}:{i}"), 1).ignore();
         if round > 0 {
-            pipe.del(format!("{ns}:churn:{}:{i}", round - 1)).ignore();
+            pipe.del(format!("{ns}:{{churn}}:{}:{i}", round - 1)).ignore();
         }
     }
     let _: () = pipe.query_async(&mut env.broker.connection()).await.unwrap();
@@ -776,7 +777,7 @@ async fn a_breaker_probe_admitted_again_runs_and_other_jobs_wait_for_it() {
     use jobq_core::stream::BreakerOp;
     let env = TestEnv::new().await;
     let b = &env.broker;
-    let open_for = Duration::from_millis(200);
+    let open_for = Duration::from_secs(2);
     let (probe, other) = (jobq_core::job::JobId::new(), jobq_core::job::JobId::new());
     assert_eq!(b.breaker("pdf", BreakerOp::Fail, 1, open_for, probe).await.unwrap(), 1, "opens");
     assert!(b.breaker("pdf", BreakerOp::Admit, 1, open_for, probe).await.unwrap() > 0, "open: held");

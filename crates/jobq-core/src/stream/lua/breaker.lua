@@ -13,8 +13,12 @@ if op == 'admit' then
   if not h[1] then return 0 end
   local elapsed = now - tonumber(h[1])
   if elapsed < open_for then return open_for - elapsed end
-  -- The probe itself admitted again (its first answer was lost on the way): it runs.
-  if h[2] == ARGV[4] then return 0 end
+  -- The probe itself admitted again (its first answer was lost on the way): it runs, and
+  -- holds the others back for open_for from now.
+  if h[2] == ARGV[4] then
+    redis.call('HSET', KEYS[1], 'probe_at', now)
+    return 0
+  end
   if h[2] and now - tonumber(h[3]) < open_for then return math.min(open_for, 1000) end
   redis.call('HSET', KEYS[1], 'probe', ARGV[4], 'probe_at', now)
   return 0
