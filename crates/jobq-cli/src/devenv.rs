@@ -14,6 +14,45 @@ use jobq_core::config::Settings;
 pub struct Private {
     redis: Option<std::process::Child>,
     postgres: Option<(Vec<String>, PathBuf)>,
+    /// `.jobq-dev/jobq-dev.pid`, naming this process while it runs private servers on that data.
+    claim: Option<PathBuf>,
+}
+
+impl Private {
+    /// Claims the data in `data` (once) by writing this process's id to `.jobq-dev/jobq-dev.pid`,
+    /// unless a `jobq dev` it names still runs: the data is this process's alone, and a server
+    /// found running on it was left by an earlier `jobq dev` that exited at once (a second
+    /// Ctrl+C), not one still in use.
+    fn claim(&mut self, data: &Path) -> anyhow::Result<()> {
+        if self.claim.is_some() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(data)?;
+        let path = data.join("jobq-dev.pid");
+        let holder = std::fs::read_to_string(&path).ok().and_then(|p| p.trim().parse::<u32>().ok());
+        if let Some(pid) = holder.filter(|&p| p != std::process::id() && runs(p, "jobq")) {
+            bail!(
+                "another jobq dev (pid {pid}) runs on {}: stop it first, or start this one from another directory",
+                data.display()
+            );
+        }
+        std::fs::write(&path, std::process::id().to_string()).context("writing .jobq-dev/jobq-dev.pid")?;
+        self.claim = Some(path);
+        Ok(())
+    }
+}
+
+/// Whether process `pid` runs a program whose command line holds `name`.
+fn runs(pid: u32, name: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains(name),
+        // No /proc (macOS): ask ps.
+        Err(_) if !Path::new("/proc/self").exists() => std::process::Command::new("ps")
+            .args(["-o", "command=", "-p", &pid.to_string()])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(name)),
+        Err(_) => false,
+    }
 }
 
 impl Drop for Private {
@@ -33,6 +72,9 @@ impl Drop for Private {
         if let Some((prefix, dir)) = self.postgres.take() {
             let pg_ctl = find("pg_ctl").unwrap_or_else(|| PathBuf::from("pg_ctl"));
             let _ = command(&prefix, &pg_ctl).arg("-D").arg(&dir).args(["-m", "fast", "-w", "stop"]).output();
+        }
+        if let Some(path) = self.claim.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -110,10 +152,7 @@ fn stop_leftover_redis(dir: &Path) {
     let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<u32>().ok()) else {
         return;
     };
-    let is_redis = |pid: u32| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("redis-server"))
-    };
+    let is_redis = |pid: u32| runs(pid, "redis-server");
     if is_redis(pid) {
         println!("jobq dev: stopping the private redis-server an earlier run left (pid {pid})");
         let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
@@ -136,6 +175,7 @@ pub async fn ensure(settings: &mut Settings) -> anyhow::Result<Private> {
             "nothing answers at the Redis URL and redis-server is not on PATH: install Redis 7 (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) or set REDIS_URL",
         )?;
         let port = free_port()?;
+        private.claim(&data)?;
         let dir = data.join("redis");
         std::fs::create_dir_all(&dir)?;
         stop_leftover_redis(&dir);
@@ -168,6 +208,7 @@ pub async fn ensure(settings: &mut Settings) -> anyhow::Result<Private> {
         let initdb = find("initdb").context(missing)?;
         let pg_ctl = find("pg_ctl").context(missing)?;
         let prefix = pg_prefix()?;
+        private.claim(&data)?;
         let dir = data.join("postgres");
         let port = free_port()?;
         if !dir.join("PG_VERSION").exists() {

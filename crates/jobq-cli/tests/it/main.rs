@@ -495,9 +495,9 @@ async fn dlq_commands_list_retry_and_purge() {
 
 /// `jobq dev --config bare.toml` in `dir`, in a process group of its own (as a shell runs it in a
 /// terminal), with nothing in the environment naming Redis or Postgres.
-fn bare_dev(dir: &std::path::Path, port: u16) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
-        .args(["--config", "bare.toml", "dev"])
+fn bare_dev_command(dir: &std::path::Path, port: u16) -> tokio::process::Command {
+    let mut dev = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"));
+    dev.args(["--config", "bare.toml", "dev"])
         .current_dir(dir)
         .env_remove("REDIS_URL")
         .env_remove("DATABASE_URL")
@@ -507,9 +507,12 @@ fn bare_dev(dir: &std::path::Path, port: u16) -> tokio::process::Child {
         .env("JOBQ_LOG_LEVEL", "warn")
         .stdout(std::process::Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+        .kill_on_drop(true);
+    dev
+}
+
+fn bare_dev(dir: &std::path::Path, port: u16) -> tokio::process::Child {
+    bare_dev_command(dir, port).spawn().unwrap()
 }
 
 /// Sends `sig` to the process group of `child`, as Ctrl+C in a terminal does.
@@ -580,6 +583,11 @@ async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them(
     api.wait_ready(Duration::from_secs(60)).await;
     let (_, again) = api.get(&format!("/api/v1/jobs/{id}")).await;
     assert_eq!(again["state"], "succeeded", "{again}");
+    // A second jobq dev on the same data is refused and leaves the running one's servers alone.
+    let second = bare_dev_command(&dir, free_port()).stderr(std::process::Stdio::piped()).output().await.unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("another jobq dev"), "{err}");
+    assert_eq!(api.get("/ready").await.0, 200, "the first one still has its Redis and PostgreSQL");
     std::process::Command::new("kill").arg("-TERM").arg(child.id().unwrap().to_string()).status().unwrap();
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
