@@ -2,6 +2,7 @@
 //! one transaction, then XACKs and XDELs it. While Postgres is down the batch is retried and
 //! nothing more is read: events wait in Redis, nothing is lost.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use jobq_core::config::SchedulerSettings;
@@ -107,6 +108,7 @@ pub(crate) async fn run(
     let block = Duration::from_millis(500);
     let mut conn = None;
     let mut queues: Vec<QueueName> = Vec::new();
+    let mut refused: HashSet<QueueName> = HashSet::new();
     let mut refreshed = Instant::now() - QUEUE_REFRESH;
     let mut claimed = Instant::now() - CLAIM_EVERY;
     let mut delay = Duration::from_millis(100);
@@ -114,8 +116,19 @@ pub(crate) async fn run(
         if refreshed.elapsed() >= QUEUE_REFRESH {
             match broker.queues().await {
                 Ok(q) => match broker.ensure_recorder_groups(&q).await {
-                    Ok(readable) => {
-                        queues = readable;
+                    Ok(found) => {
+                        // Logged when a queue's outbox becomes unreadable, and when it is again.
+                        let now_refused: HashSet<QueueName> = found.refused.iter().map(|(q, _)| q.clone()).collect();
+                        for (q, e) in &found.refused {
+                            if !refused.contains(q) {
+                                tracing::error!(queue.name = %q, error = %e, "the queue's outbox cannot be read; its attempts are not recorded until it can");
+                            }
+                        }
+                        for q in refused.difference(&now_refused) {
+                            tracing::info!(queue.name = %q, "the queue's outbox can be read again");
+                        }
+                        refused = now_refused;
+                        queues = found.readable;
                         refreshed = Instant::now();
                     }
                     Err(e) => tracing::warn!(error = %e, "creating recorder groups failed"),

@@ -175,26 +175,31 @@ fn decode_batch(queue: &QueueName, e: &StreamId) -> Option<Vec<Event>> {
         .collect()
 }
 
+/// What [`Broker::ensure_recorder_groups`] found.
+#[derive(Debug, Default)]
+pub struct RecorderQueues {
+    /// Queues whose outbox the recorder reads.
+    pub readable: Vec<QueueName>,
+    /// Queues whose outbox Redis refuses for good, with the error.
+    pub refused: Vec<(QueueName, crate::Error)>,
+}
+
 impl Broker {
     /// Creates the recorder group on each queue's outbox (idempotent); returns the queues whose
-    /// outbox can be read. A queue whose outbox Redis refuses for good (a key of another type in
-    /// its place, written by something other than jobq) is left out with an error in the log,
-    /// so that one bad key does not stop the history of every queue; an outage is an error.
-    pub async fn ensure_recorder_groups(&self, queues: &[QueueName]) -> Result<Vec<QueueName>> {
+    /// outbox can be read, and those whose outbox Redis refuses for good (a key of another type
+    /// in its place, written by something other than jobq) with the error, so that one bad key
+    /// does not stop the history of every queue. An outage is an error.
+    pub async fn ensure_recorder_groups(&self, queues: &[QueueName]) -> Result<RecorderQueues> {
         let mut conn = self.connection();
-        let mut readable = Vec::with_capacity(queues.len());
+        let mut out = RecorderQueues::default();
         for q in queues {
             match create_group(&mut conn, &self.keys.events(q), Keys::RECORDER_GROUP).await {
-                Ok(()) => readable.push(q.clone()),
+                Ok(()) => out.readable.push(q.clone()),
                 Err(e) if e.is_transient_redis() => return Err(e),
-                Err(e) => tracing::error!(
-                    queue.name = %q,
-                    error = %e,
-                    "the queue's outbox cannot be read; its attempts are not recorded until it can"
-                ),
+                Err(e) => out.refused.push((q.clone(), e)),
             }
         }
-        Ok(readable)
+        Ok(out)
     }
 
     /// Reads new events of all `queues` for `consumer`, blocking up to `block` on `conn`.
