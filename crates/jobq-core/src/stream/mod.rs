@@ -727,12 +727,20 @@ impl Broker {
         }
         let at: Vec<(&QueueName, JobId)> = duplicates.iter().map(|(_, q, id)| (q, *id)).collect();
         match self.jobs_in(&at).await {
-            // A job not found is gone (expired) since the script saw it: JobNotFound stays.
             Ok(jobs) => {
                 for ((k, ..), job) in duplicates.iter().zip(jobs) {
                     match job {
                         Ok(Some(job)) => results[*k] = Ok(Enqueued { job, created: false }),
-                        Ok(None) => {}
+                        // The job that held the key (or the id) finished and left Redis since
+                        // the script saw it (no retention): nothing was enqueued, and sending
+                        // again enqueues it. Not a 404 naming a job the caller never asked for.
+                        Ok(None) => {
+                            results[*k] = Err(Error::Conflict(
+                                "the job holding this unique key finished and left Redis meanwhile; nothing was \
+                                 enqueued: send it again"
+                                    .into(),
+                            ))
+                        }
                         Err(e) => results[*k] = Err(e),
                     }
                 }
