@@ -1,4 +1,4 @@
-//! `jobq-worker`: runs the built-in handlers (`echo`, `sleep`, `fail`) on the configured queues.
+//! `jobq-worker`: runs the built-in handlers (`echo`, `noop`, `sleep`, `fail`) on the configured queues.
 
 // Fewer cycles per allocation than the system allocator on the per-job paths (measured in
 // docs/performance.md).

@@ -357,7 +357,7 @@ impl Registry {
         Self::default()
     }
 
-    /// A registry with the built-in handlers `echo`, `sleep` and `fail`.
+    /// A registry with the built-in handlers `echo`, `noop`, `sleep` and `fail`.
     pub fn with_builtins() -> Self {
         let mut r = Self::new();
         crate::handlers::register_all(&mut r);
