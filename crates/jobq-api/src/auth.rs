@@ -12,6 +12,14 @@
 //! `/health`, `/ready`, the OpenAPI document and the dashboard page (which shows only what its
 //! key may read; `/` and `/dashboard/` redirect to it) need no key. `JOBQ_AUTH=off` turns checks
 //! off (the server warns at start); `jobq dev` does so.
+//!
+//! Browsers are held to their own origin on the key-checked routes: a request that changes
+//! something and comes from another site (`Sec-Fetch-Site`, or an `Origin` other than the
+//! `Host`) is refused, so that a page elsewhere cannot pause a queue or retry a job through a
+//! form (with auth off, nothing else would stop it). With auth off, a browser must also reach
+//! the API by `localhost` or an IP address: a page whose own host name is made to resolve to
+//! the API's address (DNS rebinding) is its own origin. Clients other than browsers send
+//! neither header and are not affected.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method};
@@ -103,6 +111,9 @@ fn presented_key(req: &Request) -> Option<String> {
 pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
     let Some(needed) = required_role(req.method(), &path) else { return next.run(req).await };
+    if let Some(why) = browser_refusal(&req, state.auth.enabled) {
+        return ApiError::Forbidden(why).into_response();
+    }
     let principal = if state.auth.enabled {
         let Some(key) = presented_key(&req) else {
             return ApiError::Unauthorized(
@@ -131,6 +142,42 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     }
     req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+/// Why a browser's request is refused (see the module docs), if it is.
+fn browser_refusal(req: &Request, auth_enabled: bool) -> Option<String> {
+    let h = req.headers();
+    let text = |name| h.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok());
+    let (fetch_site, origin) = (text("sec-fetch-site"), text(header::ORIGIN.as_str()));
+    let host = text(header::HOST.as_str()).unwrap_or("");
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let other_site = matches!(fetch_site, Some("cross-site" | "same-site"))
+            || origin.is_some_and(|o| o.split_once("://").map(|(_, rest)| rest) != Some(host));
+        if other_site {
+            return Some(format!(
+                "a browser request from another site ({}) may not {} this API",
+                origin.unwrap_or("Sec-Fetch-Site: cross-site"),
+                req.method()
+            ));
+        }
+    }
+    if !auth_enabled && (fetch_site.is_some() || origin.is_some()) && !local_host(host) {
+        return Some(format!(
+            "with JOBQ_AUTH=off, a browser must reach this API by localhost or an IP address, not `{host}`: turn auth on to serve it under a host name"
+        ));
+    }
+    None
+}
+
+/// `localhost` (or a name under it) or an IP address, with or without a port.
+fn local_host(host: &str) -> bool {
+    if host.starts_with('[') {
+        return true; // an IPv6 literal
+    }
+    let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
+    name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 #[cfg(test)]

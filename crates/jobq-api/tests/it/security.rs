@@ -408,3 +408,50 @@ async fn ten_thousand_concurrent_enqueues_all_exist() {
     server.await.unwrap().unwrap();
     env.cleanup().await;
 }
+
+/// Sends `method path` as a browser would, with `headers`; returns the status.
+async fn from_browser(app: &Router, method: &str, path: &str, headers: &[(&str, &str)]) -> StatusCode {
+    let mut req = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn a_page_of_another_site_cannot_act_through_the_browser_and_with_auth_off_needs_a_local_host() {
+    let env = TestEnv::new().await;
+    let open = crate::app(&env);
+    let pause = "/api/v1/queues/default/pause";
+    let local = ("host", "127.0.0.1:8080");
+    // A form posted from another site (CSRF): refused with auth off, where nothing else stops it.
+    for other_site in [
+        [local, ("origin", "http://evil.example")],
+        [local, ("sec-fetch-site", "cross-site")],
+        [local, ("origin", "null")],
+        [("host", "localhost:8080"), ("origin", "http://localhost:3000")],
+    ] {
+        assert_eq!(from_browser(&open, "POST", pause, &other_site).await, StatusCode::FORBIDDEN, "{other_site:?}");
+    }
+    assert!(!env.broker.is_paused(&jobq_core::job::QueueName::default_queue()).await.unwrap(), "nothing paused");
+    // The dashboard on its own origin, and clients that are not browsers, act as before.
+    let same = [local, ("origin", "http://127.0.0.1:8080"), ("sec-fetch-site", "same-origin")];
+    assert_eq!(from_browser(&open, "POST", pause, &same).await, StatusCode::OK);
+    assert_eq!(from_browser(&open, "POST", "/api/v1/queues/default/resume", &[local]).await, StatusCode::OK);
+    assert_eq!(from_browser(&open, "POST", pause, &[("host", "jobq-api.internal:8080")]).await, StatusCode::OK);
+    // With auth off, a browser reaching the API by a host name (DNS rebinding: the page's own
+    // origin) is refused, reads included; by localhost or an IP address it is served.
+    let rebound = [("host", "evil.example:8080"), ("sec-fetch-site", "same-origin")];
+    assert_eq!(from_browser(&open, "GET", "/api/v1/queues", &rebound).await, StatusCode::FORBIDDEN);
+    for host in ["localhost:8080", "127.0.0.1:8080", "[::1]:8080", "10.1.2.3"] {
+        let ok = [("host", host), ("sec-fetch-site", "same-origin")];
+        assert_eq!(from_browser(&open, "GET", "/api/v1/queues", &ok).await, StatusCode::OK, "{host}");
+    }
+    // With auth on, a key does not make a cross-site request acceptable; a host name is fine.
+    let secured = secured(&env, &[]);
+    let keyed = [("host", "jobq.example.com"), ("x-api-key", "k-admin"), ("origin", "http://evil.example")];
+    assert_eq!(from_browser(&secured, "POST", pause, &keyed).await, StatusCode::FORBIDDEN);
+    let keyed = [("host", "jobq.example.com"), ("x-api-key", "k-admin"), ("sec-fetch-site", "same-origin")];
+    assert_eq!(from_browser(&secured, "GET", "/api/v1/queues", &keyed).await, StatusCode::OK);
+    env.cleanup().await;
+}
