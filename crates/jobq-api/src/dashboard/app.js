@@ -4,7 +4,7 @@
 'use strict';
 
 const KEY = 'jobq.apiKey';
-const state = { tab: 'queues', timer: null, jobsCursor: null, dlqCursor: null };
+const state = { tab: 'queues', timer: null, polling: false, pollFailed: false, jobsCursor: null, jobsFilter: null, dlqCursor: null, dlqFilter: null };
 
 // Calls `method template` with the {placeholders} of `template` filled from `params`
 // (URL-encoded), the remaining params as the query string and `body` as JSON.
@@ -80,8 +80,22 @@ async function act(what, f) {
 
 // ---- Queues ----
 
+// The 2 s refresh of the queues tab: one at a time, and it clears only an error it showed
+// itself, never what an action reported.
+async function pollQueues() {
+  if (state.polling) return;
+  state.polling = true;
+  try {
+    const ok = await loadQueues();
+    if (ok && state.pollFailed) status('');
+    state.pollFailed = !ok;
+  } finally {
+    state.polling = false;
+  }
+}
+
 async function loadQueues() {
-  const ok = await act('queues', async () => {
+  return act('queues', async () => {
     const data = await call('GET', '/api/v1/queues');
     const body = document.getElementById('queues-body');
     body.replaceChildren(...data.items.map((q) => {
@@ -93,7 +107,8 @@ async function loadQueues() {
       return el('tr', {},
         el('td', {}, el('code', {}, q.queue)),
         num(queued.critical), num(queued.high), num(queued.normal), num(queued.low),
-        num(q.running), num(q.scheduled), num(q.dead || 0), num(c.succeeded || 0), num(c.failed || 0),
+        // dead is null while Postgres does not answer: blank, not 0.
+        num(q.running), num(q.scheduled), num(q.dead), num(c.succeeded || 0), num(c.failed || 0),
         el('td', {}, age(q.oldest_age_ms)),
         el('td', {}, q.paused ? pill('paused', 'bad') : pill('running', 'ok')),
         el('td', { class: 'row-actions' }, toggle, ' ', btn('Run waiting now', () => runQueue(q.queue)), ' ',
@@ -101,7 +116,6 @@ async function loadQueues() {
     }));
     if (!data.items.length) body.replaceChildren(el('tr', {}, el('td', { colspan: 13, class: 'muted' }, 'No queues yet.')));
   });
-  if (ok) status('');
 }
 
 async function cancelQueue(queue) {
@@ -151,8 +165,12 @@ async function showJob(id) {
 }
 
 async function loadJobs(more) {
-  const f = new FormData(document.getElementById('jobs-filter'));
-  const params = { queue: f.get('queue'), state: f.get('state'), type: f.get('type'), limit: 50 };
+  // "More" continues the listing shown, with its filter, whatever the form holds now.
+  if (!more || !state.jobsFilter) {
+    const f = new FormData(document.getElementById('jobs-filter'));
+    state.jobsFilter = { queue: f.get('queue'), state: f.get('state'), type: f.get('type') };
+  }
+  const params = { ...state.jobsFilter, limit: 50 };
   if (more && state.jobsCursor) params.cursor = state.jobsCursor;
   await act('jobs', async () => {
     const page = await call('GET', '/api/v1/jobs', params);
@@ -199,17 +217,20 @@ async function deleteDead(id) {
 
 async function retryMatching() {
   const filter = Object.fromEntries(Object.entries(dlqFilter()).filter(([, v]) => v));
+  const named = Object.entries(filter).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(', ') || 'no filter: every dead job';
   await act('retry by filter', async () => {
     const dry = await call('POST', '/api/v1/dlq/retry', {}, { ...filter, dry_run: true });
     if (!dry.matched) { status('No dead job matches.'); return; }
-    if (!confirm(`Queue ${dry.matched} dead job(s) again?`)) return;
+    if (!confirm(`Queue ${dry.matched} dead job(s) again (${named})?`)) return;
     const started = await call('POST', '/api/v1/dlq/retry', {}, filter);
     status(`Replaying ${started.matched} job(s) in the background; progress is in the audit log.`);
   });
 }
 
 async function loadDlq(more) {
-  const params = { ...dlqFilter(), limit: 50 };
+  // "More" continues the listing shown, with its filter, whatever the form holds now.
+  if (!more || !state.dlqFilter) state.dlqFilter = dlqFilter();
+  const params = { ...state.dlqFilter, limit: 50 };
   if (more && state.dlqCursor) params.cursor = state.dlqCursor;
   await act('dead letters', async () => {
     const page = await call('GET', '/api/v1/dlq', params);
@@ -265,7 +286,7 @@ function show(tab) {
   for (const a of document.querySelectorAll('nav a')) a.classList.toggle('active', a.dataset.tab === state.tab);
   clearInterval(state.timer);
   status('');
-  if (state.tab === 'queues') { loadQueues(); state.timer = setInterval(loadQueues, 2000); }
+  if (state.tab === 'queues') { pollQueues(); state.timer = setInterval(pollQueues, 2000); }
   if (state.tab === 'jobs') loadJobs(false);
   if (state.tab === 'dlq') loadDlq(false);
   if (state.tab === 'schedules') loadSchedules();
