@@ -32,7 +32,7 @@ async fn run(state: AppState, mut replay: Replay, ids: Vec<JobId>) {
     let mut reported = tokio::time::Instant::now();
     for id in ids {
         tick.tick().await;
-        match state.store.retry_dead(&state.broker, id, None).await {
+        match state.store.retry_dead_matching(&state.broker, id, &replay.filter).await {
             Ok(_) => replay.retried += 1,
             Err(jobq_core::Error::Conflict(_) | jobq_core::Error::JobNotFound(_)) => replay.skipped += 1,
             Err(e) => {

@@ -230,7 +230,7 @@ pub(crate) async fn retry(
     let details = edited.then(|| json!({"payload": body.payload}));
     let action = if edited { "dlq.retry_edited" } else { "dlq.retry" };
     audit_done(&state, &who, action, Some(id.to_string()), None, 1, details).await;
-    Ok(Json(json!({"job_id": retried.job_id, "run": retried.run, "state": "queued"})))
+    Ok(Json(retried))
 }
 
 with_filter! {

@@ -199,6 +199,9 @@ pub struct DlqRetried {
     pub job_id: JobId,
     /// The new run number.
     pub run: u32,
+    /// The job's state now: `queued`, or, when an earlier retry had re-enqueued it already
+    /// (its commit failed), the state of that run (`recorded` once its history is written).
+    pub state: String,
 }
 
 /// One `job_executions` row per attempt of `events`: a repeated event (an outbox entry read
@@ -476,17 +479,47 @@ impl Store {
         id: JobId,
         payload: Option<serde_json::Value>,
     ) -> Result<DlqRetried> {
+        self.retry_dead_where(broker, id, payload, None).await
+    }
+
+    /// [`Store::retry_dead`] for a retry by filter: the job is retried only if its row, once
+    /// locked, still matches `filter` (not retried, and, with `failed_before` the time the
+    /// retry by filter began, not dead again since); otherwise [`Error::JobNotFound`]. A job
+    /// someone retried by hand meanwhile, which died again of something else, is not the
+    /// filter's business any more.
+    pub async fn retry_dead_matching(&self, broker: &Broker, id: JobId, filter: &DlqFilter) -> Result<DlqRetried> {
+        self.retry_dead_where(broker, id, None, Some(filter)).await
+    }
+
+    async fn retry_dead_where(
+        &self,
+        broker: &Broker,
+        id: JobId,
+        payload: Option<serde_json::Value>,
+        filter: Option<&DlqFilter>,
+    ) -> Result<DlqRetried> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT envelope, run, retried_at FROM dead_jobs WHERE job_id = $1 FOR UPDATE")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(Error::JobNotFound(id))?;
+        let row = match filter {
+            None => {
+                sqlx::query("SELECT envelope, run, retried_at FROM dead_jobs WHERE job_id = $1 FOR UPDATE")
+                    .bind(id.0)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            Some(f) => {
+                let sql = format!(
+                    "SELECT envelope, run, retried_at FROM dead_jobs WHERE {DLQ_WHERE} AND job_id = $6 FOR UPDATE"
+                );
+                bind_filter(sqlx::query(&sql), f).bind(id.0).fetch_optional(&mut *tx).await?
+            }
+        };
+        let row = row.ok_or(Error::JobNotFound(id))?;
         let retried_at: Option<DateTime<Utc>> = row.try_get("retried_at")?;
         if let Some(at) = retried_at {
             return Err(Error::Conflict(format!("job {id} was already retried at {}", at.to_rfc3339())));
         }
         let mut envelope: Envelope = serde_json::from_value(row.try_get("envelope")?)?;
+        let edited = payload.is_some();
         if let Some(p) = payload {
             envelope.payload = p;
         }
@@ -504,12 +537,12 @@ impl Store {
             Some(run) => Requeued::NotDead { run: run as u32, state: "recorded".into() },
             None => broker.retry_dead(&envelope, dead_run as u32).await?,
         };
-        let run = match requeued {
-            Requeued::Queued { run } => run,
+        let (run, state, earlier) = match requeued {
+            Requeued::Queued { run } => (run, "queued".to_owned(), false),
             // Enqueued by an earlier retry whose commit failed: just mark the row.
             Requeued::NotDead { run, state } => {
                 tracing::info!(job.id = %id, state, "dead job was already re-enqueued; marking its DLQ row");
-                run
+                (run, state, true)
             }
         };
         sqlx::query("UPDATE dead_jobs SET retried_at = now(), retry_count = retry_count + 1 WHERE job_id = $1")
@@ -517,7 +550,15 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(DlqRetried { job_id: id, run })
+        if earlier && edited {
+            // The run that an earlier retry enqueued carries the payload it had: the one given
+            // now was not applied, which the caller must hear of.
+            return Err(Error::Conflict(format!(
+                "job {id} was already re-enqueued as run {run} by an earlier retry whose commit failed ({state}); \
+                 the payload given was not applied"
+            )));
+        }
+        Ok(DlqRetried { job_id: id, run, state })
     }
 }
 
@@ -561,7 +602,9 @@ impl Store {
     /// returns how many, or how many before an error stopped it.
     pub async fn purge_dead(&self, filter: &DlqFilter) -> std::result::Result<u64, PurgeStopped> {
         let sql = format!(
-            "DELETE FROM dead_jobs WHERE job_id IN (SELECT job_id FROM dead_jobs WHERE {DLQ_WHERE} LIMIT 1000)"
+            // The filter again outside: a row a retry marks while this waits for its lock is
+            // checked again as it is then, and stays.
+            "DELETE FROM dead_jobs WHERE job_id IN (SELECT job_id FROM dead_jobs WHERE {DLQ_WHERE} LIMIT 1000) AND {DLQ_WHERE}"
         );
         let mut total = 0;
         loop {
@@ -607,6 +650,8 @@ impl Store {
 
     /// Starts a DLQ replay (retry by filter) of `of` dead jobs: its audit entry, owned by the
     /// returned [`Replay`] and alive from now on.
+    /// Starts a replay of `of` dead jobs matching `filter` (an audit entry, alive now). Its
+    /// filter is narrowed to the jobs dead before it began, for [`Store::retry_dead_matching`].
     pub async fn start_replay(&self, actor: &str, filter: &DlqFilter, of: i64) -> Result<Replay> {
         let mut replay = Replay {
             audit_id: 0,
@@ -617,9 +662,9 @@ impl Store {
             skipped: 0,
             failed: 0,
         };
-        replay.audit_id = sqlx::query_scalar(
+        let (audit_id, began): (i64, DateTime<Utc>) = sqlx::query_as(
             "INSERT INTO audit_log (actor, action, filter, count, details, replay_owner, replay_alive_at) \
-             VALUES ($1, 'dlq.retry_filter', $2, 0, $3, $4, now()) RETURNING id",
+             VALUES ($1, 'dlq.retry_filter', $2, 0, $3, $4, now()) RETURNING id, at",
         )
         .bind(crate::stream::outbox::storable(actor.to_owned()))
         .bind({
@@ -631,6 +676,8 @@ impl Store {
         .bind(replay.owner)
         .fetch_one(&self.pool)
         .await?;
+        replay.audit_id = audit_id;
+        replay.filter.failed_before = Some(replay.filter.failed_before.map_or(began, |b| b.min(began)));
         Ok(replay)
     }
 

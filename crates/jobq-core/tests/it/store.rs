@@ -280,3 +280,66 @@ async fn an_audit_entry_naming_a_nul_character_is_written() {
     assert_eq!((entry.actor.as_str(), entry.target.as_deref()), ("ops\u{FFFD}", Some("t\u{FFFD}")));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_purge_leaves_a_row_a_retry_marks_while_it_waits_for_its_lock() {
+    let env = TestEnv::new().await;
+    let events = dead_jobs(&env, "a", 2).await;
+    env.store.record(&events).await.unwrap();
+    let marked = events[0].job_id;
+    // A retry holds the row's lock (its Redis half under way), then marks the row and commits.
+    let mut retry = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE dead_jobs SET retried_at = now(), retry_count = retry_count + 1 WHERE job_id = $1")
+        .bind(marked.0)
+        .execute(&mut *retry)
+        .await
+        .unwrap();
+    let store = env.store.clone();
+    let purge = tokio::spawn(async move { store.purge_dead(&DlqFilter::default()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    retry.commit().await.unwrap();
+    let deleted = purge.await.unwrap().unwrap();
+    assert_eq!(deleted, 1, "only the row still dead");
+    assert_eq!(env.store.dead_job(marked).await.unwrap().unwrap().retry_count, 1, "the retried row stays");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_edited_retry_after_a_retry_whose_commit_failed_says_its_payload_was_not_applied() {
+    let env = TestEnv::new().await;
+    let events = dead_jobs(&env, "a", 1).await;
+    env.store.record(&events).await.unwrap();
+    let id = events[0].job_id;
+    // The Redis half of a retry whose Postgres commit then failed: run 2 is queued.
+    let envelope: jobq_core::job::Envelope =
+        serde_json::from_value(env.store.dead_envelope(id).await.unwrap().unwrap()).unwrap();
+    env.broker.retry_dead(&envelope, 1).await.unwrap();
+    let err = env.store.retry_dead(&env.broker, id, Some(json!({"fixed": true}))).await.unwrap_err();
+    assert!(matches!(&err, jobq_core::Error::Conflict(m) if m.contains("not applied")), "{err}");
+    assert_eq!(env.store.dead_job(id).await.unwrap().unwrap().retry_count, 1, "the row is marked all the same");
+    let job = env.broker.job(id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.run, job.payload), (JobState::Queued, 2, json!({"i": 0})), "run 2, its old payload");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_retry_by_filter_passes_over_a_job_that_died_again_since_it_began() {
+    let env = TestEnv::new().await;
+    let events = dead_jobs(&env, "a", 2).await;
+    env.store.record(&events).await.unwrap();
+    let (again, kept) = (events[0].job_id, events[1].job_id);
+    let filter = DlqFilter { kind: Some("a".into()), ..Default::default() };
+    let replay = env.store.start_replay("test", &filter, 2).await.unwrap();
+    // Meanwhile one is retried by hand and dies again.
+    sqlx::query("UPDATE dead_jobs SET failed_at = now() + interval '1 second', run = run + 1 WHERE job_id = $1")
+        .bind(again.0)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let err = env.store.retry_dead_matching(&env.broker, again, &replay.filter).await.unwrap_err();
+    assert!(matches!(err, jobq_core::Error::JobNotFound(_)), "{err}");
+    assert_eq!(env.store.dead_job(again).await.unwrap().unwrap().retry_count, 0, "left dead");
+    let done = env.store.retry_dead_matching(&env.broker, kept, &replay.filter).await.unwrap();
+    assert_eq!((done.run, done.state.as_str()), (2, "queued"));
+    env.cleanup().await;
+}
