@@ -71,12 +71,18 @@ async fn run(state: AppState, mut replay: Replay, ids: Vec<JobId>) {
     tracing::warn!(audit_id = replay.audit_id, "the end of a DLQ replay is not recorded; it is taken over once silent");
 }
 
-/// Takes over every replay silent for `stale` and goes on with the jobs that match its filter
-/// and were dead when it began, up to what it had left. Returns how many it took over.
+/// Takes over every replay silent for `stale` and goes on with the jobs of its selection that
+/// still match its filter and were dead when it began. Returns how many it took over.
 pub async fn take_over(state: &AppState, stale: Duration) -> jobq_core::Result<usize> {
     let mut n = 0;
     while let Some(replay) = state.store.claim_stale_replay(stale).await? {
-        let ids = state.store.dead_ids(&replay.filter, replay.left()).await?;
+        // Its selection's bound, not what its counts say is left: jobs retried after its last
+        // report, or by someone else, are gone from the DLQ and must not make room for others.
+        let ids = match replay.upto {
+            Some(upto) => state.store.dead_selection(&replay.filter, Some(upto), replay.of.max(0)).await?,
+            None => state.store.dead_selection(&replay.filter, None, replay.left()).await?,
+        };
+        let ids: Vec<JobId> = ids.into_iter().map(|(_, id)| id).collect();
         metrics::counter!("jobq_api_dlq_replays_taken_over_total").increment(1);
         tracing::warn!(audit_id = replay.audit_id, left = ids.len(), "taking over an interrupted DLQ replay");
         spawn(state.clone(), replay, ids);

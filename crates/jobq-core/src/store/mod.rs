@@ -74,6 +74,10 @@ pub struct Replay {
     pub skipped: i64,
     /// Could not be retried (Redis or Postgres errors); they stay in the DLQ.
     pub failed: i64,
+    /// The last job of the selection it set out to retry, by `(failed_at, job_id)`, as the DLQ
+    /// orders them oldest first: a replay taken over goes no further, so that it never retries
+    /// more jobs than were chosen.
+    pub upto: Option<(DateTime<Utc>, JobId)>,
 }
 
 impl Replay {
@@ -84,7 +88,12 @@ impl Replay {
 
     /// The audit entry's `details`.
     pub fn details(&self, done: bool) -> serde_json::Value {
-        serde_json::json!({"retried": self.retried, "skipped": self.skipped, "failed": self.failed, "of": self.of, "done": done})
+        let mut d = serde_json::json!({"retried": self.retried, "skipped": self.skipped, "failed": self.failed, "of": self.of, "done": done});
+        if let Some((at, id)) = self.upto {
+            // Microseconds, as Postgres keeps them: the bound compares exactly.
+            d["upto"] = serde_json::json!({"failed_at_us": at.timestamp_micros(), "job_id": id});
+        }
+        d
     }
 }
 
@@ -587,9 +596,29 @@ impl Store {
 
     /// Ids of dead jobs (not retried) matching, oldest first, at most `limit`.
     pub async fn dead_ids(&self, filter: &DlqFilter, limit: i64) -> Result<Vec<JobId>> {
-        let sql = format!("SELECT job_id FROM dead_jobs WHERE {DLQ_WHERE} ORDER BY failed_at, job_id LIMIT $6");
-        let rows = bind_filter(sqlx::query(&sql), filter).bind(limit).fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok(JobId(r.try_get(0)?))).collect()
+        Ok(self.dead_selection(filter, None, limit).await?.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Dead jobs (not retried) matching, as `(failed_at, job_id)`, oldest first, at most
+    /// `limit`, and none after `upto` in that order.
+    pub async fn dead_selection(
+        &self,
+        filter: &DlqFilter,
+        upto: Option<(DateTime<Utc>, JobId)>,
+        limit: i64,
+    ) -> Result<Vec<(DateTime<Utc>, JobId)>> {
+        let sql = format!(
+            "SELECT failed_at, job_id FROM dead_jobs WHERE {DLQ_WHERE}
+               AND ($6::timestamptz IS NULL OR (failed_at, job_id) <= ($6, $7::uuid))
+             ORDER BY failed_at, job_id LIMIT $8"
+        );
+        let rows = bind_filter(sqlx::query(&sql), filter)
+            .bind(upto.map(|u| u.0))
+            .bind(upto.map(|u| u.1 .0))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, JobId(r.try_get(1)?)))).collect()
     }
 
     /// Deletes one DLQ row; false when there was none.
@@ -652,15 +681,21 @@ impl Store {
     /// returned [`Replay`] and alive from now on.
     /// Starts a replay of `of` dead jobs matching `filter` (an audit entry, alive now). Its
     /// filter is narrowed to the jobs dead before it began, for [`Store::retry_dead_matching`].
-    pub async fn start_replay(&self, actor: &str, filter: &DlqFilter, of: i64) -> Result<Replay> {
+    pub async fn start_replay(
+        &self,
+        actor: &str,
+        filter: &DlqFilter,
+        selection: &[(DateTime<Utc>, JobId)],
+    ) -> Result<Replay> {
         let mut replay = Replay {
             audit_id: 0,
             owner: uuid::Uuid::new_v4(),
             filter: filter.clone(),
-            of,
+            of: selection.len() as i64,
             retried: 0,
             skipped: 0,
             failed: 0,
+            upto: selection.last().copied(),
         };
         let (audit_id, began): (i64, DateTime<Utc>) = sqlx::query_as(
             "INSERT INTO audit_log (actor, action, filter, count, details, replay_owner, replay_alive_at) \
@@ -717,6 +752,10 @@ impl Store {
         let details: serde_json::Value = row.try_get("details")?;
         let filter: Option<serde_json::Value> = row.try_get("filter")?;
         let count = |k: &str| details.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        let upto = details.get("upto").and_then(|u| {
+            let at = DateTime::<Utc>::from_timestamp_micros(u.get("failed_at_us")?.as_i64()?)?;
+            Some((at, serde_json::from_value(u.get("job_id")?.clone()).ok()?))
+        });
         // Only jobs dead when the replay began: one it retried that died again since is not
         // its business any more.
         let began: DateTime<Utc> = row.try_get("at")?;
@@ -730,6 +769,7 @@ impl Store {
             retried: count("retried"),
             skipped: count("skipped"),
             failed: 0,
+            upto,
         }))
     }
 
