@@ -328,8 +328,9 @@ impl Worker {
     async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let queues = self.settings.queues.names();
         for q in &queues {
-            // A queue whose keys Redis refuses for good (a key of another type) is left to the
-            // fetch loop, which tries it again now and then; the other queues start.
+            // A queue whose keys Redis refuses for good (a key of another type, a user without
+            // the rights) is left to the fetch loop, which passes it over and tries it again
+            // every REFUSED_RETRY; the other queues start.
             let made = retry_redis("create consumer groups", &shutdown, || async {
                 match self.broker.ensure_groups(q).await {
                     Err(e) if refused_for_good(&e) => Ok(Some(e)),
@@ -427,6 +428,9 @@ impl Worker {
         // one may have started newer jobs, which are this worker's to run).
         let mut received: HashMap<QueueName, Received> = HashMap::new();
         let mut lost: Vec<QueueName> = Vec::new();
+        // Queues whose fetch or hand-back Redis refused for good (a user without the rights to
+        // their keys, say), with when to try them again: until then the other queues go on.
+        let mut refused: HashMap<QueueName, std::time::Instant> = HashMap::new();
         let start = |q: &QueueName,
                      jobs: Vec<RawDelivery>,
                      permits: &mut Vec<executor::Permits>,
@@ -464,7 +468,7 @@ impl Worker {
                     landed(a.land().await, &mut received, &mut lost);
                 }
             }
-            if let Err(e) = self.disown_lost(&mut lost, &received).await {
+            if let Err(e) = self.disown_lost(&mut lost, &received, &mut refused).await {
                 metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "handing back the jobs of a failed fetch failed");
                 tokio::select! {
@@ -532,7 +536,8 @@ impl Worker {
                 if (permits.is_empty() && adopted.is_none()) || shutdown.is_cancelled() {
                     break;
                 }
-                if empty.contains(&q) {
+                // Passed over: a queue Redis refuses, or whose failed fetch is not handed back.
+                if empty.contains(&q) || (adopted.is_none() && (refused_now(&mut refused, q) || lost.contains(q))) {
                     continue;
                 }
                 let adopt = adopted.take();
@@ -566,6 +571,9 @@ impl Worker {
                 round_trip = sent.elapsed();
                 match result {
                     Ok(fetched) => {
+                        if refused.remove(q).is_some() {
+                            tracing::info!(queue.name = %q, "Redis takes this queue's keys again");
+                        }
                         let (n, fetched) = match fetched {
                             Fetch::Jobs(mut f) => {
                                 (start(q, std::mem::take(&mut f.jobs), &mut permits, &mut received, transit)?, f)
@@ -591,6 +599,21 @@ impl Worker {
                         if more {
                             break;
                         }
+                    }
+                    Err(e) if refused_for_good(&e) => {
+                        // This queue alone: handed back (if its fetch started anything) once
+                        // Redis takes it again, and passed over until then; the round goes on
+                        // with the next queue and the same slots.
+                        backlog = false;
+                        if !lost.contains(q) {
+                            lost.push(q.clone());
+                        }
+                        if let Some(a) = ahead.take() {
+                            landed(a.land().await, &mut received, &mut lost);
+                        }
+                        metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+                        refuse(&mut refused, q, &e);
+                        empty.push(q);
                     }
                     Err(e) => {
                         drop(permits);
@@ -661,7 +684,9 @@ impl Worker {
         }
         if !lost.is_empty() {
             // Best effort: what is not handed back now is reclaimed once its lease lapses.
-            match tokio::time::timeout(GIVE_UP_TIMEOUT, self.disown_lost(&mut lost, &received)).await {
+            match tokio::time::timeout(GIVE_UP_TIMEOUT, self.disown_lost(&mut lost, &received, &mut HashMap::new()))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "could not hand back the jobs of a failed fetch; they are reclaimed once their lease lapses")
@@ -738,20 +763,40 @@ impl Worker {
 
     /// Hands back, queue by queue, the jobs that failed fetches may have started without their
     /// reply reaching this worker ([`Broker::disown`]); a queue leaves `lost` once done.
+    /// Hands back the jobs of each queue in `lost` (see the fetch loop). A queue whose
+    /// hand-back Redis refuses for good stays in `lost`, passed over until `refused` says to try
+    /// again, and does not hold the others back; any other error is returned.
     async fn disown_lost(
         &self,
         lost: &mut Vec<QueueName>,
         received: &HashMap<QueueName, Received>,
+        refused: &mut HashMap<QueueName, std::time::Instant>,
     ) -> anyhow::Result<()> {
-        while let Some(q) = lost.last() {
-            let none = Received::default();
-            let n = self.broker.disown(q, &self.consumer, received.get(q).unwrap_or(&none)).await?;
-            if n > 0 {
-                metrics::counter!("jobq_worker_lost_fetch_jobs_total").increment(n);
-                tracing::warn!(queue.name = %q, jobs = n, "a fetch reply was lost: handed its jobs back for the next reaper pass");
+        let mut kept = Vec::new();
+        while let Some(q) = lost.pop() {
+            if refused_now(refused, &q) {
+                kept.push(q);
+                continue;
             }
-            lost.pop();
+            let none = Received::default();
+            match self.broker.disown(&q, &self.consumer, received.get(&q).unwrap_or(&none)).await {
+                Ok(n) if n > 0 => {
+                    metrics::counter!("jobq_worker_lost_fetch_jobs_total").increment(n);
+                    tracing::warn!(queue.name = %q, jobs = n, "a fetch reply was lost: handed its jobs back for the next reaper pass");
+                }
+                Ok(_) => {}
+                Err(e) if refused_for_good(&e) => {
+                    refuse(refused, &q, &e);
+                    kept.push(q);
+                }
+                Err(e) => {
+                    lost.push(q);
+                    lost.extend(kept);
+                    return Err(e.into());
+                }
+            }
         }
+        *lost = kept;
         Ok(())
     }
 }
@@ -836,6 +881,31 @@ async fn take_permits(
     }
     permits.push(executor::Permits { run, held });
     Ok(permits)
+}
+
+/// How long a queue whose keys Redis refuses for good is passed over before it is tried again.
+const REFUSED_RETRY: Duration = Duration::from_secs(10);
+
+/// Notes that Redis refused `q` for good: it is passed over for [`REFUSED_RETRY`]; logged as an
+/// error when it was not refused already.
+fn refuse(refused: &mut HashMap<QueueName, std::time::Instant>, q: &QueueName, e: &jobq_core::Error) {
+    if refused.insert(q.clone(), std::time::Instant::now() + REFUSED_RETRY).is_none() {
+        tracing::error!(error = %e, queue.name = %q, retry_in_s = REFUSED_RETRY.as_secs(), "Redis refuses this queue's keys; the other queues go on");
+    }
+}
+
+/// Whether `q` is still passed over as refused; once its time is up it is tried again (and
+/// refused again at once if Redis still refuses it, without a new error in the log).
+fn refused_now(refused: &mut HashMap<QueueName, std::time::Instant>, q: &QueueName) -> bool {
+    match refused.get_mut(q) {
+        Some(until) if std::time::Instant::now() < *until => true,
+        Some(until) => {
+            // Tried now; `refuse` pushes the time on again if it fails.
+            *until = std::time::Instant::now();
+            false
+        }
+        None => false,
+    }
 }
 
 /// Retries a Redis operation with backoff until it succeeds or shutdown is requested.

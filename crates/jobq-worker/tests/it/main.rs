@@ -774,3 +774,51 @@ async fn a_queue_whose_consumer_group_is_gone_does_not_stop_the_others() {
     }
     finish(env, [worker]).await;
 }
+
+#[tokio::test]
+async fn a_queue_whose_keys_its_redis_user_may_not_touch_does_not_stop_the_others() {
+    let (env, urgent) = urgent_then_default().await;
+    // A Redis user that may use every key of the namespace but the first queue's.
+    let ns = env.keys().namespace();
+    let user = format!("{ns}-worker");
+    let mut conn = env.broker.connection();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">secret")
+        .arg("+@all")
+        .arg("&*")
+        .arg(format!("~{ns}:{{q:default}}:*"))
+        .arg(format!("~{ns}:queues"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut settings = env.settings();
+    let url = jobq_testutil::redis_url();
+    settings.redis.url = url.replacen("redis://", &format!("redis://{user}:secret@"), 1);
+    let broker = jobq_core::stream::Broker::connect(&settings).await.unwrap();
+    let mut registry = Registry::new();
+    registry.register("echo", |_ctx: JobContext| async move { Ok(None) });
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(
+        Worker::new(broker, registry, settings.worker.clone(), Duration::from_secs(30)).run(token.clone()),
+    );
+    // The first queue (in strict order) is refused at every fetch; the second's jobs run.
+    env.broker.enqueue(NewJob::new("echo", json!({})).queue(urgent)).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(env.broker.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id);
+    }
+    let ran = async {
+        for id in ids {
+            wait_state(&env, id, JobState::Succeeded).await;
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(15), ran).await;
+    token.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    let _: () = redis::cmd("ACL").arg("DELUSER").arg(&user).query_async(&mut conn).await.unwrap();
+    outcome.expect("the jobs of the queue the user may touch ran");
+    env.cleanup().await;
+}
