@@ -32,7 +32,7 @@ async fn run(state: AppState, mut replay: Replay, ids: Vec<JobId>) {
     let mut reported = tokio::time::Instant::now();
     for id in ids {
         tick.tick().await;
-        match state.store.retry_dead_matching(&state.broker, id, &replay.filter).await {
+        match state.store.retry_dead_matching(&state.broker, id, &replay.filter, replay.upto).await {
             Ok(_) => replay.retried += 1,
             Err(jobq_core::Error::Conflict(_) | jobq_core::Error::JobNotFound(_)) => replay.skipped += 1,
             Err(e) => {
@@ -78,9 +78,13 @@ pub async fn take_over(state: &AppState, stale: Duration) -> jobq_core::Result<u
     while let Some(replay) = state.store.claim_stale_replay(stale).await? {
         // Its selection's bound, not what its counts say is left: jobs retried after its last
         // report, or by someone else, are gone from the DLQ and must not make room for others.
+        // Rows recorded after it began are not of its selection, even dead before its bound (a
+        // recorder catching up).
         let ids = match replay.upto {
-            Some(upto) => state.store.dead_selection(&replay.filter, Some(upto), replay.of.max(0)).await?,
-            None => state.store.dead_selection(&replay.filter, None, replay.left()).await?,
+            Some(upto) => {
+                state.store.dead_selection(&replay.filter, Some(upto), replay.began, replay.of.max(0)).await?
+            }
+            None => state.store.dead_selection(&replay.filter, None, None, replay.left()).await?,
         };
         let ids: Vec<JobId> = ids.into_iter().map(|(_, id)| id).collect();
         metrics::counter!("jobq_api_dlq_replays_taken_over_total").increment(1);

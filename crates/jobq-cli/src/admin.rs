@@ -641,7 +641,7 @@ async fn dlq(broker: &Broker, store: &Store, cmd: DlqCommand, as_json: bool) -> 
                     }
                 };
                 for dead in page.items {
-                    match store.retry_dead_matching(broker, dead.job_id, &f).await {
+                    match store.retry_dead_matching(broker, dead.job_id, &f, None).await {
                         Ok(_) => retried += 1,
                         Err(
                             jobq_core::Error::Conflict(_)

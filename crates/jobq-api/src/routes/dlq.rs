@@ -268,7 +268,7 @@ pub(crate) async fn retry_matching(
     if req.dry_run {
         return Ok((StatusCode::OK, untouched, Json(json!({"matched": matched, "dry_run": true}))));
     }
-    let selection = state.store.dead_selection(&filter, None, limit).await?;
+    let selection = state.store.dead_selection(&filter, None, None, limit).await?;
     let replay = state.store.start_replay(&who.name, &filter, &selection).await?;
     let ids = selection.into_iter().map(|(_, id)| id).collect();
     let (audit_id, total, rate) = (replay.audit_id, replay.of, state.dlq_replay_rate.max(1));

@@ -290,7 +290,7 @@ async fn a_dlq_replay_whose_process_stopped_mid_way_is_taken_over_and_finished()
     // A replay of the ten mails whose API process stopped after three: its audit entry and its
     // retries as that process left them.
     let filter = jobq_core::store::DlqFilter { kind: Some("mail".into()), ..Default::default() };
-    let selection = env.store.dead_selection(&filter, None, 10).await.unwrap();
+    let selection = env.store.dead_selection(&filter, None, None, 10).await.unwrap();
     let mut replay = env.store.start_replay("ops", &filter, &selection).await.unwrap();
     let ids: Vec<_> = selection.iter().map(|s| s.1).collect();
     for id in &ids[..3] {

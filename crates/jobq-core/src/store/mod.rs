@@ -75,9 +75,13 @@ pub struct Replay {
     /// Could not be retried (Redis or Postgres errors); they stay in the DLQ.
     pub failed: i64,
     /// The last job of the selection it set out to retry, by `(failed_at, job_id)`, as the DLQ
-    /// orders them oldest first: a replay taken over goes no further, so that it never retries
-    /// more jobs than were chosen.
+    /// orders them oldest first: it retries no row past it (a job that died again since is past
+    /// it), and a replay taken over goes no further, so that it never retries more jobs than
+    /// were chosen.
     pub upto: Option<(DateTime<Utc>, JobId)>,
+    /// When it began (its audit entry's time, Postgres' clock): a replay taken over retries only
+    /// rows recorded before (`dead_jobs.recorded_at`).
+    pub began: Option<DateTime<Utc>>,
 }
 
 impl Replay {
@@ -199,6 +203,9 @@ pub struct PurgeStopped {
     /// The error.
     pub error: Error,
 }
+
+/// A DLQ row's place in the order a retry by filter selects rows in: `(failed_at, job_id)`.
+pub type DeadKey = (DateTime<Utc>, JobId);
 
 /// What a DLQ retry did.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -396,7 +403,7 @@ impl Store {
                      queue = EXCLUDED.queue, job_type = EXCLUDED.job_type, priority = EXCLUDED.priority,
                      payload = EXCLUDED.payload, envelope = EXCLUDED.envelope, run = EXCLUDED.run,
                      attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, reason = EXCLUDED.reason,
-                     failed_at = EXCLUDED.failed_at, retried_at = NULL
+                     failed_at = EXCLUDED.failed_at, retried_at = NULL, recorded_at = now()
                  WHERE dead_jobs.run < EXCLUDED.run",
             )
             .bind(dead.iter().map(|e| e.job_id.0).collect::<Vec<_>>())
@@ -492,12 +499,18 @@ impl Store {
     }
 
     /// [`Store::retry_dead`] for a retry by filter: the job is retried only if its row, once
-    /// locked, still matches `filter` (not retried, and, with `failed_before` the time the
-    /// retry by filter began, not dead again since); otherwise [`Error::JobNotFound`]. A job
-    /// someone retried by hand meanwhile, which died again of something else, is not the
-    /// filter's business any more.
-    pub async fn retry_dead_matching(&self, broker: &Broker, id: JobId, filter: &DlqFilter) -> Result<DlqRetried> {
-        self.retry_dead_where(broker, id, None, Some(filter)).await
+    /// locked, still matches `filter` (not retried) and is not past `upto`, the last job of the
+    /// selection by `(failed_at, job_id)` (a job that died again since it was chosen is past
+    /// it); otherwise [`Error::JobNotFound`]. A job someone retried by hand meanwhile, which
+    /// died again of something else, is not the filter's business any more.
+    pub async fn retry_dead_matching(
+        &self,
+        broker: &Broker,
+        id: JobId,
+        filter: &DlqFilter,
+        upto: Option<(DateTime<Utc>, JobId)>,
+    ) -> Result<DlqRetried> {
+        self.retry_dead_where(broker, id, None, Some((filter, upto))).await
     }
 
     async fn retry_dead_where(
@@ -505,7 +518,7 @@ impl Store {
         broker: &Broker,
         id: JobId,
         payload: Option<serde_json::Value>,
-        filter: Option<&DlqFilter>,
+        filter: Option<(&DlqFilter, Option<DeadKey>)>,
     ) -> Result<DlqRetried> {
         let mut tx = self.pool.begin().await?;
         let row = match filter {
@@ -515,11 +528,17 @@ impl Store {
                     .fetch_optional(&mut *tx)
                     .await?
             }
-            Some(f) => {
+            Some((f, upto)) => {
                 let sql = format!(
-                    "SELECT envelope, run, retried_at FROM dead_jobs WHERE {DLQ_WHERE} AND job_id = $6 FOR UPDATE"
+                    "SELECT envelope, run, retried_at FROM dead_jobs WHERE {DLQ_WHERE} AND job_id = $6
+                       AND ($7::timestamptz IS NULL OR (failed_at, job_id) <= ($7, $8::uuid)) FOR UPDATE"
                 );
-                bind_filter(sqlx::query(&sql), f).bind(id.0).fetch_optional(&mut *tx).await?
+                bind_filter(sqlx::query(&sql), f)
+                    .bind(id.0)
+                    .bind(upto.map(|u| u.0))
+                    .bind(upto.map(|u| u.1 .0))
+                    .fetch_optional(&mut *tx)
+                    .await?
             }
         };
         let row = row.ok_or(Error::JobNotFound(id))?;
@@ -596,25 +615,29 @@ impl Store {
 
     /// Ids of dead jobs (not retried) matching, oldest first, at most `limit`.
     pub async fn dead_ids(&self, filter: &DlqFilter, limit: i64) -> Result<Vec<JobId>> {
-        Ok(self.dead_selection(filter, None, limit).await?.into_iter().map(|(_, id)| id).collect())
+        Ok(self.dead_selection(filter, None, None, limit).await?.into_iter().map(|(_, id)| id).collect())
     }
 
     /// Dead jobs (not retried) matching, as `(failed_at, job_id)`, oldest first, at most
-    /// `limit`, and none after `upto` in that order.
+    /// `limit`: none after `upto` in that order, and none recorded at or after
+    /// `recorded_before`.
     pub async fn dead_selection(
         &self,
         filter: &DlqFilter,
         upto: Option<(DateTime<Utc>, JobId)>,
+        recorded_before: Option<DateTime<Utc>>,
         limit: i64,
     ) -> Result<Vec<(DateTime<Utc>, JobId)>> {
         let sql = format!(
             "SELECT failed_at, job_id FROM dead_jobs WHERE {DLQ_WHERE}
                AND ($6::timestamptz IS NULL OR (failed_at, job_id) <= ($6, $7::uuid))
-             ORDER BY failed_at, job_id LIMIT $8"
+               AND ($8::timestamptz IS NULL OR recorded_at < $8)
+             ORDER BY failed_at, job_id LIMIT $9"
         );
         let rows = bind_filter(sqlx::query(&sql), filter)
             .bind(upto.map(|u| u.0))
             .bind(upto.map(|u| u.1 .0))
+            .bind(recorded_before)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
@@ -679,8 +702,8 @@ impl Store {
 
     /// Starts a DLQ replay (retry by filter) of `of` dead jobs: its audit entry, owned by the
     /// returned [`Replay`] and alive from now on.
-    /// Starts a replay of `of` dead jobs matching `filter` (an audit entry, alive now). Its
-    /// filter is narrowed to the jobs dead before it began, for [`Store::retry_dead_matching`].
+    /// Starts a replay of the dead jobs of `selection` (from [`Store::dead_selection`]) matching
+    /// `filter`: an audit entry, alive now.
     pub async fn start_replay(
         &self,
         actor: &str,
@@ -696,6 +719,7 @@ impl Store {
             skipped: 0,
             failed: 0,
             upto: selection.last().copied(),
+            began: None,
         };
         let (audit_id, began): (i64, DateTime<Utc>) = sqlx::query_as(
             "INSERT INTO audit_log (actor, action, filter, count, details, replay_owner, replay_alive_at) \
@@ -712,7 +736,7 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         replay.audit_id = audit_id;
-        replay.filter.failed_before = Some(replay.filter.failed_before.map_or(began, |b| b.min(began)));
+        replay.began = Some(began);
         Ok(replay)
     }
 
@@ -760,7 +784,10 @@ impl Store {
         // its business any more.
         let began: DateTime<Utc> = row.try_get("at")?;
         let mut filter: DlqFilter = filter.map(serde_json::from_value).transpose()?.unwrap_or_default();
-        filter.failed_before = Some(filter.failed_before.map_or(began, |b| b.min(began)));
+        if upto.is_none() {
+            // An entry written before replays kept their selection's bound.
+            filter.failed_before = Some(filter.failed_before.map_or(began, |b| b.min(began)));
+        }
         Ok(Some(Replay {
             audit_id: row.try_get("id")?,
             owner: row.try_get("replay_owner")?,
@@ -770,6 +797,7 @@ impl Store {
             skipped: count("skipped"),
             failed: 0,
             upto,
+            began: Some(began),
         }))
     }
 

@@ -329,7 +329,7 @@ async fn a_retry_by_filter_passes_over_a_job_that_died_again_since_it_began() {
     env.store.record(&events).await.unwrap();
     let (again, kept) = (events[0].job_id, events[1].job_id);
     let filter = DlqFilter { kind: Some("a".into()), ..Default::default() };
-    let selection = env.store.dead_selection(&filter, None, 2).await.unwrap();
+    let selection = env.store.dead_selection(&filter, None, None, 2).await.unwrap();
     let replay = env.store.start_replay("test", &filter, &selection).await.unwrap();
     // Meanwhile one is retried by hand and dies again.
     sqlx::query("UPDATE dead_jobs SET failed_at = now() + interval '1 second', run = run + 1 WHERE job_id = $1")
@@ -337,10 +337,10 @@ async fn a_retry_by_filter_passes_over_a_job_that_died_again_since_it_began() {
         .execute(&env.pool)
         .await
         .unwrap();
-    let err = env.store.retry_dead_matching(&env.broker, again, &replay.filter).await.unwrap_err();
+    let err = env.store.retry_dead_matching(&env.broker, again, &replay.filter, replay.upto).await.unwrap_err();
     assert!(matches!(err, jobq_core::Error::JobNotFound(_)), "{err}");
     assert_eq!(env.store.dead_job(again).await.unwrap().unwrap().retry_count, 0, "left dead");
-    let done = env.store.retry_dead_matching(&env.broker, kept, &replay.filter).await.unwrap();
+    let done = env.store.retry_dead_matching(&env.broker, kept, &replay.filter, replay.upto).await.unwrap();
     assert_eq!((done.run, done.state.as_str()), (2, "queued"));
     env.cleanup().await;
 }
@@ -352,12 +352,21 @@ async fn a_replay_taken_over_retries_no_job_outside_the_selection_it_began_with(
     env.store.record(&events).await.unwrap();
     let filter = DlqFilter { kind: Some("a".into()), ..Default::default() };
     // Three of the six, oldest first (their deaths may share a millisecond: job ids break ties).
-    let selection = env.store.dead_selection(&filter, None, 3).await.unwrap();
+    let selection = env.store.dead_selection(&filter, None, None, 3).await.unwrap();
     let replay = env.store.start_replay("test", &filter, &selection).await.unwrap();
     // It retried two and stopped before it reported them.
     for (_, id) in &selection[..2] {
-        env.store.retry_dead_matching(&env.broker, *id, &replay.filter).await.unwrap();
+        env.store.retry_dead_matching(&env.broker, *id, &replay.filter, replay.upto).await.unwrap();
     }
+    // A death the recorder writes only now (catching up), though older than the selection's last.
+    let late = dead_jobs(&env, "a", 1).await;
+    env.store.record(&late).await.unwrap();
+    sqlx::query("UPDATE dead_jobs SET failed_at = $2 WHERE job_id = $1")
+        .bind(late[0].job_id.0)
+        .bind(selection[0].0)
+        .execute(&env.pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE audit_log SET replay_alive_at = now() - interval '1 hour' WHERE id = $1")
         .bind(replay.audit_id)
         .execute(&env.pool)
@@ -365,7 +374,7 @@ async fn a_replay_taken_over_retries_no_job_outside_the_selection_it_began_with(
         .unwrap();
     let taken = env.store.claim_stale_replay(Duration::from_secs(30)).await.unwrap().unwrap();
     assert_eq!(taken.left(), 3, "its counts never said it retried two");
-    let rest = env.store.dead_selection(&taken.filter, taken.upto, taken.of).await.unwrap();
-    assert_eq!(rest, selection[2..], "only the one of its selection left, not newer deaths");
+    let rest = env.store.dead_selection(&taken.filter, taken.upto, taken.began, taken.of).await.unwrap();
+    assert_eq!(rest, selection[2..], "only the one of its selection left, not newer deaths nor late ones");
     env.cleanup().await;
 }
