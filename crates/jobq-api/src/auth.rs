@@ -151,8 +151,11 @@ fn browser_refusal(req: &Request, auth_enabled: bool) -> Option<String> {
     let (fetch_site, origin) = (text("sec-fetch-site"), text(header::ORIGIN.as_str()));
     let host = text(header::HOST.as_str()).unwrap_or("");
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
-        let other_site = matches!(fetch_site, Some("cross-site" | "same-site"))
-            || origin.is_some_and(|o| o.split_once("://").map(|(_, rest)| rest) != Some(host));
+        let other_site = match fetch_site {
+            // The browser's own judgement, made before a proxy in front may rewrite `Host`.
+            Some(site) => !matches!(site, "same-origin" | "none"),
+            None => origin.is_some_and(|o| !same_origin(o, host)),
+        };
         if other_site {
             return Some(format!(
                 "a browser request from another site ({}) may not {} this API",
@@ -167,6 +170,25 @@ fn browser_refusal(req: &Request, auth_enabled: bool) -> Option<String> {
         ));
     }
     None
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names `host` (a `Host` header), whatever the case
+/// and whether the scheme's default port is written.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => "",
+    };
+    let plain = |h: &str| {
+        let h = h.to_ascii_lowercase();
+        match h.strip_suffix(default_port) {
+            Some(bare) if !default_port.is_empty() => bare.to_owned(),
+            _ => h,
+        }
+    };
+    plain(rest) == plain(host)
 }
 
 /// `localhost` (or a name under it) or an IP address, with or without a port.

@@ -439,6 +439,12 @@ async fn a_page_of_another_site_cannot_act_through_the_browser_and_with_auth_off
     assert_eq!(from_browser(&open, "POST", pause, &same).await, StatusCode::OK);
     assert_eq!(from_browser(&open, "POST", "/api/v1/queues/default/resume", &[local]).await, StatusCode::OK);
     assert_eq!(from_browser(&open, "POST", pause, &[("host", "jobq-api.internal:8080")]).await, StatusCode::OK);
+    // Behind a proxy that rewrote Host, the browser's Sec-Fetch-Site decides; without it, the
+    // Origin is compared whatever its case and default port.
+    let proxied = [local, ("origin", "https://jobq.example.com"), ("sec-fetch-site", "same-origin")];
+    assert_eq!(from_browser(&open, "POST", "/api/v1/queues/default/resume", &proxied).await, StatusCode::OK);
+    let old_browser = [("host", "localhost"), ("origin", "HTTP://LOCALHOST:80")];
+    assert_eq!(from_browser(&open, "POST", "/api/v1/queues/default/resume", &old_browser).await, StatusCode::OK);
     // With auth off, a browser reaching the API by a host name (DNS rebinding: the page's own
     // origin) is refused, reads included; by localhost or an IP address it is served.
     let rebound = [("host", "evil.example:8080"), ("sec-fetch-site", "same-origin")];
