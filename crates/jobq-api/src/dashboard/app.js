@@ -4,7 +4,7 @@
 'use strict';
 
 const KEY = 'jobq.apiKey';
-const state = { tab: 'queues', timer: null, polling: false, pollFailed: false, jobsCursor: null, jobsFilter: null, dlqCursor: null, dlqFilter: null };
+const state = { tab: 'queues', timer: null, pollingSince: 0, pollFailed: false, jobsCursor: null, jobsFilter: null, dlqCursor: null, dlqFilter: null };
 
 // Calls `method template` with the {placeholders} of `template` filled from `params`
 // (URL-encoded), the remaining params as the query string and `body` as JSON.
@@ -62,6 +62,8 @@ function btn(label, onclick, danger) { return el('button', { type: 'button', cla
 function pre(v) { return el('pre', {}, JSON.stringify(v, null, 2)); }
 
 function status(text, isError) {
+  // Whatever is shown now is not the queues refresh's own error any more.
+  state.pollFailed = false;
   const s = document.getElementById('status');
   s.textContent = text || '';
   s.className = isError ? 'error' : '';
@@ -80,22 +82,22 @@ async function act(what, f) {
 
 // ---- Queues ----
 
-// The 2 s refresh of the queues tab: one at a time, and it clears only an error it showed
-// itself, never what an action reported.
+// The 2 s refresh of the queues tab: one at a time (unless the one in flight hangs for 10 s).
 async function pollQueues() {
-  if (state.polling) return;
-  state.polling = true;
+  if (state.pollingSince && Date.now() - state.pollingSince < 10000) return;
+  const since = Date.now();
+  state.pollingSince = since;
   try {
-    const ok = await loadQueues();
-    if (ok && state.pollFailed) status('');
-    state.pollFailed = !ok;
+    await loadQueues();
   } finally {
-    state.polling = false;
+    if (state.pollingSince === since) state.pollingSince = 0;
   }
 }
 
+// Loads the queues table. A failure shows in the status line; the next load that succeeds
+// clears it, and only it, never what an action reported since.
 async function loadQueues() {
-  return act('queues', async () => {
+  const ok = await act('queues', async () => {
     const data = await call('GET', '/api/v1/queues');
     const body = document.getElementById('queues-body');
     body.replaceChildren(...data.items.map((q) => {
@@ -116,6 +118,9 @@ async function loadQueues() {
     }));
     if (!data.items.length) body.replaceChildren(el('tr', {}, el('td', { colspan: 13, class: 'muted' }, 'No queues yet.')));
   });
+  if (!ok) state.pollFailed = true;
+  else if (state.pollFailed) status('');
+  return ok;
 }
 
 async function cancelQueue(queue) {
