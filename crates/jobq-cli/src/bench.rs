@@ -85,9 +85,21 @@ impl BenchEnv {
         settings.database.create = true;
         settings.api.auth = false;
         let store = Store::connect(&settings.database).await?;
-        store.migrate().await.context("migrating the bench database")?;
-        let broker = Broker::connect(&settings).await?;
-        broker.check_server(settings.redis.allow_eviction).await?;
+        let ready = async {
+            store.migrate().await.context("migrating the bench database")?;
+            let broker = Broker::connect(&settings).await?;
+            broker.check_server(settings.redis.allow_eviction).await?;
+            anyhow::Ok(broker)
+        };
+        let broker = match ready.await {
+            Ok(broker) => broker,
+            Err(e) => {
+                // The database exists already: it goes with the failed start.
+                store.pool().close().await;
+                drop_database(&admin_url(&base.database.url), &database).await;
+                return Err(e);
+            }
+        };
         // The prefixed names too: an inherited JOBQ_DATABASE_URL would win over DATABASE_URL
         // and point the processes at another database.
         let vars: HashMap<String, String> = [
@@ -123,11 +135,19 @@ impl BenchEnv {
     async fn cleanup(self, admin_url: &str) {
         let _ = self.broker.purge_namespace().await;
         self.store.pool().close().await;
-        if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
-                .execute(&mut conn)
-                .await;
-        }
+        drop_database(admin_url, &self.database).await;
+    }
+}
+
+/// The URL of the `postgres` database beside the one `url` names, to drop a bench database.
+fn admin_url(url: &str) -> String {
+    url.rsplit_once('/').map(|(h, _)| format!("{h}/postgres")).unwrap_or_default()
+}
+
+/// Drops the bench database `name` (its connections are ended); best effort.
+async fn drop_database(admin_url: &str, name: &str) {
+    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(admin_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut conn).await;
     }
 }
 
@@ -786,8 +806,7 @@ pub async fn run(settings: &Settings, config: Option<&std::path::Path>, args: Be
         Ok(())
     }
     .await;
-    env.cleanup(&settings.database.url.rsplit_once('/').map(|(h, _)| format!("{h}/postgres")).unwrap_or_default())
-        .await;
+    env.cleanup(&admin_url(&settings.database.url)).await;
     outcome?;
     println!();
     println!("{:<12} {:>10} {:>14}  details", "scenario", "jobs", "jobs/s");
