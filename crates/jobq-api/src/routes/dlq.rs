@@ -227,6 +227,15 @@ pub(crate) async fn retry(
         jobq_core::Error::JobNotFound(id) => not_in_dlq(id),
         e => e.into(),
     })?;
+    if retried.payload_not_applied {
+        // Re-enqueued by an earlier retry whose commit failed; marked now, and audited as it is.
+        let details = json!({"run": retried.run, "payload_not_applied": body.payload});
+        audit_done(&state, &who, "dlq.retry", Some(id.to_string()), None, 1, Some(details)).await;
+        return Err(ApiError::Conflict(format!(
+            "job {id} was already re-enqueued as run {} by an earlier retry whose commit failed ({}); the payload given was not applied",
+            retried.run, retried.state
+        )));
+    }
     let details = edited.then(|| json!({"payload": body.payload}));
     let action = if edited { "dlq.retry_edited" } else { "dlq.retry" };
     audit_done(&state, &who, action, Some(id.to_string()), None, 1, details).await;

@@ -337,3 +337,24 @@ async fn a_dlq_replay_whose_process_stopped_mid_way_is_taken_over_and_finished()
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_edited_dlq_retry_whose_payload_cannot_be_applied_answers_409_and_is_audited() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let id = kill_jobs(&env, "mail", "smtp down", 1).await.remove(0);
+    // The Redis half of a retry whose Postgres commit then failed (its caller got a 503).
+    let stored = env.store.dead_envelope(id.parse().unwrap()).await.unwrap().unwrap();
+    env.broker.retry_dead(&serde_json::from_value(stored).unwrap(), 1).await.unwrap();
+    let path = format!("/api/v1/dlq/{id}/retry");
+    let (s, err) = call(&app, "POST", &path, Some(r#"{"payload": {"fixed": true}}"#)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("not applied"), "{err}");
+    let (_, log) = call(&app, "GET", "/api/v1/audit", None).await;
+    let entry = &log["items"][0];
+    assert_eq!((entry["action"].as_str(), entry["target"].as_str()), (Some("dlq.retry"), Some(id.as_str())), "{log}");
+    assert_eq!(entry["details"]["payload_not_applied"], json!({"fixed": true}), "{log}");
+    let (s, _) = call(&app, "POST", &path, None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "the row is marked: a further retry is the usual 409");
+    env.cleanup().await;
+}

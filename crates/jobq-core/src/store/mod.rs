@@ -218,6 +218,10 @@ pub struct DlqRetried {
     /// The job's state now: `queued`, or, when an earlier retry had re-enqueued it already
     /// (its commit failed), the state of that run (`recorded` once its history is written).
     pub state: String,
+    /// A payload was given but not applied: an earlier retry had re-enqueued the job already,
+    /// with the payload it had (the row is marked all the same).
+    #[serde(skip)]
+    pub payload_not_applied: bool,
 }
 
 /// One `job_executions` row per attempt of `events`: a repeated event (an outbox entry read
@@ -578,15 +582,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        if earlier && edited {
-            // The run that an earlier retry enqueued carries the payload it had: the one given
-            // now was not applied, which the caller must hear of.
-            return Err(Error::Conflict(format!(
-                "job {id} was already re-enqueued as run {run} by an earlier retry whose commit failed ({state}); \
-                 the payload given was not applied"
-            )));
-        }
-        Ok(DlqRetried { job_id: id, run, state })
+        // The run an earlier retry enqueued carries the payload it had: the one given now was
+        // not applied, which the caller must hear of.
+        Ok(DlqRetried { job_id: id, run, state, payload_not_applied: earlier && edited })
     }
 }
 
