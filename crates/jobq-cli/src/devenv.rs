@@ -30,15 +30,32 @@ impl Private {
         std::fs::create_dir_all(data)?;
         let path = data.join("jobq-dev.pid");
         let holder = std::fs::read_to_string(&path).ok().and_then(|p| p.trim().parse::<u32>().ok());
-        if let Some(pid) = holder.filter(|&p| p != std::process::id() && runs(p, "jobq")) {
+        if let Some(pid) = holder.filter(|&p| p != std::process::id() && runs_jobq_dev(p)) {
             bail!(
-                "another jobq dev (pid {pid}) runs on {}: stop it first, or start this one from another directory",
-                data.display()
+                "another jobq dev (pid {pid}) runs on {}: stop it first, or start this one from another directory \
+                 (if pid {pid} is no jobq dev, delete {})",
+                data.display(),
+                path.display()
             );
         }
         std::fs::write(&path, std::process::id().to_string()).context("writing .jobq-dev/jobq-dev.pid")?;
         self.claim = Some(path);
         Ok(())
+    }
+}
+
+/// Whether process `pid` is a `jobq dev`: a program named `jobq` with the argument `dev`
+/// (the pid file may name a process that reused the number of one that exited at once).
+fn runs_jobq_dev(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let program = args.first().map(|a| a.rsplit(|&b| b == b'/').next().unwrap_or(a));
+            program == Some(b"jobq".as_slice()) && args.iter().any(|a| *a == b"dev")
+        }
+        // No /proc (macOS): ask ps, less precisely.
+        Err(_) if !Path::new("/proc/self").exists() => runs(pid, "jobq") && runs(pid, " dev"),
+        Err(_) => false,
     }
 }
 

@@ -579,6 +579,17 @@ async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them(
     signal_group(&child, "INT");
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stdout));
+    // Its pid file stays behind; say its number now belongs to another process, one whose
+    // command line even names jobq.
+    use std::os::unix::process::CommandExt as _;
+    let mut lookalike = std::process::Command::new("sh")
+        .args(["-c", "sleep 60", "jobq-worker"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join(".jobq-dev/jobq-dev.pid"), lookalike.id().to_string()).unwrap();
     let child = bare_dev(&dir, port);
     api.wait_ready(Duration::from_secs(60)).await;
     let (_, again) = api.get(&format!("/api/v1/jobs/{id}")).await;
@@ -594,6 +605,8 @@ async fn dev_on_a_bare_machine_starts_private_redis_and_postgres_and_stops_them(
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("stopping the private redis-server an earlier run left"), "{stdout}");
     assert!(!dir.join(".jobq-dev/postgres/postmaster.pid").exists(), "postgres stopped");
+    let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", lookalike.id())]).status();
+    let _ = lookalike.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
