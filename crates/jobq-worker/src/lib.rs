@@ -600,32 +600,25 @@ impl Worker {
                             break;
                         }
                     }
-                    Err(e) if refused_for_good(&e) => {
-                        // This queue alone: handed back (if its fetch started anything) once
-                        // Redis takes it again, and passed over until then; the round goes on
-                        // with the next queue and the same slots.
-                        backlog = false;
-                        if !lost.contains(q) {
-                            lost.push(q.clone());
-                        }
-                        if let Some(a) = ahead.take() {
-                            landed(a.land().await, &mut received, &mut lost);
-                        }
-                        metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
-                        refuse(&mut refused, q, &e);
-                        empty.push(q);
-                    }
                     Err(e) => {
-                        drop(permits);
                         backlog = false;
                         if !lost.contains(q) {
                             lost.push(q.clone());
                         }
-                        // Not left waiting through the backoff: its jobs may be started already.
+                        // Not left waiting through a backoff: its jobs may be started already.
                         if let Some(a) = ahead.take() {
                             landed(a.land().await, &mut received, &mut lost);
                         }
                         metrics::counter!("jobq_redis_errors_total", "component" => "worker").increment(1);
+                        if refused_for_good(&e) {
+                            // This queue alone: handed back (if its fetch started anything) once
+                            // Redis takes it again, and passed over until then; the round goes
+                            // on with the next queue and the same slots.
+                            refuse(&mut refused, q, &e);
+                            empty.push(q);
+                            continue;
+                        }
+                        drop(permits);
                         tracing::warn!(error = %e, queue.name = %q, retry_in_ms = backoff.as_millis() as u64, "fetch failed");
                         tokio::select! {
                             _ = shutdown.cancelled() => break 'outer,

@@ -29,6 +29,21 @@ async fn dead_jobs(env: &TestEnv, kind: &str, n: usize) -> Vec<jobq_core::stream
     batch.events
 }
 
+/// `n` jobs of `kind` dead and recorded in the DLQ; their ids.
+async fn recorded_dead(env: &TestEnv, kind: &str, n: usize) -> Vec<jobq_core::job::JobId> {
+    let events = dead_jobs(env, kind, n).await;
+    env.store.record(&events).await.unwrap();
+    events.iter().map(|e| e.job_id).collect()
+}
+
+/// The Redis half of a DLQ retry of `id` whose Postgres commit then failed: run 2 is queued,
+/// the DLQ row is not marked.
+async fn requeued_uncommitted(env: &TestEnv, id: jobq_core::job::JobId) {
+    let envelope: jobq_core::job::Envelope =
+        serde_json::from_value(env.store.dead_envelope(id).await.unwrap().unwrap()).unwrap();
+    env.broker.retry_dead(&envelope, 1).await.unwrap();
+}
+
 #[tokio::test]
 async fn recording_is_idempotent_per_attempt_and_fills_the_dlq() {
     let env = TestEnv::new().await;
@@ -102,9 +117,7 @@ async fn dlq_pages_newest_first_with_filters_and_a_cursor() {
 #[tokio::test]
 async fn a_dlq_retry_enqueues_once_and_hides_the_row() {
     let env = TestEnv::new().await;
-    let events = dead_jobs(&env, "a", 1).await;
-    env.store.record(&events).await.unwrap();
-    let id = events[0].job_id;
+    let id = recorded_dead(&env, "a", 1).await[0];
     let retried = env.store.retry_dead(&env.broker, id, None).await.unwrap();
     assert_eq!(retried.run, 2);
     let second = env.store.retry_dead(&env.broker, id, None).await.unwrap_err();
@@ -124,14 +137,8 @@ async fn a_dlq_retry_whose_commit_failed_is_not_run_again_after_its_run_finished
     use redis::AsyncCommands;
     let env = TestEnv::new().await;
     let q = QueueName::default_queue();
-    let events = dead_jobs(&env, "a", 1).await;
-    env.store.record(&events).await.unwrap();
-    let id = events[0].job_id;
-    // The Redis half of a retry whose Postgres commit then failed: run 2 is queued, the DLQ
-    // row is not marked.
-    let envelope: jobq_core::job::Envelope =
-        serde_json::from_value(env.store.dead_envelope(id).await.unwrap().unwrap()).unwrap();
-    env.broker.retry_dead(&envelope, 1).await.unwrap();
+    let id = recorded_dead(&env, "a", 1).await[0];
+    requeued_uncommitted(&env, id).await;
     let d = env.broker.fetch(&q, "c", 1).await.unwrap().jobs.pop().unwrap();
     env.broker.settle(&[Outcome { delivery: d, result: Ok(None) }]).await.unwrap();
     let mut conn = env.broker.blocking_connection(Duration::from_millis(100)).await.unwrap();
@@ -150,9 +157,7 @@ async fn a_dlq_retry_whose_commit_failed_is_not_run_again_after_its_run_finished
 #[tokio::test]
 async fn a_failed_enqueue_rolls_the_dlq_retry_back() {
     let env = TestEnv::new().await;
-    let events = dead_jobs(&env, "a", 1).await;
-    env.store.record(&events).await.unwrap();
-    let id = events[0].job_id;
+    let id = recorded_dead(&env, "a", 1).await[0];
     // A broker pointed at a Redis that is not there.
     let mut settings = env.settings();
     settings.redis.url = "redis://127.0.0.1:1".into();
@@ -284,9 +289,7 @@ async fn an_audit_entry_naming_a_nul_character_is_written() {
 #[tokio::test]
 async fn a_purge_leaves_a_row_a_retry_marks_while_it_waits_for_its_lock() {
     let env = TestEnv::new().await;
-    let events = dead_jobs(&env, "a", 2).await;
-    env.store.record(&events).await.unwrap();
-    let marked = events[0].job_id;
+    let marked = recorded_dead(&env, "a", 2).await[0];
     // A retry holds the row's lock (its Redis half under way), then marks the row and commits.
     let mut retry = env.pool.begin().await.unwrap();
     sqlx::query("UPDATE dead_jobs SET retried_at = now(), retry_count = retry_count + 1 WHERE job_id = $1")
@@ -307,13 +310,8 @@ async fn a_purge_leaves_a_row_a_retry_marks_while_it_waits_for_its_lock() {
 #[tokio::test]
 async fn an_edited_retry_after_a_retry_whose_commit_failed_says_its_payload_was_not_applied() {
     let env = TestEnv::new().await;
-    let events = dead_jobs(&env, "a", 1).await;
-    env.store.record(&events).await.unwrap();
-    let id = events[0].job_id;
-    // The Redis half of a retry whose Postgres commit then failed: run 2 is queued.
-    let envelope: jobq_core::job::Envelope =
-        serde_json::from_value(env.store.dead_envelope(id).await.unwrap().unwrap()).unwrap();
-    env.broker.retry_dead(&envelope, 1).await.unwrap();
+    let id = recorded_dead(&env, "a", 1).await[0];
+    requeued_uncommitted(&env, id).await;
     let done = env.store.retry_dead(&env.broker, id, Some(json!({"fixed": true}))).await.unwrap();
     assert!(done.payload_not_applied, "{done:?}");
     assert_eq!(env.store.dead_job(id).await.unwrap().unwrap().retry_count, 1, "the row is marked all the same");
@@ -325,9 +323,8 @@ async fn an_edited_retry_after_a_retry_whose_commit_failed_says_its_payload_was_
 #[tokio::test]
 async fn a_retry_by_filter_passes_over_a_job_that_died_again_since_it_began() {
     let env = TestEnv::new().await;
-    let events = dead_jobs(&env, "a", 2).await;
-    env.store.record(&events).await.unwrap();
-    let (again, kept) = (events[0].job_id, events[1].job_id);
+    let ids = recorded_dead(&env, "a", 2).await;
+    let (again, kept) = (ids[0], ids[1]);
     let filter = DlqFilter { kind: Some("a".into()), ..Default::default() };
     let selection = env.store.dead_selection(&filter, None, None, 2).await.unwrap();
     let replay = env.store.start_replay("test", &filter, &selection).await.unwrap();
@@ -348,8 +345,7 @@ async fn a_retry_by_filter_passes_over_a_job_that_died_again_since_it_began() {
 #[tokio::test]
 async fn a_replay_taken_over_retries_no_job_outside_the_selection_it_began_with() {
     let env = TestEnv::new().await;
-    let events = dead_jobs(&env, "a", 6).await;
-    env.store.record(&events).await.unwrap();
+    recorded_dead(&env, "a", 6).await;
     let filter = DlqFilter { kind: Some("a".into()), ..Default::default() };
     // Three of the six, oldest first (their deaths may share a millisecond: job ids break ties).
     let selection = env.store.dead_selection(&filter, None, None, 3).await.unwrap();
@@ -359,10 +355,9 @@ async fn a_replay_taken_over_retries_no_job_outside_the_selection_it_began_with(
         env.store.retry_dead_matching(&env.broker, *id, &replay.filter, replay.upto).await.unwrap();
     }
     // A death the recorder writes only now (catching up), though older than the selection's last.
-    let late = dead_jobs(&env, "a", 1).await;
-    env.store.record(&late).await.unwrap();
+    let late = recorded_dead(&env, "a", 1).await[0];
     sqlx::query("UPDATE dead_jobs SET failed_at = $2 WHERE job_id = $1")
-        .bind(late[0].job_id.0)
+        .bind(late.0)
         .bind(selection[0].0)
         .execute(&env.pool)
         .await
