@@ -5,7 +5,8 @@
 //! * `enqueue-lib`: N jobs through the library, in batches of 1,000 (one round trip each), from
 //!   C producer tasks sharing one `Broker`.
 //! * `enqueue-api`: N jobs through `POST /api/v1/jobs/batch` (batches of 1,000, C clients) of
-//!   an API served in this process.
+//!   an API served in this process, answered with `Prefer: return=minimal` (each job's id and
+//!   state) unless `--full-answers`.
 //! * `drain`: N pre-filled no-op jobs run by W `jobq-worker` processes, until every attempt is
 //!   also recorded in Postgres by a `jobq-scheduler` process.
 //! * `latency`: 1,000 jobs one at a time into an idle worker: enqueue → start and
@@ -61,6 +62,10 @@ pub struct BenchArgs {
     /// `sleep` handler); 0 runs no-op jobs.
     #[arg(long, default_value_t = 0)]
     pub job_ms: u64,
+    /// `enqueue-api` asks for each job whole in the batch answers, instead of its id and state
+    /// (`Prefer: return=minimal`).
+    #[arg(long)]
+    pub full_answers: bool,
 }
 
 struct BenchEnv {
@@ -267,17 +272,19 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     for _ in 0..args.concurrency.clamp(1, 64) {
         let (client, body, next, url) =
             (client.clone(), body.clone(), next.clone(), format!("{base}/api/v1/jobs/batch"));
+        let full = args.full_answers;
         clients.push(tokio::spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < batches {
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.as_ref().clone())
-                    .send()
-                    .await?;
+                let mut post = client.post(&url).header("content-type", "application/json");
+                if !full {
+                    post = post.header("prefer", "return=minimal");
+                }
+                let r = post.body(body.as_ref().clone()).send().await?;
                 if !r.status().is_success() {
                     bail!("batch answered {}", r.status());
                 }
+                // Read to its end, as a client that looks at the results does.
+                r.bytes().await?;
             }
             Ok::<_, anyhow::Error>(())
         }));
@@ -294,6 +301,7 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     Ok(json!({
         "scenario": "enqueue-api", "n": n, "clients": args.concurrency.clamp(1, 64), "batch": 1000,
+        "answers": if args.full_answers { "full" } else { "minimal" },
         "jobs_per_s": (n as f64 / secs).round(),
         "cpu_us_per_job": {"redis": per_job(redis_us), "api_and_client": per_job(api_us), "total": per_job(redis_us + api_us)},
         "cpu_bound_jobs_per_s": (cores as f64 * 1e6 * n as f64 / (redis_us + api_us).max(1) as f64).round(),

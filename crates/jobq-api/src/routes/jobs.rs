@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Extension;
@@ -166,7 +166,7 @@ pub(crate) async fn enqueue(
     carry_trace(&headers, &mut job);
     let enqueued = state.broker.enqueue(job).await?;
     if enqueued.created {
-        count_enqueued(&enqueued.job, 1);
+        count_enqueued(&enqueued.job.queue, &enqueued.job.kind, 1);
     } else if !visible(&who, &enqueued.job) {
         return Err(held_by_another(&enqueued.job));
     }
@@ -204,8 +204,11 @@ pub struct BatchRequest {
 
 /// `POST /api/v1/jobs/batch`: one Redis round trip for the whole batch (and one for all the
 /// existing jobs of its duplicates); per-item results
-/// (`status` 201 created, 200 existing, 4xx with `error`) in the order given.
+/// (`status` 201 created, 200 existing, 4xx with `error`) in the order given. With
+/// `Prefer: return=minimal`, a created or existing job's result holds its `id` and `state`
+/// instead of the whole job.
 #[utoipa::path(post, path = "/api/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
+    params(("Prefer" = Option<String>, Header, description = "`return=minimal`: each job's result holds `id` and `state` only (answered with `Preference-Applied: return=minimal`)")),
     responses((status = 200, description = "per-item results", body = serde_json::Value), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn enqueue_batch(
     _: NoQuery,
@@ -260,21 +263,35 @@ pub(crate) async fn enqueue_batch(
         .iter()
         .filter_map(|r| r.as_ref().ok().filter(|e| e.created || visible(&who, &e.job)).map(|e| e.job.id))
         .collect();
+    let minimal = prefers_minimal(&headers);
     let (mut created, mut existing) = (0, 0);
+    // Jobs created per queue and type: one counter update for each, not one per job.
+    let mut counts: Vec<(QueueName, String, u64)> = Vec::new();
     for (i, r) in index.into_iter().zip(outcome) {
         results[i] = Some(match r {
             Ok(e) if !e.created && !visible(&who, &e.job) => item_error(i, held_by_another(&e.job)),
             Ok(e) => {
                 if e.created {
-                    count_enqueued(&e.job, 1);
+                    match counts.iter_mut().find(|(q, k, _)| *q == e.job.queue && *k == e.job.kind) {
+                        Some((.., n)) => *n += 1,
+                        None => counts.push((e.job.queue.clone(), e.job.kind.clone(), 1)),
+                    }
                     created += 1;
                 } else {
                     existing += 1;
                 }
-                BatchItem::Job { index: i, status: if e.created { 201 } else { 200 }, job: Box::new(e.job) }
+                let status = if e.created { 201 } else { 200 };
+                if minimal {
+                    BatchItem::Brief { index: i, status, id: e.job.id, state: e.job.state }
+                } else {
+                    BatchItem::Job { index: i, status, job: Box::new(e.job) }
+                }
             }
             Err(e) => item_error(i, e.into()),
         });
+    }
+    for (queue, kind, n) in &counts {
+        count_enqueued(queue, kind, *n);
     }
     let failed = results.len() - created - existing;
     let results: Vec<BatchItem> = results.into_iter().flatten().collect();
@@ -290,7 +307,7 @@ pub(crate) async fn enqueue_batch(
             }
             Ok(enqueued) => {
                 if enqueued.created {
-                    count_enqueued(&enqueued.job, 1);
+                    count_enqueued(&enqueued.job.queue, &enqueued.job.kind, 1);
                 }
                 body.on_complete = Some(enqueued.job);
             }
@@ -301,7 +318,21 @@ pub(crate) async fn enqueue_batch(
             }
         }
     }
-    Ok((untouched, Json(body)))
+    let applied = minimal.then_some([(PREFERENCE_APPLIED, "return=minimal")]);
+    Ok((untouched, applied, Json(body)))
+}
+
+const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+
+/// Whether the request holds `Prefer: return=minimal` (RFC 7240), among other preferences or
+/// alone: a batch's created and existing jobs are then answered by their id and state only.
+fn prefers_minimal(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| {
+        let p = p.split(';').next().unwrap_or_default();
+        p.split_once('=').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("return") && v.trim().trim_matches('"').eq_ignore_ascii_case("minimal")
+        })
+    })
 }
 
 /// Answer of `POST /api/v1/jobs/batch`, serialized as it is (no intermediate JSON tree: a
@@ -323,8 +354,23 @@ struct BatchAnswer {
 #[derive(Serialize)]
 #[serde(untagged)]
 enum BatchItem {
-    Job { index: usize, status: u16, job: Box<JobInfo> },
-    Failed { index: usize, status: u16, error: ItemError },
+    Job {
+        index: usize,
+        status: u16,
+        job: Box<JobInfo>,
+    },
+    /// With `Prefer: return=minimal`.
+    Brief {
+        index: usize,
+        status: u16,
+        id: JobId,
+        state: JobState,
+    },
+    Failed {
+        index: usize,
+        status: u16,
+        error: ItemError,
+    },
 }
 
 #[derive(Serialize)]
@@ -388,8 +434,8 @@ fn carry_trace(headers: &HeaderMap, job: &mut NewJob) {
     }
 }
 
-fn count_enqueued(job: &jobq_core::job::JobInfo, n: u64) {
-    let labels = [("queue", job.queue.to_string()), ("type", jobq_core::ops::type_label(&job.kind))];
+fn count_enqueued(queue: &QueueName, kind: &str, n: u64) {
+    let labels = [("queue", queue.to_string()), ("type", jobq_core::ops::type_label(kind))];
     metrics::counter!("jobq_jobs_enqueued_total", &labels).increment(n);
 }
 

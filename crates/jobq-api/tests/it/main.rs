@@ -569,12 +569,60 @@ async fn metrics_count_enqueues_by_queue_and_type() {
     for _ in 0..3 {
         call(&app, "POST", "/api/v1/jobs", Some(r#"{"type":"report","queue":"metrics-q"}"#)).await;
     }
+    // A batch counts each created job once, per queue and type; a duplicate is not counted.
+    let batch = r#"{"jobs":[{"type":"report","queue":"metrics-q","unique_key":"u"},{"type":"report","queue":"metrics-q"},
+        {"type":"other","queue":"metrics-q"},{"type":"report","queue":"metrics-q","unique_key":"u"}]}"#;
+    let (status, out) = call(&app, "POST", "/api/v1/jobs/batch", Some(batch)).await;
+    assert_eq!((status, &out["created"], &out["existing"]), (StatusCode::OK, &json!(3), &json!(1)), "{out}");
     let resp = app.clone().oneshot(Request::builder().uri("/metrics").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let text = String::from_utf8(axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
     let line =
         text.lines().find(|l| l.starts_with("jobq_jobs_enqueued_total") && l.contains("metrics-q")).unwrap_or("");
-    assert!(line.contains("type=\"report\"") && line.ends_with(" 3"), "{text}");
+    assert!(line.contains("type=\"report\"") && line.ends_with(" 5"), "{text}");
+    let other = text.lines().find(|l| l.starts_with("jobq_jobs_enqueued_total") && l.contains("type=\"other\""));
+    assert!(other.is_some_and(|l| l.contains("metrics-q") && l.ends_with(" 1")), "{text}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_asked_for_a_minimal_answer_lists_ids_and_states_only() {
+    let env = TestEnv::new().await;
+    let app = app(&env);
+    let batch = r#"{"jobs":[{"type":"echo","unique_key":"once"},{"type":"echo","delay":"1h"},
+        {"type":"echo","unique_key":"once"},{"type":""}]}"#;
+    let post = |prefer: &'static str| {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/api/v1/jobs/batch")
+            .header("content-type", "application/json")
+            .header("prefer", prefer)
+            .body(Body::from(batch))
+            .unwrap();
+        app.clone().oneshot(req)
+    };
+    let resp = post("respond-async, RETURN = \"minimal\"; x=1").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers().get("preference-applied").and_then(|v| v.to_str().ok()), Some("return=minimal"));
+    let out: Value =
+        serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
+    assert_eq!((&out["created"], &out["existing"], &out["failed"]), (&json!(2), &json!(1), &json!(1)), "{out}");
+    let results = out["results"].as_array().unwrap();
+    let first = results[0]["id"].as_str().unwrap();
+    assert_eq!(results[0], json!({"index": 0, "status": 201, "id": first, "state": "queued"}));
+    assert_eq!(results[1]["state"], "scheduled", "{out}");
+    assert_eq!(results[2], json!({"index": 2, "status": 200, "id": first, "state": "queued"}), "the holder");
+    assert_eq!((&results[3]["status"], &results[3]["error"]["code"]), (&json!(422), &json!("invalid_request")));
+    let (status, job) = call(&app, "GET", &format!("/api/v1/jobs/{first}"), None).await;
+    assert_eq!((status, &job["state"]), (StatusCode::OK, &json!("queued")));
+
+    // Any other preference keeps the whole job in each result.
+    let resp = post("return=representation").await.unwrap();
+    assert!(resp.headers().get("preference-applied").is_none());
+    let out: Value =
+        serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
+    assert_eq!(out["results"][0]["job"]["id"], first, "{out}");
+    assert_eq!(out["results"][1]["job"]["type"], "echo", "{out}");
     env.cleanup().await;
 }
 

@@ -691,7 +691,7 @@ impl Broker {
     }
 
     /// What the enqueue script answered for each job, as results. The existing job of every
-    /// duplicate (a unique key or id already taken) is read in one pipeline for them all, so
+    /// duplicate (its unique key already held) is read in one pipeline for them all, so
     /// that a batch sent again costs one more round trip, not one per job.
     async fn enqueued(&self, answers: Vec<(Envelope, Result<EnqueueReply>)>) -> Vec<Result<Enqueued>> {
         let mut results: Vec<Result<Enqueued>> = Vec::with_capacity(answers.len());
@@ -1756,7 +1756,7 @@ impl Broker {
     }
 
     /// Enqueues many jobs in one round trip, and one more that reads the existing jobs of the
-    /// items that are duplicates (unique key or id taken), if any. Not atomic: each item
+    /// items that are duplicates (unique key held), if any. Not atomic: each item
     /// succeeds or fails on its own (invalid items fail without touching Redis). Atomic: every
     /// item must be valid, and all are written in one MULTI/EXEC transaction, or none.
     pub async fn enqueue_many(&self, jobs: Vec<NewJob>, atomic: bool) -> Result<Vec<BatchItem>> {

@@ -1,6 +1,6 @@
 -- Enqueue jobs of one queue (one or a whole batch per call): create each job's hash, then put
--- it in its priority stream (ready now) or in the scheduled set (later). An id that exists, or
--- a unique key held by a live job, enqueues nothing and returns that job instead.
+-- it in its priority stream (ready now) or in the scheduled set (later). A unique key held by a
+-- live job enqueues nothing and returns that job instead.
 -- KEYS: 1..4 priority streams (critical, high, normal, low), 5 scheduled zset, 6 expiring zset
 -- ARGV: 1 job key prefix, 2 dead retention seconds, then per job 12 fields and its dependencies:
 --       id, envelope json, priority name, type, max_attempts, delay ms or '', run_at ms or '',
@@ -38,18 +38,15 @@ while i <= #ARGV do
   local first_dep = i + 12
   i = first_dep + ndeps
   local jk = prefix .. id
-  local existing = redis.call('HGET', jk, 'state')
-  local holder = nil
-  if not existing and unique ~= '' then
+  -- Every id is new (a UUIDv7 the broker draws per job, and a call is never run twice), so
+  -- only a held unique key makes a duplicate: the job's own hash is not looked up.
+  local existing, holder = nil, nil
+  if unique ~= '' then
     holder = redis.call('GET', unique)
-    if holder then
-      existing = redis.call('HGET', prefix .. holder, 'state')
-      if not existing then holder = nil end
-    end
+    if holder then existing = redis.call('HGET', prefix .. holder, 'state') end
   end
   if existing then
-    local owner = holder or id
-    answer(0, existing, tonumber(redis.call('HGET', prefix .. owner, 'run_at') or '0'), owner)
+    answer(0, existing, tonumber(redis.call('HGET', prefix .. holder, 'run_at') or '0'), holder)
   else
     local waits, failed, failed_state, unknown = {}, nil, nil, nil
     if mode ~= '' then
