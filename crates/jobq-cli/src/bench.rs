@@ -318,9 +318,43 @@ async fn redis_cpu_us(broker: &Broker) -> anyhow::Result<u64> {
     Ok(((field("used_cpu_sys") + field("used_cpu_user")) * 1e6) as u64)
 }
 
+/// Jobs of the bench queue that succeeded so far. Fails once one is dead or cancelled: the
+/// benchmark counts successes, and would otherwise wait for ever for the missing ones.
 async fn counts(broker: &Broker) -> anyhow::Result<u64> {
     let stats = broker.queue_stats(&[QueueName::default_queue()]).await?;
-    Ok(stats.first().and_then(|s| s.counts.get("succeeded").copied()).unwrap_or(0))
+    let count = |outcome: &str| stats.first().and_then(|s| s.counts.get(outcome).copied()).unwrap_or(0);
+    for outcome in ["dead", "cancelled"] {
+        if count(outcome) > 0 {
+            bail!("{} job(s) of the benchmark ended {outcome}: see the workers' log above", count(outcome));
+        }
+    }
+    Ok(count("succeeded"))
+}
+
+/// How long a scenario waits for a count (jobs succeeded, attempts recorded) to grow before it
+/// gives up, so that a wedged process cannot hold the benchmark for ever.
+const STALL: Duration = Duration::from_secs(60);
+
+/// A count a scenario waits on, failing once it has not grown for [`STALL`].
+struct Progress {
+    what: &'static str,
+    last: u64,
+    since: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str) -> Self {
+        Self { what, last: 0, since: Instant::now() }
+    }
+
+    fn check(&mut self, now: u64, goal: u64) -> anyhow::Result<()> {
+        if now > self.last {
+            (self.last, self.since) = (now, Instant::now());
+        } else if self.since.elapsed() >= STALL {
+            bail!("{} stopped at {now} of {goal}: none for {} s", self.what, STALL.as_secs());
+        }
+        Ok(())
+    }
 }
 
 async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
@@ -333,16 +367,24 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let started = Instant::now();
     let (mut procs, metrics) = start_fleet(env, args)?;
     let n = args.jobs as u64;
-    while counts(&env.broker).await? < n {
+    let mut progress = Progress::new("jobs succeeded");
+    loop {
+        let done = counts(&env.broker).await?;
+        if done >= n {
+            break;
+        }
+        progress.check(done, n)?;
         alive(&mut procs)?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let processed = started.elapsed().as_secs_f64();
+    let mut progress = Progress::new("attempts recorded");
     loop {
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM job_executions").fetch_one(&mut probe).await?;
         if rows as u64 >= n {
             break;
         }
+        progress.check(rows as u64, n)?;
         alive(&mut procs)?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -662,7 +704,13 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let (mut procs, _) = start_fleet(env, args)?;
     let q = QueueName::default_queue();
     let run_for = Duration::from_secs(args.seconds.max(1));
+    // The first fifth of the run (at most 2 s) warms up: jobs/s counts what succeeded after it
+    // and before the end of the run, not the final drain.
+    let warm_up = (run_for / 5).min(Duration::from_secs(2));
     let started = Instant::now();
+    // (when, jobs succeeded) at the first and the last check inside that window.
+    let mut first: Option<(Instant, u64)> = None;
+    let mut last = None;
     let mut produced = 0usize;
     let mut backlog_max = 0u64;
     let mut sample = Vec::new();
@@ -685,21 +733,41 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
                 sample.push(e.job.id);
             }
         }
-        let mut backlog = (produced as u64).saturating_sub(counts(&env.broker).await?);
+        let mut done = counts(&env.broker).await?;
+        let mut backlog = (produced as u64).saturating_sub(done);
         backlog_max = backlog_max.max(backlog);
         // Without a rate, keep the backlog small: steady state, not a drain.
         alive(&mut procs)?;
+        let mut progress = Progress::new("jobs succeeded");
         while args.rate.is_none() && backlog > 2_000 {
+            progress.check(done, produced as u64)?;
             alive(&mut procs)?;
             tokio::time::sleep(Duration::from_millis(2)).await;
-            backlog = (produced as u64).saturating_sub(counts(&env.broker).await?);
+            done = counts(&env.broker).await?;
+            backlog = (produced as u64).saturating_sub(done);
+        }
+        let at = Instant::now();
+        if at - started >= warm_up && at - started <= run_for {
+            first.get_or_insert((at, done));
+            last = Some((at, done));
         }
     }
-    while counts(&env.broker).await? < produced as u64 {
+    let mut progress = Progress::new("jobs succeeded");
+    loop {
+        let done = counts(&env.broker).await?;
+        if done >= produced as u64 {
+            break;
+        }
+        progress.check(done, produced as u64)?;
         alive(&mut procs)?;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let steady = match (first, last) {
+        (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => (c1 - c0) as f64 / (t1 - t0).as_secs_f64(),
+        // Too short a run to have a window: the whole run, final drain included.
+        _ => produced as f64 / secs,
+    };
     let mut done = Vec::new();
     for id in sample {
         if let Some((enq, _, end)) = wait_done(&env.broker, &q, id).await? {
@@ -714,7 +782,8 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         "scenario": "mixed", "n": produced, "seconds": args.seconds, "workers": args.workers, "concurrency": args.concurrency,
         "job_ms": args.job_ms,
         "offered_per_s": args.rate,
-        "jobs_per_s": (produced as f64 / secs).round(),
+        "jobs_per_s": steady.round(),
+        "warm_up_s": warm_up.as_secs_f64(),
         "backlog_max": backlog_max,
         "sampled": done.len(),
         "done_ms_p50": percentile(&done, 0.5), "done_ms_p90": percentile(&done, 0.9),
@@ -746,7 +815,13 @@ async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         let chunk = step.min(args.jobs - produced);
         prefill(&env.broker, chunk, args.job_ms).await?;
         produced += chunk;
-        while counts(&env.broker).await? < produced as u64 {
+        let mut progress = Progress::new("jobs succeeded");
+        loop {
+            let done = counts(&env.broker).await?;
+            if done >= produced as u64 {
+                break;
+            }
+            progress.check(done, produced as u64)?;
             alive(&mut procs)?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -797,7 +872,7 @@ pub async fn run(settings: &Settings, config: Option<&std::path::Path>, args: Be
         env.vars.insert("JOBQ_CONFIG".into(), path.display().to_string());
     }
     let mut results = Vec::new();
-    let outcome: anyhow::Result<()> = async {
+    let scenarios = async {
         for s in &chosen {
             env.reset().await?;
             let r = match *s {
@@ -812,8 +887,13 @@ pub async fn run(settings: &Settings, config: Option<&std::path::Path>, args: Be
             results.push(r);
         }
         Ok(())
-    }
-    .await;
+    };
+    // Interrupted, the scenario is dropped (its processes are killed with it) and the
+    // namespace and database are removed all the same.
+    let outcome: anyhow::Result<()> = tokio::select! {
+        r = scenarios => r,
+        () = jobq_core::shutdown::signal() => Err(anyhow::anyhow!("interrupted; the bench namespace and database are removed")),
+    };
     env.cleanup(&admin_url(&settings.database.url)).await;
     outcome?;
     println!();

@@ -173,10 +173,7 @@ async fn bench_runs_every_scenario_in_its_own_namespace_and_database() {
     assert!(ms("done_ms_p50") >= ms("start_ms_p50") && ms("done_ms_p99") <= ms("done_ms_max"), "{}", lines[3]);
     assert!(stdout.contains("scenario") && stdout.contains("jobs/s"), "the table follows");
     // Nothing left behind by the bench's namespace, which is under the test's.
-    let pattern = format!("{}-bench-*", env.namespace);
-    let leftover: Vec<String> =
-        redis::cmd("KEYS").arg(&pattern).query_async(&mut env.broker.connection()).await.unwrap();
-    assert!(leftover.is_empty(), "{leftover:?}");
+    bench_left_nothing(&env).await;
     env.cleanup().await;
 }
 
@@ -244,6 +241,61 @@ async fn bench_drain_runs_jobs_that_wait_and_weighs_the_slots_time_in_handlers()
     let err = bench_refused(&env, &["-n", "10", "--scenario", "drain", "--job-ms", "10001"]).await;
     assert!(err.contains("--job-ms"), "{err}");
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bench_stops_with_an_error_when_a_job_dies_instead_of_waiting_for_it() {
+    // One attempt each, shorter than the job: every job dies of its timeout and never succeeds.
+    let env = TestEnv::with(&[("JOBQ_JOBS_MAX_ATTEMPTS", "1"), ("JOBQ_JOBS_TIMEOUT", "100ms")]).await;
+    let run = jobq_in(&env, &["bench", "-n", "20", "--scenario", "drain", "--concurrency", "5", "--job-ms", "1000"]);
+    let (code, out, err) = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the drain gives up");
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("ended dead"), "{err}");
+    bench_left_nothing(&env).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_bench_removes_its_namespace_and_database() {
+    let env = TestEnv::new().await;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
+        .args(["bench", "-n", "1000", "--scenario", "mixed", "--seconds", "300"])
+        .envs(env.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Running once its jobs are in Redis.
+    let pattern = format!("{}-bench-*", env.namespace);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let tag = loop {
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(&pattern).query_async(&mut env.broker.connection()).await.unwrap();
+        if let Some(k) = keys.iter().find(|k| k.contains(":job:")) {
+            break k[pattern.len() - 1..][..8].to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the bench did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let database = format!("jobq_bench_{tag}");
+    let exists = || sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)");
+    assert!(exists().bind(&database).fetch_one(&env.pool).await.unwrap(), "{database}");
+    std::process::Command::new("kill").args(["-INT", &child.id().unwrap().to_string()]).status().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.expect("it stops").unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("interrupted"), "{err}");
+    assert!(!exists().bind(&database).fetch_one(&env.pool).await.unwrap(), "{database} dropped");
+    bench_left_nothing(&env).await;
+    env.cleanup().await;
+}
+
+/// No key of a bench namespace (under the test's) is left.
+async fn bench_left_nothing(env: &TestEnv) {
+    let pattern = format!("{}-bench-*", env.namespace);
+    let leftover: Vec<String> =
+        redis::cmd("KEYS").arg(&pattern).query_async(&mut env.broker.connection()).await.unwrap();
+    assert!(leftover.is_empty(), "{leftover:?}");
 }
 
 #[tokio::test]
