@@ -131,7 +131,7 @@ impl Executor {
             let waited = (d.attempts_total == 1 && d.run == 1)
                 .then(|| (chrono::Utc::now() - d.envelope.created_at).num_milliseconds().max(0) as f64 / 1000.0);
             self.in_flight.increment(1.0);
-            let result = self.attempt(&d, &slot).await;
+            let result = self.attempt(&d, slot.clone()).await;
             if let Some(waited) = waited.filter(|_| !matches!(&result, Some(Err(f)) if f.reason == "postponed")) {
                 m.enqueue_to_start.record(waited);
             }
@@ -158,7 +158,7 @@ impl Executor {
         .await
     }
 
-    async fn attempt(&self, d: &Delivery, slot: &Slot) -> Option<Result<Option<serde_json::Value>, Failure>> {
+    async fn attempt(&self, d: &Delivery, slot: Arc<Slot>) -> Option<Result<Option<serde_json::Value>, Failure>> {
         let timeout = self.timeout_of(d);
         if let Ok(mut ends_by) = slot.ends_by.lock() {
             *ends_by = std::time::Instant::now().checked_add(timeout + CANCEL_GRACE);
@@ -185,7 +185,18 @@ impl Executor {
         let ctx = JobContext::attached(d, slot.cancel.clone(), attached);
         // Its own task, so a panicking handler fails the attempt and not the worker.
         // Boxed, as the attempt itself is: the task cell holds a pointer.
-        let mut task = tokio::spawn(Box::pin(tower::ServiceExt::oneshot(service, ctx).in_current_span()));
+        let own = slot.clone();
+        let handler = async move {
+            // Given up while this task waited for a thread that a handler which does not yield
+            // held: another worker runs the job, this one does not start it.
+            if own.stopped() == Some(Stop::LeaseLost) {
+                return Err(crate::HandlerError::fail(anyhow::anyhow!("lease lost before the handler started")));
+            }
+            let r = tower::ServiceExt::oneshot(service, ctx).await;
+            own.returned.store(true, Ordering::Release);
+            r
+        };
+        let mut task = tokio::spawn(Box::pin(handler.in_current_span()));
         let abort = task.abort_handle();
         let joined = async {
             tokio::select! {

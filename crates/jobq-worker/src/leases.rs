@@ -37,6 +37,11 @@ pub(crate) struct Slot {
     pub(crate) ends_by: Mutex<Option<Instant>>,
     /// Set as its handler starts.
     pub(crate) started: AtomicBool,
+    /// Set in the handler's task as the handler returns, before the attempt that awaits it
+    /// has seen it: a handler that finished is never taken for one held past its end, also
+    /// when a handler that does not yield holds the runtime's thread before its outcome is
+    /// sent on (its lease is renewed until then, and the job does not run again elsewhere).
+    pub(crate) returned: AtomicBool,
 }
 
 impl Slot {
@@ -48,6 +53,7 @@ impl Slot {
             settling: AtomicBool::new(false),
             ends_by: Mutex::new(ends_by),
             started: AtomicBool::new(false),
+            returned: AtomicBool::new(false),
         }
     }
 
@@ -55,6 +61,7 @@ impl Slot {
     /// [`Slot::ends_by`].
     fn overdue(&self, now: Instant, margin: Duration) -> bool {
         !self.settling.load(Ordering::Acquire)
+            && !self.returned.load(Ordering::Acquire)
             && self.ends_by.lock().ok().and_then(|t| *t).is_some_and(|t| now > t + margin)
     }
 
@@ -410,6 +417,14 @@ mod tests {
         assert!(s.overdue(now + margin + Duration::from_millis(1), margin));
         s.settling.store(true, Ordering::Release);
         assert!(!s.overdue(now + Duration::from_secs(3600), margin), "returned: its outcome is being written");
+        let s = slot(JobId(uuid::Uuid::now_v7()), "1");
+        *s.ends_by.lock().unwrap() = Some(now);
+        s.started.store(true, Ordering::Release);
+        s.returned.store(true, Ordering::Release);
+        assert!(
+            !s.overdue(now + Duration::from_secs(3600), margin),
+            "its handler returned, its attempt not seen it yet"
+        );
     }
 
     #[test]

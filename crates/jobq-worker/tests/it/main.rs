@@ -575,9 +575,11 @@ async fn an_attempt_a_wedged_runtime_holds_past_its_timeout_loses_its_lease_and_
     // leases while handlers hold the runtime, but not a lease past the attempt's end (its
     // timeout and the 5 s a cancelled handler gets): a second worker's reaper then takes the
     // job, counted as a crash, and runs it. Before, the lease was renewed for the whole 10 s.
-    // `quick`, fetched beside it, runs once whichever way it goes: first on that thread, or in
-    // a fetch whose reply waits for it (renewed meanwhile), or registered and given up as the
-    // wedged attempt is, to run on the second worker and not on the first one once it is free.
+    // `quick`, fetched beside it, runs once whichever way it goes: first on that thread (also
+    // when its handler returned and the wedge took the thread before its attempt saw it: its
+    // lease is renewed until its outcome is written), or in a fetch whose reply waits for it
+    // (renewed meanwhile), or registered and given up as the wedged attempt is, to run on the
+    // second worker and not on the first one once it is free.
     let env = TestEnv::with(&[
         ("JOBQ_WORKER_LEASE", "600ms"),
         ("JOBQ_WORKER_HEARTBEAT", "200ms"),
@@ -633,8 +635,8 @@ async fn an_attempt_a_wedged_runtime_holds_past_its_timeout_loses_its_lease_and_
     tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap().unwrap();
     let job = env.broker.job(id).await.unwrap().unwrap();
     assert_eq!((job.state, job.result), (JobState::Succeeded, Some(json!("second worker"))));
-    wait_state(&env, quick, JobState::Succeeded).await;
-    assert_eq!(quick_runs.load(Ordering::SeqCst), 1, "quick ran once, on one worker");
+    let quick = wait_state(&env, quick, JobState::Succeeded).await;
+    assert_eq!(quick_runs.load(Ordering::SeqCst), 1, "quick ran once, on one worker: {quick:?}");
     finish(env, [second]).await;
 }
 
