@@ -198,10 +198,11 @@ async fn enqueue_lib(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let cpu0 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
     let started = Instant::now();
-    let mut tasks = Vec::new();
+    // A JoinSet: the producers stop with the scenario, also when it is dropped (interrupted).
+    let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..producers {
         let (broker, next) = (env.broker.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < batches {
                 let results = broker.enqueue_many(noop_jobs(1000).collect(), false).await?;
                 if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
@@ -209,10 +210,10 @@ async fn enqueue_lib(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
                 }
             }
             Ok::<_, anyhow::Error>(())
-        }));
+        });
     }
-    for t in tasks {
-        t.await??;
+    while let Some(t) = tasks.join_next().await {
+        t??;
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu1 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
@@ -228,11 +229,13 @@ async fn enqueue_lib(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     }))
 }
 
-/// The REST API served by this process on a free port, until `stop` is cancelled.
+/// The REST API served by this process on a free port, until `stop` is cancelled or it is
+/// dropped.
 struct InProcessApi {
     base: String,
     stop: tokio_util::sync::CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl InProcessApi {
@@ -247,7 +250,7 @@ impl InProcessApi {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self { base, stop, server })
+        Ok(Self { base, _stop_on_drop: stop.clone().drop_guard(), stop, server })
     }
 
     async fn stop(self) {
@@ -268,12 +271,12 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
     // CPU of Redis and of this process (the API and its HTTP clients both run in it).
     let cpu0 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
     let started = Instant::now();
-    let mut clients = Vec::new();
+    let mut clients = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency.clamp(1, 64) {
         let (client, body, next, url) =
             (client.clone(), body.clone(), next.clone(), format!("{base}/api/v1/jobs/batch"));
         let full = args.full_answers;
-        clients.push(tokio::spawn(async move {
+        clients.spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < batches {
                 let mut post = client.post(&url).header("content-type", "application/json");
                 if !full {
@@ -287,10 +290,10 @@ async fn enqueue_api(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> 
                 r.bytes().await?;
             }
             Ok::<_, anyhow::Error>(())
-        }));
+        });
     }
-    for c in clients {
-        c.await??;
+    while let Some(c) = clients.join_next().await {
+        c??;
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu1 = (redis_cpu_us(&env.broker).await?, proc_cpu_us(std::process::id()).unwrap_or(0));
@@ -531,6 +534,7 @@ async fn latency(env: &BenchEnv) -> anyhow::Result<Value> {
     let mut settings = env.settings.worker.clone();
     settings.concurrency = 10;
     let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let worker = jobq_worker::Worker::new(env.broker.clone(), registry, settings, env.settings.jobs.timeout);
     let worker = tokio::spawn(worker.run(stop.clone()));
     let probe = Probe { client, url: format!("{}/api/v1/jobs", api.base), broker: &env.broker };
@@ -892,7 +896,16 @@ pub async fn run(settings: &Settings, config: Option<&std::path::Path>, args: Be
     // namespace and database are removed all the same.
     let outcome: anyhow::Result<()> = tokio::select! {
         r = scenarios => r,
-        () = jobq_core::shutdown::signal() => Err(anyhow::anyhow!("interrupted; the bench namespace and database are removed")),
+        () = jobq_core::shutdown::signal() => {
+            tokio::spawn(async {
+                jobq_core::shutdown::signal().await;
+                eprintln!("second signal: exiting now; the bench namespace and database may be left");
+                std::process::exit(130);
+            });
+            // What the stopped scenario had sent Redis lands before the namespace is purged.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Err(anyhow::anyhow!("interrupted; the bench namespace and database are removed"))
+        }
     };
     env.cleanup(&admin_url(&settings.database.url)).await;
     outcome?;

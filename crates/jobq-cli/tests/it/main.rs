@@ -258,15 +258,24 @@ async fn bench_stops_with_an_error_when_a_job_dies_instead_of_waiting_for_it() {
 #[tokio::test]
 async fn an_interrupted_bench_removes_its_namespace_and_database() {
     let env = TestEnv::new().await;
+    // Worker processes (mixed), and tasks of the bench's own: HTTP clients and an API (enqueue-api).
+    interrupt_bench(&env, &["--scenario", "mixed", "-n", "1000", "--seconds", "300"]).await;
+    interrupt_bench(&env, &["--scenario", "enqueue-api", "-n", "100000000", "--concurrency", "4"]).await;
+    env.cleanup().await;
+}
+
+/// Runs `jobq bench <args>`, interrupts it with SIGINT once its jobs are in Redis, and checks
+/// that its namespace and database are gone.
+async fn interrupt_bench(env: &TestEnv, args: &[&str]) {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobq"))
-        .args(["bench", "-n", "1000", "--scenario", "mixed", "--seconds", "300"])
+        .arg("bench")
+        .args(args)
         .envs(env.env())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Running once its jobs are in Redis.
     let pattern = format!("{}-bench-*", env.namespace);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let tag = loop {
@@ -286,8 +295,9 @@ async fn an_interrupted_bench_removes_its_namespace_and_database() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("interrupted"), "{err}");
     assert!(!exists().bind(&database).fetch_one(&env.pool).await.unwrap(), "{database} dropped");
-    bench_left_nothing(&env).await;
-    env.cleanup().await;
+    // Nothing writes into it afterwards either.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bench_left_nothing(env).await;
 }
 
 /// No key of a bench namespace (under the test's) is left.

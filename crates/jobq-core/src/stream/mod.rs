@@ -731,7 +731,7 @@ impl Broker {
                 for ((k, ..), job) in duplicates.iter().zip(jobs) {
                     match job {
                         Ok(Some(job)) => results[*k] = Ok(Enqueued { job, created: false }),
-                        // The job that held the key (or the id) finished and left Redis since
+                        // The job that held the key finished and left Redis since
                         // the script saw it (no retention): nothing was enqueued, and sending
                         // again enqueues it. Not a 404 naming a job the caller never asked for.
                         Ok(None) => {
