@@ -81,8 +81,23 @@ async fn a_replica_frozen_mid_claim_does_not_fire_the_tick_again_when_it_wakes()
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    let enqueued: u64 =
-        env.broker.connection().xlen(env.keys().stream(&QueueName::default_queue(), Priority::Normal)).await.unwrap();
-    assert_eq!(enqueued as i64, runs, "A enqueued nothing after it woke: one job per tick");
+    let stream = env.keys().stream(&QueueName::default_queue(), Priority::Normal);
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query_async(&mut env.broker.connection()).await.unwrap();
+    let recorded: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT job_id FROM schedule_runs").fetch_all(&env.pool).await.unwrap();
+    let mut extra = Vec::new();
+    for (entry, fields) in &entries {
+        let id: uuid::Uuid = fields[0].1.parse().unwrap();
+        if !recorded.contains(&id) {
+            let job = env.broker.job(jobq_core::job::JobId(id)).await.unwrap();
+            extra.push(format!("{entry}: {:?}", job.map(|j| (j.metadata, j.created_at))));
+        }
+    }
+    assert_eq!(
+        entries.len() as i64,
+        runs,
+        "A enqueued nothing after it woke: one job per tick; not recorded: {extra:?}"
+    );
     env.cleanup().await;
 }

@@ -501,6 +501,10 @@ async fn fire_tick(
             idle.as_millis()
         )));
     }
+    // And a statement on the claim's session answers just before the enqueue: the session, and
+    // with it the row lock, is still this replica's (one ended while the process was frozen
+    // fails here, whatever the process' own clock says).
+    sqlx::query("SELECT 1").execute(&mut **tx).await?;
     let mut job = template
         .new_job()
         .unique(format!("{}{name}:{}", crate::schedule::CRON_KEY_PREFIX, tick.timestamp_millis()), Some(key_ttl));
