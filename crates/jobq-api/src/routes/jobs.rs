@@ -325,14 +325,17 @@ pub(crate) async fn enqueue_batch(
 const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 
 /// Whether the request holds `Prefer: return=minimal` (RFC 7240), among other preferences or
-/// alone: a batch's created and existing jobs are then answered by their id and state only.
+/// alone: a batch's created and existing jobs are then answered by their id and state only. A
+/// `return` preference given more than once counts by its first instance, as the RFC says.
 fn prefers_minimal(headers: &HeaderMap) -> bool {
-    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| {
-        let p = p.split(';').next().unwrap_or_default();
-        p.split_once('=').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("return") && v.trim().trim_matches('"').eq_ignore_ascii_case("minimal")
-        })
-    })
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.split(';').next()?.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("return"))
+        .is_some_and(|(_, v)| v.trim().trim_matches('"').eq_ignore_ascii_case("minimal"))
 }
 
 /// Answer of `POST /api/v1/jobs/batch`, serialized as it is (no intermediate JSON tree: a
