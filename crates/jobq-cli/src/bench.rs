@@ -338,6 +338,26 @@ async fn counts(broker: &Broker) -> anyhow::Result<u64> {
 /// gives up, so that a wedged process cannot hold the benchmark for ever.
 const STALL: Duration = Duration::from_secs(60);
 
+/// Waits until `goal` jobs of the bench queue have succeeded, looking every `every`; fails as
+/// [`counts`], [`alive`] and [`Progress`] do.
+async fn wait_succeeded(
+    env: &BenchEnv,
+    procs: &mut [tokio::process::Child],
+    goal: u64,
+    every: Duration,
+) -> anyhow::Result<()> {
+    let mut progress = Progress::new("jobs succeeded");
+    loop {
+        let done = counts(&env.broker).await?;
+        if done >= goal {
+            return Ok(());
+        }
+        progress.check(done, goal)?;
+        alive(procs)?;
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// A count a scenario waits on, failing once it has not grown for [`STALL`].
 struct Progress {
     what: &'static str,
@@ -370,16 +390,7 @@ async fn drain(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
     let started = Instant::now();
     let (mut procs, metrics) = start_fleet(env, args)?;
     let n = args.jobs as u64;
-    let mut progress = Progress::new("jobs succeeded");
-    loop {
-        let done = counts(&env.broker).await?;
-        if done >= n {
-            break;
-        }
-        progress.check(done, n)?;
-        alive(&mut procs)?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_succeeded(env, &mut procs, n, Duration::from_millis(20)).await?;
     let processed = started.elapsed().as_secs_f64();
     let mut progress = Progress::new("attempts recorded");
     loop {
@@ -756,16 +767,7 @@ async fn mixed(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
             last = Some((at, done));
         }
     }
-    let mut progress = Progress::new("jobs succeeded");
-    loop {
-        let done = counts(&env.broker).await?;
-        if done >= produced as u64 {
-            break;
-        }
-        progress.check(done, produced as u64)?;
-        alive(&mut procs)?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_succeeded(env, &mut procs, produced as u64, Duration::from_millis(10)).await?;
     let secs = started.elapsed().as_secs_f64();
     let steady = match (first, last) {
         (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => (c1 - c0) as f64 / (t1 - t0).as_secs_f64(),
@@ -819,16 +821,7 @@ async fn soak(env: &BenchEnv, args: &BenchArgs) -> anyhow::Result<Value> {
         let chunk = step.min(args.jobs - produced);
         prefill(&env.broker, chunk, args.job_ms).await?;
         produced += chunk;
-        let mut progress = Progress::new("jobs succeeded");
-        loop {
-            let done = counts(&env.broker).await?;
-            if done >= produced as u64 {
-                break;
-            }
-            progress.check(done, produced as u64)?;
-            alive(&mut procs)?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_succeeded(env, &mut procs, produced as u64, Duration::from_millis(20)).await?;
         let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
         samples.push(json!({"jobs": produced, "scheduler_rss_kib": rss[0], "worker_rss_kib": rss[1..], "redis_used_kib": redis_used_kib(&env.broker).await?}));
     }
