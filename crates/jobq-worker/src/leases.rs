@@ -21,6 +21,11 @@ pub(crate) enum Stop {
     LeaseLost,
 }
 
+/// How many leases past its end an attempt whose handler returned keeps its lease while its
+/// outcome waits for a runtime thread, before it is given up as any other (a runtime that stays
+/// wedged that long would otherwise hold the job for ever).
+const RETURNED_HOLD: u32 = 10;
+
 /// A job running on this worker.
 pub(crate) struct Slot {
     pub(crate) lease: Lease,
@@ -38,9 +43,10 @@ pub(crate) struct Slot {
     /// Set as its handler starts.
     pub(crate) started: AtomicBool,
     /// Set in the handler's task as the handler returns, before the attempt that awaits it
-    /// has seen it: a handler that finished is never taken for one held past its end, also
+    /// has seen it: a handler that finished is not taken at once for one held past its end
     /// when a handler that does not yield holds the runtime's thread before its outcome is
-    /// sent on (its lease is renewed until then, and the job does not run again elsewhere).
+    /// sent on (its lease is renewed meanwhile, up to [`RETURNED_HOLD`] leases, and the job
+    /// does not run again elsewhere).
     pub(crate) returned: AtomicBool,
 }
 
@@ -59,10 +65,15 @@ impl Slot {
 
     /// Whether the attempt is still running, or still waiting to start, `margin` past
     /// [`Slot::ends_by`].
+    /// An attempt whose handler returned (and that was not given up already) waits for a thread
+    /// to hand its outcome on: it is kept [`RETURNED_HOLD`] leases longer than the others.
     fn overdue(&self, now: Instant, margin: Duration) -> bool {
-        !self.settling.load(Ordering::Acquire)
-            && !self.returned.load(Ordering::Acquire)
-            && self.ends_by.lock().ok().and_then(|t| *t).is_some_and(|t| now > t + margin)
+        if self.settling.load(Ordering::Acquire) {
+            return false;
+        }
+        let held = self.returned.load(Ordering::Acquire) && self.stopped() != Some(Stop::LeaseLost);
+        let past = if held { margin * (RETURNED_HOLD + 1) } else { margin };
+        self.ends_by.lock().ok().and_then(|t| *t).and_then(|t| t.checked_add(past)).is_some_and(|t| now > t)
     }
 
     pub(crate) fn stop(&self, why: Stop) {
@@ -421,10 +432,11 @@ mod tests {
         *s.ends_by.lock().unwrap() = Some(now);
         s.started.store(true, Ordering::Release);
         s.returned.store(true, Ordering::Release);
-        assert!(
-            !s.overdue(now + Duration::from_secs(3600), margin),
-            "its handler returned, its attempt not seen it yet"
-        );
+        let hold = margin * RETURNED_HOLD;
+        assert!(!s.overdue(now + margin + hold, margin), "its handler returned, its attempt not seen it yet");
+        assert!(s.overdue(now + margin + hold + Duration::from_millis(1), margin), "held for so long only");
+        s.stop(Stop::LeaseLost);
+        assert!(s.overdue(now + margin + Duration::from_millis(1), margin), "given up already: it stays so");
     }
 
     #[test]

@@ -339,7 +339,12 @@ impl Store {
                 // One schedule that cannot be fired (a row that no longer decodes, a refused
                 // job) must not hold back the ones due after it. An outage stops the pass.
                 Ok(Claim::Failed(name, e)) if !is_outage(&e) => {
-                    tx.rollback().await?;
+                    if let Err(rollback) = tx.rollback().await {
+                        // The session is gone (a claim that stalled past Postgres' idle
+                        // timeout, say): the pass ends with the schedule's own error.
+                        tracing::debug!(error = %rollback, "rolling back a failed claim failed");
+                        return Err(e);
+                    }
                     pass.failed.push((name.clone(), e.to_string()));
                     passed_over.push(name);
                 }
@@ -358,7 +363,7 @@ impl Store {
 }
 
 /// Whether `e` says Redis or Postgres cannot be reached or cannot serve for now (end the pass and
-/// retry later), as
+/// retry later; also a session Postgres ended for idling in its transaction, 25P03), as
 /// opposed to something about one schedule: a row or column that does not decode, a refused job,
 /// a script error on its queue's keys.
 fn is_outage(e: &Error) -> bool {
@@ -375,7 +380,7 @@ fn is_outage(e: &Error) -> bool {
                     | sqlx::Error::PoolTimedOut
                     | sqlx::Error::PoolClosed
                     | sqlx::Error::WorkerCrashed
-            ) || matches!(d, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")))
+            ) || matches!(d, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57") || c == "25P03"))
         }
         _ => false,
     }
