@@ -8,6 +8,6 @@ for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
   local id = string.format('01a235a4-2a79-76d0-9bff-%012d', i)
   local e = redis.call('XADD', KEYS[1], '*', 'id', id)
   redis.call('HSET', ARGV[1] .. id, 'envelope', env, 'prio', 'normal', 'type', 'noop', 'max_attempts', '10', 'run', '1',
-    'run_at', '1764662400000', 'enqueued_at', '1764662400000', 'state', 'queued', 'entry', e)
+    'run_at', '1764662400000', 'enqueued_at', '1764662400000', 'plain', '1', 'state', 'queued', 'entry', e)
 end
 return 1

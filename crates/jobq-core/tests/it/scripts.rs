@@ -396,6 +396,40 @@ async fn a_job_given_dependents_while_it_runs_releases_them_when_it_completes() 
     env.cleanup().await;
 }
 
+async fn marked_plain(env: &TestEnv, id: jobq_core::job::JobId) -> bool {
+    hget(env, &env.keys().job(&q(), id), "plain").await.is_some()
+}
+
+#[tokio::test]
+async fn only_a_job_without_optional_fields_is_marked_plain_and_a_dependent_or_a_checkpoint_unmarks_it() {
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    let parent = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let ckpt = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let deadline = NewJob::new("echo", json!({})).expires_at(chrono::Utc::now() + chrono::Duration::hours(1));
+    let deadline = b.enqueue(deadline).await.unwrap().job.id;
+    let unique = b.enqueue(NewJob::new("echo", json!({})).unique("u", None)).await.unwrap().job.id;
+    assert!(marked_plain(&env, parent).await && marked_plain(&env, ckpt).await);
+    assert!(!marked_plain(&env, deadline).await && !marked_plain(&env, unique).await);
+    let child = b.enqueue(NewJob::new("echo", json!({})).depends_on([parent])).await.unwrap().job.id;
+    assert!(!marked_plain(&env, child).await, "a job with dependencies");
+    assert!(!marked_plain(&env, parent).await, "a job given a dependent");
+    let running = b.fetch(&q(), "c1", 2).await.unwrap().jobs;
+    let d = running.iter().find(|d| d.envelope.id == ckpt).unwrap();
+    assert!(b.touch(&lease(d), &[("progress", "1".into())]).await.unwrap());
+    assert!(marked_plain(&env, ckpt).await, "progress alone leaves the mark");
+    assert!(b.touch(&lease(d), &[("checkpoint", "7".into())]).await.unwrap());
+    assert!(!marked_plain(&env, ckpt).await, "a job with a checkpoint");
+    // The next attempt gets the checkpoint.
+    assert_eq!(b.settle(&[fail(d, Some(Duration::from_secs(60)))]).await.unwrap(), [Settled::Retrying]);
+    let _: () = b.connection().zadd(env.keys().scheduled(&q()), ckpt.to_string(), 0).await.unwrap();
+    assert_eq!(b.promote(&[q()], 10).await.unwrap()[0].count, 1);
+    let again = b.fetch(&q(), "c1", 10).await.unwrap().jobs;
+    let again = again.iter().find(|d| d.envelope.id == ckpt).expect("fetched again");
+    assert_eq!((again.attempt, again.checkpoint.clone()), (2, Some(json!(7))));
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_unique_lock_held_until_the_end_is_released_when_the_job_completes_in_a_batch() {
     let env = TestEnv::new().await;

@@ -31,13 +31,20 @@ local argv, prefix = ARGV, ARGV[3]
 -- Hashes to delete (no retention), with one DEL per call; ids of the hashes kept for the
 -- retention, with one ZADD per call.
 local gone, kept = {}, {}
+-- The optional fields of a job marked plain: none.
+local NONE = {}
 local n = 0
 for i = 9, #argv, 5 do
   local id, lease = argv[i + 1], argv[i + 2]
   local jk = prefix .. id
-  local h = redis.pcall('HMGET', jk, 'state', 'lease', 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents',
-    'expires_at')
+  -- A job marked plain has none of the fields that ask for more than the hash's own update
+  -- (unique lock, dependencies, dependents, deadline); any other is read for them.
+  local h = redis.pcall('HMGET', jk, 'state', 'lease', 'plain')
   if h.err then h = not_a_job(jk, h) end
+  local x = NONE
+  if h[1] == 'running' and h[2] == lease and not h[3] then
+    x = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents', 'expires_at')
+  end
   if h[1] ~= 'running' or h[2] ~= lease then
     -- Succeeded on this very lease: an earlier call wrote it and its reply was lost, and the
     -- worker sent the outcome again. Reported as written (2), changing nothing; a hash already
@@ -48,16 +55,16 @@ for i = 9, #argv, 5 do
     n = n + 1
     local e = entries[argv[i]]
     e[#e + 1] = argv[i + 3]
-    if h[3] then release_unique(jk, id, {h[3], h[4]}) end
-    if h[5] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
-    if h[6] then release_dependents(jk, id, 'succeeded', now, retention) end
-    if h[7] then redis.call('ZREM', queue_base(jk, id) .. 'expiring', id) end
+    if x[1] then release_unique(jk, id, {x[1], x[2]}) end
+    if x[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
+    if x[4] then release_dependents(jk, id, 'succeeded', now, retention) end
+    if x[5] then redis.call('ZREM', queue_base(jk, id) .. 'expiring', id) end
     -- With no retention the hash goes now (one DEL for the whole call instead of an HSET per
     -- job), unless a unique lock held for a time still names the job: then it stays as long
     -- as the lock, so that an enqueue with the same key keeps getting this job back.
     local lock_ms = 0
-    if h[4] == 'ttl' and redis.call('GET', h[3]) == id then
-      lock_ms = redis.call('PTTL', h[3])
+    if x[2] == 'ttl' and redis.call('GET', x[1]) == id then
+      lock_ms = redis.call('PTTL', x[1])
     end
     if keep or lock_ms > 0 then
       if argv[i + 4] ~= '' then
