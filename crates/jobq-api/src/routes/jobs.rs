@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::http::{HeaderMap, HeaderName};
+use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Extension;
@@ -209,7 +209,10 @@ pub struct BatchRequest {
 /// instead of the whole job.
 #[utoipa::path(post, path = "/api/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
     params(("Prefer" = Option<String>, Header, description = "`return=minimal`: each job's result holds `id` and `state` only (answered with `Preference-Applied: return=minimal`)")),
-    responses((status = 200, description = "per-item results", body = serde_json::Value), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
+    responses((status = 200, description = "per-item results", body = BatchAnswer, headers(
+        ("Preference-Applied" = String, description = "`return=minimal` when the results hold ids and states only"),
+        ("Vary" = String, description = "`Prefer`: the answer's shape depends on it"))),
+        (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)))]
 pub(crate) async fn enqueue_batch(
     _: NoQuery,
     State(state): State<AppState>,
@@ -319,7 +322,7 @@ pub(crate) async fn enqueue_batch(
         }
     }
     let applied = minimal.then_some([(PREFERENCE_APPLIED, "return=minimal")]);
-    Ok((untouched, applied, Json(body)))
+    Ok((untouched, [(header::VARY, "prefer")], applied, Json(body)))
 }
 
 const PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
@@ -340,12 +343,17 @@ fn prefers_minimal(headers: &HeaderMap) -> bool {
 
 /// Answer of `POST /api/v1/jobs/batch`, serialized as it is (no intermediate JSON tree: a
 /// 1,000-job answer is built once).
-#[derive(Serialize)]
-struct BatchAnswer {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct BatchAnswer {
+    /// Jobs created.
     created: usize,
+    /// Items answered by a job that already held their unique key.
     existing: usize,
+    /// Items refused.
     failed: usize,
+    /// One per item, in the order given.
     results: Vec<BatchItem>,
+    /// The batch's `on_complete` job.
     #[serde(skip_serializing_if = "Option::is_none")]
     on_complete: Option<JobInfo>,
     /// Why the `on_complete` job was not enqueued (the batch's jobs were).
@@ -354,7 +362,7 @@ struct BatchAnswer {
 }
 
 /// One item of a batch answer: the job (201 created, 200 existing) or why it failed.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum BatchItem {
     Job {
@@ -376,8 +384,9 @@ enum BatchItem {
     },
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ItemError {
+    #[schema(value_type = String)]
     code: &'static str,
     message: String,
 }

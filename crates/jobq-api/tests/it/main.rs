@@ -607,6 +607,7 @@ async fn a_batch_asked_for_a_minimal_answer_lists_ids_and_states_only() {
     let resp = post("respond-async, RETURN = \"minimal\"; x=1").await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers().get("preference-applied").and_then(|v| v.to_str().ok()), Some("return=minimal"));
+    assert_eq!(resp.headers().get("vary").and_then(|v| v.to_str().ok()), Some("prefer"));
     let out: Value =
         serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
     assert_eq!((&out["created"], &out["existing"], &out["failed"]), (&json!(2), &json!(1), &json!(1)), "{out}");
@@ -623,6 +624,7 @@ async fn a_batch_asked_for_a_minimal_answer_lists_ids_and_states_only() {
     // preference other than minimal.
     let resp = post("return=representation, return=minimal").await.unwrap();
     assert!(resp.headers().get("preference-applied").is_none());
+    assert_eq!(resp.headers().get("vary").and_then(|v| v.to_str().ok()), Some("prefer"), "either way");
     let out: Value =
         serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
     assert_eq!(out["results"][0]["job"]["id"], first, "{out}");

@@ -53,8 +53,27 @@ async fn the_document_covers_every_served_route_and_is_openapi_3_1() {
     assert_eq!(documented, registered, "every served route is documented, and nothing else");
     let table: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
     assert_eq!(table, registered, "the auth matrix test covers every route");
-    for name in ["JobInfo", "EnqueueRequest", "ScheduleSpec", "ApiErrorBody", "DeadJob", "Backoff"] {
+    for name in ["JobInfo", "EnqueueRequest", "ScheduleSpec", "ApiErrorBody", "DeadJob", "Backoff", "BatchAnswer"] {
         assert!(doc["components"]["schemas"].get(name).is_some(), "schema {name}");
+    }
+    // The batch answer's shapes: the whole job, the brief one `Prefer: return=minimal` asks
+    // for, and an item's error; and the headers that go with them.
+    let item = &doc["components"]["schemas"]["BatchItem"];
+    let shapes: BTreeSet<String> = item["oneOf"]
+        .as_array()
+        .unwrap_or_else(|| panic!("BatchItem: {item}"))
+        .iter()
+        .map(|s| {
+            let mut keys: Vec<&str> = s["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+            keys.sort();
+            keys.join(",")
+        })
+        .collect();
+    let expected = ["id,index,state,status", "error,index,status", "index,job,status"];
+    assert_eq!(shapes, expected.iter().map(|s| s.to_string()).collect(), "{item}");
+    let answer = &doc["paths"]["/api/v1/jobs/batch"]["post"]["responses"]["200"];
+    for h in ["Preference-Applied", "Vary"] {
+        assert!(answer["headers"].get(h).is_some(), "{h}: {answer}");
     }
     env.cleanup().await;
 }
