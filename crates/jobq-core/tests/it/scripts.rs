@@ -401,7 +401,9 @@ async fn marked_plain(env: &TestEnv, id: jobq_core::job::JobId) -> bool {
 }
 
 #[tokio::test]
-async fn only_a_job_without_optional_fields_is_marked_plain_and_a_dependent_or_a_checkpoint_unmarks_it() {
+async fn a_job_marked_plain_still_releases_a_dependent_added_later_and_resumes_from_its_checkpoint() {
+    // The mark says only what the enqueue wrote: a dependent or a checkpoint comes later, from
+    // any version of the scripts, and leaves it, so both are read whatever it says.
     let env = TestEnv::new().await;
     let b = &env.broker;
     let parent = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
@@ -411,22 +413,40 @@ async fn only_a_job_without_optional_fields_is_marked_plain_and_a_dependent_or_a
     let unique = b.enqueue(NewJob::new("echo", json!({})).unique("u", None)).await.unwrap().job.id;
     assert!(marked_plain(&env, parent).await && marked_plain(&env, ckpt).await);
     assert!(!marked_plain(&env, deadline).await && !marked_plain(&env, unique).await);
-    let child = b.enqueue(NewJob::new("echo", json!({})).depends_on([parent])).await.unwrap().job.id;
-    assert!(!marked_plain(&env, child).await, "a job with dependencies");
-    assert!(!marked_plain(&env, parent).await, "a job given a dependent");
     let running = b.fetch(&q(), "c1", 2).await.unwrap().jobs;
+    let child = b.enqueue(NewJob::new("echo", json!({})).depends_on([parent])).await.unwrap().job;
+    assert_eq!(child.state, JobState::Waiting);
+    assert!(!marked_plain(&env, child.id).await, "a job with dependencies");
+    assert!(marked_plain(&env, parent).await, "a dependent leaves its dependency's mark");
     let d = running.iter().find(|d| d.envelope.id == ckpt).unwrap();
-    assert!(b.touch(&lease(d), &[("progress", "1".into())]).await.unwrap());
-    assert!(marked_plain(&env, ckpt).await, "progress alone leaves the mark");
     assert!(b.touch(&lease(d), &[("checkpoint", "7".into())]).await.unwrap());
-    assert!(!marked_plain(&env, ckpt).await, "a job with a checkpoint");
+    assert!(marked_plain(&env, ckpt).await, "so does a checkpoint");
+    let p = running.iter().find(|d| d.envelope.id == parent).unwrap();
+    let ok = Outcome { delivery: p.clone(), result: Ok(None) };
+    assert_eq!(
+        b.settle(&[ok, fail(d, Some(Duration::from_secs(60)))]).await.unwrap(),
+        [Settled::Succeeded, Settled::Retrying]
+    );
+    assert_eq!(b.job(child.id).await.unwrap().unwrap().state, JobState::Queued, "released with its dependency");
     // The next attempt gets the checkpoint.
-    assert_eq!(b.settle(&[fail(d, Some(Duration::from_secs(60)))]).await.unwrap(), [Settled::Retrying]);
     let _: () = b.connection().zadd(env.keys().scheduled(&q()), ckpt.to_string(), 0).await.unwrap();
     assert_eq!(b.promote(&[q()], 10).await.unwrap()[0].count, 1);
     let again = b.fetch(&q(), "c1", 10).await.unwrap().jobs;
     let again = again.iter().find(|d| d.envelope.id == ckpt).expect("fetched again");
     assert_eq!((again.attempt, again.checkpoint.clone()), (2, Some(json!(7))));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_counter_written_by_something_else_as_no_number_counts_from_zero_and_fails_no_fetch() {
+    let env = TestEnv::new().await;
+    let b = &env.broker;
+    let id = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let other = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let _: () = b.connection().hset(env.keys().job(&q(), id), "attempts_total", "many").await.unwrap();
+    let started = b.fetch(&q(), "c1", 2).await.unwrap().jobs;
+    let ids: Vec<_> = started.iter().map(|d| (d.envelope.id, d.attempt, d.attempts_total)).collect();
+    assert_eq!(ids, [(id, 1, 1), (other, 1, 1)]);
     env.cleanup().await;
 }
 

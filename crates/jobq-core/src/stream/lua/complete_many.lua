@@ -37,13 +37,13 @@ local n = 0
 for i = 9, #argv, 5 do
   local id, lease = argv[i + 1], argv[i + 2]
   local jk = prefix .. id
-  -- A job marked plain has none of the fields that ask for more than the hash's own update
-  -- (unique lock, dependencies, dependents, deadline); any other is read for them.
-  local h = redis.pcall('HMGET', jk, 'state', 'lease', 'plain')
+  -- A job marked plain (enqueue.lua) has no unique lock, dependencies or deadline; any other
+  -- is read for them. Dependents can be added to any job at any time: always read.
+  local h = redis.pcall('HMGET', jk, 'state', 'lease', 'plain', 'has_dependents')
   if h.err then h = not_a_job(jk, h) end
   local x = NONE
   if h[1] == 'running' and h[2] == lease and not h[3] then
-    x = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'has_dependents', 'expires_at')
+    x = redis.call('HMGET', jk, 'unique_key', 'unique_hold', 'dep_mode', 'expires_at')
   end
   if h[1] ~= 'running' or h[2] ~= lease then
     -- Succeeded on this very lease: an earlier call wrote it and its reply was lost, and the
@@ -57,8 +57,8 @@ for i = 9, #argv, 5 do
     e[#e + 1] = argv[i + 3]
     if x[1] then release_unique(jk, id, {x[1], x[2]}) end
     if x[3] then redis.call('DEL', queue_base(jk, id) .. 'waiting:' .. id) end
-    if x[4] then release_dependents(jk, id, 'succeeded', now, retention) end
-    if x[5] then redis.call('ZREM', queue_base(jk, id) .. 'expiring', id) end
+    if h[4] then release_dependents(jk, id, 'succeeded', now, retention) end
+    if x[4] then redis.call('ZREM', queue_base(jk, id) .. 'expiring', id) end
     -- With no retention the hash goes now (one DEL for the whole call instead of an HSET per
     -- job), unless a unique lock held for a time still names the job: then it stays as long
     -- as the lock, so that an enqueue with the same key keeps getting this job back.

@@ -99,8 +99,8 @@ while i <= #ARGV do
         fields[#fields + 1] = 'dep_mode'
         fields[#fields + 1] = mode
       elseif expires_at == '' and unique == '' then
-        -- None of the optional fields the fetch and the completion would otherwise read (a
-        -- dependent or a checkpoint added later takes the mark off).
+        -- None of the fields only an enqueue writes that the fetch and the completion would
+        -- otherwise read (has_dependents and checkpoint, written later, they always read).
         fields[#fields + 1] = 'plain'
         fields[#fields + 1] = '1'
       end
@@ -116,7 +116,6 @@ while i <= #ARGV do
         for _, dep in ipairs(waits) do
           redis.call('SADD', base .. 'dependents:' .. dep, id)
           redis.call('HSET', base .. 'job:' .. dep, 'has_dependents', 1)
-          redis.call('HDEL', base .. 'job:' .. dep, 'plain')
         end
         redis.call('SADD', base .. 'waiting:' .. id, unpack(waits))
         fields[n + 1] = 'state'

@@ -35,7 +35,7 @@ local more = 0
 -- string.format costs about as much.
 local function succ(s)
   if not s then return '1' end
-  return string.format('%d', tonumber(s) + 1)
+  return string.format('%d', (tonumber(s) or 0) + 1)
 end
 for i = 1, 4 do
   if want <= 0 or more == 1 then break end
@@ -68,13 +68,14 @@ for i = 1, 4 do
         local id = e[2][2]
         local jk = prefix .. id
         -- One read and one write per job: the counters are incremented here, not with HINCRBY.
-        -- A job marked plain has neither a deadline nor a checkpoint; any other is read for them.
+        -- A job marked plain (enqueue.lua) has no deadline, and one never started (no attempt
+        -- counted yet) no checkpoint: only other jobs are read for them.
         local st = redis.pcall('HMGET', jk, 'state', 'entry', 'plain', 'attempt', 'lease_seq', 'attempts_total', 'run',
           'envelope')
         if st.err then st = not_a_job(jk, st) end
         if st[1] == 'queued' and st[2] == entry then
           local expires_at, checkpoint = nil, nil
-          if not st[3] then
+          if not st[3] or st[4] or st[6] then
             local x = redis.call('HMGET', jk, 'expires_at', 'checkpoint')
             expires_at, checkpoint = x[1], x[2]
           end

@@ -9,7 +9,5 @@ if cur[1] ~= 'running' or cur[2] ~= ARGV[1] then
 end
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  -- A job with a checkpoint is no longer plain (enqueue.lua): the next fetch reads it.
-  if ARGV[i] == 'checkpoint' then redis.call('HDEL', KEYS[1], 'plain') end
 end
 return 1
