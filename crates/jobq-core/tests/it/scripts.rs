@@ -406,8 +406,8 @@ async fn a_job_marked_plain_still_releases_a_dependent_added_later_and_resumes_f
     // any version of the scripts, and leaves it, so both are read whatever it says.
     let env = TestEnv::new().await;
     let b = &env.broker;
-    let parent = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
-    let ckpt = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let ids = enqueue_n(&env, 2).await;
+    let (parent, ckpt) = (ids[0], ids[1]);
     let deadline = NewJob::new("echo", json!({})).expires_at(chrono::Utc::now() + chrono::Duration::hours(1));
     let deadline = b.enqueue(deadline).await.unwrap().job.id;
     let unique = b.enqueue(NewJob::new("echo", json!({})).unique("u", None)).await.unwrap().job.id;
@@ -441,8 +441,8 @@ async fn a_job_marked_plain_still_releases_a_dependent_added_later_and_resumes_f
 async fn a_counter_written_by_something_else_as_no_number_counts_from_zero_and_fails_no_fetch() {
     let env = TestEnv::new().await;
     let b = &env.broker;
-    let id = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
-    let other = b.enqueue(NewJob::new("echo", json!({}))).await.unwrap().job.id;
+    let ids = enqueue_n(&env, 2).await;
+    let (id, other) = (ids[0], ids[1]);
     let _: () = b.connection().hset(env.keys().job(&q(), id), "attempts_total", "many").await.unwrap();
     let started = b.fetch(&q(), "c1", 2).await.unwrap().jobs;
     let ids: Vec<_> = started.iter().map(|d| (d.envelope.id, d.attempt, d.attempts_total)).collect();
