@@ -7,7 +7,8 @@
 //! check of an empty list.
 //!
 //! Points: `cron.claimed` (a scheduler holds a due schedule's row lock and has enqueued nothing
-//! yet), `cron.enqueued` (the tick's job is in Redis, the claim is not committed).
+//! yet), `cron.checked` (its claim's session has just answered, right before the enqueue),
+//! `cron.enqueued` (the tick's job is in Redis, the claim is not committed).
 
 use std::sync::OnceLock;
 

@@ -45,6 +45,20 @@ async fn two_schedulers_fire_each_tick_once_even_when_one_is_killed() {
 
 #[tokio::test]
 async fn a_replica_frozen_mid_claim_does_not_fire_the_tick_again_when_it_wakes() {
+    // Replica A stops (SIGSTOP) once it holds the schedule's row and has enqueued nothing.
+    frozen_replica_fires_nothing_when_it_wakes("cron.claimed").await;
+}
+
+#[tokio::test]
+async fn a_replica_frozen_right_after_its_session_answered_does_not_fire_the_tick_when_it_wakes() {
+    // Replica A stops right after the statement that vouches for its session has answered, just
+    // before the enqueue (as when the answer waits in the socket while the process is frozen).
+    frozen_replica_fires_nothing_when_it_wakes("cron.checked").await;
+}
+
+/// Replica A stops (SIGSTOP) at `point` of its first claim; B fires the tick once Postgres has
+/// ended A's session; the tick's key is deleted (its expiry after a long freeze) and A wakes.
+async fn frozen_replica_fires_nothing_when_it_wakes(point: &str) {
     let env = TestEnv::with(&[("JOBQ_SCHEDULER_CRON_POLL", "250ms")]).await;
     let spec = serde_json::from_value(serde_json::json!({
         "name": "every-second", "cron": "* * * * * *", "job": {"type": "echo"}
@@ -53,8 +67,7 @@ async fn a_replica_frozen_mid_claim_does_not_fire_the_tick_again_when_it_wakes()
     env.store.create_schedule(&spec).await.unwrap();
     let first: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT next_fire_at FROM schedules").fetch_one(&env.pool).await.unwrap();
-    // Replica A stops (SIGSTOP) once it holds the schedule's row and has enqueued nothing.
-    let mut a = Proc::spawn("jobq-scheduler", &env.env_with(&[("JOBQ_FAULTS", "cron.claimed=stop")]));
+    let mut a = Proc::spawn("jobq-scheduler", &env.env_with(&[("JOBQ_FAULTS", &format!("{point}=stop"))]));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut b = Proc::spawn("jobq-scheduler", &env.env());
     // Postgres ends A's session after 10 s idle in its transaction; B then fires the tick.
@@ -75,12 +88,27 @@ async fn a_replica_frozen_mid_claim_does_not_fire_the_tick_again_when_it_wakes()
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.signal("KILL");
     a.wait(Duration::from_secs(5)).await;
+    // Killed between an enqueue and its commit, A leaves a job whose run is not recorded; B
+    // fires that tick again and records it with A's job (the tick's key gives it back). A job
+    // that never gets a run is one fired twice, which the assertion below names.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !unrecorded(&env).await.1.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     b.signal("TERM");
     assert_eq!(b.wait(Duration::from_secs(10)).await, Some(0));
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM schedule_runs WHERE trigger = 'cron'")
         .fetch_one(&env.pool)
         .await
         .unwrap();
+    let (entries, extra) = unrecorded(&env).await;
+    assert_eq!(entries as i64, runs, "A enqueued nothing after it woke: one job per tick; not recorded: {extra:?}");
+    env.cleanup().await;
+}
+
+/// The number of entries in the default queue's stream, and those whose job no schedule run
+/// names (entry id, the job's metadata and creation time).
+async fn unrecorded(env: &TestEnv) -> (usize, Vec<String>) {
     let stream = env.keys().stream(&QueueName::default_queue(), Priority::Normal);
     let entries: Vec<(String, Vec<(String, String)>)> =
         redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query_async(&mut env.broker.connection()).await.unwrap();
@@ -94,10 +122,5 @@ async fn a_replica_frozen_mid_claim_does_not_fire_the_tick_again_when_it_wakes()
             extra.push(format!("{entry}: {:?}", job.map(|j| (j.metadata, j.created_at))));
         }
     }
-    assert_eq!(
-        entries.len() as i64,
-        runs,
-        "A enqueued nothing after it woke: one job per tick; not recorded: {extra:?}"
-    );
-    env.cleanup().await;
+    (entries.len(), extra)
 }

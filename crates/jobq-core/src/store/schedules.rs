@@ -508,8 +508,19 @@ async fn fire_tick(
     }
     // And a statement on the claim's session answers just before the enqueue: the session, and
     // with it the row lock, is still this replica's (one ended while the process was frozen
-    // fails here, whatever the process' own clock says).
+    // fails here, whatever the process' own clock says). Its answer must come soon after it was
+    // sent: a process frozen right after sending it reads, once it wakes, the answer Postgres
+    // gave at once, from a session that has ended since.
+    let asked = std::time::Instant::now();
     sqlx::query("SELECT 1").execute(&mut **tx).await?;
+    crate::fault::point("cron.checked");
+    let answered_in = asked.elapsed();
+    if answered_in > CLAIM_FRESH_FOR {
+        return Err(Error::Conflict(format!(
+            "the claim's session took {} ms to answer and its row lock may be gone: tick {tick} is left to the next pass",
+            answered_in.as_millis()
+        )));
+    }
     let mut job = template
         .new_job()
         .unique(format!("{}{name}:{}", crate::schedule::CRON_KEY_PREFIX, tick.timestamp_millis()), Some(key_ttl));
